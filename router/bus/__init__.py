@@ -1,0 +1,65 @@
+"""The Bus protocol: durable, at-least-once carriage of events between sources and routers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Protocol, runtime_checkable
+
+from router.config import Config
+from router.events import Event
+
+EVENTS_TOPIC = "events"
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+class BusError(RuntimeError):
+    """The bus could not take or hand out an event (broker down, publish not confirmed)."""
+
+
+class Delivery(Protocol):
+    """One delivery of one event to one consumer group member."""
+
+    event: Event
+    topic: str
+    attempt: int  # 1 on first delivery, 2 on the first redelivery, …
+
+    async def ack(self) -> None:
+        """Done with the event; it will not be delivered to this group again."""
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        """Give the event back (requeue) or send it to the topic's dead-letter topic."""
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class Consumer(Protocol):
+    async def cancel(self) -> None:
+        """Stop taking new deliveries; unacknowledged ones go back to the bus."""
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Semantics every backend keeps (the bus contract suite checks them):
+
+    * `publish` returns only once the event is safe (broker-confirmed, or queued in memory).
+    * Each consumer group gets every event; members of a group share them.
+    * The handler is called with a Delivery. If it returns without settling, the delivery is acked;
+      if it raises, it is nacked and redelivered. After `max_deliveries` deliveries an event goes to
+      `dead_letter_topic(topic)`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Config) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None: ...
+
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> Consumer: ...

@@ -1,0 +1,248 @@
+"""Configuration: an INI file (or several, later wins) checked against one schema of known options."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always names the section and option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    type: str  # str | int | float | bool | list | path
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def _opt(name, type_, default, help_, **kw) -> Option:
+    return Option(name, type_, default, help_, **kw)
+
+
+# The one schema. `etc/headwater.conf.sample` is generated from it (`headwater config-sample`) and a
+# test keeps the two identical, so every option is documented with its default.
+SCHEMA: dict[str, list[Option]] = {
+    "DEFAULT": [
+        _opt("data_dir", "path", None, "Where the SQLite database and packages live. Default: $XDG_DATA_HOME/headwater or ~/.local/share/headwater."),
+        _opt("log_level", "str", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        _opt("log_format", "str", "json", "Log line format: one JSON object per line, or human-readable text.", choices=("json", "text")),
+    ],
+    "api": [
+        _opt("host", "str", "127.0.0.1", "Address the API listens on."),
+        _opt("port", "int", 7070, "Port the API listens on.", minimum=0, maximum=65535),
+        _opt("public_url", "str", None, "Base URL clients use to reach the API (webhook_url, package download_url). Default: http://<host>:<port>."),
+        _opt("max_request_size", "int", 52428800, "Largest request body accepted, in bytes (packages up to 50 MiB).", minimum=1024),
+    ],
+    "database": [
+        _opt("connection", "str", None, "SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/headwater.db. Production: postgresql+asyncpg://user:pass@host/db."),
+        _opt("pool_size", "int", 10, "Connection pool size (PostgreSQL).", minimum=1),
+    ],
+    "bus": [
+        _opt("backend", "str", "memory", "Event bus backend, by plugin name (memory, rabbitmq, nats)."),
+        _opt("url", "str", None, "Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/ or nats://127.0.0.1:4222."),
+        _opt("prefetch", "int", 256, "Events a router holds unacknowledged at once.", minimum=1),
+        _opt("max_deliveries", "int", 10, "Deliveries of one event before it is dead-lettered.", minimum=1),
+    ],
+    "engine": [
+        _opt("backend", "str", "local", "Execution engine, by plugin name (local, null)."),
+        _opt("local_runtimes", "list", ["python=python3"], "How runtime images map to local runtime servers: 'substring=runtime_dir' pairs, first match wins. 'python=python3' runs every image whose name contains 'python' with runtimes/python3."),
+        _opt("local_workers_per_function", "int", 1, "Warm runtime processes the local engine keeps per function version.", minimum=1, maximum=64),
+        _opt("function_concurrency", "int", 3, "Running executions per worker before another worker is added.", minimum=1),
+        _opt("function_service_expiration", "int", 3600, "Idle seconds before a function's warm workers are released.", minimum=1),
+    ],
+    "storage": [
+        _opt("provider", "str", "filesystem", "Package store, by plugin name."),
+        _opt("file_system_dir", "path", None, "Package root. Default: <data_dir>/packages."),
+    ],
+    "resource_limits": [
+        _opt("default_cpu", "int", 100, "Default function cpu (millicpu).", minimum=1),
+        _opt("min_cpu", "int", 100, "Smallest allowed cpu (millicpu).", minimum=1),
+        _opt("max_cpu", "int", 300, "Largest allowed cpu (millicpu).", minimum=1),
+        _opt("default_memory", "int", 33554432, "Default function memory (bytes).", minimum=1),
+        _opt("min_memory", "int", 33554432, "Smallest allowed memory (bytes).", minimum=1),
+        _opt("max_memory", "int", 134217728, "Largest allowed memory (bytes).", minimum=1),
+        _opt("default_timeout", "int", 5, "Default function timeout (seconds).", minimum=1),
+        _opt("min_timeout", "int", 1, "Smallest allowed timeout (seconds).", minimum=1),
+        _opt("max_timeout", "int", 300, "Largest allowed timeout (seconds).", minimum=1),
+    ],
+    "sources": [
+        _opt("enabled", "list", ["http", "cron"], "Event sources to start, by plugin name."),
+    ],
+    "cron": [
+        _opt("max_sleep", "float", 1.0, "Longest the scheduler sleeps before looking at the table again (seconds).", minimum=0.01),
+    ],
+}
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "headwater"
+
+
+class Section:
+    """Attribute access to one section's typed values."""
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        self._name = name
+        self._values = values
+
+    def __getattr__(self, option: str) -> Any:
+        try:
+            return self._values[option]
+        except KeyError:
+            raise AttributeError(f"no option [{self._name}] {option}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Config:
+    """Typed, validated configuration. `config.api.port`, `config.bus.backend`, …"""
+
+    def __init__(self, values: dict[str, dict[str, Any]], files: Sequence[str] = ()):
+        self._values = values
+        self.files = tuple(files)
+        for section, options in values.items():
+            setattr(self, "default" if section == "DEFAULT" else section, Section(section, options))
+
+    @property
+    def data_dir(self) -> Path:
+        return self._values["DEFAULT"]["data_dir"]
+
+    def get(self, section: str, option: str) -> Any:
+        return self._values[section][option]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """The configuration in force, with secrets in URLs masked, for the start-up log."""
+        out: dict[str, dict[str, Any]] = {}
+        for section, options in self._values.items():
+            out[section] = {k: _mask(v) for k, v in options.items()}
+        return out
+
+    @classmethod
+    def load(cls, files: Iterable[str | os.PathLike] = (), overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+        """Read the files in order (later wins), apply overrides (from the command line), validate."""
+        parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+        parser.optionxform = str  # option names are case-sensitive, as in oslo.config
+        read: list[str] = []
+        for path in files:
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    parser.read_file(fh, source=path)
+            except configparser.Error as exc:
+                raise ConfigError(f"config file {path} is not valid INI: {exc}") from exc
+            read.append(path)
+        raw: dict[str, dict[str, Any]] = {name: {} for name in SCHEMA}
+        for section in parser.sections():
+            if section not in SCHEMA:
+                raise ConfigError(f"unknown section [{section}] in {', '.join(read)}; known: {', '.join(sorted(SCHEMA))}")
+            raw[section].update(parser.items(section))
+        for section, options in (overrides or {}).items():
+            raw.setdefault(section, {}).update({k: v for k, v in options.items() if v is not None})
+        values = {section: _validate_section(section, raw.get(section, {})) for section in SCHEMA}
+        _fill_derived(values)
+        return cls(values, read)
+
+
+def _validate_section(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    known = {opt.name: opt for opt in SCHEMA[section]}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"unknown option [{section}] {name}; known: {', '.join(sorted(known))}")
+    out: dict[str, Any] = {}
+    for name, opt in known.items():
+        out[name] = _coerce(section, opt, raw[name]) if name in raw else opt.default
+    return out
+
+
+_BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(section: str, opt: Option, value: Any) -> Any:
+    where = f"[{section}] {opt.name}"
+    converters: dict[str, Callable[[Any], Any]] = {
+        "str": lambda v: str(v).strip() or None,
+        "path": lambda v: Path(os.path.expanduser(str(v).strip())) if str(v).strip() else None,
+        "int": lambda v: int(str(v).strip()),
+        "float": lambda v: float(str(v).strip()),
+        "bool": lambda v: v if isinstance(v, bool) else _BOOL[str(v).strip().lower()],
+        "list": lambda v: list(v) if isinstance(v, (list, tuple)) else [p.strip() for p in str(v).split(",") if p.strip()],
+    }
+    try:
+        result = converters[opt.type](value)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{where} = {value!r} is not a valid {opt.type}") from None
+    if opt.choices is not None and result not in opt.choices:
+        raise ConfigError(f"{where} = {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.minimum is not None and result < opt.minimum:
+        raise ConfigError(f"{where} = {value!r} is below the minimum {opt.minimum:g}")
+    if opt.maximum is not None and result > opt.maximum:
+        raise ConfigError(f"{where} = {value!r} is above the maximum {opt.maximum:g}")
+    return result
+
+
+def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
+    """Defaults that depend on other options, and cross-option checks."""
+    data_dir = values["DEFAULT"]["data_dir"] or default_data_dir()
+    values["DEFAULT"]["data_dir"] = Path(data_dir)
+    if values["database"]["connection"] is None:
+        values["database"]["connection"] = f"sqlite+aiosqlite:///{Path(data_dir) / 'headwater.db'}"
+    elif "://" not in values["database"]["connection"]:
+        raise ConfigError(f"[database] connection = {values['database']['connection']!r} is not an SQLAlchemy URL")
+    if values["storage"]["file_system_dir"] is None:
+        values["storage"]["file_system_dir"] = Path(data_dir) / "packages"
+    api = values["api"]
+    if api["public_url"] is None:
+        host = api["host"] if api["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
+        api["public_url"] = f"http://{host}:{api['port']}"
+    api["public_url"] = api["public_url"].rstrip("/")
+    for pair in values["engine"]["local_runtimes"]:
+        if "=" not in pair:
+            raise ConfigError(f"[engine] local_runtimes entry {pair!r} must look like 'substring=runtime_dir'")
+    limits = values["resource_limits"]
+    for kind in ("cpu", "memory", "timeout"):
+        low, default, high = limits[f"min_{kind}"], limits[f"default_{kind}"], limits[f"max_{kind}"]
+        if not low <= default <= high:
+            raise ConfigError(f"[resource_limits] default_{kind} = {default} must lie within min_{kind} ({low}) and max_{kind} ({high})")
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def render_sample() -> str:
+    """The documented sample configuration: every option, commented out at its default."""
+    lines = ["# Headwater configuration. Every option is shown at its default, commented out.",
+             "# Generated by `headwater config-sample`; a test keeps this file in step with the code.", ""]
+    for section, options in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for opt in options:
+            lines.append(f"# {opt.help}")
+            if opt.choices:
+                lines.append(f"# Choices: {', '.join(opt.choices)}")
+            default = opt.default
+            if isinstance(default, list):
+                default = ", ".join(default)
+            lines.append(f"#{opt.name} = {'' if default is None else default}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

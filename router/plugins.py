@@ -1,0 +1,248 @@
+"""The contracts every plugin kind implements (Source, Sink, Engine, PackageStore) and the registry
+that finds plugins by name through Python entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from router.config import Config
+from router.events import Event
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+GROUPS = {
+    "bus": "headwater.bus",
+    "source": "headwater.sources",
+    "sink": "headwater.sinks",
+    "engine": "headwater.engines",
+    "storage": "headwater.storage",
+}
+
+
+class PluginNotFound(LookupError):
+    pass
+
+
+def available(kind: str) -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=GROUPS[kind]))
+
+
+def load(kind: str, name: str) -> type:
+    """The plugin class registered under `name` for `kind` (bus, source, sink, engine, storage)."""
+    matches = [ep for ep in entry_points(group=GROUPS[kind]) if ep.name == name]
+    if not matches:
+        raise PluginNotFound(f"no {kind} plugin named {name!r}; installed: {', '.join(available(kind)) or 'none'}")
+    return matches[0].load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Subscriptions as plugins see them
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Subscription:
+    """A read-only view of one row of the subscription table (what sources and the index use).
+
+    A Qinling *job* is a subscription with source `cron`; a Qinling *webhook* one with source `http`.
+    `filters` are exact attribute matches (CloudEvents attribute name → value).
+    """
+
+    id: str
+    project_id: str
+    source: str
+    types: tuple[str, ...] = ()
+    filters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    function_id: str | None = None
+    function_version: int | None = 0
+    function_alias: str | None = None
+    name: str | None = None
+    # Schedules (cron source)
+    pattern: str | None = None
+    first_execution_time: _dt.datetime | None = None
+    next_execution_time: _dt.datetime | None = None
+    count: int | None = None
+    status: str = "running"
+    function_input: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class SubscriptionInvalid(ValueError):
+    """A subscription a source cannot serve; the message says why (the API answers 400)."""
+
+
+class SourceContext(Protocol):
+    """What the router offers a running source."""
+
+    config: Config
+
+    async def publish(self, event: Event, *, expect: Sequence[str] = ()) -> dict[str, str]:
+        """Put the event safely on the bus. For each subscription id in `expect` an execution record
+        is created first (status running) so callers can hand its id out at once; returns
+        {subscription id: execution id}."""
+
+    def subscriptions(self, source: str) -> Sequence[Subscription]:
+        """The current subscriptions of one source kind (a snapshot of the in-memory index)."""
+
+    def subscription(self, subscription_id: str) -> Subscription | None: ...
+
+    def on_subscriptions_changed(self, callback: Callable[[], None]) -> None: ...
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """Mount an aiohttp handler on the API (webhook receivers)."""
+
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
+        """Move a schedule on from `scheduled` to `next_time` (None: the schedule is done), counting
+        down its `count`. Compare-and-set on `scheduled`: False if another replica already did."""
+
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+        """Record input that could not become an event, with the reason."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    kind: ClassVar[str]
+
+    def __init__(self, config: Config) -> None: ...
+
+    def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
+        """Check and normalise the source-specific fields of a new or changed subscription; raise
+        SubscriptionInvalid with a message naming the fault."""
+
+    async def start(self, ctx: SourceContext) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+
+ExecutionStatus = Literal["success", "failed", "error"]
+
+# Machine-readable reasons for an outcome (the runtime protocol's `reason`).
+REASONS = ("ok", "error", "timeout", "memory", "processes", "files", "cpu", "crashed", "platform", "busy")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PackageRef:
+    """Where a function version's code lives in the package store."""
+
+    project_id: str
+    function_id: str
+    version: int
+    md5sum: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FunctionSpec:
+    id: str
+    version: int
+    runtime_id: str | None
+    runtime_image: str | None
+    code: dict[str, Any]
+    entry: str | None
+    cpu: int
+    memory_size: int
+    timeout: int
+    package: PackageRef | None = None
+    project_id: str = "default"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecutionRequest:
+    execution_id: str
+    function: FunctionSpec
+    # Any JSON value. A dict becomes keyword arguments, anything else one positional argument,
+    # None no argument (Qinling's input model, without its crashes on lists and numbers).
+    input: Any = None
+    event_id: str | None = None
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class ExecutionResult:
+    status: ExecutionStatus
+    output: Any = None
+    duration: float = 0.0
+    logs: str = ""
+    reason: str = "ok"
+
+    @classmethod
+    def platform_error(cls, message: str, reason: str = "platform") -> ExecutionResult:
+        return cls(status="error", output=message, reason=reason)
+
+
+class EngineBusy(RuntimeError):
+    """The engine cannot take more work right now; the caller should back off and retry."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: ClassVar[str]
+
+    def __init__(self, config: Config, packages: PackageStore) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        """Run one execution to its end. Never raises for a function's own failure: that is a
+        `failed` result; platform trouble is an `error` result."""
+
+    async def release(self, function_id: str, version: int | None = None) -> None:
+        """Drop warm workers of a function (all versions when version is None): detach, update, delete."""
+
+    async def workers(self, function_id: str, version: int = 0) -> list[str]:
+        """Names of the warm workers serving a function version."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Package storage
+
+
+class PackageInvalid(ValueError):
+    """An uploaded package that cannot be stored (not a zip, md5 mismatch, too large)."""
+
+
+@runtime_checkable
+class PackageStore(Protocol):
+    def __init__(self, config: Config) -> None: ...
+
+    async def put(self, project_id: str, function_id: str, version: int, data: bytes, md5sum: str | None = None) -> str:
+        """Store a zip, verifying it (and `md5sum` if given); returns the md5 hex digest."""
+
+    async def get(self, ref: PackageRef) -> bytes: ...
+
+    def path(self, ref: PackageRef) -> str | None:
+        """A local filesystem path of the zip, when the store keeps one (the local engine uses it)."""
+
+    async def copy(self, ref: PackageRef, version: int) -> PackageRef: ...
+
+    async def delete(self, ref: PackageRef) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks
+
+
+@runtime_checkable
+class Sink(Protocol):
+    kind: ClassVar[str]
+
+    def __init__(self, config: Config) -> None: ...
+
+    def validate_target(self, target: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def send(self, event: Event, target: dict[str, Any]) -> None:
+        """Deliver a result event to the target; raise on failure so the delivery policy can retry."""

@@ -1,0 +1,296 @@
+"""Repositories: the queries Headwater runs, one class per table, behind one `Store` facade."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from router.store import models
+from router.store.db import Conflict, Database, NotFound
+
+M = TypeVar("M", bound=models.Base)
+
+# Qinling's list filter syntax: `op:value`, op in this table; no prefix means eq.
+_OPERATORS = ("in", "nin", "eq", "neq", "gt", "gte", "lt", "lte", "has")
+
+
+class InvalidFilter(ValueError):
+    pass
+
+
+def parse_filter(value: str) -> tuple[str, Any]:
+    """Split `gt:5` into ("gt", "5"); `in:a,b` into ("in", ["a", "b"])."""
+    op, sep, rest = value.partition(":")
+    if sep and op in _OPERATORS:
+        return op, (rest.split(",") if op in ("in", "nin") else rest)
+    return "eq", value
+
+
+def _condition(column: sa.ColumnElement, op: str, value: Any) -> sa.ColumnElement[bool]:
+    if op == "eq":
+        return column.is_(None) if value is None else column == value
+    if op == "neq":
+        return column.is_not(None) if value is None else column != value
+    if op == "in":
+        return column.in_(value)
+    if op == "nin":
+        return column.not_in(value)
+    if op == "has":
+        return sa.cast(column, sa.String).like(f"%{value}%")
+    return {"gt": column > value, "gte": column >= value, "lt": column < value, "lte": column <= value}[op]
+
+
+class Repository(Generic[M]):
+    model: type[M]
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def _scoped(self, stmt, project_id: str | None):
+        return stmt if project_id is None else stmt.where(self.model.project_id == project_id)
+
+    async def get(self, id_: str, *, project_id: str | None = None) -> M:
+        async with self.db.sessions() as session:
+            row = (await session.execute(self._scoped(sa.select(self.model).where(self.model.id == id_), project_id))).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"{self.model.__name__} not found [id={id_}]")
+        return row
+
+    async def find(self, id_: str, *, project_id: str | None = None) -> M | None:
+        try:
+            return await self.get(id_, project_id=project_id)
+        except NotFound:
+            return None
+
+    async def list(self, *, project_id: str | None = None, filters: Mapping[str, Any] | None = None,
+                   order_by: str = "created_at", limit: int | None = None) -> list[M]:
+        stmt = self._scoped(sa.select(self.model), project_id)
+        for name, raw in (filters or {}).items():
+            column = getattr(self.model, name, None)
+            if column is None:
+                raise InvalidFilter(f"unknown filter {name!r}")
+            op, value = parse_filter(raw) if isinstance(raw, str) else ("eq", raw)
+            stmt = stmt.where(_condition(column, op, self._coerce(name, value)))
+        stmt = stmt.order_by(getattr(self.model, order_by), self.model.id)
+        if limit:
+            stmt = stmt.limit(limit)
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+    def _coerce(self, name: str, value: Any) -> Any:
+        """Query strings arrive as text; compare integers and booleans as such."""
+        column_type = self.model.__table__.c[name].type
+        try:
+            if isinstance(column_type, (sa.Integer, sa.BigInteger)):
+                return [int(v) for v in value] if isinstance(value, list) else int(value)
+            if isinstance(column_type, sa.Boolean) and isinstance(value, str):
+                return value.lower() in ("true", "1", "yes")
+        except ValueError:
+            raise InvalidFilter(f"filter {name!r} expects an integer, got {value!r}") from None
+        return value
+
+    async def add(self, **values: Any) -> M:
+        row = self.model(**values)
+        async with self.db.sessions() as session:
+            session.add(row)
+            try:
+                await session.commit()
+            except IntegrityError as exc:
+                raise Conflict(f"Duplicate entry for {self.model.__tablename__}: {_constraint(exc)}") from None
+        return row
+
+    async def update(self, id_: str, values: Mapping[str, Any], *, project_id: str | None = None,
+                     expect: Mapping[str, Any] | None = None) -> M:
+        """Update one row; with `expect`, only if those columns still hold those values
+        (compare-and-set), else NotFound."""
+        stmt = self._scoped(sa.update(self.model).where(self.model.id == id_), project_id)
+        for name, value in (expect or {}).items():
+            stmt = stmt.where(_condition(getattr(self.model, name), "eq", value))
+        values = dict(values)
+        values.setdefault("updated_at", models.utcnow())
+        async with self.db.sessions() as session:
+            try:
+                result = await session.execute(stmt.values(**values))
+                await session.commit()
+            except IntegrityError as exc:
+                raise Conflict(f"Duplicate entry for {self.model.__tablename__}: {_constraint(exc)}") from None
+        if result.rowcount == 0:
+            raise NotFound(f"{self.model.__name__} not found [id={id_}]")
+        return await self.get(id_)
+
+    async def delete(self, id_: str, *, project_id: str | None = None) -> None:
+        async with self.db.sessions() as session:
+            result = await session.execute(self._scoped(sa.delete(self.model).where(self.model.id == id_), project_id))
+            await session.commit()
+        if result.rowcount == 0:
+            raise NotFound(f"{self.model.__name__} not found [id={id_}]")
+
+    async def count(self, **where: Any) -> int:
+        stmt = sa.select(sa.func.count()).select_from(self.model)
+        for name, value in where.items():
+            stmt = stmt.where(getattr(self.model, name) == value)
+        async with self.db.sessions() as session:
+            return (await session.execute(stmt)).scalar_one()
+
+
+def _constraint(exc: IntegrityError) -> str:
+    return str(exc.orig).splitlines()[0][:200]
+
+
+class Runtimes(Repository[models.Runtime]):
+    model = models.Runtime
+
+    async def visible(self, project_id: str | None) -> list[models.Runtime]:
+        """Public runtimes plus the project's own (all of them for project_id None)."""
+        stmt = sa.select(models.Runtime).order_by(models.Runtime.created_at)
+        if project_id is not None:
+            stmt = stmt.where(sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == project_id))
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+
+class Functions(Repository[models.Function]):
+    model = models.Function
+
+    async def bump_count(self, function_id: str, version: int) -> None:
+        """Count an execution (Qinling's `count`); also marks the function as recently used."""
+        async with self.db.sessions() as session:
+            if version:
+                await session.execute(
+                    sa.update(models.FunctionVersion)
+                    .where(models.FunctionVersion.function_id == function_id, models.FunctionVersion.version_number == version)
+                    .values(count=models.FunctionVersion.count + 1, updated_at=models.utcnow()))
+            else:
+                await session.execute(sa.update(models.Function).where(models.Function.id == function_id)
+                                      .values(count=models.Function.count + 1, updated_at=models.utcnow()))
+            await session.commit()
+
+
+class FunctionVersions(Repository[models.FunctionVersion]):
+    model = models.FunctionVersion
+
+    async def get_number(self, function_id: str, number: int) -> models.FunctionVersion:
+        stmt = sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id,
+                                                       models.FunctionVersion.version_number == number)
+        async with self.db.sessions() as session:
+            row = (await session.execute(stmt)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"FunctionVersion not found [function_id={function_id}, version_number={number}]")
+        return row
+
+    async def for_function(self, function_id: str) -> list[models.FunctionVersion]:
+        stmt = sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id).order_by(models.FunctionVersion.version_number)
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+
+class FunctionAliases(Repository[models.FunctionAlias]):
+    model = models.FunctionAlias
+
+    async def by_name(self, name: str, *, project_id: str | None) -> models.FunctionAlias:
+        stmt = self._scoped(sa.select(models.FunctionAlias).where(models.FunctionAlias.name == name), project_id)
+        async with self.db.sessions() as session:
+            row = (await session.execute(stmt)).scalars().first()
+        if row is None:
+            raise NotFound(f"FunctionAlias not found [name={name}]")
+        return row
+
+
+class Subscriptions(Repository[models.Subscription]):
+    model = models.Subscription
+
+    async def all(self) -> list[models.Subscription]:
+        async with self.db.sessions() as session:
+            return list((await session.execute(sa.select(models.Subscription))).scalars())
+
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
+        """Compare-and-set the schedule from `scheduled` to `next_time`, counting `count` down; a
+        schedule whose count runs out or that has no next time becomes `done`."""
+        async with self.db.sessions() as session:
+            row = (await session.execute(sa.select(models.Subscription).where(models.Subscription.id == subscription_id))).scalar_one_or_none()
+            if row is None or row.next_execution_time != scheduled or row.status != "running":
+                return False
+            values: dict[str, Any] = {"next_execution_time": next_time or scheduled, "updated_at": models.utcnow()}
+            if row.count is not None:
+                values["count"] = max(row.count - 1, 0)
+            if next_time is None or values.get("count") == 0:
+                values["status"] = "done"
+            result = await session.execute(
+                sa.update(models.Subscription)
+                .where(models.Subscription.id == subscription_id,
+                       models.Subscription.next_execution_time == models.UTCDateTime().process_bind_param(scheduled, None),
+                       models.Subscription.status == "running")
+                .values(**values))
+            await session.commit()
+            return result.rowcount == 1
+
+    async def using_function(self, function_id: str, *, version: int | None = None, source: str | None = None,
+                             active_only: bool = False) -> list[models.Subscription]:
+        stmt = sa.select(models.Subscription).where(models.Subscription.function_id == function_id)
+        if version is not None:
+            stmt = stmt.where(models.Subscription.function_version == version)
+        if source is not None:
+            stmt = stmt.where(models.Subscription.source == source)
+        if active_only:
+            stmt = stmt.where(models.Subscription.status.not_in(("done", "cancelled")))
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+
+class Executions(Repository[models.Execution]):
+    model = models.Execution
+
+    async def start(self, **values: Any) -> tuple[models.Execution, bool]:
+        """Insert a running execution unless one with this id exists. Returns (row, created):
+        the idempotency point for redelivered events."""
+        try:
+            return await self.add(**values), True
+        except Conflict:
+            return await self.get(values["id"]), False
+
+    async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str) -> None:
+        async with self.db.sessions() as session:
+            await session.execute(sa.update(models.Execution).where(models.Execution.id == execution_id).values(
+                status=status, result=result, logs=logs, reason=reason, updated_at=models.utcnow(),
+                attempts=models.Execution.attempts + 1))
+            await session.commit()
+
+    async def finish_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record many outcomes in one transaction (the dispatcher's group commit)."""
+        if not rows:
+            return
+        now = models.utcnow()
+        stmt = (sa.update(models.Execution).where(models.Execution.id == sa.bindparam("b_id"))
+                .values(status=sa.bindparam("b_status"), result=sa.bindparam("b_result", type_=sa.JSON),
+                        logs=sa.bindparam("b_logs"), reason=sa.bindparam("b_reason"), updated_at=now,
+                        attempts=models.Execution.attempts + 1))
+        params = [{"b_id": r["id"], "b_status": r["status"], "b_result": r["result"], "b_logs": r["logs"], "b_reason": r["reason"]} for r in rows]
+        async with self.db.sessions() as session:
+            await session.connection(execution_options={"synchronize_session": False})
+            await (await session.connection()).execute(stmt, params)
+            await session.commit()
+
+    async def running_count(self, function_id: str, version: int) -> int:
+        return await self.count(function_id=function_id, function_version=version, status="running")
+
+
+class DeadLetters(Repository[models.DeadLetter]):
+    model = models.DeadLetter
+
+
+class Store:
+    """All repositories over one database."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.runtimes = Runtimes(db)
+        self.functions = Functions(db)
+        self.versions = FunctionVersions(db)
+        self.aliases = FunctionAliases(db)
+        self.subscriptions = Subscriptions(db)
+        self.executions = Executions(db)
+        self.dead_letters = DeadLetters(db)
