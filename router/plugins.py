@@ -81,6 +81,15 @@ class SubscriptionInvalid(ValueError):
     """A subscription a source cannot serve; the message says why (the API answers 400)."""
 
 
+class PublishRefused(Exception):
+    """The router would not take an event aimed at a subscription: its function, version or alias
+    is gone (404), its runtime unavailable (409), or the target invalid (400)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class SourceContext(Protocol):
     """What the router offers a running source."""
 

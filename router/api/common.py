@@ -1,0 +1,94 @@
+"""Helpers the resource handlers share: request context, parameter parsing, serialisation."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from router.api.errors import BadRequest
+
+APP_KEY = web.AppKey("headwater", object)
+
+
+class RequestContext:
+    """Who is asking. With auth off (the only mode so far) every request is project `default`
+    and admin, as in Qinling."""
+
+    def __init__(self, project_id: str = "default", is_admin: bool = True):
+        self.project_id = project_id
+        self.is_admin = is_admin
+
+    def list_scope(self, request: web.Request) -> str | None:
+        """The project a list is limited to; None means every project (admins only)."""
+        project = request.query.get("project_id")
+        if project and self.is_admin:
+            return project
+        if parse_bool(request.query.get("all_projects"), "all_projects") and self.is_admin:
+            return None
+        return self.project_id
+
+    @property
+    def get_scope(self) -> str | None:
+        """Single-object reads: admins see every project's objects, as in Qinling."""
+        return None if self.is_admin else self.project_id
+
+
+def hw(request: web.Request):
+    return request.app[APP_KEY]
+
+
+def ctx(request: web.Request) -> RequestContext:
+    return request["ctx"]
+
+
+def format_time(value: _dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_bool(value: Any, name: str, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise BadRequest(f"Invalid value for {name}: {value!r} is not a boolean.")
+
+
+def parse_int(value: Any, name: str, default: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.") from None
+
+
+def require_uuid(value: str, name: str = "id") -> str:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError):
+        raise BadRequest(f"Expected a uuid but received {value}.") from None
+    return value
+
+
+def list_filters(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Query filters of a list endpoint; unknown parameters are refused, as WSME does."""
+    out = {}
+    for name, value in request.query.items():
+        if name in ("all_projects", "project_id"):
+            continue
+        if name not in allowed:
+            raise BadRequest(f"Unknown argument: {name!r}. Accepted filters: {', '.join(allowed) or 'none'}.")
+        out[name] = value
+    return out

@@ -1,0 +1,69 @@
+"""/v1/executions: run a function now (sync or async), read results and logs."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, parse_int
+from router.api.errors import BadRequest, json_body
+from router.executions import parse_qinling_input, render_input
+
+
+def serialize(row) -> dict:
+    return {"id": row.id, "function_id": row.function_id, "function_alias": row.function_alias,
+            "function_version": row.function_version, "description": row.description, "status": row.status,
+            "sync": row.sync, "input": render_input(row.input),
+            # Qinling returns `result` as a JSON-encoded string; the CLI prints it as such.
+            "result": json.dumps(row.result) if row.result is not None else None,
+            "reason": row.reason, "event_id": row.event_id, "subscription_id": row.subscription_id,
+            "project_id": row.project_id, "created_at": format_time(row.created_at),
+            "updated_at": format_time(row.updated_at)}
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    if not body.get("function_id") and not body.get("function_alias"):
+        raise BadRequest("Either function_alias or function_id must be provided.")
+    raw_input = body.get("input")
+    # The CLI sends input as a string; a JSON client may send the value itself.
+    value = parse_qinling_input(raw_input) if isinstance(raw_input, str) else raw_input
+    description = body.get("description")
+    if description is not None and len(str(description)) > 255:
+        raise BadRequest("Invalid input, description is longer than 255 characters.")
+    row = await hw(request).executions.create(
+        project_id=ctx(request).project_id, function_id=body.get("function_id"),
+        version=parse_int(body.get("function_version"), "function_version", 0), alias=body.get("function_alias"),
+        input=value, sync=parse_bool(body.get("sync"), "sync", True), description=description)
+    return web.json_response(serialize(row), status=201)
+
+
+async def index(request: web.Request) -> web.Response:
+    filters = list_filters(request, ("function_id", "function_alias", "function_version", "status", "description",
+                                     "subscription_id", "event_id", "created_at", "updated_at"))
+    rows = await hw(request).store.executions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    return web.json_response({"executions": [serialize(r) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    row = await hw(request).store.executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    return web.json_response(serialize(row))
+
+
+async def logs(request: web.Request) -> web.Response:
+    row = await hw(request).store.executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    return web.Response(text=row.logs or "", content_type="text/plain")
+
+
+async def delete(request: web.Request) -> web.Response:
+    await hw(request).store.executions.delete(request.match_info["id"], project_id=ctx(request).get_scope)
+    return web.Response(status=204)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/executions", create)
+    app.router.add_get("/v1/executions", index)
+    app.router.add_get("/v1/executions/{id}", show)
+    app.router.add_get("/v1/executions/{id}/log", logs)
+    app.router.add_delete("/v1/executions/{id}", delete)

@@ -1,0 +1,68 @@
+"""/v1/jobs: Qinling cron jobs, stored as `cron` subscriptions (fired by sources/cron)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, list_filters
+from router.api.errors import BadRequest, json_body
+from router.api.targets import check_target, get_subscription, source_plugin
+from router.events import utcnow
+from router.store.models import new_id
+
+
+def serialize(row) -> dict:
+    return {"id": row.id, "name": row.name, "function_id": row.function_id, "function_alias": row.function_alias,
+            "function_version": row.function_version, "function_input": row.function_input, "status": row.status,
+            "pattern": row.pattern, "count": row.count,
+            "first_execution_time": format_time(row.first_execution_time),
+            "next_execution_time": format_time(row.next_execution_time), "project_id": row.project_id,
+            "created_at": format_time(row.created_at), "updated_at": format_time(row.updated_at)}
+
+
+async def create(request: web.Request) -> web.Response:
+    app = hw(request)
+    body = await json_body(request)
+    target = await check_target(request, body)
+    function_input = body.get("function_input")
+    if function_input is not None and not isinstance(function_input, str):
+        raise BadRequest("Invalid input, function_input must be a string.")
+    if body.get("name") is not None and len(str(body["name"])) > 255:
+        raise BadRequest("Invalid input, name is longer than 255 characters.")
+    schedule = source_plugin(request, "cron").validate_subscription(
+        {k: body.get(k) for k in ("pattern", "first_execution_time", "count", "timezone")}, utcnow())
+    job_id = new_id()
+    options = {"timezone": schedule["timezone"]} if schedule.get("timezone") not in (None, "UTC") else {}
+    row = await app.store.subscriptions.add(
+        id=job_id, source="cron", filters={"subject": job_id}, name=body.get("name"), function_input=function_input,
+        pattern=schedule.get("pattern"), first_execution_time=schedule.get("first_execution_time"),
+        next_execution_time=schedule["next_execution_time"], count=schedule.get("count"), status="running",
+        options=options, project_id=ctx(request).project_id, **target)
+    await app.reload_subscription(row.id)
+    return web.json_response(serialize(row), status=201)
+
+
+async def index(request: web.Request) -> web.Response:
+    filters = list_filters(request, ("name", "function_id", "function_alias", "status", "pattern"))
+    filters["source"] = "cron"
+    rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    return web.json_response({"jobs": [serialize(r) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    return web.json_response(serialize(await get_subscription(request, "cron", "Job")))
+
+
+async def delete(request: web.Request) -> web.Response:
+    app = hw(request)
+    row = await get_subscription(request, "cron", "Job")
+    await app.store.subscriptions.delete(row.id)
+    await app.reload_subscription(row.id)
+    return web.Response(status=204)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", create)
+    app.router.add_get("/v1/jobs", index)
+    app.router.add_get("/v1/jobs/{id}", show)
+    app.router.add_delete("/v1/jobs/{id}", delete)

@@ -1,0 +1,71 @@
+"""/v1/runtimes: the images functions run on."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, parse_bool, require_uuid
+from router.api.errors import BadRequest, NotAllowed, json_body
+from router.store import NotFound
+
+
+def serialize(row) -> dict:
+    return {"id": row.id, "name": row.name, "image": row.image, "description": row.description,
+            "is_public": row.is_public, "trusted": row.trusted, "status": row.status, "project_id": row.project_id,
+            "created_at": format_time(row.created_at), "updated_at": format_time(row.updated_at)}
+
+
+async def _visible(request: web.Request, runtime_id: str):
+    require_uuid(runtime_id)
+    row = await hw(request).store.runtimes.get(runtime_id)
+    c = ctx(request)
+    if not (c.is_admin or row.is_public or row.project_id == c.project_id):
+        raise NotFound(f"Runtime not found [id={runtime_id}]")
+    return row
+
+
+async def create(request: web.Request) -> web.Response:
+    c = ctx(request)
+    if not c.is_admin:
+        raise NotAllowed()
+    body = await json_body(request)
+    if not body.get("image"):
+        raise BadRequest("Required param is missing. Required: {'image'}")
+    for field in ("image", "name", "description"):
+        if body.get(field) is not None and (not isinstance(body[field], str) or len(body[field]) > 255):
+            raise BadRequest(f"Invalid value for {field}: a string of at most 255 characters is required.")
+    # Engines without runtime pools (local) can run a runtime at once; pool engines build one first.
+    status = "available"
+    row = await hw(request).store.runtimes.add(
+        image=body["image"], name=body.get("name"), description=body.get("description"),
+        is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=parse_bool(body.get("trusted"), "trusted", True),
+        status=status, project_id=c.project_id)
+    return web.json_response(serialize(row), status=201)
+
+
+async def index(request: web.Request) -> web.Response:
+    c = ctx(request)
+    rows = await hw(request).store.runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
+    return web.json_response({"runtimes": [serialize(r) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    return web.json_response(serialize(await _visible(request, request.match_info["id"])))
+
+
+async def delete(request: web.Request) -> web.Response:
+    if not ctx(request).is_admin:
+        raise NotAllowed()
+    row = await _visible(request, request.match_info["id"])
+    app = hw(request)
+    if await app.store.functions.list(filters={"runtime_id": row.id}, limit=1):
+        raise NotAllowed(f"Runtime {row.id} is still in use.")
+    await app.store.runtimes.delete(row.id)
+    return web.Response(status=204)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/runtimes", create)
+    app.router.add_get("/v1/runtimes", index)
+    app.router.add_get("/v1/runtimes/{id}", show)
+    app.router.add_delete("/v1/runtimes/{id}", delete)

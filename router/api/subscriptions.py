@@ -1,0 +1,97 @@
+"""/v1/subscriptions: Headwater's own routing table — which events go to which function."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, list_filters
+from router.api.errors import BadRequest, json_body
+from router.api.targets import check_target, get_subscription, source_plugin
+from router.events import utcnow
+from router.store.models import new_id
+
+# Sources whose events are aimed at one subscription: its id is the event's subject.
+SELF_TARGETED = ("cron",)
+
+
+def serialize(row) -> dict:
+    return {"id": row.id, "name": row.name, "description": row.description, "source": row.source,
+            "types": list(row.types or ()), "filters": row.filters or {}, "function_id": row.function_id,
+            "function_version": row.function_version, "function_alias": row.function_alias,
+            "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
+            "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
+            "project_id": row.project_id, "created_at": format_time(row.created_at),
+            "updated_at": format_time(row.updated_at)}
+
+
+def _check_shape(body: dict) -> tuple[list[str], dict]:
+    types = body.get("types") or []
+    if isinstance(types, str):
+        types = [types]
+    if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+        raise BadRequest("types must be a list of event type strings.")
+    filters = body.get("filters") or {}
+    if not isinstance(filters, dict):
+        raise BadRequest("filters must be an object mapping CloudEvents attribute names to values.")
+    for name, value in filters.items():
+        if not (isinstance(name, str) and name.isalnum() and name.islower()):
+            raise BadRequest(f"filter attribute {name!r} is not a CloudEvents attribute name (lower-case letters and digits).")
+        if not isinstance(value, (str, int, float, bool)):
+            raise BadRequest(f"filter {name!r} must compare with a string, number or boolean, not {type(value).__name__}.")
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("options must be an object.")
+    input_ = body.get("input")
+    if input_ is not None and not isinstance(input_, str):
+        raise BadRequest("input must be a string (JSON text or a plain string).")
+    return types, filters
+
+
+async def create(request: web.Request) -> web.Response:
+    app = hw(request)
+    body = await json_body(request)
+    kind = body.get("source")
+    if not kind or not isinstance(kind, str):
+        raise BadRequest("Required param is missing. Required: {'source'}")
+    source = source_plugin(request, kind)
+    types, filters = _check_shape(body)
+    target = await check_target(request, body)
+    specific = source.validate_subscription({k: v for k, v in body.items() if k not in ("function_id", "function_version", "function_alias")}, utcnow())
+    subscription_id = new_id()
+    if kind in SELF_TARGETED:
+        filters = {**filters, "subject": subscription_id}
+    columns = {k: specific[k] for k in ("pattern", "first_execution_time", "next_execution_time", "count") if k in specific}
+    options = dict(body.get("options") or {})
+    if specific.get("timezone") not in (None, "UTC"):
+        options["timezone"] = specific["timezone"]
+    row = await app.store.subscriptions.add(
+        id=subscription_id, source=kind, types=types, filters=filters, name=body.get("name"),
+        description=body.get("description"), function_input=body.get("input"), options=options, status="running",
+        project_id=ctx(request).project_id, **columns, **target)
+    await app.reload_subscription(row.id)
+    return web.json_response(serialize(row), status=201)
+
+
+async def index(request: web.Request) -> web.Response:
+    filters = list_filters(request, ("source", "name", "function_id", "function_alias", "status"))
+    rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    return web.json_response({"subscriptions": [serialize(r) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    return web.json_response(serialize(await get_subscription(request, None, "Subscription")))
+
+
+async def delete(request: web.Request) -> web.Response:
+    app = hw(request)
+    row = await get_subscription(request, None, "Subscription")
+    await app.store.subscriptions.delete(row.id)
+    await app.reload_subscription(row.id)
+    return web.Response(status=204)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/subscriptions", create)
+    app.router.add_get("/v1/subscriptions", index)
+    app.router.add_get("/v1/subscriptions/{id}", show)
+    app.router.add_delete("/v1/subscriptions/{id}", delete)

@@ -1,0 +1,52 @@
+"""Checks shared by webhooks, jobs and subscriptions: the function target and the subscription row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from router import plugins
+from router.api.common import ctx, hw, parse_int
+from router.api.errors import BadRequest
+from router.store import NotFound
+
+
+async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """Validate function_id/function_version/function_alias; returns the columns to store.
+    With an alias, id and version are stored empty and resolved at every use."""
+    app = hw(request)
+    project_id = ctx(request).project_id
+    alias = body.get("function_alias") or None
+    function_id = body.get("function_id") or None
+    if not alias and not function_id:
+        raise BadRequest("Either function_alias or function_id must be provided.")
+    if alias:
+        await app.store.aliases.by_name(alias, project_id=project_id)
+        return {"function_alias": alias, "function_id": None, "function_version": None}
+    # Qinling stored a missing version as null and crashed on every invoke; Headwater uses 0.
+    version = parse_int(body.get("function_version"), "function_version", 0)
+    if version < 0:
+        raise BadRequest("function_version must not be negative.")
+    function = await app.store.functions.get(function_id, project_id=project_id)
+    if version:
+        await app.store.versions.get_number(function.id, version)
+    return {"function_alias": None, "function_id": function.id, "function_version": version}
+
+
+def source_plugin(request: web.Request, kind: str) -> plugins.Source:
+    app = hw(request)
+    source = app.source(kind)
+    if source is None:
+        try:
+            source = plugins.load("source", kind)(app.config)
+        except plugins.PluginNotFound as exc:
+            raise BadRequest(f"Unknown source {kind!r}; installed: {', '.join(plugins.available('source'))}") from exc
+    return source
+
+
+async def get_subscription(request: web.Request, source: str | None, label: str):
+    row = await hw(request).store.subscriptions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    if source is not None and row.source != source:
+        raise NotFound(f"{label} not found [id={row.id}]")
+    return row

@@ -1,0 +1,58 @@
+"""/v1/webhooks: Qinling webhooks, stored as `http` subscriptions (invoked through sources/http)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, list_filters
+from router.api.errors import BadRequest, json_body
+from router.api.targets import check_target, get_subscription
+from router.store.models import new_id
+
+
+def serialize(row, public_url: str) -> dict:
+    return {"id": row.id, "function_id": row.function_id, "function_alias": row.function_alias,
+            "function_version": row.function_version, "description": row.description,
+            "project_id": row.project_id, "created_at": format_time(row.created_at),
+            "updated_at": format_time(row.updated_at), "webhook_url": f"{public_url}/v1/webhooks/{row.id}/invoke"}
+
+
+async def create(request: web.Request) -> web.Response:
+    app = hw(request)
+    body = await json_body(request)
+    target = await check_target(request, body)
+    if body.get("description") is not None and len(str(body["description"])) > 255:
+        raise BadRequest("Invalid input, description is longer than 255 characters.")
+    webhook_id = new_id()
+    row = await app.store.subscriptions.add(id=webhook_id, source="http", filters={"subject": webhook_id},
+                                            description=body.get("description"), project_id=ctx(request).project_id, **target)
+    await app.reload_subscription(row.id)
+    return web.json_response(serialize(row, app.config.api.public_url), status=201)
+
+
+async def index(request: web.Request) -> web.Response:
+    app = hw(request)
+    filters = list_filters(request, ("function_id", "function_alias", "function_version", "description"))
+    filters["source"] = "http"
+    rows = await app.store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    return web.json_response({"webhooks": [serialize(r, app.config.api.public_url) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    row = await get_subscription(request, "http", "Webhook")
+    return web.json_response(serialize(row, hw(request).config.api.public_url))
+
+
+async def delete(request: web.Request) -> web.Response:
+    app = hw(request)
+    row = await get_subscription(request, "http", "Webhook")
+    await app.store.subscriptions.delete(row.id)
+    await app.reload_subscription(row.id)
+    return web.Response(status=204)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/webhooks", create)
+    app.router.add_get("/v1/webhooks", index)
+    app.router.add_get("/v1/webhooks/{id}", show)
+    app.router.add_delete("/v1/webhooks/{id}", delete)

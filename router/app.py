@@ -1,0 +1,196 @@
+"""Headwater: builds every part from the configuration, starts them in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from router import __version__, plugins
+from router.bus import Bus
+from router.config import Config, ConfigError
+from router.dispatch import Dispatcher
+from router.events import Event, utcnow
+from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
+from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
+from router.metrics import Metrics
+from router.store import Database, NotFound, Store
+from router.store import models
+
+log = logging.getLogger(__name__)
+
+INDEX_REFRESH_SECONDS = 5.0
+
+
+def _plugin(kind: str, name: str, option: str) -> type:
+    try:
+        return plugins.load(kind, name)
+    except plugins.PluginNotFound as exc:
+        raise ConfigError(f"{option} = {name!r}: {exc}") from None
+    except ImportError as exc:  # e.g. the rabbitmq extra is not installed
+        raise ConfigError(f"{option} = {name!r} cannot be loaded: {exc}") from None
+
+
+def subscription_view(row: models.Subscription) -> plugins.Subscription:
+    return plugins.Subscription(
+        id=row.id, project_id=row.project_id, source=row.source, types=tuple(row.types or ()),
+        filters=dict(row.filters or {}), function_id=row.function_id, function_version=row.function_version,
+        function_alias=row.function_alias, name=row.name, pattern=row.pattern,
+        first_execution_time=row.first_execution_time, next_execution_time=row.next_execution_time,
+        count=row.count, status=row.status, function_input=row.function_input, options=dict(row.options or {}))
+
+
+class _SourceContext:
+    """What one running source sees of the router (router.plugins.SourceContext)."""
+
+    def __init__(self, app: Headwater, kind: str):
+        self._app = app
+        self._kind = kind
+        self.config = app.config
+
+    async def publish(self, event: Event, *, expect: Sequence[str] = ()) -> dict[str, str]:
+        event.extensions[SOURCE_KIND_EXTENSION] = self._kind
+        if event.time is None:
+            event.time = utcnow()
+        execution_ids: dict[str, str] = {}
+        for subscription_id in expect:
+            sub = self._app.index.get(subscription_id)
+            if sub is None:
+                raise plugins.PublishRefused(404, f"Subscription not found [id={subscription_id}]")
+            try:
+                row, *_ = await self._app.executions.prepare_for_event(event, sub)
+            except NotFound as exc:
+                raise plugins.PublishRefused(404, str(exc)) from None
+            except TargetUnavailable as exc:
+                raise plugins.PublishRefused(409, str(exc)) from None
+            except InvalidTarget as exc:
+                raise plugins.PublishRefused(400, str(exc)) from None
+            execution_ids[subscription_id] = row.id
+        await self._app.bus.publish(event)
+        self._app.metrics.events_in.labels(self._kind).inc()
+        return execution_ids
+
+    def subscriptions(self, source: str) -> list[plugins.Subscription]:
+        return self._app.index.of_source(source)
+
+    def subscription(self, subscription_id: str) -> plugins.Subscription | None:
+        return self._app.index.get(subscription_id)
+
+    def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
+        self._app.change_listeners.append(callback)
+
+    def add_route(self, method: str, path: str, handler) -> None:
+        self._app.web.router.add_route(method, path, handler)
+
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
+        advanced = await self._app.store.subscriptions.advance_schedule(subscription_id, scheduled, next_time)
+        await self._app.reload_subscription(subscription_id)
+        return advanced
+
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+        await self._app.store.dead_letters.add(source=source, reason=reason, payload=payload, event_id=event_id, project_id="default")
+        self._app.metrics.dead_letters.labels(source).inc()
+        log.warning("input dead-lettered", extra={"source": source, "reason": reason, "event_id": event_id})
+
+
+class Headwater:
+    """The whole service in one process: store, bus, engine, index, dispatcher, sources, API."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.db = Database(config.database.connection, pool_size=config.database.pool_size)
+        self.store = Store(self.db)
+        self.index = SubscriptionIndex()
+        self.change_listeners: list[Callable[[], None]] = []
+        self.packages: plugins.PackageStore = _plugin("storage", config.storage.provider, "[storage] provider")(config)
+        self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(config, self.packages)
+        self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
+        self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
+        self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
+        self.sources: dict[str, plugins.Source] = {
+            name: _plugin("source", name, "[sources] enabled")(config) for name in config.sources.enabled}
+        from router.api import build_api  # the API imports this module's types; import late
+
+        self.web = build_api(self)
+        self._refresher: asyncio.Task | None = None
+        self.started_at: _dt.datetime | None = None
+
+    def source(self, kind: str) -> plugins.Source | None:
+        return self.sources.get(kind)
+
+    async def start(self) -> None:
+        revision = await self.db.migrate()
+        await self.reload_subscriptions()
+        await self.engine.start()
+        await self.bus.start()
+        await self.dispatcher.start()
+        for source in self.sources.values():
+            await source.start(_SourceContext(self, source.kind))
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        self.started_at = utcnow()
+        log.info("headwater started", extra={
+            "version": __version__, "config_files": list(self.config.files), "schema_revision": revision,
+            "database": self.db.url.render_as_string(hide_password=True), "bus": self.config.bus.backend,
+            "engine": self.config.engine.backend, "sources": list(self.sources), "subscriptions": len(self.index),
+            "public_url": self.config.api.public_url})
+
+    async def stop(self) -> None:
+        if self._refresher:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        for source in reversed(list(self.sources.values())):
+            await source.stop()
+        await self.dispatcher.stop()
+        await self.executions.stop()
+        await self.bus.close()
+        await self.engine.stop()
+        await self.db.dispose()
+
+    # -- the index follows the table -----------------------------------------------------------
+
+    async def reload_subscriptions(self) -> None:
+        rows = await self.store.subscriptions.all()
+        self.index.replace_all(subscription_view(row) for row in rows)
+        self._notify()
+
+    async def reload_subscription(self, subscription_id: str) -> None:
+        row = await self.store.subscriptions.find(subscription_id)
+        if row is None:
+            self.index.remove(subscription_id)
+        else:
+            self.index.put(subscription_view(row))
+        self._notify()
+
+    def _notify(self) -> None:
+        for callback in self.change_listeners:
+            callback()
+
+    async def _refresh_loop(self) -> None:
+        # Other replicas change the table too; a periodic full reload keeps this one's index honest.
+        while True:
+            await asyncio.sleep(INDEX_REFRESH_SECONDS)
+            try:
+                await self.reload_subscriptions()
+            except Exception:
+                log.exception("subscription index refresh failed; keeping the previous index")
+
+
+async def serve(app: Headwater) -> None:
+    """Run until cancelled (SIGINT/SIGTERM)."""
+    config = app.config
+    await app.start()
+    runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.api.host, config.api.port)
+    await site.start()
+    log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await app.stop()

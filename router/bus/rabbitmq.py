@@ -1,0 +1,325 @@
+"""The RabbitMQ bus (aio-pika): a durable topic exchange, one durable queue per (topic, group)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+from yarl import URL
+
+from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, dead_letter_topic
+from router.config import Config
+from router.events import Event, InvalidEvent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_PREFIX = "headwater"
+
+# Headers this backend owns. The attempt header is only set on copies we republish after a failed
+# delivery, so a plain first publish carries none.
+ATTEMPT_HEADER = "x-headwater-attempt"
+REASON_HEADER = "x-headwater-dead-letter-reason"
+ORIGIN_TOPIC_HEADER = "x-headwater-original-topic"
+ORIGIN_GROUP_HEADER = "x-headwater-group"
+ATTEMPTS_HEADER = "x-headwater-attempts"
+
+CONTENT_TYPE = "application/cloudevents+json"
+
+# Options this backend reads from the URL query (and strips before aio-pika sees the URL).
+_URL_OPTIONS = ("prefix", "queue_type", "publish_timeout")
+
+
+class _RabbitDelivery:
+    __slots__ = ("event", "topic", "attempt", "_consumer", "_message", "_settled")
+
+    def __init__(self, event: Event, topic: str, attempt: int, consumer: _RabbitConsumer,
+                 message: aio_pika.abc.AbstractIncomingMessage):
+        self.event = event
+        self.topic = topic
+        self.attempt = attempt
+        self._consumer = consumer
+        self._message = message
+        self._settled = False
+
+    async def ack(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        await self._consumer._ack(self._message, self.event.id)
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        if self._settled:
+            return
+        self._settled = True
+        consumer = self._consumer
+        if requeue and self.attempt < consumer.bus.max_deliveries:
+            await consumer._requeue(self._message, self.event, self.attempt)
+            return
+        await consumer._dead_letter(self._message, self._message.body, self.event.id, self.attempt,
+                                    reason or "max deliveries reached")
+
+
+class _RabbitConsumer:
+    """One member of a consumer group: its own channel (so QoS and cancel are per member)."""
+
+    def __init__(self, bus: RabbitMQBus, topic: str, group: str, handler: DeliveryHandler, prefetch: int):
+        self.bus = bus
+        self.topic = topic
+        self.group = group
+        self._handler = handler
+        self._prefetch = prefetch
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
+        self._tag: str | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self._cancelled = False
+
+    async def start(self) -> None:
+        connection = self.bus._require_connection()
+        self._channel = await connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        self._queue = await self.bus._declare_group_queue(self._channel, self.topic, self.group)
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        # aio-pika awaits this callback; hand the work to our own task so cancel() can reach it.
+        if self._cancelled:
+            return  # left unacked: it goes back to the queue when our channel closes
+        task = asyncio.get_running_loop().create_task(self._handle(message))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _attempt_of(self, message: aio_pika.abc.AbstractIncomingMessage) -> int:
+        headers = message.headers or {}
+        base = int(headers.get(ATTEMPT_HEADER, 1))
+        # Quorum queues count returns to the queue (consumer died, channel closed); a classic queue
+        # (or a broker that does not count such returns) only says "redelivered at least once".
+        returned = max(int(headers.get("x-delivery-count") or 0), 1 if message.redelivered else 0)
+        return base + returned
+
+    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            await self._process(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Settling failed (broker gone, publish not confirmed). Give the message back so it is
+            # not stuck unacked on a live channel; if the channel is dead the broker does it anyway.
+            log.exception("could not settle a delivery; returning it to the queue",
+                          extra={"event_id": message.message_id, "topic": self.topic, "group": self.group})
+            try:
+                await message.nack(requeue=True)
+            except Exception:
+                log.debug("nack failed too", exc_info=True)
+
+    async def _process(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        attempt = self._attempt_of(message)
+        try:
+            event = Event.from_json(message.body)
+        except InvalidEvent as exc:
+            log.error("message is not a valid event; dead-lettering it",
+                      extra={"event_id": message.message_id, "topic": self.topic, "group": self.group, "reason": str(exc)})
+            await self._dead_letter(message, message.body, message.message_id, attempt, f"invalid event: {exc}")
+            return
+        if attempt > self.bus.max_deliveries:
+            # Only reachable when consumers died holding it (those returns are not our nacks): a
+            # message that keeps killing its consumer must stop somewhere.
+            await self._dead_letter(message, message.body, event.id, attempt - 1,
+                                    "max deliveries reached (consumers stopped while handling it)")
+            return
+        delivery = _RabbitDelivery(event, self.topic, attempt, self, message)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            # The consumer is going away without an answer: leave the message unacked, and closing
+            # the channel hands it back to the queue (as when a consumer dies).
+            raise
+        except Exception as exc:
+            log.warning("handler failed; event will be redelivered", exc_info=True,
+                        extra={"event_id": event.id, "attempt": attempt, "topic": self.topic, "group": self.group})
+            await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
+        else:
+            await delivery.ack()
+
+    async def _ack(self, message: aio_pika.abc.AbstractIncomingMessage, event_id: str | None) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:
+            # The channel went away (reconnect): the broker redelivers; at-least-once holds.
+            raise BusError(f"ack failed: {exc}") from exc
+
+    async def _requeue(self, message: aio_pika.abc.AbstractIncomingMessage, event: Event, attempt: int) -> None:
+        # Republish a copy to the tail of this group's queue with the attempt number, then ack the
+        # original: exact attempt counts on any queue type, other groups untouched, and the event
+        # waits behind the rest like the memory bus does. A crash between the two duplicates the
+        # event, never loses it.
+        copy = self.bus._message(message.body, message.message_id or event.id, {ATTEMPT_HEADER: attempt + 1})
+        await self.bus._send(self._queue.name, copy, exchange="")
+        await self._ack(message, event.id)
+
+    async def _dead_letter(self, message: aio_pika.abc.AbstractIncomingMessage, body: bytes,
+                           event_id: str | None, attempt: int, reason: str) -> None:
+        target = dead_letter_topic(self.topic)
+        log.warning("event dead-lettered", extra={"event_id": event_id, "topic": self.topic, "group": self.group,
+                                                 "attempts": attempt, "reason": reason})
+        copy = self.bus._message(body, event_id, {
+            REASON_HEADER: reason[:1000], ORIGIN_TOPIC_HEADER: self.topic, ORIGIN_GROUP_HEADER: self.group,
+            ATTEMPTS_HEADER: attempt,
+        })
+        await self.bus._send(target, copy)
+        await self._ack(message, event_id)
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception:
+                log.debug("basic.cancel failed; closing the channel anyway", exc_info=True)
+        tasks = list(self._inflight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            # Closing the channel is what returns its unacked messages to the queue.
+            try:
+                await self._channel.close()
+            except Exception:
+                log.debug("channel close failed", exc_info=True)
+        self.bus._consumers.discard(self)
+
+
+class RabbitMQBus:
+    """Topics on a durable topic exchange; each consumer group is a durable queue bound to it."""
+
+    name: ClassVar[str] = "rabbitmq"
+
+    def __init__(self, config: Config | None = None, *, url: str | None = None, prefix: str | None = None,
+                 queue_type: str | None = None, publish_timeout: float | None = None,
+                 reconnect_interval: float = 1.0, max_deliveries: int | None = None, prefetch: int | None = None):
+        raw_url = URL(url or (config.bus.url if config else None) or DEFAULT_URL)
+        query = raw_url.query
+        self.prefix = prefix or query.get("prefix") or DEFAULT_PREFIX
+        self.queue_type = queue_type or query.get("queue_type") or "quorum"
+        if self.queue_type not in ("quorum", "classic"):
+            raise ValueError(f"queue_type must be quorum or classic, not {self.queue_type!r}")
+        self.publish_timeout = float(publish_timeout or query.get("publish_timeout") or 10.0)
+        self.url = raw_url.with_query({k: v for k, v in query.items() if k not in _URL_OPTIONS})
+        self.reconnect_interval = reconnect_interval
+        self.max_deliveries = max_deliveries or (config.bus.max_deliveries if config else 10)
+        self.default_prefetch = prefetch or (config.bus.prefetch if config else 256)
+        self.exchange_name = self.prefix
+        self.unrouted_name = f"{self.prefix}.unrouted"
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._exchange: aio_pika.abc.AbstractRobustExchange | None = None
+        self._consumers: set[_RabbitConsumer] = set()
+        # Every queue this bus declared, so tests (and operators' scripts) can find them.
+        self.declared_queues: set[str] = set()
+
+    def queue_name(self, topic: str, group: str) -> str:
+        return f"{self.prefix}.{topic}/{group}"
+
+    async def start(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(self.url, reconnect_interval=self.reconnect_interval,
+                                                             client_properties={"connection_name": f"headwater-{self.prefix}"})
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            # Events for a topic nobody consumes yet are parked here instead of being dropped by
+            # the broker: publish promises the event is safe.
+            unrouted = await self._channel.declare_exchange(self.unrouted_name, aio_pika.ExchangeType.FANOUT, durable=True)
+            parked = await self._channel.declare_queue(self.unrouted_name, durable=True,
+                                                       arguments={"x-queue-type": self.queue_type})
+            self.declared_queues.add(self.unrouted_name)
+            await parked.bind(unrouted)
+            self._exchange = await self._channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True,
+                arguments={"alternate-exchange": self.unrouted_name})
+        except Exception as exc:
+            await self.close()
+            where = self.url.with_password("***") if self.url.password else self.url
+            raise BusError(f"cannot connect to RabbitMQ at {where}: {exc}") from exc
+        log.info("rabbitmq bus started", extra={"exchange": self.exchange_name})
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.cancel()
+        if self._connection is not None:
+            try:
+                await self._connection.close()
+            except Exception:
+                log.debug("connection close failed", exc_info=True)
+        self._connection = self._channel = self._exchange = None
+
+    def _require_connection(self) -> aio_pika.abc.AbstractRobustConnection:
+        if self._connection is None:
+            raise BusError("the rabbitmq bus is not started")
+        return self._connection
+
+    async def _declare_group_queue(self, channel: aio_pika.abc.AbstractChannel, topic: str, group: str):
+        name = self.queue_name(topic, group)
+        queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": self.queue_type})
+        self.declared_queues.add(name)
+        # Declared on the consumer's robust channel too, so a reconnect re-declares the topology.
+        exchange = await channel.declare_exchange(self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True,
+                                                  arguments={"alternate-exchange": self.unrouted_name})
+        await queue.bind(exchange, routing_key=topic)
+        return queue
+
+    @staticmethod
+    def _message(body: bytes, message_id: str | None, headers: dict[str, Any] | None = None) -> aio_pika.Message:
+        return aio_pika.Message(body=body, message_id=message_id, headers=headers or None,
+                                content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+    async def _send(self, routing_key: str, message: aio_pika.Message, *, exchange: str | None = None) -> None:
+        """Publish and wait for the broker's confirm; retry across a reconnect until the deadline."""
+        if self._channel is None:
+            raise BusError("the rabbitmq bus is not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BusError(f"publish to {routing_key!r} not confirmed within {self.publish_timeout}s")
+            try:
+                await asyncio.wait_for(self._channel.ready(), remaining)
+                target = self._channel.default_exchange if exchange == "" else self._exchange
+                confirmation = await target.publish(message, routing_key=routing_key, timeout=deadline - loop.time())
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BusError(f"broker refused the event for {routing_key!r}: {exc}") from exc
+            except asyncio.TimeoutError:
+                continue  # the loop turns this into a BusError once the deadline has passed
+            except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
+                # Connection lost mid-publish: the robust connection is reconnecting; try again
+                # (a duplicate is possible, and ids make it recognisable).
+                log.info("publish interrupted; retrying after reconnect",
+                         extra={"event_id": message.message_id, "reason": str(exc)})
+                await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+                continue
+            if getattr(confirmation, "name", "") in ("Basic.Nack", "Basic.Reject"):
+                raise BusError(f"broker did not confirm the event for {routing_key!r}: {confirmation!r}")
+            return
+
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None:
+        await self._send(topic, self._message(event.to_json(), event.id))
+
+    async def _publish_raw(self, body: bytes, *, topic: str = EVENTS_TOPIC, message_id: str | None = None) -> None:
+        """Publish bytes as they are (for tests: a message that is not a valid event)."""
+        await self._send(topic, self._message(body, message_id))
+
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _RabbitConsumer:
+        consumer = _RabbitConsumer(self, topic, group, handler, prefetch or self.default_prefetch)
+        try:
+            await consumer.start()
+        except Exception as exc:
+            await consumer.cancel()
+            raise BusError(f"cannot consume {topic!r} as group {group!r}: {exc}") from exc
+        self._consumers.add(consumer)
+        return consumer

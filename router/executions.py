@@ -1,0 +1,196 @@
+"""ExecutionService: resolve a function target, record an execution, run it on the engine, record
+the outcome. Used by the API (direct executions) and by the dispatcher (event executions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from router.config import Config
+from router.events import Event, execution_id_for
+from router.log import current_execution_id
+from router.metrics import Metrics
+from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
+from router.store import NotFound, Store
+from router.store import models
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("success", "failed", "error")
+
+
+class TargetUnavailable(RuntimeError):
+    """The function's runtime is not available (the API answers 409)."""
+
+
+class InvalidTarget(ValueError):
+    """A target that cannot be executed as asked (the API answers 400)."""
+
+
+def parse_qinling_input(raw: Any) -> Any:
+    """Qinling's input rules: a JSON document is used as parsed, except that an integer (and any
+    text that is not JSON) stays the raw string, passed as one positional argument."""
+    if raw is None or not isinstance(raw, str):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    if isinstance(value, int) and not isinstance(value, bool):
+        return raw
+    return value
+
+
+def render_input(value: Any) -> str | None:
+    """How an execution's input is shown in the API: a raw string as itself, anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+class ExecutionService:
+    def __init__(self, config: Config, store: Store, engine: Engine, metrics: Metrics):
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self._background: set[asyncio.Task] = set()
+
+    # -- targets ------------------------------------------------------------------------------
+
+    async def resolve(self, *, project_id: str | None, function_id: str | None, version: int | None,
+                      alias: str | None) -> tuple[models.Function, int]:
+        """The function and version an execution runs; aliases resolve at use time."""
+        if alias:
+            row = await self.store.aliases.by_name(alias, project_id=project_id)
+            function_id, version = row.function_id, row.function_version
+        if not function_id:
+            raise InvalidTarget("Either function_alias or function_id must be provided.")
+        function = await self.store.functions.get(function_id, project_id=project_id)
+        version = version or 0
+        if version:
+            if function.code.get("source") != "package":
+                raise InvalidTarget("Can not specify version for non-package type function.")
+            await self.store.versions.get_number(function.id, version)
+        if function.runtime_id:
+            runtime = await self.store.runtimes.get(function.runtime_id)
+            if runtime.status != "available":
+                raise TargetUnavailable(f"Runtime {runtime.id} is not available.")
+        return function, version
+
+    async def _spec(self, function: models.Function, version: int) -> FunctionSpec:
+        runtime_image = None
+        if function.runtime_id:
+            runtime_image = (await self.store.runtimes.get(function.runtime_id)).image
+        md5 = function.code.get("md5sum")
+        if version:
+            md5 = (await self.store.versions.get_number(function.id, version)).md5sum or md5
+        package = PackageRef(function.project_id, function.id, version, md5) if function.code.get("source") == "package" else None
+        return FunctionSpec(id=function.id, version=version, runtime_id=function.runtime_id, runtime_image=runtime_image,
+                            code=function.code, entry=function.entry, cpu=function.cpu, memory_size=function.memory_size,
+                            timeout=function.timeout or self.config.resource_limits.default_timeout,
+                            package=package, project_id=function.project_id)
+
+    # -- API executions -----------------------------------------------------------------------
+
+    async def create(self, *, project_id: str, function_id: str | None, version: int | None, alias: str | None,
+                     input: Any, sync: bool, description: str | None) -> models.Execution:
+        function, version = await self.resolve(project_id=project_id, function_id=function_id, version=version, alias=alias)
+        row = await self.store.executions.add(function_id=function.id, function_version=version, function_alias=alias,
+                                              status="running", sync=sync, input=input, description=description,
+                                              project_id=project_id)
+        await self.store.functions.bump_count(function.id, version)
+        if sync:
+            return await self.run(row, function, version)
+        self._spawn(self.run(row, function, version))
+        return row
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run(self, row: models.Execution, function: models.Function, version: int, *,
+                  event_id: str | None = None) -> models.Execution:
+        """Run a recorded execution on the engine and record its outcome."""
+        token = current_execution_id.set(row.id)
+        self.metrics.executions_running.inc()
+        started = time.perf_counter()
+        try:
+            try:
+                spec = await self._spec(function, version)
+                request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
+                                           context={"execution_id": row.id, "function_id": function.id,
+                                                    "function_version": version, "project_id": row.project_id,
+                                                    "event_id": event_id})
+                result = await self.engine.execute(request)
+            except Exception as exc:  # the engine promises not to raise; if it does, it's ours
+                log.exception("engine raised instead of returning a result")
+                result = ExecutionResult.platform_error(f"Internal service error: {type(exc).__name__}")
+            self.metrics.execution_seconds.observe(time.perf_counter() - started)
+            await self.record(row, result)
+            log.info("execution finished", extra={"status": result.status, "reason": result.reason,
+                                                  "duration": result.duration, "function_id": function.id})
+            return row
+        finally:
+            self.metrics.executions_running.dec()
+            current_execution_id.reset(token)
+
+    async def record(self, row: models.Execution, result: ExecutionResult) -> None:
+        document = {"duration": round(result.duration, 3), "output": result.output}
+        await self.store.executions.finish(row.id, status=result.status, result=document, logs=result.logs, reason=result.reason)
+        row.status, row.result, row.logs, row.reason = result.status, document, result.logs, result.reason
+        self.metrics.executions.labels(result.status, result.reason).inc()
+        if result.status != "success":
+            self.metrics.executions_failed.labels(result.reason).inc()
+
+    # -- event executions ---------------------------------------------------------------------
+
+    def _event_input(self, event: Event, sub: Subscription) -> Any:
+        if sub.function_input is not None:  # a job's fixed input
+            return parse_qinling_input(sub.function_input)
+        return event.data
+
+    def _description(self, sub: Subscription) -> str:
+        label = {"cron": "Job", "http": "Webhook"}.get(sub.source, "Subscription")
+        return f"Created by {label} {sub.id}"
+
+    async def prepare_for_event(self, event: Event, sub: Subscription) -> tuple[models.Execution, models.Function, int, bool]:
+        """Record the execution of (event, subscription) unless it exists; returns it with its target
+        and whether it was created now."""
+        function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                               version=sub.function_version, alias=sub.function_alias)
+        row, created = await self.store.executions.start(
+            id=execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
+            function_alias=sub.function_alias, status="running", sync=False, input=self._event_input(event, sub),
+            description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id)
+        if created:
+            await self.store.functions.bump_count(function.id, version)
+        return row, function, version, created
+
+    async def run_for_event(self, event: Event, sub: Subscription) -> None:
+        """Execute (event, subscription) once: a redelivery of an event whose execution finished
+        does nothing."""
+        try:
+            row, function, version, _ = await self.prepare_for_event(event, sub)
+        except (NotFound, TargetUnavailable, InvalidTarget) as exc:
+            # The subscription points at something that cannot run: no retry will help.
+            await self.store.dead_letters.add(source=sub.source, reason=str(exc), event_id=event.id, subscription_id=sub.id,
+                                              payload=event.to_dict(), project_id=sub.project_id)
+            self.metrics.dead_letters.labels(sub.source).inc()
+            log.warning("event dead-lettered: target unavailable", extra={"event_id": event.id, "subscription_id": sub.id, "reason": str(exc)})
+            return
+        if row.status in FINISHED:
+            self.metrics.duplicates.inc()
+            return
+        await self.run(row, function, version, event_id=event.id)
+        if event.time is not None:
+            self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,525 @@
+"""Unit tests of the cron source: Qinling's job validation, next_fire_time, and the scheduler loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from router.config import Config
+from router.events import Event, derived_id
+from router.plugins import Source, Subscription, SubscriptionInvalid
+from sources.cron import EVENT_TYPE, CronSource, next_fire_time
+
+UTC = dt.timezone.utc
+NOW = dt.datetime(2024, 1, 15, 12, 0, 0, tzinfo=UTC)  # a Monday, in winter (Paris is UTC+1)
+
+
+def at(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+def config(max_sleep: float = 0.01) -> Config:
+    return Config.load(overrides={"cron": {"max_sleep": max_sleep}})
+
+
+@pytest.fixture
+def source() -> CronSource:
+    return CronSource(config())
+
+
+# ---------------------------------------------------------------------------------------------
+# validate_subscription
+
+
+ERRORS = [
+    ("neither pattern nor time", {}, "pattern or first_execution_time must be specified."),
+    ("empty pattern and no time", {"pattern": "  ", "first_execution_time": None}, "pattern or first_execution_time must be specified."),
+    ("time too soon", {"first_execution_time": NOW + dt.timedelta(seconds=59)}, "Execution time must be at least 1 minute in the future."),
+    ("time in the past", {"first_execution_time": "2020-01-01T00:00:00"}, "Execution time must be at least 1 minute in the future."),
+    ("aware time converted before the check", {"first_execution_time": "2024-01-15T13:00:30+01:00"}, "Execution time must be at least 1 minute in the future."),
+    ("count > 1 without pattern", {"first_execution_time": NOW + dt.timedelta(hours=1), "count": 2}, "pattern must be provided if count is greater than 1."),
+    ("bad pattern", {"pattern": "61 * * * *"}, "The specified pattern is not valid: 61 * * * *"),
+    ("garbage pattern", {"pattern": "every minute"}, "The specified pattern is not valid: every minute"),
+    ("too few fields", {"pattern": "* * *"}, "The specified pattern is not valid: * * *"),
+    ("seven fields", {"pattern": "* * * * * * *"}, "The specified pattern is not valid: * * * * * * *"),
+    ("never matches", {"pattern": "0 0 31 2 *"}, "The specified pattern is not valid: 0 0 31 2 *"),
+    ("bad seconds field", {"pattern": "75 * * * * *"}, "The specified pattern is not valid: 75 * * * * *"),
+    ("pattern not a string", {"pattern": 5}, "The specified pattern is not valid: 5"),
+    ("pattern with bad time", {"pattern": "* * * * *", "first_execution_time": NOW}, "Execution time must be at least 1 minute in the future."),
+    ("count zero", {"pattern": "* * * * *", "count": 0}, "count must be a positive integer."),
+    ("count negative", {"pattern": "* * * * *", "count": -3}, "count must be a positive integer."),
+    ("count string", {"pattern": "* * * * *", "count": "3"}, "count must be a positive integer."),
+    ("count bool", {"pattern": "* * * * *", "count": True}, "count must be a positive integer."),
+    ("count float", {"pattern": "* * * * *", "count": 1.5}, "count must be a positive integer."),
+    ("unknown timezone", {"pattern": "* * * * *", "timezone": "Mars/Olympus"}, "Unknown timezone: Mars/Olympus"),
+    ("unparsable time", {"first_execution_time": "tomorrow"}, "Invalid first_execution_time: tomorrow"),
+    ("time of the wrong type", {"first_execution_time": 1700000000}, "Invalid first_execution_time: 1700000000"),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_validate_rejects(source: CronSource, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(SubscriptionInvalid) as info:
+        source.validate_subscription(params, NOW)
+    assert str(info.value) == message
+
+
+ACCEPTED = [
+    # (name, params, expected first == next, expected count)
+    ("one-shot defaults to count 1", {"first_execution_time": at(2024, 1, 15, 12, 1)}, at(2024, 1, 15, 12, 1), 1),
+    ("exactly one minute ahead is enough", {"first_execution_time": NOW + dt.timedelta(seconds=60)}, at(2024, 1, 15, 12, 1), 1),
+    ("one-shot with count 1", {"first_execution_time": at(2024, 1, 16, 0, 0), "count": 1}, at(2024, 1, 16, 0, 0), 1),
+    ("naive ISO string is UTC", {"first_execution_time": "2024-01-15T18:30:00"}, at(2024, 1, 15, 18, 30), 1),
+    ("aware ISO string converted to UTC", {"first_execution_time": "2024-01-15T18:30:00+02:00"}, at(2024, 1, 15, 16, 30), 1),
+    ("Z suffix", {"first_execution_time": "2024-01-15T18:30:00Z"}, at(2024, 1, 15, 18, 30), 1),
+    ("aware datetime converted to UTC", {"first_execution_time": dt.datetime(2024, 1, 15, 20, 0, tzinfo=dt.timezone(dt.timedelta(hours=5)))}, at(2024, 1, 15, 15, 0), 1),
+    ("naive datetime is UTC", {"first_execution_time": dt.datetime(2024, 1, 15, 15, 0)}, at(2024, 1, 15, 15, 0), 1),
+    ("pattern only: first match after now, unlimited", {"pattern": "*/5 * * * *"}, at(2024, 1, 15, 12, 5), None),
+    ("pattern with count", {"pattern": "0 * * * *", "count": 3}, at(2024, 1, 15, 13, 0), 3),
+    ("pattern is stripped", {"pattern": "  0 * * * *  "}, at(2024, 1, 15, 13, 0), None),
+    # Qinling starts the search at first_execution_time − 1 min, so a match at that time is the first run.
+    ("pattern + time on a match", {"pattern": "0 * * * *", "first_execution_time": at(2024, 1, 15, 14, 0)}, at(2024, 1, 15, 14, 0), None),
+    ("pattern + time between matches", {"pattern": "0 * * * *", "first_execution_time": at(2024, 1, 15, 14, 20)}, at(2024, 1, 15, 15, 0), None),
+    ("pattern + time with seconds: Qinling's quirk", {"pattern": "* * * * *", "first_execution_time": at(2024, 1, 15, 14, 0, 30)}, at(2024, 1, 15, 14, 0), None),
+    ("pattern + count > 1 is fine", {"pattern": "0 * * * *", "first_execution_time": at(2024, 1, 15, 14, 0), "count": 5}, at(2024, 1, 15, 14, 0), 5),
+    ("alias", {"pattern": "@daily"}, at(2024, 1, 16, 0, 0), None),
+    # 6 fields: the first is seconds.
+    ("6 fields: every second", {"pattern": "*/1 * * * * *"}, at(2024, 1, 15, 12, 0, 1), None),
+    ("6 fields: seconds 15 of each minute", {"pattern": "15 * * * * *"}, at(2024, 1, 15, 12, 0, 15), None),
+    ("6 fields: 09:30:45 daily", {"pattern": "45 30 9 * * *"}, at(2024, 1, 16, 9, 30, 45), None),
+    # Time zones: the pattern is read on the zone's wall clock.
+    ("Paris in winter", {"pattern": "0 9 * * *", "timezone": "Europe/Paris"}, at(2024, 1, 16, 8, 0), None),
+    ("New York in winter", {"pattern": "0 9 * * *", "timezone": "America/New_York"}, at(2024, 1, 15, 14, 0), None),
+    ("Kolkata, half-hour offset", {"pattern": "0 18 * * *", "timezone": "Asia/Kolkata"}, at(2024, 1, 15, 12, 30), None),
+]
+
+
+@pytest.mark.parametrize(("params", "expected", "count"), [a[1:] for a in ACCEPTED], ids=[a[0] for a in ACCEPTED])
+def test_validate_accepts(source: CronSource, params: dict[str, Any], expected: dt.datetime, count: int | None) -> None:
+    result = source.validate_subscription(params, NOW)
+    assert result["next_execution_time"] == expected
+    assert result["first_execution_time"] == expected
+    assert result["next_execution_time"].utcoffset() == dt.timedelta(0)
+    assert result["first_execution_time"].tzinfo is not None
+    assert result["count"] == count
+    assert result["timezone"] == params.get("timezone", "UTC")
+
+
+def test_validate_keeps_other_params_and_fills_defaults(source: CronSource) -> None:
+    result = source.validate_subscription({"pattern": "0 * * * *", "name": "hourly", "function_input": "{}"}, NOW)
+    assert result["name"] == "hourly"
+    assert result["function_input"] == "{}"
+    assert result["timezone"] == "UTC"
+    assert result["pattern"] == "0 * * * *"
+    one_shot = source.validate_subscription({"first_execution_time": at(2024, 2, 1)}, NOW)
+    assert one_shot["pattern"] is None
+    assert one_shot["count"] == 1
+
+
+def test_validate_accepts_naive_now(source: CronSource) -> None:
+    result = source.validate_subscription({"pattern": "*/5 * * * *"}, NOW.replace(tzinfo=None))
+    assert result["next_execution_time"] == at(2024, 1, 15, 12, 5)
+
+
+def test_validate_paris_in_summer(source: CronSource) -> None:
+    result = source.validate_subscription({"pattern": "0 9 * * *", "timezone": "Europe/Paris"}, at(2024, 7, 1, 12))
+    assert result["next_execution_time"] == at(2024, 7, 2, 7, 0)
+
+
+def test_is_a_source() -> None:
+    assert isinstance(CronSource(config()), Source)
+    assert CronSource.kind == "cron"
+
+
+# ---------------------------------------------------------------------------------------------
+# next_fire_time
+
+NEXT = [
+    ("every minute", "* * * * *", at(2024, 1, 1, 10, 0), "UTC", at(2024, 1, 1, 10, 1)),
+    ("strictly after a match", "0 * * * *", at(2024, 1, 1, 10, 0), "UTC", at(2024, 1, 1, 11, 0)),
+    ("seconds dropped for minute patterns", "* * * * *", at(2024, 1, 1, 10, 0, 59), "UTC", at(2024, 1, 1, 10, 1)),
+    ("every second", "*/1 * * * * *", at(2024, 1, 1, 10, 0, 0), "UTC", at(2024, 1, 1, 10, 0, 1)),
+    ("every 10 s", "*/10 * * * * *", at(2024, 1, 1, 10, 0, 5), "UTC", at(2024, 1, 1, 10, 0, 10)),
+    ("microseconds", "*/1 * * * * *", dt.datetime(2024, 1, 1, 10, 0, 0, 500000, tzinfo=UTC), "UTC", at(2024, 1, 1, 10, 0, 1)),
+    ("Paris winter", "0 9 * * *", at(2024, 1, 1, 10, 0), "Europe/Paris", at(2024, 1, 2, 8, 0)),
+    ("Paris summer", "0 9 * * *", at(2024, 7, 1, 10, 0), "Europe/Paris", at(2024, 7, 2, 7, 0)),
+    ("Paris, across spring-forward", "0 9 * * *", at(2024, 3, 30, 8, 0), "Europe/Paris", at(2024, 3, 31, 7, 0)),
+    ("New York, weekday", "30 8 * * 1-5", at(2024, 1, 5, 14, 0), "America/New_York", at(2024, 1, 8, 13, 30)),
+    ("naive after is UTC", "0 * * * *", dt.datetime(2024, 1, 1, 10, 30), "UTC", at(2024, 1, 1, 11, 0)),
+    ("aware after in another zone", "0 * * * *", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))), "UTC", at(2024, 1, 1, 11, 0)),
+    ("@hourly", "@hourly", at(2024, 1, 1, 10, 5), "UTC", at(2024, 1, 1, 11, 0)),
+]
+
+
+@pytest.mark.parametrize(("pattern", "after", "zone", "expected"), [n[1:] for n in NEXT], ids=[n[0] for n in NEXT])
+def test_next_fire_time(pattern: str, after: dt.datetime, zone: str, expected: dt.datetime) -> None:
+    result = next_fire_time(pattern, after, zone)
+    assert result == expected
+    assert result.tzinfo is not None and result.utcoffset() == dt.timedelta(0)
+
+
+def test_next_fire_time_default_zone_is_utc() -> None:
+    assert next_fire_time("0 9 * * *", at(2024, 1, 1)) == at(2024, 1, 1, 9, 0)
+
+
+@pytest.mark.parametrize(("pattern", "zone"), [("61 * * * *", "UTC"), ("* * *", "UTC"), ("* * * * *", "Nowhere/Land"), ("0 0 30 2 *", "UTC")])
+def test_next_fire_time_rejects(pattern: str, zone: str) -> None:
+    with pytest.raises(ValueError):
+        next_fire_time(pattern, at(2024, 1, 1), zone)
+
+
+def test_next_fire_time_is_monotonic_across_dst() -> None:
+    # Every minute through both Paris transitions of 2024: never backwards, never a skipped minute.
+    for start in (at(2024, 3, 31, 0, 0), at(2024, 10, 27, 0, 0)):
+        t = start
+        for _ in range(240):
+            n = next_fire_time("* * * * *", t, "Europe/Paris")
+            assert n - t == dt.timedelta(minutes=1)
+            t = n
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler loop, against a fake router
+
+
+class FakeClock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+class FakeContext:
+    """An in-memory SourceContext: a subscription table, a record of published events, and
+    advance_schedule with the router's compare-and-set and count-down."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        self.config = cfg or config()
+        self.subs: dict[str, Subscription] = {}
+        self.published: list[Event] = []
+        self.advances: list[tuple[str, dt.datetime, dt.datetime | None, bool]] = []
+        self.callbacks: list[Callable[[], None]] = []
+        self.fail_publishes = 0
+        self.publish_delay = 0.0
+
+    def add(self, sub: Subscription) -> None:
+        self.subs[sub.id] = sub
+        self.changed()
+
+    def update(self, sub_id: str, **changes: Any) -> None:
+        self.subs[sub_id] = dataclasses.replace(self.subs[sub_id], **changes)
+        self.changed()
+
+    def changed(self) -> None:
+        for callback in self.callbacks:
+            callback()
+
+    async def publish(self, event: Event, *, expect: Sequence[str] = ()) -> dict[str, str]:
+        if self.publish_delay:
+            await asyncio.sleep(self.publish_delay)
+        if self.fail_publishes:
+            self.fail_publishes -= 1
+            raise ConnectionError("bus down")
+        self.published.append(event)
+        return {}
+
+    def subscriptions(self, source: str) -> Sequence[Subscription]:
+        return [s for s in self.subs.values() if s.source == source]
+
+    def subscription(self, subscription_id: str) -> Subscription | None:
+        return self.subs.get(subscription_id)
+
+    def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
+
+    def add_route(self, method: str, path: str, handler: Any) -> None:
+        raise AssertionError("the cron source mounts no routes")
+
+    async def advance_schedule(self, subscription_id: str, scheduled: dt.datetime, next_time: dt.datetime | None) -> bool:
+        sub = self.subs.get(subscription_id)
+        ok = sub is not None and sub.status == "running" and sub.next_execution_time == scheduled
+        if ok:
+            assert sub is not None
+            count = sub.count
+            if count is not None:
+                count -= 1
+            if next_time is None or (count is not None and count <= 0):
+                self.subs[subscription_id] = dataclasses.replace(sub, status="done", count=0 if count is not None else None)
+            else:
+                self.subs[subscription_id] = dataclasses.replace(sub, next_execution_time=next_time, count=count)
+        self.advances.append((subscription_id, scheduled, next_time, ok))
+        return ok
+
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+        raise AssertionError("the cron source dead-letters nothing")
+
+    @property
+    def successful_advances(self) -> list[tuple[str, dt.datetime, dt.datetime | None, bool]]:
+        return [a for a in self.advances if a[3]]
+
+
+def schedule(sub_id: str = "job-1", *, pattern: str | None = "* * * * *", next_time: dt.datetime = NOW, count: int | None = None, status: str = "running", timezone: str | None = None) -> Subscription:
+    return Subscription(
+        id=sub_id,
+        project_id="project-a",
+        source="cron",
+        function_id="fn-1",
+        pattern=pattern,
+        first_execution_time=next_time,
+        next_execution_time=next_time,
+        count=count,
+        status=status,
+        options={"timezone": timezone} if timezone else {},
+    )
+
+
+def tick_id(sub_id: str, scheduled: dt.datetime) -> str:
+    return derived_id("cron", sub_id, scheduled.isoformat())
+
+
+async def spin(seconds: float = 0.05) -> None:
+    """Let the scheduler run several passes (max_sleep is 0.01 s)."""
+    await asyncio.sleep(seconds)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 1.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+@pytest.fixture
+async def harness():
+    """(ctx, clock, started sources); every source started through it is stopped afterwards."""
+    clock = FakeClock(NOW - dt.timedelta(seconds=1))
+    ctx = FakeContext()
+    started: list[CronSource] = []
+
+    async def start(context: FakeContext | None = None, max_sleep: float = 0.01) -> CronSource:
+        src = CronSource(config(max_sleep), clock=clock)
+        await src.start(context or ctx)
+        started.append(src)
+        return src
+
+    yield ctx, clock, start
+    for src in started:
+        await src.stop()
+
+
+async def test_fires_at_the_scheduled_time_and_not_before(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(pattern="*/5 * * * *", next_time=NOW))
+    await start()
+    await spin()
+    assert ctx.published == []  # clock is one second short
+    clock.now = NOW
+    await until(lambda: len(ctx.published) == 1)
+    event = ctx.published[0]
+    assert event.id == tick_id("job-1", NOW)
+    assert event.source == "/headwater/cron/job-1"
+    assert event.type == EVENT_TYPE == "org.openstack.headwater.cron.tick"
+    assert event.subject == "job-1"
+    assert event.time == NOW
+    assert event.data == {"subscription_id": "job-1", "scheduled_time": NOW.isoformat()}
+    assert event.project_id == "project-a"
+    await until(lambda: len(ctx.successful_advances) == 1)
+    assert ctx.successful_advances == [("job-1", NOW, NOW + dt.timedelta(minutes=5), True)]
+    assert ctx.subs["job-1"].next_execution_time == NOW + dt.timedelta(minutes=5)
+
+
+async def test_fires_once_per_tick(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(next_time=NOW))
+    clock.now = NOW + dt.timedelta(seconds=30)
+    await start()
+    await until(lambda: len(ctx.published) == 1)
+    await spin()
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW)]
+    assert len(ctx.advances) == 1
+    clock.now = NOW + dt.timedelta(minutes=1)
+    await until(lambda: len(ctx.published) == 2)
+    await spin()
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW), tick_id("job-1", NOW + dt.timedelta(minutes=1))]
+
+
+async def test_count_runs_out(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(next_time=NOW, count=2))
+    await start()
+    for minute in range(5):
+        clock.now = NOW + dt.timedelta(minutes=minute)
+        await spin(0.03)
+    assert [e.time for e in ctx.published] == [NOW, NOW + dt.timedelta(minutes=1)]
+    assert ctx.subs["job-1"].status == "done"
+    assert ctx.subs["job-1"].count == 0
+
+
+async def test_one_shot_fires_once_and_is_done(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(pattern=None, next_time=NOW, count=1))
+    clock.now = NOW + dt.timedelta(hours=1)
+    await start()
+    await until(lambda: ctx.subs["job-1"].status == "done")
+    await spin()
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW)]
+    assert ctx.advances == [("job-1", NOW, None, True)]
+
+
+async def test_paused_and_finished_schedules_do_not_fire(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule("paused", next_time=NOW, status="paused"))
+    ctx.add(schedule("cancelled", next_time=NOW, status="cancelled"))
+    ctx.add(schedule("done", next_time=NOW, status="done"))
+    ctx.add(schedule("running", next_time=NOW))
+    ctx.add(dataclasses.replace(schedule("webhook", next_time=NOW), source="http"))
+    clock.now = NOW + dt.timedelta(seconds=5)
+    await start()
+    await until(lambda: len(ctx.published) == 1)
+    await spin()
+    assert [e.subject for e in ctx.published] == ["running"]
+    # Resuming (the router recomputes the next time from now) makes it fire again.
+    ctx.update("paused", status="running", next_execution_time=NOW + dt.timedelta(minutes=1))
+    clock.now = NOW + dt.timedelta(minutes=1)
+    await until(lambda: any(e.subject == "paused" for e in ctx.published))
+
+
+async def test_missed_ticks_are_replayed_once_each_in_order(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(pattern="*/10 * * * *", next_time=NOW))
+    # Down for 35 minutes: ticks 12:00, 12:10, 12:20, 12:30 were missed.
+    clock.now = NOW + dt.timedelta(minutes=35)
+    await start()
+    await until(lambda: len(ctx.published) == 4)
+    await spin()
+    expected = [NOW + dt.timedelta(minutes=m) for m in (0, 10, 20, 30)]
+    assert [e.time for e in ctx.published] == expected
+    assert [e.id for e in ctx.published] == [tick_id("job-1", t) for t in expected]
+    assert ctx.subs["job-1"].next_execution_time == NOW + dt.timedelta(minutes=40)
+    assert all(a[3] for a in ctx.advances) and len(ctx.advances) == 4
+
+
+async def test_seconds_pattern_and_timezone_in_the_loop(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule("every-second", pattern="*/1 * * * * *", next_time=NOW))
+    ctx.add(schedule("paris", pattern="0 9 * * *", next_time=at(2024, 1, 15, 8, 0), timezone="Europe/Paris"))
+    clock.now = NOW + dt.timedelta(seconds=2)
+    await start()
+    await until(lambda: len(ctx.published) == 4)
+    await spin()
+    by_sub = {}
+    for e in ctx.published:
+        by_sub.setdefault(e.subject, []).append(e.time)
+    assert by_sub["every-second"] == [NOW + dt.timedelta(seconds=s) for s in (0, 1, 2)]
+    assert by_sub["paris"] == [at(2024, 1, 15, 8, 0)]
+    # The next Paris tick is computed on Paris wall-clock time: 09:00 CET = 08:00Z.
+    assert ctx.subs["paris"].next_execution_time == at(2024, 1, 16, 8, 0)
+
+
+async def test_two_replicas_publish_the_same_ids_and_advance_once(harness) -> None:
+    ctx, clock, start = harness
+    # A slow publish lets both replicas see the tick as due at once: the race the CAS settles.
+    ctx.publish_delay = 0.01
+    ctx.add(schedule(pattern="*/5 * * * *", next_time=NOW))
+    clock.now = NOW
+    await start()
+    await start()
+    await until(lambda: len(ctx.successful_advances) == 1)
+    await spin()
+    assert {e.id for e in ctx.published} == {tick_id("job-1", NOW)}
+    assert len(ctx.successful_advances) == 1
+    # Both replicas did publish and try to advance; the loser's compare-and-set came back False.
+    assert len(ctx.published) == 2
+    assert [a[3] for a in ctx.advances] == [True, False]
+    clock.now = NOW + dt.timedelta(minutes=5)
+    await until(lambda: len(ctx.successful_advances) == 2)
+    await spin()
+    assert {e.id for e in ctx.published} == {tick_id("job-1", NOW), tick_id("job-1", NOW + dt.timedelta(minutes=5))}
+    assert [a[1] for a in ctx.successful_advances] == [NOW, NOW + dt.timedelta(minutes=5)]
+
+
+async def test_replicas_with_their_own_view_and_a_restart_agree_on_ids(harness) -> None:
+    _, clock, start = harness
+    first, second = FakeContext(), FakeContext()
+    for ctx in (first, second):
+        ctx.add(schedule(pattern="0 * * * *", next_time=NOW))
+    clock.now = NOW + dt.timedelta(hours=2)
+    replica = await start(first)
+    await start(second)
+    await until(lambda: len(first.published) == 3 and len(second.published) == 3)
+    assert [e.id for e in first.published] == [e.id for e in second.published]
+    # A restart replays from the stored state and derives the same id again.
+    await replica.stop()
+    first.update("job-1", next_execution_time=NOW)
+    before = [e.id for e in first.published]
+    await start(first)
+    await until(lambda: len(first.published) == 6)
+    assert [e.id for e in first.published[3:]] == before
+
+
+async def test_publish_failure_does_not_advance_and_is_retried(harness, caplog) -> None:
+    ctx, clock, start = harness
+    ctx.fail_publishes = 2
+    ctx.add(schedule(next_time=NOW))
+    clock.now = NOW
+    with caplog.at_level(logging.INFO, logger="sources.cron"):
+        await start()
+        await until(lambda: ctx.fail_publishes == 0)
+        assert ctx.advances == []  # nothing advanced while the bus refused
+        await until(lambda: len(ctx.published) == 1)
+        await until(lambda: len(ctx.advances) == 1)
+    await spin()
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW)]
+    assert ctx.advances == [("job-1", NOW, NOW + dt.timedelta(minutes=1), True)]
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 2
+    assert all(r.event_id == tick_id("job-1", NOW) for r in failures)
+    fired = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert [(r.event_id, r.subscription_id) for r in fired] == [(tick_id("job-1", NOW), "job-1")]
+
+
+async def test_sleeps_until_the_earliest_tick_not_max_sleep(harness) -> None:
+    ctx, clock, start = harness
+    clock.now = NOW
+    ctx.add(schedule(pattern=None, next_time=NOW + dt.timedelta(seconds=0.05), count=1))
+    await start(max_sleep=60)
+    await spin(0.01)
+    assert ctx.published == []
+    clock.advance(0.05)  # the scheduler's ~0.05 s real sleep ends and it finds the tick due
+    await until(lambda: len(ctx.published) == 1, timeout=0.5)
+
+
+async def test_subscription_change_wakes_the_scheduler(harness) -> None:
+    ctx, clock, start = harness
+    clock.now = NOW
+    await start(max_sleep=60)  # an empty table: it would sleep a whole minute
+    await spin(0.01)
+    ctx.add(schedule(next_time=NOW))
+    await until(lambda: len(ctx.published) == 1, timeout=0.5)
+
+
+async def test_stop_is_clean_and_idempotent(harness) -> None:
+    ctx, clock, start = harness
+    src = await start(max_sleep=60)
+    task = src._task
+    assert task is not None and not task.done()
+    await src.stop()
+    assert task.cancelled()
+    await src.stop()
+    ctx.changed()  # a late notification after stop is harmless
+    ctx.add(schedule(next_time=NOW))
+    clock.now = NOW
+    await spin(0.02)
+    assert ctx.published == []
