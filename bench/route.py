@@ -1,0 +1,200 @@
+"""Routing benchmark: events through memory bus → index → dispatcher → engine → execution record,
+next to a raw asyncio.Queue put/get baseline measured in the same run. Prints a table, writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from router import plugins  # noqa: E402
+from router.bus.memory import MemoryBus  # noqa: E402
+from router.config import Config  # noqa: E402
+from router.dispatch import Dispatcher  # noqa: E402
+from router.events import Event, execution_id_for  # noqa: E402
+from router.executions import ExecutionService  # noqa: E402
+from router.index import SubscriptionIndex  # noqa: E402
+from router.metrics import Metrics  # noqa: E402
+from router.plugins import Subscription  # noqa: E402
+from router.store import Database, Store  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def queue_baseline(n: int) -> dict:
+    """A producer puts N items on an asyncio.Queue, a consumer gets them: the floor of any in-process hand-off."""
+    queue: asyncio.Queue = asyncio.Queue()
+    latencies: list[float] = []
+
+    async def consume():
+        for _ in range(n):
+            sent = await queue.get()
+            latencies.append(time.perf_counter() - sent)
+
+    consumer = asyncio.get_running_loop().create_task(consume())
+    started = time.perf_counter()
+    for _ in range(n):
+        await queue.put(time.perf_counter())
+    await consumer
+    elapsed = time.perf_counter() - started
+    return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "p50_ms": percentile(latencies, 50) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3}
+
+
+class Rig:
+    """The router's real parts, wired as router.app wires them, on a throw-away SQLite store."""
+
+    def __init__(self, data_dir: Path, engine_name: str):
+        self.config = Config.load(overrides={"DEFAULT": {"data_dir": str(data_dir)}, "engine": {"backend": engine_name}})
+        self.db = Database(self.config.database.connection)
+        self.store = Store(self.db)
+        self.metrics = Metrics()
+        self.packages = plugins.load("storage", "filesystem")(self.config)
+        self.engine = plugins.load("engine", engine_name)(self.config, self.packages)
+        self.bus = MemoryBus(self.config)
+        self.index = SubscriptionIndex()
+        self.executions = ExecutionService(self.config, self.store, self.engine, self.metrics)
+        self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=self.config.bus.prefetch)
+        self.done: dict[str, float] = {}
+        self.waiters: dict[str, asyncio.Future] = {}
+
+    async def start(self) -> None:
+        await self.db.migrate()
+        await self.engine.start()
+        runtime = await self.store.runtimes.add(image="python3", status="available", project_id="bench")
+        source = "def main(*args, **kwargs):\n    return 'ok'\n"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("noop.py", source)
+        function_id = "00000000-0000-4000-8000-000000000001"
+        md5 = await self.packages.put("bench", function_id, 0, buf.getvalue())
+        await self.store.functions.add(id=function_id, runtime_id=runtime.id, code={"source": "package", "md5sum": md5},
+                                       entry="noop.main", cpu=100, memory_size=33554432, timeout=5, project_id="bench")
+        sub = await self.store.subscriptions.add(source="bench", function_id=function_id, function_version=0,
+                                                 filters={"subject": "bench"}, project_id="bench")
+        self.subscription_id = sub.id
+        self.index.put(Subscription(id=sub.id, project_id="bench", source="bench", filters={"subject": "bench"},
+                                    function_id=function_id, function_version=0))
+        # Note each execution's finish time: the benchmark's only hook into the router.
+        original = self.executions.record
+
+        async def record(row, result):
+            await original(row, result)
+            self.done[row.id] = time.perf_counter()
+            waiter = self.waiters.pop(row.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        self.executions.record = record
+        await self.dispatcher.start()
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop()
+        await self.engine.stop()
+        await self.db.dispose()
+
+    def event(self, i: int) -> Event:
+        return Event(id=f"bench-{i}", source="/bench", type="bench.tick", subject="bench", data={"i": i},
+                     extensions={"sourcekind": "bench"})
+
+    async def throughput(self, n: int) -> dict:
+        sent: dict[str, float] = {}
+        all_done = asyncio.get_running_loop().create_future()
+        expected = {execution_id_for(f"bench-{i}", self.subscription_id) for i in range(n)}
+        original = self.executions.record
+
+        async def record(row, result):
+            await original(row, result)
+            expected.discard(row.id)
+            if not expected and not all_done.done():
+                all_done.set_result(None)
+
+        self.executions.record = record
+        started = time.perf_counter()
+        for i in range(n):
+            event = self.event(i)
+            sent[execution_id_for(event.id, self.subscription_id)] = time.perf_counter()
+            await self.bus.publish(event)
+        await all_done
+        elapsed = time.perf_counter() - started
+        self.executions.record = original
+        latencies = [self.done[k] - v for k, v in sent.items() if k in self.done]
+        return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed,
+                "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+
+    async def sequential_latency(self, n: int, offset: int) -> dict:
+        """One event at a time, each waiting for its execution record: the warm end-to-end latency."""
+        latencies = []
+        for i in range(offset, offset + n):
+            event = self.event(i)
+            execution_id = execution_id_for(event.id, self.subscription_id)
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters[execution_id] = waiter
+            started = time.perf_counter()
+            await self.bus.publish(event)
+            await waiter
+            latencies.append(time.perf_counter() - started)
+        return {"events": n, "seconds": sum(latencies), "events_per_s": n / sum(latencies),
+                "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+
+
+async def run(args) -> dict:
+    results: dict[str, dict] = {}
+    results["asyncio.Queue baseline"] = await queue_baseline(args.events)
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = Rig(Path(tmp) / "null", "null")
+        await rig.start()
+        try:
+            await rig.throughput(min(200, args.events))  # warm-up
+            results["route, null engine"] = await rig.throughput(args.events)
+            results["route, null engine, one at a time"] = await rig.sequential_latency(args.latency_events, 10 * args.events)
+        finally:
+            await rig.stop()
+        rig = Rig(Path(tmp) / "local", "local")
+        await rig.start()
+        try:
+            await rig.sequential_latency(20, 0)  # warm the runtime process
+            results["route, local engine, one at a time (warm)"] = await rig.sequential_latency(args.latency_events, 1000)
+            results["route, local engine, concurrent"] = await rig.throughput(args.local_events)
+        finally:
+            await rig.stop()
+    baseline = results["asyncio.Queue baseline"]["events_per_s"]
+    for row in results.values():
+        row["ratio_to_baseline"] = row["events_per_s"] / baseline
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=5000, help="events per throughput run")
+    parser.add_argument("--latency-events", type=int, default=300, help="events for the one-at-a-time latency runs")
+    parser.add_argument("--local-events", type=int, default=1000, help="events for the local-engine throughput run")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "route.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    print(f"{'scenario':<44} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, row in results.items():
+        print(f"{name:<44} {row['events']:>7} {row['events_per_s']:>11.0f} {row['ratio_to_baseline']:>8.4f} "
+              f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"benchmark": "route", "results": results}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

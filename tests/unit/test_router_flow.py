@@ -1,0 +1,246 @@
+"""The router in one process (null engine): webhooks, subscriptions, CloudEvents ingress,
+idempotent redelivery, dead letters, and the subscription API's validation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+
+import pytest
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient, TestServer
+
+from router.app import Headwater
+from router.config import Config
+from router.events import Event, execution_id_for
+
+
+def zip_bytes(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def hw(tmp_path):
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"},
+                                    "cron": {"max_sleep": "0.05"}})
+    app = Headwater(config)
+    await app.start()
+    client = TestClient(TestServer(app.web))
+    await client.start_server()
+    app.client = client
+    try:
+        yield app
+    finally:
+        await client.close()
+        await app.stop()
+
+
+async def make_function(hw) -> str:
+    resp = await hw.client.post("/v1/runtimes", json={"image": "python3"})
+    runtime_id = (await resp.json())["id"]
+    form = FormData()
+    form.add_field("runtime_id", runtime_id)
+    form.add_field("code", json.dumps({"source": "package"}))
+    form.add_field("package", zip_bytes({"main.py": "def main(**kw):\n    return kw\n"}), filename="p.zip")
+    resp = await hw.client.post("/v1/functions", data=form)
+    assert resp.status == 201, await resp.text()
+    return (await resp.json())["id"]
+
+
+async def wait_status(hw, execution_id: str, timeout: float = 5.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        resp = await hw.client.get(f"/v1/executions/{execution_id}")
+        if resp.status == 200:
+            body = await resp.json()
+            if body["status"] != "running":
+                return body
+        await asyncio.sleep(0.01)
+    raise TimeoutError(execution_id)
+
+
+async def test_webhook_invocation_merges_query_and_body(hw):
+    function_id = await make_function(hw)
+    hook = await (await hw.client.post("/v1/webhooks", json={"function_id": function_id})).json()
+    assert hook["function_version"] == 0, "a webhook without function_version must default to 0 (Qinling stored null)"
+    resp = await hw.client.post(f"/v1/webhooks/{hook['id']}/invoke?color=blue", json={"size": 3})
+    assert resp.status == 202
+    body = await resp.json()
+    execution = await wait_status(hw, body["execution_id"])
+    assert execution["status"] == "success"
+    # the null engine echoes its input as the output
+    assert json.loads(execution["result"])["output"] == {"color": "blue", "size": 3}
+    assert json.loads(execution["input"]) == {"color": "blue", "size": 3}
+    assert execution["event_id"] == body["event_id"]
+
+
+@pytest.mark.parametrize("body, headers, expected", [
+    ("[1, 2, 3]", {"Content-Type": "application/json"}, [1, 2, 3]),
+    ("a=1&b=two", {"Content-Type": "application/x-www-form-urlencoded"}, {"a": "1", "b": "two"}),
+    ("", {}, {}),
+])
+async def test_webhook_input_shapes(hw, body, headers, expected):
+    function_id = await make_function(hw)
+    hook = await (await hw.client.post("/v1/webhooks", json={"function_id": function_id})).json()
+    resp = await hw.client.post(f"/v1/webhooks/{hook['id']}/invoke", data=body, headers=headers)
+    assert resp.status == 202, await resp.text()
+    execution = await wait_status(hw, (await resp.json())["execution_id"])
+    assert json.loads(execution["result"])["output"] == expected
+
+
+async def test_malformed_webhook_body_is_a_400_and_nothing_runs(hw):
+    function_id = await make_function(hw)
+    hook = await (await hw.client.post("/v1/webhooks", json={"function_id": function_id})).json()
+    resp = await hw.client.post(f"/v1/webhooks/{hook['id']}/invoke", data="{broken", headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and "Malformed JSON" in (await resp.json())["faultstring"]
+    assert await hw.store.executions.list() == []
+
+
+async def test_idempotency_key_runs_a_retried_post_once(hw):
+    function_id = await make_function(hw)
+    hook = await (await hw.client.post("/v1/webhooks", json={"function_id": function_id})).json()
+    ids = set()
+    for _ in range(3):
+        resp = await hw.client.post(f"/v1/webhooks/{hook['id']}/invoke", json={"x": 1}, headers={"Idempotency-Key": "k-1"})
+        ids.add((await resp.json())["execution_id"])
+    assert len(ids) == 1
+    await wait_status(hw, ids.pop())
+    await asyncio.sleep(0.05)
+    executions = await hw.store.executions.list()
+    assert len(executions) == 1 and executions[0].attempts == 1
+
+
+async def test_redelivered_event_does_not_run_twice(hw):
+    function_id = await make_function(hw)
+    sub = await (await hw.client.post("/v1/subscriptions", json={"source": "http", "types": ["com.example.thing"],
+                                                                  "function_id": function_id})).json()
+    event = {"specversion": "1.0", "id": "evt-1", "source": "/example", "type": "com.example.thing", "data": {"n": 1}}
+    for _ in range(3):  # the same event id three times: at-least-once delivery upstream
+        assert (await hw.client.post("/v1/events", json=event)).status == 202
+    execution_id = execution_id_for("evt-1", sub["id"])
+    execution = await wait_status(hw, execution_id)
+    await asyncio.sleep(0.1)
+    assert execution["status"] == "success" and execution["description"] == f"Created by Subscription {sub['id']}"
+    rows = await hw.store.executions.list()
+    assert [r.id for r in rows] == [execution_id] and rows[0].attempts == 1
+    assert hw.metrics.duplicates._value.get() == 2
+
+
+async def test_binary_mode_cloudevent_and_filters(hw):
+    function_id = await make_function(hw)
+    await hw.client.post("/v1/subscriptions", json={"source": "http", "filters": {"container": "photos"}, "function_id": function_id})
+    headers = {"ce-specversion": "1.0", "ce-id": "b-1", "ce-source": "/swift", "ce-type": "object.put",
+               "ce-container": "photos", "Content-Type": "application/json"}
+    assert (await hw.client.post("/v1/events", data='{"object": "cat.jpg"}', headers=headers)).status == 202
+    headers.update({"ce-id": "b-2", "ce-container": "docs"})
+    assert (await hw.client.post("/v1/events", data='{"object": "a.txt"}', headers=headers)).status == 202
+    await asyncio.sleep(0.2)
+    rows = await hw.store.executions.list()
+    assert [r.event_id for r in rows] == ["b-1"] and rows[0].input == {"object": "cat.jpg"}
+
+
+@pytest.mark.parametrize("event, fault", [
+    ({"id": "1", "source": "/s", "type": "t"}, "specversion"),
+    ({"specversion": "1.0", "source": "/s", "type": "t"}, "'id'"),
+    ("not json", "not JSON"),
+])
+async def test_invalid_cloudevents_are_refused(hw, event, fault):
+    data = event if isinstance(event, str) else json.dumps(event)
+    resp = await hw.client.post("/v1/events", data=data, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and fault in (await resp.json())["faultstring"]
+
+
+async def test_event_for_a_deleted_function_is_dead_lettered(hw):
+    function_id = await make_function(hw)
+    sub = await (await hw.client.post("/v1/subscriptions", json={"source": "http", "function_id": function_id})).json()
+    # Break the target behind the router's back: the subscription points at a function that is gone.
+    await hw.store.subscriptions.update(sub["id"], {"function_id": None, "function_alias": "missing-alias"})
+    await hw.reload_subscription(sub["id"])
+    assert (await hw.client.post("/v1/events", json={"specversion": "1.0", "id": "x", "source": "/s", "type": "t"})).status == 202
+    for _ in range(100):
+        letters = await hw.store.dead_letters.list()
+        if letters:
+            break
+        await asyncio.sleep(0.02)
+    assert len(letters) == 1 and "FunctionAlias not found" in letters[0].reason and letters[0].event_id == "x"
+    assert await hw.store.executions.list() == []
+
+
+@pytest.mark.parametrize("body, status, fault", [
+    ({}, 400, "Required param is missing. Required: {'source'}"),
+    ({"source": "carrier-pigeon", "function_id": "F"}, 400, "Unknown source 'carrier-pigeon'"),
+    ({"source": "http", "function_id": "F", "filters": ["x"]}, 400, "filters must be an object"),
+    ({"source": "http", "function_id": "F", "filters": {"Bad-Name": "x"}}, 400, "not a CloudEvents attribute name"),
+    ({"source": "http", "function_id": "F", "filters": {"x": {"nested": 1}}}, 400, "must compare with a string"),
+    ({"source": "http", "function_id": "F", "types": [1]}, 400, "types must be a list"),
+    ({"source": "http", "function_id": "F", "pattern": "* * * * *"}, 400, "pattern is a cron option"),
+    ({"source": "cron", "function_id": "F", "pattern": "61 * * * *"}, 400, "The specified pattern is not valid"),
+    ({"source": "http"}, 400, "Either function_alias or function_id must be provided"),
+    ({"source": "http", "function_id": "00000000-0000-0000-0000-000000000000"}, 404, "Function not found"),
+    ({"source": "http", "function_id": "F", "function_version": 3}, 404, "FunctionVersion not found"),
+    ({"source": "http", "function_alias": "nope"}, 404, "FunctionAlias not found"),
+])
+async def test_subscription_validation(hw, body, status, fault):
+    function_id = await make_function(hw)
+    body = {k: (function_id if v == "F" else v) for k, v in body.items()}
+    resp = await hw.client.post("/v1/subscriptions", json=body)
+    assert resp.status == status, await resp.text()
+    assert fault in (await resp.json())["faultstring"]
+
+
+async def test_subscription_crud_updates_the_index(hw):
+    function_id = await make_function(hw)
+    resp = await hw.client.post("/v1/subscriptions", json={"source": "http", "types": ["a"], "function_id": function_id, "name": "s"})
+    sub = await resp.json()
+    assert resp.status == 201 and hw.index.get(sub["id"]) is not None
+    listed = (await (await hw.client.get("/v1/subscriptions?source=http")).json())["subscriptions"]
+    assert [s["id"] for s in listed] == [sub["id"]]
+    assert (await hw.client.get(f"/v1/subscriptions/{sub['id']}")).status == 200
+    assert (await hw.client.delete(f"/v1/subscriptions/{sub['id']}")).status == 204
+    assert hw.index.get(sub["id"]) is None
+    assert (await hw.client.get(f"/v1/subscriptions/{sub['id']}")).status == 404
+
+
+async def test_cron_subscription_fires_through_the_router(hw):
+    function_id = await make_function(hw)
+    resp = await hw.client.post("/v1/subscriptions", json={"source": "cron", "pattern": "* * * * * *", "count": 2,
+                                                           "input": '{"from": "cron"}', "function_id": function_id})
+    sub = await resp.json()
+    assert resp.status == 201, sub
+    for _ in range(400):
+        rows = [r for r in await hw.store.executions.list() if r.status == "success"]
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(rows) == 2 and all(r.input == {"from": "cron"} for r in rows)
+    assert (await hw.store.subscriptions.get(sub["id"])).status == "done"
+
+
+async def test_function_in_use_cannot_be_deleted(hw):
+    function_id = await make_function(hw)
+    hook = await (await hw.client.post("/v1/webhooks", json={"function_id": function_id})).json()
+    resp = await hw.client.delete(f"/v1/functions/{function_id}")
+    assert resp.status == 403 and "webhook" in (await resp.json())["faultstring"]
+    assert (await hw.client.delete(f"/v1/webhooks/{hook['id']}")).status == 204
+    assert (await hw.client.delete(f"/v1/functions/{function_id}")).status == 204
+
+
+async def test_unknown_list_filter_is_refused(hw):
+    resp = await hw.client.get("/v1/executions?colour=red")
+    assert resp.status == 400 and "Unknown argument" in (await resp.json())["faultstring"]
+
+
+async def test_published_event_reaches_dispatcher_directly(hw):
+    """The bus → index → dispatcher path without the API: what sources use."""
+    function_id = await make_function(hw)
+    sub = await (await hw.client.post("/v1/subscriptions", json={"source": "http", "types": ["direct"], "function_id": function_id})).json()
+    event = Event(id="d-1", source="/t", type="direct", data=[1], extensions={"sourcekind": "http"})
+    await hw.bus.publish(event)
+    execution = await wait_status(hw, execution_id_for("d-1", sub["id"]))
+    assert json.loads(execution["result"])["output"] == [1]
