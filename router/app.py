@@ -52,7 +52,11 @@ class _SourceContext:
         self._kind = kind
         self.config = app.config
 
-    async def publish(self, event: Event, *, expect: Sequence[str] = ()) -> dict[str, str]:
+    @property
+    def durable(self) -> bool:
+        return self._app.config.bus.backend != "memory"
+
+    async def publish(self, event: Event, *, expect: Sequence[str] = (), settle: bool = False) -> dict[str, str]:
         event.extensions[SOURCE_KIND_EXTENSION] = self._kind
         if event.time is None:
             event.time = utcnow()
@@ -70,8 +74,11 @@ class _SourceContext:
             except InvalidTarget as exc:
                 raise plugins.PublishRefused(400, str(exc)) from None
             execution_ids[subscription_id] = row.id
+        settled = self._app.dispatcher.settled(event.id) if settle else None
         await self._app.bus.publish(event)
         self._app.metrics.events_in.labels(self._kind).inc()
+        if settled is not None:
+            await settled
         return execution_ids
 
     def subscriptions(self, source: str) -> list[plugins.Subscription]:

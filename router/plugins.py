@@ -95,10 +95,15 @@ class SourceContext(Protocol):
 
     config: Config
 
-    async def publish(self, event: Event, *, expect: Sequence[str] = ()) -> dict[str, str]:
+    durable: bool
+    """True when the bus keeps a published event across a crash of this process (rabbitmq, nats)."""
+
+    async def publish(self, event: Event, *, expect: Sequence[str] = (), settle: bool = False) -> dict[str, str]:
         """Put the event safely on the bus. For each subscription id in `expect` an execution record
         is created first (status running) so callers can hand its id out at once; returns
-        {subscription id: execution id}."""
+        {subscription id: execution id}. With `settle`, return only once this process's router has
+        handled the event (its executions recorded): what a source that must not lose input needs
+        on a bus that is not durable, before it acknowledges the input upstream."""
 
     def subscriptions(self, source: str) -> Sequence[Subscription]:
         """The current subscriptions of one source kind (a snapshot of the in-memory index)."""
