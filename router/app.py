@@ -37,7 +37,7 @@ def _plugin(kind: str, name: str, option: str) -> type:
 
 def subscription_view(row: models.Subscription) -> plugins.Subscription:
     return plugins.Subscription(
-        id=row.id, project_id=row.project_id, source=row.source, types=tuple(row.types or ()),
+        id=row.id, project_id=row.project_id, source=row.source, kind=row.kind, types=tuple(row.types or ()),
         filters=dict(row.filters or {}), function_id=row.function_id, function_version=row.function_version,
         function_alias=row.function_alias, name=row.name, pattern=row.pattern,
         first_execution_time=row.first_execution_time, next_execution_time=row.next_execution_time,

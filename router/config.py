@@ -81,6 +81,40 @@ SCHEMA: dict[str, list[Option]] = {
     "cron": [
         _opt("max_sleep", "float", 1.0, "Longest the scheduler sleeps before looking at the table again (seconds).", minimum=0.01),
     ],
+    "swift": [
+        _opt("transport_url", "str", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ that ceilometermiddleware publishes Swift's notifications to (the proxy filter's `url`; rabbit:// is accepted too)."),
+        _opt("exchange", "str", "swift", "Exchange the notifications arrive on (the filter's `control_exchange`)."),
+        _opt("exchange_durable", "bool", False, "Whether that exchange is durable: must match how oslo.messaging declared it ([oslo_messaging_rabbit] amqp_durable_queues)."),
+        _opt("routing_key", "str", "notifications.info", "Routing key to bind: the filter's `topic` + '.info'."),
+        _opt("queue", "str", "headwater-swift", "Headwater's own durable queue bound to the exchange (never the shared `notifications.info`, which ceilometer consumes)."),
+        _opt("methods", "list", ["PUT", "POST", "DELETE", "COPY"], "Object requests that become events, by HTTP method; add GET, HEAD to also trigger on reads."),
+        _opt("container_events", "bool", False, "Also publish container-level requests (no object name) as org.openstack.swift.container.<method> events."),
+        _opt("prefetch", "int", 32, "Notifications held unacknowledged at once.", minimum=1),
+    ],
+    "zaqar": [
+        _opt("url", "str", "http://127.0.0.1:8888", "Zaqar API endpoint (without /v2)."),
+        _opt("queues", "list", [], "Queues the source claims messages from, one consumer per queue."),
+        _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set."),
+        _opt("client_id", "str", None, "Client-ID (a UUID) Headwater identifies itself with. Default: a stable UUID derived from the host name."),
+        _opt("claim_ttl", "int", 300, "Seconds a claim holds its messages; an unfinished message is claimed again after this (Zaqar allows 60..43200).", minimum=60, maximum=43200),
+        _opt("claim_grace", "int", 60, "Extra seconds of message life beyond the claim (Zaqar allows 60..43200).", minimum=60, maximum=43200),
+        _opt("claim_limit", "int", 10, "Messages taken per claim (Zaqar allows at most 20).", minimum=1, maximum=20),
+        _opt("poll_interval", "float", 1.0, "Seconds to wait before claiming again when a queue was empty or Zaqar failed.", minimum=0.05),
+        _opt("push_token", "str", None, "When set, push subscribers must send it in the X-Headwater-Token header (put it in the Zaqar subscription's options.post_headers)."),
+        _opt("message_ttl", "int", 3600, "TTL of the messages the Zaqar sink posts, unless the target says otherwise (60..1209600).", minimum=60, maximum=1209600),
+        _opt("auth_url", "str", None, "Keystone URL. When set, Headwater authenticates to Zaqar with keystoneauth1 (the `openstack` extra) instead of sending X-Project-ID."),
+        _opt("username", "str", None, "Keystone user (with auth_url)."),
+        _opt("password", "str", None, "Keystone password (with auth_url)."),
+        _opt("project_name", "str", None, "Keystone project to scope the token to (with auth_url)."),
+        _opt("user_domain_name", "str", "Default", "Keystone user domain (with auth_url)."),
+        _opt("project_domain_name", "str", "Default", "Keystone project domain (with auth_url)."),
+    ],
+    "aodh": [
+        _opt("path", "str", "/v1/aodh/alarms", "Path of the endpoint Aodh alarm actions POST to (the alarm action is <public_url><path>)."),
+        _opt("token", "str", None, "When set, an alarm action must carry ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it."),
+        _opt("endpoint", "str", "http://127.0.0.1:8042", "Aodh API, for registering alarms (python -m sources.aodh register)."),
+        _opt("project_id", "str", "default", "Project of alarm events whose action URL names none (register puts ?project_id= in the URL)."),
+    ],
 }
 
 

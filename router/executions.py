@@ -4,6 +4,7 @@ the outcome. Used by the API (direct executions) and by the dispatcher (event ex
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import json
 import logging
 import time
@@ -20,6 +21,8 @@ from router.store import models
 log = logging.getLogger(__name__)
 
 FINISHED = ("success", "failed", "error")
+LEASE_MARGIN_SECONDS = 30.0  # beyond the function's timeout, before a silent worker counts as dead
+LEASE_POLL_SECONDS = 0.5
 
 
 class TargetUnavailable(RuntimeError):
@@ -58,6 +61,8 @@ class ExecutionService:
         self.engine = engine
         self.metrics = metrics
         self._background: set[asyncio.Task] = set()
+        # Event executions this process is handling now: a duplicate delivery waits instead of re-running.
+        self._in_flight: dict[str, asyncio.Future] = {}
 
     # -- targets ------------------------------------------------------------------------------
 
@@ -101,7 +106,8 @@ class ExecutionService:
         function, version = await self.resolve(project_id=project_id, function_id=function_id, version=version, alias=alias)
         row = await self.store.executions.add(function_id=function.id, function_version=version, function_alias=alias,
                                               status="running", sync=sync, input=input, description=description,
-                                              project_id=project_id)
+                                              project_id=project_id, attempts=1,
+                                              lease_until=models.utcnow() + _dt.timedelta(seconds=self._lease(function)))
         await self.store.functions.bump_count(function.id, version)
         if sync:
             return await self.run(row, function, version)
@@ -155,7 +161,7 @@ class ExecutionService:
         return event.data
 
     def _description(self, sub: Subscription) -> str:
-        label = {"cron": "Job", "http": "Webhook"}.get(sub.source, "Subscription")
+        label = {"job": "Job", "webhook": "Webhook"}.get(sub.kind, "Subscription")
         return f"Created by {label} {sub.id}"
 
     async def prepare_for_event(self, event: Event, sub: Subscription) -> tuple[models.Execution, models.Function, int, bool]:
@@ -171,9 +177,25 @@ class ExecutionService:
             await self.store.functions.bump_count(function.id, version)
         return row, function, version, created
 
+    def _lease(self, function: models.Function) -> float:
+        return (function.timeout or self.config.resource_limits.default_timeout) + LEASE_MARGIN_SECONDS
+
     async def run_for_event(self, event: Event, sub: Subscription) -> None:
-        """Execute (event, subscription) once: a redelivery of an event whose execution finished
-        does nothing."""
+        """Execute (event, subscription) once. A redelivery of an event whose execution finished
+        does nothing; one whose execution another worker is running waits for that worker (and
+        takes over if its lease runs out, i.e. it died)."""
+        execution_id = execution_id_for(event.id, sub.id)
+        while (running_here := self._in_flight.get(execution_id)) is not None:
+            await asyncio.shield(running_here)  # a duplicate delivery to this process: wait for the first
+        done = asyncio.get_running_loop().create_future()
+        self._in_flight[execution_id] = done
+        try:
+            await self._run_for_event(event, sub)
+        finally:
+            del self._in_flight[execution_id]
+            done.set_result(None)
+
+    async def _run_for_event(self, event: Event, sub: Subscription) -> None:
         try:
             row, function, version, _ = await self.prepare_for_event(event, sub)
         except (NotFound, TargetUnavailable, InvalidTarget) as exc:
@@ -183,9 +205,15 @@ class ExecutionService:
             self.metrics.dead_letters.labels(sub.source).inc()
             log.warning("event dead-lettered: target unavailable", extra={"event_id": event.id, "subscription_id": sub.id, "reason": str(exc)})
             return
-        if row.status in FINISHED:
-            self.metrics.duplicates.inc()
-            return
+        while True:
+            if row.status in FINISHED:
+                self.metrics.duplicates.inc()
+                return
+            if await self.store.executions.claim(row.id, self._lease(function)):
+                break
+            # Another process holds a live lease: wait for it to finish, or for its lease to run out.
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+            row = await self.store.executions.get(row.id)
         await self.run(row, function, version, event_id=event.id)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))

@@ -56,6 +56,7 @@ class Subscription:
     project_id: str
     source: str
     types: tuple[str, ...] = ()
+    kind: str = "subscription"  # job, webhook or subscription: how it was made
     filters: dict[str, Any] = dataclasses.field(default_factory=dict)
     function_id: str | None = None
     function_version: int | None = 0

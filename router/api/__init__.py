@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from router.api import executions, functions, jobs, root, runtimes, subscriptions, webhooks
-from router.api.common import APP_KEY, RequestContext
+from router.api.common import APP_KEY, CTX_KEY, RequestContext
 from router.api.errors import error_middleware
 
 
 @web.middleware
 async def context_middleware(request: web.Request, handler):
-    request["ctx"] = RequestContext()
+    request[CTX_KEY] = RequestContext()
     return await handler(request)
 
 

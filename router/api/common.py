@@ -11,6 +11,7 @@ from aiohttp import web
 from router.api.errors import BadRequest
 
 APP_KEY = web.AppKey("headwater", object)
+CTX_KEY = web.RequestKey("ctx", object) if hasattr(web, "RequestKey") else "ctx"
 
 
 class RequestContext:
@@ -41,7 +42,7 @@ def hw(request: web.Request):
 
 
 def ctx(request: web.Request) -> RequestContext:
-    return request["ctx"]
+    return request[CTX_KEY]
 
 
 def format_time(value: _dt.datetime | None) -> str | None:

@@ -138,13 +138,13 @@ async def delete(request: web.Request) -> web.Response:
     row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
     if row.project_id != c.project_id:
         raise NotAllowed("Function can only be deleted by its owner.")
-    if await app.store.subscriptions.using_function(row.id, source="cron", active_only=True):
+    if await app.store.subscriptions.using_function(row.id, kind="job", active_only=True):
         raise NotAllowed("The function is still associated with running job(s).")
-    if await app.store.subscriptions.using_function(row.id, source="http"):
+    if await app.store.subscriptions.using_function(row.id, kind="webhook"):
         raise NotAllowed("The function is still associated with webhook(s).")
     if await app.store.aliases.list(filters={"function_id": row.id}, limit=1):
         raise NotAllowed("The function is still associated with function alias(es).")
-    if await app.store.subscriptions.using_function(row.id):
+    if await app.store.subscriptions.using_function(row.id, kind="subscription"):
         raise NotAllowed("The function is still associated with subscription(s).")
     await app.engine.release(row.id)
     versions = await app.store.versions.for_function(row.id)

@@ -34,7 +34,7 @@ async def create(request: web.Request) -> web.Response:
     job_id = new_id()
     options = {"timezone": schedule["timezone"]} if schedule.get("timezone") not in (None, "UTC") else {}
     row = await app.store.subscriptions.add(
-        id=job_id, source="cron", filters={"subject": job_id}, name=body.get("name"), function_input=function_input,
+        id=job_id, source="cron", kind="job", filters={"subject": job_id}, name=body.get("name"), function_input=function_input,
         pattern=schedule.get("pattern"), first_execution_time=schedule.get("first_execution_time"),
         next_execution_time=schedule["next_execution_time"], count=schedule.get("count"), status="running",
         options=options, project_id=ctx(request).project_id, **target)
@@ -44,18 +44,18 @@ async def create(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("name", "function_id", "function_alias", "status", "pattern"))
-    filters["source"] = "cron"
+    filters["kind"] = "job"
     rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"jobs": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    return web.json_response(serialize(await get_subscription(request, "cron", "Job")))
+    return web.json_response(serialize(await get_subscription(request, "job", "Job")))
 
 
 async def delete(request: web.Request) -> web.Response:
     app = hw(request)
-    row = await get_subscription(request, "cron", "Job")
+    row = await get_subscription(request, "job", "Job")
     await app.store.subscriptions.delete(row.id)
     await app.reload_subscription(row.id)
     return web.Response(status=204)

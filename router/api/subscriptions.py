@@ -15,7 +15,7 @@ SELF_TARGETED = ("cron",)
 
 
 def serialize(row) -> dict:
-    return {"id": row.id, "name": row.name, "description": row.description, "source": row.source,
+    return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
             "types": list(row.types or ()), "filters": row.filters or {}, "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
@@ -73,7 +73,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.Response:
-    filters = list_filters(request, ("source", "name", "function_id", "function_alias", "status"))
+    filters = list_filters(request, ("source", "kind", "name", "function_id", "function_alias", "status"))
     rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"subscriptions": [serialize(r) for r in rows]})
 

@@ -45,8 +45,8 @@ def source_plugin(request: web.Request, kind: str) -> plugins.Source:
     return source
 
 
-async def get_subscription(request: web.Request, source: str | None, label: str):
+async def get_subscription(request: web.Request, kind: str | None, label: str):
     row = await hw(request).store.subscriptions.get(request.match_info["id"], project_id=ctx(request).get_scope)
-    if source is not None and row.source != source:
+    if kind is not None and row.kind != kind:
         raise NotFound(f"{label} not found [id={row.id}]")
     return row

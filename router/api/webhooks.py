@@ -24,7 +24,7 @@ async def create(request: web.Request) -> web.Response:
     if body.get("description") is not None and len(str(body["description"])) > 255:
         raise BadRequest("Invalid input, description is longer than 255 characters.")
     webhook_id = new_id()
-    row = await app.store.subscriptions.add(id=webhook_id, source="http", filters={"subject": webhook_id},
+    row = await app.store.subscriptions.add(id=webhook_id, source="http", kind="webhook", filters={"subject": webhook_id},
                                             description=body.get("description"), project_id=ctx(request).project_id, **target)
     await app.reload_subscription(row.id)
     return web.json_response(serialize(row, app.config.api.public_url), status=201)
@@ -33,19 +33,19 @@ async def create(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     app = hw(request)
     filters = list_filters(request, ("function_id", "function_alias", "function_version", "description"))
-    filters["source"] = "http"
+    filters["kind"] = "webhook"
     rows = await app.store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"webhooks": [serialize(r, app.config.api.public_url) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    row = await get_subscription(request, "http", "Webhook")
+    row = await get_subscription(request, "webhook", "Webhook")
     return web.json_response(serialize(row, hw(request).config.api.public_url))
 
 
 async def delete(request: web.Request) -> web.Response:
     app = hw(request)
-    row = await get_subscription(request, "http", "Webhook")
+    row = await get_subscription(request, "webhook", "Webhook")
     await app.store.subscriptions.delete(row.id)
     await app.reload_subscription(row.id)
     return web.Response(status=204)

@@ -103,6 +103,8 @@ class Subscription(_Common, Base):
     name: Mapped[str | None] = mapped_column(sa.String(255))
     description: Mapped[str | None] = mapped_column(sa.String(255))
     source: Mapped[str] = mapped_column(sa.String(32), nullable=False, index=True)
+    # How it was made: `job` (/v1/jobs), `webhook` (/v1/webhooks) or `subscription` (/v1/subscriptions).
+    kind: Mapped[str] = mapped_column(sa.String(16), nullable=False, default="subscription", index=True)
     types: Mapped[list[Any]] = mapped_column(sa.JSON, nullable=False, default=list)
     filters: Mapped[dict[str, Any]] = mapped_column(sa.JSON, nullable=False, default=dict)
     function_id: Mapped[str | None] = mapped_column(sa.String(36), sa.ForeignKey("functions.id"), nullable=True, index=True)
@@ -137,6 +139,9 @@ class Execution(_Common, Base):
     event_id: Mapped[str | None] = mapped_column(sa.String(255), index=True)
     subscription_id: Mapped[str | None] = mapped_column(sa.String(36), index=True)
     attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, default=0)
+    # Who runs it: a worker claims a running execution until this time (its timeout plus a margin).
+    # A crashed worker's claim runs out, so a redelivery of the event can take the execution over.
+    lease_until: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class DeadLetter(_Common, Base):

@@ -228,13 +228,13 @@ class Subscriptions(Repository[models.Subscription]):
             await session.commit()
             return result.rowcount == 1
 
-    async def using_function(self, function_id: str, *, version: int | None = None, source: str | None = None,
+    async def using_function(self, function_id: str, *, version: int | None = None, kind: str | None = None,
                              active_only: bool = False) -> list[models.Subscription]:
         stmt = sa.select(models.Subscription).where(models.Subscription.function_id == function_id)
         if version is not None:
             stmt = stmt.where(models.Subscription.function_version == version)
-        if source is not None:
-            stmt = stmt.where(models.Subscription.source == source)
+        if kind is not None:
+            stmt = stmt.where(models.Subscription.kind == kind)
         if active_only:
             stmt = stmt.where(models.Subscription.status.not_in(("done", "cancelled")))
         async with self.db.sessions() as session:
@@ -252,11 +252,23 @@ class Executions(Repository[models.Execution]):
         except Conflict:
             return await self.get(values["id"]), False
 
+    async def claim(self, execution_id: str, lease_seconds: float) -> bool:
+        """Take a running execution to run it, unless another worker's claim on it is still live.
+        Counts the attempt. True if this caller now owns it."""
+        now = models.utcnow()
+        stmt = (sa.update(models.Execution)
+                .where(models.Execution.id == execution_id, models.Execution.status == "running",
+                       sa.or_(models.Execution.lease_until.is_(None), models.Execution.lease_until < now))
+                .values(lease_until=now + _dt.timedelta(seconds=lease_seconds), attempts=models.Execution.attempts + 1))
+        async with self.db.sessions() as session:
+            result = await session.execute(stmt)
+            await session.commit()
+        return result.rowcount == 1
+
     async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str) -> None:
         async with self.db.sessions() as session:
             await session.execute(sa.update(models.Execution).where(models.Execution.id == execution_id).values(
-                status=status, result=result, logs=logs, reason=reason, updated_at=models.utcnow(),
-                attempts=models.Execution.attempts + 1))
+                status=status, result=result, logs=logs, reason=reason, updated_at=models.utcnow(), lease_until=None))
             await session.commit()
 
     async def finish_many(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -266,8 +278,7 @@ class Executions(Repository[models.Execution]):
         now = models.utcnow()
         stmt = (sa.update(models.Execution).where(models.Execution.id == sa.bindparam("b_id"))
                 .values(status=sa.bindparam("b_status"), result=sa.bindparam("b_result", type_=sa.JSON),
-                        logs=sa.bindparam("b_logs"), reason=sa.bindparam("b_reason"), updated_at=now,
-                        attempts=models.Execution.attempts + 1))
+                        logs=sa.bindparam("b_logs"), reason=sa.bindparam("b_reason"), updated_at=now, lease_until=None))
         params = [{"b_id": r["id"], "b_status": r["status"], "b_result": r["result"], "b_logs": r["logs"], "b_reason": r["reason"]} for r in rows]
         async with self.db.sessions() as session:
             await session.connection(execution_options={"synchronize_session": False})

@@ -94,7 +94,7 @@ async def test_execution_start_is_idempotent(store):
     assert created
     await store.executions.finish("e-1", status="success", result={"output": 1}, logs="hi", reason="ok")
     again, created = await store.executions.start(id="e-1", function_id=fn.id, status="running", project_id="p1", event_id="ev")
-    assert not created and again.status == "success" and again.attempts == 1
+    assert not created and again.status == "success"
 
 
 async def test_finish_many(store):
@@ -137,3 +137,16 @@ async def test_cascade_delete_versions(store):
     assert len(await store.versions.for_function(fn.id)) == 1
     await store.functions.delete(fn.id)
     assert await store.versions.for_function(fn.id) == []
+
+
+async def test_claim_is_exclusive_until_the_lease_runs_out(store):
+    fn = await _function(store)
+    await store.executions.add(id="e-claim", function_id=fn.id, status="running", project_id="p1")
+    assert await store.executions.claim("e-claim", 60)
+    assert not await store.executions.claim("e-claim", 60), "a live lease belongs to its holder"
+    # the holder died: its lease runs out and another worker may take over
+    await store.executions.update("e-claim", {"lease_until": dt.datetime.now(UTC) - dt.timedelta(seconds=1)})
+    assert await store.executions.claim("e-claim", 60)
+    assert (await store.executions.get("e-claim")).attempts == 2
+    await store.executions.finish("e-claim", status="success", result=None, logs="", reason="ok")
+    assert not await store.executions.claim("e-claim", 60), "a finished execution is never claimed again"

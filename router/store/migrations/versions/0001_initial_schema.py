@@ -47,6 +47,7 @@ def upgrade() -> None:
     sa.Column('event_id', sa.String(length=255), nullable=True),
     sa.Column('subscription_id', sa.String(length=36), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('lease_until', sa.DateTime(), nullable=True),
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('project_id', sa.String(length=80), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
@@ -138,6 +139,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=255), nullable=True),
     sa.Column('description', sa.String(length=255), nullable=True),
     sa.Column('source', sa.String(length=32), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('types', sa.JSON(), nullable=False),
     sa.Column('filters', sa.JSON(), nullable=False),
     sa.Column('function_id', sa.String(length=36), nullable=True),
@@ -162,6 +164,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_subscriptions_next_execution_time'), ['next_execution_time'], unique=False)
         batch_op.create_index(batch_op.f('ix_subscriptions_project_id'), ['project_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_subscriptions_source'), ['source'], unique=False)
+        batch_op.create_index(batch_op.f('ix_subscriptions_kind'), ['kind'], unique=False)
 
 
 
@@ -170,6 +173,7 @@ def downgrade() -> None:
 
     with op.batch_alter_table('subscriptions', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_subscriptions_source'))
+        batch_op.drop_index(batch_op.f('ix_subscriptions_kind'))
         batch_op.drop_index(batch_op.f('ix_subscriptions_project_id'))
         batch_op.drop_index(batch_op.f('ix_subscriptions_next_execution_time'))
         batch_op.drop_index(batch_op.f('ix_subscriptions_function_id'))
