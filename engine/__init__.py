@@ -1,0 +1,1 @@
+"""Execution engines (local runtime processes, Kubernetes) and function package storage."""

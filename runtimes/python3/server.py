@@ -1,0 +1,788 @@
+"""Headwater Python 3 runtime: a stdlib-only HTTP server that runs functions in warm child processes."""
+
+# This program runs inside runtime pods and as local runtime processes. It must only use the Python
+# standard library and must never import Headwater's own packages (router/, engine/, ...).
+#
+# How an execution runs: the server keeps, per (package, entry, limits), warm child processes that
+# have imported the function's module. A request is handed to an idle child over a pipe; the child
+# calls the function with its stdout/stderr on a log pipe and answers on a result pipe. A child that
+# times out or dies is killed with its whole process group and replaced, so user code can never
+# take the server down. Children are reused across executions (module globals survive between
+# calls, as in other FaaS platforms) because forking a fresh process per call costs 2-4 ms on
+# small VMs, more than the whole latency budget.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+import zipfile
+
+try:  # loaded once here so each forked child need not (prctl for parent-death signals)
+    import ctypes
+
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except (ImportError, OSError):
+    _LIBC = None
+
+LOG = logging.getLogger("headwater.runtime.python3")
+
+LOG_CAP = 1024 * 1024  # bytes of stdout+stderr kept per execution
+MAX_BODY = 64 * 1024 * 1024  # largest /execute request accepted
+DEFAULT_NOFILE = 1024
+DOWNLOAD_TIMEOUT = 30
+IDLE_CHILDREN = 4  # warm children kept per (package, entry, limits) beyond those running
+TIMEOUT_OUTPUT = "Function execution timeout."
+
+_FRAME = struct.Struct(">Q")  # length prefix of request and result messages on the pipes
+
+# Descriptors the server owns (sockets, the loop's selector, every pipe end); each child closes
+# them, so user code never touches the server's sockets and never holds another execution's pipe
+# open (which would keep it from seeing end-of-file).
+_SERVER_FDS: set[int] = set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packages: unpacked once per (function, version, md5) into the work dir
+
+
+class PackageError(Exception):
+    """The package could not be fetched or unpacked; the message is shown to the user."""
+
+
+class Packages:
+    def __init__(self, work_dir: str):
+        self.work_dir = os.path.abspath(work_dir)
+        os.makedirs(os.path.join(self.work_dir, "packages"), exist_ok=True)
+        self._dirs: dict[str, str] = {}
+
+    @staticmethod
+    def key(package: dict) -> str:
+        fid = str(package.get("function_id") or "anonymous")
+        version = str(package.get("version") or 0)
+        md5 = str(package.get("md5sum") or "")
+        if not md5 and package.get("path"):
+            # Without an md5 the path's identity (size + mtime) decides when to unpack again.
+            try:
+                st = os.stat(package["path"])
+                md5 = f"{st.st_size}-{st.st_mtime_ns}"
+            except OSError:
+                md5 = "nomd5"
+        raw = f"{fid}_{version}_{md5}"
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)[:200]
+
+    def unpack(self, package: dict) -> str:
+        """The directory holding the unpacked package (unpacked now if this is the first time)."""
+        key = self.key(package)
+        known = self._dirs.get(key)
+        if known:
+            return known
+        target = os.path.join(self.work_dir, "packages", key)
+        if not os.path.isdir(target):
+            data = self._fetch(package)
+            md5 = package.get("md5sum")
+            if md5 and hashlib.md5(data).hexdigest() != str(md5).lower():
+                raise PackageError("Package md5 mismatch.")
+            # Unpack beside the target and rename: another worker sharing the work dir never sees a
+            # half-written tree.
+            tmp = tempfile.mkdtemp(prefix=".unpack-", dir=os.path.join(self.work_dir, "packages"))
+            try:
+                try:
+                    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                        zf.extractall(tmp)  # extractall drops absolute and '..' path parts
+                except zipfile.BadZipFile as exc:
+                    raise PackageError(f"Package is not a valid ZIP package: {exc}") from None
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    if not os.path.isdir(target):
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._dirs[key] = target
+        return target
+
+    @staticmethod
+    def _fetch(package: dict) -> bytes:
+        path = package.get("path")
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except OSError as exc:
+                raise PackageError(f"Failed to read function package {path}: {exc}") from None
+        url = package.get("download_url")
+        if url:
+            headers = {}
+            if package.get("token"):
+                headers["X-Auth-Token"] = package["token"]
+            try:
+                req = urllib.request.Request(url, headers=headers)
+                with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT) as resp:
+                    return resp.read()
+            except Exception as exc:  # noqa: BLE001 - any download failure is the same answer
+                raise PackageError(f"Failed to download function package from {url}, error: {exc}") from None
+        raise PackageError("Request names no package (package.path or package.download_url).")
+
+# ---------------------------------------------------------------------------------------------
+# The child process: imports the entry once, then serves one request at a time
+
+
+def _set_limits(limits: dict) -> None:
+    def cap(kind, value):
+        value = int(value)
+        soft, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value))
+
+    cap(resource.RLIMIT_NOFILE, limits.get("files") or DEFAULT_NOFILE)
+    if limits.get("processes"):
+        # RLIMIT_NPROC counts every process of this uid: meaningful where the runtime owns its uid
+        # (the container); root ignores it.
+        cap(resource.RLIMIT_NPROC, limits["processes"])
+    if limits.get("file_size"):
+        cap(resource.RLIMIT_FSIZE, limits["file_size"])
+    if limits.get("memory_size"):
+        # The limit is what the function may allocate on top of the interpreter's own footprint:
+        # an absolute 32 MiB cap would leave a Python process no room at all.
+        cap(resource.RLIMIT_DATA, _vm_data() + int(limits["memory_size"]))
+
+
+def _vm_data() -> int:
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return b""
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _die_with_parent(server_pid: int) -> None:
+    """Ask Linux to SIGKILL this child if the server dies, so a killed server leaves no orphans."""
+    try:
+        _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: idle children still exit on end-of-file from the server
+    if os.getppid() != server_pid:
+        os._exit(0)  # the server died before the request above took effect
+
+
+def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int) -> None:
+    """Runs in the forked child; never returns."""
+    code = 0
+    try:
+        os.setsid()  # own process group: the server kills the whole tree with one killpg
+        _die_with_parent(server_pid)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big file raises OSError, not a silent death
+        for fd in _SERVER_FDS - {req_r, result_w, log_w}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_w, 1)
+        os.dup2(log_w, 2)
+        os.close(devnull)
+        os.close(log_w)
+        # asyncio remembers the server's running loop per thread; clear it so the function may use
+        # asyncio.run().
+        asyncio.events._set_running_loop(None)
+        asyncio.set_event_loop(None)
+        sys.path.insert(0, pkg_dir)
+        with contextlib.suppress(OSError):
+            os.chdir(pkg_dir)
+        _set_limits(limits)
+        func, takes_context, load_error = _load(entry)
+        while True:
+            head = _read_exact(req_r, _FRAME.size)
+            if not head:
+                break  # the server retired this child, or died
+            req = json.loads(_read_exact(req_r, _FRAME.unpack(head)[0]))
+            if load_error is not None:
+                result = {"status": "failed", "reason": "error", "output": load_error}
+            else:
+                result = _call(func, takes_context, req)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            payload = _encode(result)
+            _write_all(result_w, _FRAME.pack(len(payload)) + payload)
+            if load_error is not None:
+                break  # import again in a fresh child next time: the cause may have been transient
+    except BaseException:  # noqa: BLE001 - the server sees the exit and reports a crash
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+            sys.stderr.flush()
+        code = 70
+    os._exit(code)
+
+
+def _load(entry: str):
+    """(function, takes_context, None) or (None, False, error message); import output goes to the log."""
+    module_name, sep, func_name = entry.rpartition(".")
+    if not sep or not module_name or not func_name:
+        return None, False, f"Invalid entry {entry!r}: expected 'module.function'."
+    try:
+        module = __import__(module_name, fromlist=["_"])
+    except BaseException as exc:  # noqa: BLE001 - import-time failures of user code, incl. SystemExit
+        _print_user_traceback(exc)
+        return None, False, f"Failed to import module {module_name!r}: {exc}"
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        return None, False, f"Module {module_name!r} has no function {func_name!r}."
+    return func, _takes_context(func), None
+
+
+def _takes_context(func) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "context" and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def _call(func, takes_context: bool, req: dict) -> dict:
+    data = req.get("input")
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(data, dict):
+        kwargs = dict(data)
+    elif data is not None:
+        args = (data,)
+    if takes_context and "context" not in kwargs:
+        kwargs["context"] = req.get("context") or {}
+    try:
+        output = func(*args, **kwargs)
+        if inspect.iscoroutine(output):
+            output = asyncio.run(output)
+    except MemoryError as exc:
+        _print_user_traceback(exc)
+        return {"status": "failed", "reason": "memory", "output": "Function exceeded its memory limit."}
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are function failures too
+        _print_user_traceback(exc)
+        reason = "error"
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.EFBIG):
+            reason = "files"
+        elif isinstance(exc, OSError) and exc.errno == errno.EAGAIN and _raised_by_fork(exc):
+            reason = "processes"
+        if isinstance(exc, SystemExit):
+            message = f"Function called sys.exit({exc.code!r})."
+        else:
+            message = str(exc) or type(exc).__name__
+        return {"status": "failed", "reason": reason, "output": message}
+    return {"status": "success", "reason": "ok", "output": output}
+
+
+def _raised_by_fork(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("fork", "_execute_child", "_launch", "spawnv", "posix_spawn"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    # Skip the runtime's own frame: the user only needs their code's part of the stack.
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    traceback.print_exception(type(exc), exc, tb)
+
+
+def _encode(result: dict) -> bytes:
+    try:
+        return json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        out = result.get("output")
+        message = f"Function returned a value that is not JSON serialisable ({type(out).__name__}): {exc}"
+        print(message, file=sys.stderr, flush=True)
+        return json.dumps({"status": "failed", "reason": "error", "output": message}).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server side: warm children and one execution
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    _SERVER_FDS.update((r, w))
+    return r, w
+
+
+def _close(fd: int | None) -> None:
+    if fd is None:
+        return
+    _SERVER_FDS.discard(fd)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class Child:
+    """One warm child process serving one (package, entry, limits), one execution at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pkg_dir: str, entry: str, limits: dict):
+        self.loop = loop
+        req_r, self.req_w = _pipe()
+        self.result_r, result_w = _pipe()
+        self.log_r, log_w = _pipe()
+        server_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _child_main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid)
+        self.pid = pid
+        for fd in (req_r, result_w, log_w):
+            _close(fd)
+        for fd in (self.req_w, self.result_r, self.log_r):
+            os.set_blocking(fd, False)
+        self.status: int | None = None  # wait status once the child has exited
+        self.exited = loop.create_future()
+        self.execution: Execution | None = None
+        self.uses = 0
+        # Output written while no execution runs (import-time prints) goes to the next execution.
+        self.pending = bytearray()
+        self.pending_dropped = 0
+        self.result_buf = bytearray()
+        loop.add_reader(self.result_r, self._read_result)
+        loop.add_reader(self.log_r, self._read_log)
+        self.pidfd: int | None = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+            _SERVER_FDS.add(self.pidfd)
+            loop.add_reader(self.pidfd, self._reap)
+        except (AttributeError, OSError):
+            self._poller = asyncio.ensure_future(self._poll())
+        CHILDREN[pid] = self
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def _read_result(self) -> None:
+        while self.result_r is not None:
+            try:
+                chunk = os.read(self.result_r, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.loop.remove_reader(self.result_r)
+                break
+            self.result_buf += chunk
+        buf = self.result_buf
+        while len(buf) >= _FRAME.size:
+            size = _FRAME.unpack_from(buf)[0]
+            if len(buf) < _FRAME.size + size:
+                break
+            message = bytes(buf[_FRAME.size:_FRAME.size + size])
+            del buf[:_FRAME.size + size]
+            if self.execution is not None:
+                self.execution.on_result(message)
+
+    def _read_log(self) -> None:
+        while self.log_r is not None:
+            try:
+                chunk = os.read(self.log_r, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.loop.remove_reader(self.log_r)
+                return
+            if self.execution is not None:
+                self.execution.on_log(chunk)
+            else:
+                room = max(LOG_CAP - len(self.pending), 0)
+                self.pending += chunk[:room]
+                self.pending_dropped += max(len(chunk) - room, 0)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid == 0:
+            return
+        CHILDREN.pop(self.pid, None)
+        self.status = status
+        # Anything still in the pipes was written before the exit.
+        self._read_log()
+        self._read_result()
+        self._shut()
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    async def _poll(self) -> None:
+        while self.alive:
+            self._reap()
+            await asyncio.sleep(0.002)
+
+    def _shut(self) -> None:
+        for fd in (self.result_r, self.log_r, self.pidfd):
+            if fd is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(fd)
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(self.req_w)
+        for fd in (self.req_w, self.result_r, self.log_r, self.pidfd):
+            _close(fd)
+        self.req_w = self.result_r = self.log_r = self.pidfd = None
+
+    async def send(self, data: bytes) -> None:
+        """Write a framed request without blocking the loop (the child may still be importing)."""
+        view = memoryview(_FRAME.pack(len(data)) + data)
+        while view:
+            if self.req_w is None:
+                raise BrokenPipeError("child exited")
+            try:
+                view = view[os.write(self.req_w, view):]
+                continue
+            except BlockingIOError:
+                pass
+            writable = self.loop.create_future()
+            self.loop.add_writer(self.req_w, lambda: writable.done() or writable.set_result(None))
+            try:
+                await asyncio.wait((writable, self.exited), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if self.req_w is not None:
+                    self.loop.remove_writer(self.req_w)
+
+    def kill(self) -> None:
+        """Kill the child and everything it started (its process group)."""
+        _killpg(self.pid)
+
+    def retire(self) -> None:
+        """Let the child go: end-of-file on its request pipe ends its loop; the kill is for stragglers."""
+        _close(self.req_w)
+        self.req_w = None
+        self.kill()
+
+
+CHILDREN: dict[int, Child] = {}  # pid -> child, until reaped
+
+
+class Execution:
+    """One request on one child: collects logs and the result, enforces the timeout."""
+
+    def __init__(self, child: Child, req: dict):
+        self.child = child
+        self.req = req
+        self.log_buf = bytearray(child.pending)
+        self.log_dropped = child.pending_dropped
+        child.pending = bytearray()
+        child.pending_dropped = 0
+        self.result: dict | None = None
+        self.timed_out = False
+        self.done = child.loop.create_future()
+
+    def on_log(self, chunk: bytes) -> None:
+        room = LOG_CAP - len(self.log_buf)
+        if len(chunk) > room:
+            self.log_buf += chunk[:max(room, 0)]
+            self.log_dropped += len(chunk) - max(room, 0)
+        else:
+            self.log_buf += chunk
+
+    def on_result(self, message: bytes) -> None:
+        try:
+            self.result = json.loads(message)
+        except ValueError:
+            self.result = {"status": "failed", "reason": "crashed", "output": "Runtime child sent an unreadable result."}
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.child.kill()
+
+    async def run(self) -> dict:
+        child = self.child
+        loop = child.loop
+        timeout = float(self.req.get("timeout") or 0) or None
+        payload = json.dumps(self.req, separators=(",", ":")).encode()
+        child.execution = self
+        child.uses += 1
+        start = time.monotonic()
+        timer = loop.call_later(timeout, self._on_timeout) if timeout else None
+        try:
+            try:
+                await child.send(payload)
+            except OSError:
+                pass  # the child is gone; its exit status tells why
+            if self.result is None:
+                await asyncio.wait((self.done, child.exited), return_when=asyncio.FIRST_COMPLETED)
+            if self.result is not None:
+                # The child flushes stdout/stderr before it answers, so its logs are already in the
+                # pipe: read them now rather than waiting for the loop to notice.
+                child._read_log()
+        finally:
+            if timer:
+                timer.cancel()
+            child.execution = None
+        duration = round(time.monotonic() - start, 3)
+        return self._reply(duration)
+
+    def _reply(self, duration: float) -> dict:
+        result = self.result
+        if result is None:
+            status = self.child.status or 0
+            if self.timed_out:
+                result = {"status": "failed", "reason": "timeout", "output": TIMEOUT_OUTPUT}
+            else:
+                result = {"status": "failed", "reason": "crashed", "output": _describe_death(status)}
+                if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ:
+                    result["reason"] = "files"
+                elif os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                    # An outside SIGKILL (the kernel OOM killer, a cgroup limit) is almost always memory.
+                    result["reason"] = "memory"
+        logs = self.log_buf.decode("utf-8", "replace")
+        if self.log_dropped:
+            logs += f"\n[logs truncated: {self.log_dropped} more bytes were dropped]\n"
+        ok = result.get("status") == "success"
+        return {
+            "success": ok,
+            "status": "success" if ok else "failed",
+            "reason": result.get("reason") or ("ok" if ok else "error"),
+            "output": result.get("output"),
+            "duration": duration,
+            "logs": logs,
+        }
+
+
+def _describe_death(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"Function execution failed: the process was killed by {name} (too much resource consumption?)."
+    return f"Function execution failed: the process exited with code {os.WEXITSTATUS(status)} without a result."
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/1.1 (just enough: Content-Length bodies, keep-alive)
+
+
+class Server:
+    def __init__(self, work_dir: str):
+        self.packages = Packages(work_dir)
+        self.idle: dict[tuple[str, str, str], list[Child]] = {}  # (package dir, entry, limits) -> warm children
+        self.stopping = False
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        _SERVER_FDS.add(fd)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                try:
+                    method, target, version = lines[0].split(" ", 2)
+                except ValueError:
+                    await self._send(writer, 400, b"bad request line", close=True)
+                    return
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                if "chunked" in headers.get("transfer-encoding", "").lower():
+                    await self._send(writer, 411, b"Content-Length required", close=True)
+                    return
+                length = int(headers.get("content-length") or 0)
+                if length > MAX_BODY:
+                    await self._send(writer, 413, b"request too large", close=True)
+                    return
+                body = await reader.readexactly(length) if length else b""
+                close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
+                try:
+                    status, payload, ctype = await self.route(method, target.split("?", 1)[0], body)
+                except Exception as exc:  # noqa: BLE001 - answer rather than drop the connection
+                    LOG.exception("internal error on %s %s", method, target)
+                    status, payload, ctype = 500, f"runtime internal error: {exc!r}".encode(), "text/plain"
+                await self._send(writer, status, payload, ctype=ctype, close=close)
+                if close:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            _SERVER_FDS.discard(fd)
+            writer.close()
+
+    @staticmethod
+    async def _send(writer, status: int, payload: bytes, ctype: str = "text/plain", close: bool = False) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+                  413: "Payload Too Large", 500: "Internal Server Error"}.get(status, "OK")
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
+                f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
+        writer.write(head.encode("latin-1") + payload)
+        await writer.drain()
+
+    async def route(self, method: str, path: str, body: bytes) -> tuple[int, bytes, str]:
+        if path == "/ping":
+            return 200, b"pong", "text/plain"
+        if path == "/execute":
+            if method != "POST":
+                return 405, b"use POST", "text/plain"
+            try:
+                req = json.loads(body)
+                if not isinstance(req, dict):
+                    raise ValueError("body must be a JSON object")
+            except ValueError as exc:
+                return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
+            reply = await self.execute(req)
+            return 200, json.dumps(reply, separators=(",", ":")).encode(), "application/json"
+        return 404, b"not found", "text/plain"
+
+    async def execute(self, req: dict) -> dict:
+        execution_id = req.get("execution_id")
+        try:
+            pkg_dir = self.packages.unpack(req.get("package") or {})
+        except (PackageError, OSError) as exc:
+            LOG.warning("execution %s: %s", execution_id, exc)
+            return {"success": False, "status": "failed", "reason": "error", "output": str(exc),
+                    "duration": 0.0, "logs": ""}
+        limits = req.get("limits") or {}
+        limits = {k: limits[k] for k in ("memory_size", "processes", "files", "file_size") if limits.get(k)}
+        key = (pkg_dir, req.get("entry") or "main.main", json.dumps(limits, sort_keys=True))
+        loop = asyncio.get_running_loop()
+        idle = self.idle.setdefault(key, [])
+        child = None
+        while idle and child is None:
+            candidate = idle.pop()
+            if candidate.alive:
+                child = candidate
+        try:
+            if child is None:
+                child = Child(loop, key[0], key[1], limits)
+        except OSError as exc:
+            # fork/pipe failures are the runtime's trouble, not the function's
+            LOG.error("execution %s: cannot start a child: %s", execution_id, exc)
+            return {"success": False, "status": "failed", "reason": "crashed",
+                    "output": f"Runtime could not start the execution: {exc}", "duration": 0.0, "logs": ""}
+        reply = await Execution(child, req).run()
+        if child.alive and reply["reason"] != "timeout" and not self.stopping:
+            if len(idle) < IDLE_CHILDREN:
+                idle.append(child)
+            else:
+                child.retire()
+        else:
+            child.kill()
+            if not idle and not self.stopping:
+                # Have a warm child ready again before the next request needs one.
+                loop.call_soon(self._spare, loop, key, limits)
+        return reply
+
+    def _spare(self, loop, key, limits) -> None:
+        idle = self.idle.setdefault(key, [])
+        if idle or self.stopping:
+            return
+        try:
+            idle.append(Child(loop, key[0], key[1], limits))
+        except OSError as exc:
+            LOG.warning("cannot start a spare child: %s", exc)
+
+    def close(self) -> None:
+        self.stopping = True
+        for children in self.idle.values():
+            for child in children:
+                child.retire()
+        self.idle.clear()
+        for child in list(CHILDREN.values()):
+            child.kill()
+
+
+async def serve(host: str, port: int, work_dir: str, parent_pid: int | None) -> None:
+    server = Server(work_dir)
+    srv = await asyncio.start_server(server.handle, host, port, backlog=1024)
+    loop = asyncio.get_running_loop()
+    for sock in srv.sockets:
+        _SERVER_FDS.add(sock.fileno())
+    # The loop's selector and self-pipe are fds the child must not keep.
+    selector = getattr(loop, "_selector", None)
+    if selector is not None and hasattr(selector, "fileno"):
+        _SERVER_FDS.add(selector.fileno())
+    for attr in ("_ssock", "_csock"):
+        s = getattr(loop, attr, None)
+        if s is not None:
+            _SERVER_FDS.add(s.fileno())
+    bound = srv.sockets[0].getsockname()
+    print(f"LISTENING {bound[0]}:{bound[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if parent_pid:
+        # Exit with the engine that started us, even if it died without cleaning up.
+        async def watch_parent():
+            while os.getppid() == parent_pid:
+                await asyncio.sleep(1.0)
+            stop.set()
+        watcher = asyncio.ensure_future(watch_parent())
+    await stop.wait()
+    if parent_pid:
+        watcher.cancel()
+    srv.close()
+    server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=9090, help="0 picks a free port (printed as LISTENING host:port)")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "headwater-python3"))
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(args.host, args.port, args.work_dir, args.parent_pid))
+
+
+if __name__ == "__main__":
+    main()

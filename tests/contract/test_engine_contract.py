@@ -1,0 +1,194 @@
+"""The engine contract: one suite every execution engine backend must pass (local now, kubernetes later)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from router.config import Config
+from router.plugins import Engine, ExecutionRequest, FunctionSpec, PackageRef, load
+
+MAIN_PY = '''
+import os, subprocess, sys, time
+
+def main(name="World", **kwargs):
+    print("hello from", name)
+    return f"Hello, {name}"
+
+def add(a, b):
+    return a + b
+
+def echo(value):
+    return value
+
+def noop():
+    return None
+
+def boom(**kwargs):
+    raise ValueError("something broke")
+
+def nap(seconds, pidfile):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(pidfile, "w") as fh:
+        fh.write(f"{os.getpid()} {proc.pid}")
+    time.sleep(seconds)
+    return "woke up"
+
+def whoami():
+    return os.getpid()
+
+def snooze(seconds):
+    time.sleep(seconds)
+'''
+
+# Backends under contract. Each entry builds (config overrides) for one engine plugin name.
+BACKENDS = ["local"]
+
+
+def make_zip(path: Path, files: dict[str, str]) -> bytes:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return path.read_bytes()
+
+
+@pytest.fixture(params=BACKENDS)
+async def env(request, tmp_path):
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}})
+    store = load("storage", "filesystem")(config)
+    engine: Engine = load("engine", request.param)(config, store)
+    await engine.start()
+    data = make_zip(tmp_path / "pkg.zip", {"main.py": MAIN_PY})
+    function_id = str(uuid.uuid4())
+    md5 = await store.put("proj", function_id, 0, data)
+    ref = PackageRef(project_id="proj", function_id=function_id, version=0, md5sum=md5)
+    try:
+        yield engine, ref, tmp_path
+    finally:
+        await engine.stop()
+
+
+def spec(ref: PackageRef, entry: str = "main.main", timeout: int = 5, image: str = "openstackqinling/python3-runtime") -> FunctionSpec:
+    return FunctionSpec(id=ref.function_id, version=ref.version, runtime_id="rt", runtime_image=image, code={"source": "package"},
+                        entry=entry, cpu=100, memory_size=33554432, timeout=timeout, package=ref, project_id=ref.project_id)
+
+
+def req(function: FunctionSpec, input=None) -> ExecutionRequest:
+    return ExecutionRequest(execution_id=str(uuid.uuid4()), function=function, input=input)
+
+
+def gone(pid: int) -> bool:
+    """True when the process no longer runs (a zombie waiting for init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_keyword_input(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref, "main.add"), {"a": 2, "b": 3}))
+    assert (result.status, result.output, result.reason) == ("success", 5, "ok")
+
+
+async def test_positional_string_input_and_print_in_logs(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref), "Qinling"))
+    assert result.status == "success"
+    assert result.output == "Hello, Qinling"
+    assert "hello from Qinling" in result.logs
+    assert result.duration >= 0
+
+
+async def test_json_list_and_number_inputs_do_not_crash(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref, "main.echo"), [1, "two", {"three": 3}]))
+    assert (result.status, result.output) == ("success", [1, "two", {"three": 3}])
+    result = await engine.execute(req(spec(ref, "main.echo"), 42))
+    assert (result.status, result.output) == ("success", 42)
+
+
+async def test_no_input_calls_without_arguments(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref), None))
+    assert (result.status, result.output) == ("success", "Hello, World")
+
+
+async def test_exception_is_failed_with_traceback_and_engine_serves_next(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref, "main.boom")))
+    assert result.status == "failed"
+    assert result.reason == "error"
+    assert result.output == "something broke"
+    assert "Traceback" in result.logs and "ValueError: something broke" in result.logs
+    again = await engine.execute(req(spec(ref, "main.add"), {"a": 1, "b": 1}))
+    assert (again.status, again.output) == ("success", 2)
+
+
+async def test_timeout_kills_the_function_and_its_children(env):
+    engine, ref, tmp_path = env
+    pidfile = tmp_path / "pids"
+    started = time.monotonic()
+    result = await engine.execute(req(spec(ref, "main.nap", timeout=1), {"seconds": 30, "pidfile": str(pidfile)}))
+    assert time.monotonic() - started < 10
+    assert (result.status, result.reason) == ("failed", "timeout")
+    assert result.output == "Function execution timeout."
+    assert result.duration >= 1
+    pids = [int(p) for p in pidfile.read_text().split()]
+    for _ in range(50):
+        if all(gone(p) for p in pids):
+            break
+        await asyncio.sleep(0.05)
+    assert all(gone(p) for p in pids), f"left running: {[p for p in pids if not gone(p)]}"
+    after = await engine.execute(req(spec(ref, "main.add"), {"a": 1, "b": 2}))
+    assert (after.status, after.output) == ("success", 3)
+
+
+async def test_warm_reuse_and_release(env):
+    engine, ref, _ = env
+    first = await engine.execute(req(spec(ref)))
+    assert first.status == "success"
+    workers = await engine.workers(ref.function_id, ref.version)
+    assert len(workers) == 1
+    second = await engine.execute(req(spec(ref)))
+    assert second.status == "success"
+    assert await engine.workers(ref.function_id, ref.version) == workers  # no new worker
+    await engine.release(ref.function_id)
+    assert await engine.workers(ref.function_id, ref.version) == []
+    third = await engine.execute(req(spec(ref), "again"))
+    assert (third.status, third.output) == ("success", "Hello, again")
+    assert len(await engine.workers(ref.function_id, ref.version)) == 1
+
+
+async def test_unknown_runtime_image_is_an_error(env):
+    engine, ref, _ = env
+    result = await engine.execute(req(spec(ref, image="example/cobol-runtime:1")))
+    assert result.status == "error"
+    assert "cobol" in str(result.output)
+
+
+async def test_dead_worker_is_an_error_then_replaced(env, tmp_path):
+    engine, ref, _ = env
+    if engine.name != "local":
+        pytest.skip("kills a local runtime process")
+    assert (await engine.execute(req(spec(ref)))).status == "success"
+    (worker,) = engine._pools[(ref.function_id, ref.version, ref.md5sum)]
+    running = asyncio.ensure_future(engine.execute(req(spec(ref, "main.snooze", timeout=5), 3)))
+    await asyncio.sleep(0.3)
+    worker.process.kill()
+    result = await running
+    assert result.status == "error"  # the platform failed, not the function
+    assert worker.name in str(result.output)
+    after = await engine.execute(req(spec(ref), "phoenix"))
+    assert (after.status, after.output) == ("success", "Hello, phoenix")
+    assert await engine.workers(ref.function_id, ref.version) != [worker.name]
+    (current,) = engine._pools[(ref.function_id, ref.version, ref.md5sum)]
+    current.process.kill()  # killed between executions: the next one still succeeds
+    await current.process.wait()
+    assert (await engine.execute(req(spec(ref), "again"))).output == "Hello, again"

@@ -1,0 +1,73 @@
+"""FilesystemPackageStore: validation (zip, md5, size) and a store/fetch/copy/delete round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+
+import pytest
+
+from engine.packages import MAX_PACKAGE_SIZE, FilesystemPackageStore
+from router.config import Config
+from router.plugins import PackageInvalid, PackageRef, PackageStore
+
+
+def zip_bytes(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path) -> FilesystemPackageStore:
+    return FilesystemPackageStore(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}}))
+
+
+def test_is_a_package_store(store):
+    assert isinstance(store, PackageStore)
+
+
+async def test_not_a_zip_is_refused(store):
+    with pytest.raises(PackageInvalid, match="Package is not a valid ZIP package."):
+        await store.put("p", "f", 0, b"definitely not a zip")
+
+
+async def test_md5_mismatch_is_refused(store):
+    with pytest.raises(PackageInvalid, match="Package md5 mismatch."):
+        await store.put("p", "f", 0, zip_bytes({"main.py": "x = 1"}), md5sum="0" * 32)
+
+
+async def test_too_large_is_refused(store):
+    with pytest.raises(PackageInvalid, match="larger"):
+        await store.put("p", "f", 0, b"\0" * (MAX_PACKAGE_SIZE + 1))
+
+
+async def test_path_traversal_is_refused(store):
+    with pytest.raises(ValueError):
+        await store.put("..", "f", 0, zip_bytes({"main.py": ""}))
+
+
+async def test_round_trip(store, tmp_path):
+    data = zip_bytes({"main.py": "def main():\n    return 1\n"})
+    md5 = await store.put("proj", "fn", 0, data, md5sum=hashlib.md5(data).hexdigest().upper())
+    assert md5 == hashlib.md5(data).hexdigest()
+    ref = PackageRef("proj", "fn", 0, md5)
+    path = store.path(ref)
+    assert path == str(tmp_path / "packages" / "proj" / f"fn_0_{md5}.zip")
+    assert await store.get(ref) == data
+    assert not [n for n in os.listdir(tmp_path / "packages" / "proj") if n.startswith(".")]  # no temp files left
+
+    copied = await store.copy(ref, 3)
+    assert copied == PackageRef("proj", "fn", 3, md5)
+    assert await store.get(copied) == data
+
+    await store.delete(ref)
+    assert store.path(ref) is None
+    with pytest.raises(FileNotFoundError):
+        await store.get(ref)
+    await store.delete(ref)  # deleting twice is fine
+    assert await store.get(copied) == data

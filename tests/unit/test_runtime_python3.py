@@ -1,0 +1,253 @@
+"""The Python 3 runtime server on its own: started as a subprocess, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SERVER = Path(__file__).resolve().parents[2] / "runtimes" / "python3" / "server.py"
+
+MAIN_PY = '''
+import asyncio, os, subprocess, sys, time
+
+print("imported main")
+
+def main(name="World"):
+    print("hello", name)
+    return f"Hello, {name}"
+
+def with_context(x=None, context=None):
+    return {"x": x, "context": context}
+
+def with_kwargs(**kwargs):
+    return sorted(kwargs)
+
+def plain(x=None):
+    return x
+
+def boom():
+    raise RuntimeError("kaput")
+
+def not_json():
+    return object()
+
+def crash():
+    sys.stdout.write("about to die\\n"); sys.stdout.flush()
+    os._exit(3)
+
+def exits():
+    sys.exit(2)
+
+def chatty():
+    for _ in range(300):
+        print("x" * 10000)
+    return "done"
+
+def nap(seconds=30, pidfile=None):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    if pidfile:
+        with open(pidfile, "w") as fh:
+            fh.write(f"{os.getpid()} {proc.pid}")
+    time.sleep(seconds)
+    return "slept"
+
+def hog():
+    blocks = []
+    while True:
+        blocks.append(bytearray(16 * 1024 * 1024))
+
+def many_files():
+    return [open(os.devnull) for _ in range(200)]
+
+async def coro(n):
+    await asyncio.sleep(0)
+    return n * 2
+
+def pid():
+    return os.getpid()
+'''
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("pkg") / "pkg.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("main.py", MAIN_PY)
+        zf.writestr("broken.py", "raise ImportError('no such dependency')\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
+                            stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    line = proc.stdout.readline().decode().strip()
+    assert line.startswith("LISTENING 127.0.0.1:"), (line, proc.stderr.read1(4000) if proc.poll() is not None else "")
+    yield f"http://{line.split()[1]}", proc
+    proc.terminate()
+    proc.wait(5)
+
+
+def post(url: str, body: dict, timeout: float = 30) -> dict:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url + "/execute", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+
+def run(server, package, entry="main.main", input=None, **extra) -> dict:
+    url, _ = server
+    body = {"execution_id": "e1", "entry": entry, "timeout": 5,
+            "package": {"path": package, "function_id": "fn", "version": 0}, **extra}
+    if input is not None:
+        body["input"] = input
+    return post(url, body)
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_ping(server):
+    url, _ = server
+    with urllib.request.urlopen(url + "/ping", timeout=5) as resp:
+        assert (resp.status, resp.read()) == (200, b"pong")
+
+
+def test_unknown_path_is_404(server):
+    url, _ = server
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url + "/nope", timeout=5)
+    assert err.value.code == 404
+
+
+def test_inputs(server, package):
+    reply = run(server, package, input="Qinling")
+    assert reply["success"] is True and reply["status"] == "success" and reply["reason"] == "ok"
+    assert reply["output"] == "Hello, Qinling"
+    assert "hello Qinling" in reply["logs"]
+    assert isinstance(reply["duration"], float)
+    assert run(server, package, input={"name": "kw"})["output"] == "Hello, kw"
+    assert run(server, package, "main.plain", input=[1, 2])["output"] == [1, 2]
+    assert run(server, package, "main.plain", input=7)["output"] == 7
+    assert run(server, package, "main.plain")["output"] is None
+
+
+def test_context_only_when_accepted(server, package):
+    reply = run(server, package, "main.with_context", input={"x": 1}, context={"execution_id": "e1"})
+    assert reply["output"] == {"x": 1, "context": {"execution_id": "e1"}}
+    assert run(server, package, "main.with_kwargs", input={"a": 1}, context={"k": 1})["output"] == ["a", "context"]
+    assert run(server, package, "main.plain", input={"x": 3}, context={"k": 1})["output"] == 3
+
+
+def test_async_function(server, package):
+    assert run(server, package, "main.coro", input=21)["output"] == 42
+
+
+def test_exception(server, package):
+    reply = run(server, package, "main.boom")
+    assert (reply["success"], reply["status"], reply["reason"], reply["output"]) == (False, "failed", "error", "kaput")
+    assert "Traceback" in reply["logs"] and "RuntimeError: kaput" in reply["logs"]
+    assert "server.py" not in reply["logs"]  # only the user's frames
+
+
+def test_not_serialisable_output(server, package):
+    reply = run(server, package, "main.not_json")
+    assert (reply["status"], reply["reason"]) == ("failed", "error")
+    assert "not JSON serialisable" in reply["output"]
+
+
+def test_crash_and_sys_exit_do_not_take_the_server_down(server, package):
+    reply = run(server, package, "main.crash")
+    assert (reply["status"], reply["reason"]) == ("failed", "crashed")
+    assert "about to die" in reply["logs"]
+    reply = run(server, package, "main.exits")
+    assert (reply["status"], reply["reason"]) == ("failed", "error")
+    assert "sys.exit(2)" in reply["output"]
+    assert run(server, package, input="again")["output"] == "Hello, again"
+
+
+def test_import_error_and_bad_entry(server, package):
+    reply = run(server, package, "broken.main")
+    assert (reply["status"], reply["reason"]) == ("failed", "error")
+    assert "no such dependency" in reply["output"]
+    assert "ImportError" in reply["logs"]
+    assert "has no function" in run(server, package, "main.missing")["output"]
+    assert "module.function" in run(server, package, "nodot")["output"]
+
+
+def test_bad_package(server, tmp_path):
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    reply = run(server, str(bad))
+    assert (reply["status"], reply["reason"]) == ("failed", "error")
+    assert "ZIP" in reply["output"]
+    url, _ = server
+    reply = post(url, {"execution_id": "e", "package": {"path": str(bad), "function_id": "other", "version": 1, "md5sum": "0" * 32}})
+    assert "md5 mismatch" in reply["output"]
+
+
+def test_logs_are_capped(server, package):
+    reply = run(server, package, "main.chatty")
+    assert reply["output"] == "done"
+    assert len(reply["logs"]) < 1024 * 1024 + 200
+    assert "[logs truncated:" in reply["logs"]
+
+
+def test_timeout_kills_process_tree(server, package, tmp_path):
+    pidfile = tmp_path / "pids"
+    started = time.monotonic()
+    reply = run(server, package, "main.nap", input={"seconds": 30, "pidfile": str(pidfile)}, timeout=1)
+    assert time.monotonic() - started < 5
+    assert (reply["status"], reply["reason"], reply["output"]) == ("failed", "timeout", "Function execution timeout.")
+    assert reply["duration"] >= 1.0
+    pids = [int(p) for p in pidfile.read_text().split()]
+    deadline = time.monotonic() + 3
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(p) for p in pids)
+    assert run(server, package, input="after")["output"] == "Hello, after"
+
+
+def test_memory_limit(server, package):
+    reply = run(server, package, "main.hog", limits={"memory_size": 64 * 1024 * 1024})
+    assert (reply["status"], reply["reason"]) == ("failed", "memory")
+
+
+def test_files_limit(server, package):
+    reply = run(server, package, "main.many_files", limits={"files": 64})
+    assert (reply["status"], reply["reason"]) == ("failed", "files")
+
+
+def test_warm_child_is_reused(server, package):
+    first = run(server, package, "main.pid")["output"]
+    assert run(server, package, "main.pid")["output"] == first
+
+
+def test_concurrent_executions_run_in_parallel(server, package):
+    url, _ = server
+
+    async def both():
+        loop = asyncio.get_running_loop()
+        body = {"entry": "main.nap", "input": {"seconds": 0.5}, "timeout": 5,
+                "package": {"path": package, "function_id": "fn", "version": 0}}
+        return await asyncio.gather(*(loop.run_in_executor(None, post, url, body) for _ in range(3)))
+
+    started = time.monotonic()
+    replies = asyncio.run(both())
+    assert [r["output"] for r in replies] == ["slept"] * 3
+    assert time.monotonic() - started < 1.4
