@@ -1,0 +1,252 @@
+"""Aodh source: alarm actions POSTed by aodh-notifier become one event per state transition; `register` creates such alarms."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hmac
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from router.config import Config
+from router.events import Event, derived_id, utcnow
+from router.plugins import SourceContext, SubscriptionInvalid
+
+log = logging.getLogger(__name__)
+
+KIND = "aodh"
+TYPE_PREFIX = "org.openstack.aodh.alarm."  # + new state: alarm, ok, insufficient_data
+STATES = ("ok", "alarm", "insufficient data")
+SEVERITIES = ("low", "moderate", "critical")
+BODY_KEYS = ("alarm_name", "alarm_id", "severity", "previous", "current", "reason", "reason_data")
+EXTENSIONS = ("projectid", "alarmname", "alarmid", "severity", "alarmstate", "previousstate", "partitionkey")
+_CORE = ("id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "specversion", "sourcekind")
+
+
+class MalformedAlarm(ValueError):
+    """A POST that is not the seven-key body of Aodh's REST notifier."""
+
+
+def state_name(state: str) -> str:
+    """An Aodh state as it appears in event types and filters (`insufficient data` → `insufficient_data`)."""
+    return state.replace(" ", "_")
+
+
+def _generated(reason_data: dict[str, Any]) -> _dt.datetime | None:
+    event = reason_data.get("event")
+    value = event.get("generated") if isinstance(event, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)
+
+
+def alarm_event(body: Any, *, project_id: str, request_id: str | None = None) -> Event:
+    """The event for one alarm action POST. Raises MalformedAlarm naming the fault."""
+    if not isinstance(body, dict):
+        raise MalformedAlarm("body is not a JSON object")
+    missing = [key for key in BODY_KEYS if key not in body]
+    if missing:
+        raise MalformedAlarm(f"missing keys: {', '.join(missing)}")
+    for key in BODY_KEYS[:-1]:
+        if not isinstance(body[key], str) or (key != "reason" and not body[key]):
+            raise MalformedAlarm(f"{key} must be a non-empty string")
+    for key in ("previous", "current"):
+        if body[key] not in STATES:
+            raise MalformedAlarm(f"{key} is {body[key]!r}, not one of {', '.join(STATES)}")
+    if body["severity"] not in SEVERITIES:
+        raise MalformedAlarm(f"severity is {body['severity']!r}, not one of {', '.join(SEVERITIES)}")
+    reason_data = body["reason_data"]
+    if not isinstance(reason_data, dict):
+        raise MalformedAlarm("reason_data must be an object")
+
+    alarm_id, current = body["alarm_id"], body["current"]
+    triggering = reason_data.get("event") if reason_data.get("type") == "event" else None
+    triggering_id = triggering.get("message_id") if isinstance(triggering, dict) else None
+    # Aodh never redelivers an action, but urllib3 may resend one POST after a connection error
+    # (rest_notifier_max_retries): the same request id, or for event alarms the same triggering
+    # event, is then the same Headwater event. Without either every POST is new.
+    if isinstance(triggering_id, str) and triggering_id:
+        event_id = derived_id(KIND, alarm_id, triggering_id, current)
+    elif request_id:
+        event_id = derived_id(KIND, alarm_id, request_id)
+    else:
+        event_id = str(uuid.uuid4())
+    return Event(
+        id=event_id,
+        source=f"/aodh/alarms/{alarm_id}",
+        type=TYPE_PREFIX + state_name(current),
+        subject=body["alarm_name"],
+        time=_generated(reason_data) or utcnow(),
+        data=body,
+        extensions={
+            "projectid": project_id, "alarmname": body["alarm_name"], "alarmid": alarm_id,
+            "severity": body["severity"], "alarmstate": state_name(current),
+            "previousstate": state_name(body["previous"]), "partitionkey": alarm_id,
+        },
+    )
+
+
+class AodhSource:
+    """The endpoint alarm actions point at: POST <[aodh] path>[?project_id=…&token=…]."""
+
+    kind: ClassVar[str] = KIND
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._ctx: SourceContext | None = None
+
+    def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
+        for field in ("pattern", "first_execution_time", "count"):
+            if params.get(field) is not None:
+                raise SubscriptionInvalid(f"{field} is a cron option; aodh subscriptions take types and filters.")
+        filters = params.get("filters") or {}
+        if isinstance(filters, dict):
+            for name, value in filters.items():
+                if name not in EXTENSIONS and name not in _CORE:
+                    raise SubscriptionInvalid(f"aodh events have no attribute {name!r}; filter on one of: {', '.join(EXTENSIONS)}.")
+                if name in ("alarmstate", "previousstate") and value not in {state_name(s) for s in STATES}:
+                    raise SubscriptionInvalid(f"{name} is one of {', '.join(state_name(s) for s in STATES)}.")
+        return {}
+
+    async def start(self, ctx: SourceContext) -> None:
+        self._ctx = ctx
+        ctx.add_route("POST", self.config.aodh.path, self.receive)
+
+    async def stop(self) -> None:
+        self._ctx = None
+
+    async def receive(self, request: web.Request) -> web.Response:
+        """One alarm action. Aodh retries nothing on an HTTP error and sets no timeout, so this
+        answers as soon as the event is on the bus."""
+        assert self._ctx is not None
+        ctx = self._ctx
+        token = self.config.aodh.token
+        if token and not hmac.compare_digest(request.query.get("token", ""), token):
+            log.warning("aodh alarm action refused: missing or wrong token")
+            return web.json_response({"error": "missing or wrong token"}, status=401)
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        project_id = request.query.get("project_id") or self.config.aodh.project_id
+        try:
+            event = alarm_event(body, project_id=project_id, request_id=request.headers.get("x-openstack-request-id"))
+        except MalformedAlarm as exc:
+            await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body)
+            return web.json_response({"error": str(exc)}, status=400)
+        await ctx.publish(event)
+        log.info("aodh alarm %s %s -> %s", body["alarm_name"], body["previous"], body["current"], extra={"event_id": event.id})
+        return web.json_response({"event_id": event.id}, status=202)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registering alarms whose action targets Headwater (aodhclient, the `openstack` extra)
+
+
+def action_url(config: Config, project_id: str | None = None) -> str:
+    """The alarm action URL for this Headwater: public URL + [aodh] path, with the project and the
+    shared token in the query (Aodh POSTs to the URL as stored, query included)."""
+    query = {}
+    if project_id:
+        query["project_id"] = project_id
+    if config.aodh.token:
+        query["token"] = config.aodh.token
+    return f"{config.api.public_url}{config.aodh.path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def parse_query(items: Sequence[str]) -> list[dict[str, str]]:
+    """aodh's CLI query syntax, `field=type::value` or `field=value` (string), e.g. `traits.action=string::update`."""
+    out = []
+    for item in items:
+        field, sep, rest = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"query {item!r} is not field=[type::]value")
+        type_, sep, value = rest.partition("::")
+        if not sep:
+            type_, value = "string", rest
+        out.append({"field": field, "op": "eq", "type": type_, "value": value})
+    return out
+
+
+def build_alarm(*, name: str, url: str, event_type: str = "*", query: Sequence[str] = (), severity: str = "moderate",
+                repeat_actions: bool = True, description: str | None = None) -> dict[str, Any]:
+    """An Aodh event alarm whose alarm action POSTs to Headwater."""
+    alarm: dict[str, Any] = {
+        "name": name, "type": "event", "severity": severity, "repeat_actions": repeat_actions,
+        "alarm_actions": [url], "event_rule": {"event_type": event_type, "query": parse_query(query)},
+    }
+    if description:
+        alarm["description"] = description
+    return alarm
+
+
+def aodh_client(*, endpoint: str, user_id: str | None = None, project_id: str | None = None, roles: str = "admin",
+                auth_url: str | None = None, username: str | None = None, password: str | None = None,
+                project_name: str | None = None, user_domain_name: str = "Default", project_domain_name: str = "Default") -> Any:
+    """An aodhclient v2 client: Keystone password auth when auth_url is given, else Aodh's noauth headers."""
+    try:
+        from aodhclient import client as aodh
+        from keystoneauth1 import session as ks_session
+    except ImportError as exc:
+        raise RuntimeError("registering alarms needs aodhclient: pip install 'headwater[openstack]'") from exc
+    if auth_url:
+        from keystoneauth1.identity import v3
+
+        auth = v3.Password(auth_url=auth_url, username=username, password=password, project_name=project_name,
+                           user_domain_name=user_domain_name, project_domain_name=project_domain_name)
+        return aodh.Client(2, session=ks_session.Session(auth=auth))
+    from aodhclient import noauth
+
+    plugin = noauth.AodhNoAuthPlugin(user_id=user_id or "headwater", project_id=project_id or "default", roles=roles, endpoint=endpoint)
+    return aodh.Client(2, session=ks_session.Session(auth=plugin))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sources.aodh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    reg = sub.add_parser("register", help="create an Aodh event alarm whose action POSTs to this Headwater")
+    reg.add_argument("--config-file", action="append", default=[], help="Headwater configuration (for public_url and [aodh])")
+    reg.add_argument("--name", required=True)
+    reg.add_argument("--event-type", default="*", help="fnmatch pattern of the ceilometer event type")
+    reg.add_argument("--query", action="append", default=[], help="field=[type::]value, e.g. traits.action=string::update (repeatable, ANDed)")
+    reg.add_argument("--severity", default="moderate", choices=SEVERITIES)
+    reg.add_argument("--no-repeat-actions", dest="repeat_actions", action="store_false",
+                     help="fire once only (an event alarm never returns to ok)")
+    reg.add_argument("--description")
+    reg.add_argument("--aodh-endpoint", help="default: [aodh] endpoint")
+    reg.add_argument("--project-id", help="owner of the alarm (noauth) and of the events; default [aodh] project_id")
+    reg.add_argument("--user-id", default="headwater", help="noauth user")
+    reg.add_argument("--roles", default="admin", help="noauth roles")
+    reg.add_argument("--os-auth-url", help="Keystone: use password auth instead of Aodh's noauth headers")
+    reg.add_argument("--os-username")
+    reg.add_argument("--os-password")
+    reg.add_argument("--os-project-name")
+    args = parser.parse_args(argv)
+
+    config = Config.load(args.config_file)
+    project_id = args.project_id or config.aodh.project_id
+    alarm = build_alarm(name=args.name, url=action_url(config, project_id), event_type=args.event_type, query=args.query,
+                        severity=args.severity, repeat_actions=args.repeat_actions, description=args.description)
+    client = aodh_client(endpoint=args.aodh_endpoint or config.aodh.endpoint, user_id=args.user_id, project_id=project_id,
+                         roles=args.roles, auth_url=args.os_auth_url, username=args.os_username, password=args.os_password,
+                         project_name=args.os_project_name)
+    created = client.alarm.create(alarm)
+    json.dump({k: created.get(k) for k in ("alarm_id", "name", "state", "project_id", "alarm_actions")}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

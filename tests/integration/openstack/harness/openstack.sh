@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Real Zaqar, Swift + ceilometermiddleware and Aodh from PyPI on 127.0.0.1, for Headwater's
+# integration tests (tests/integration/openstack). No Keystone, no Docker, no systemd.
+#
+#   openstack.sh install   venvs under $HEADWATER_OPENSTACK_DIR (reused when present)
+#   openstack.sh start     start the servers (needs Redis :6379 and RabbitMQ :5672 already up)
+#   openstack.sh up        install + start
+#   openstack.sh stop      stop what `start` started, by recorded pid
+#   openstack.sh status    which ports answer
+#   openstack.sh env       the environment the tests read (eval "$(openstack.sh env)")
+#
+# Ports are off the usual ones (8080/8888/8042) so a developer's own servers are left alone.
+set -euo pipefail
+
+DIR=${HEADWATER_OPENSTACK_DIR:-/var/tmp/headwater-openstack}
+PY=${HEADWATER_OPENSTACK_PYTHON:-python3}
+RABBIT_URL=${HEADWATER_OPENSTACK_RABBIT:-rabbit://guest:guest@127.0.0.1:5672/}
+REDIS_URI=${HEADWATER_OPENSTACK_REDIS:-redis://127.0.0.1:6379?dbid=7}  # own db: Redis is shared
+ZAQAR_PORT=${HEADWATER_ZAQAR_PORT:-18888}
+SWIFT_PORT=${HEADWATER_SWIFT_PORT:-18080}
+AODH_PORT=${HEADWATER_AODH_PORT:-18042}
+# Swift's backend servers; the proxy is the only one clients talk to.
+OBJ_PORT=16200; CONT_PORT=16201; ACCT_PORT=16202
+
+# Pinned to what the wire-format reference was captured with.
+ZAQAR_PKGS="zaqar==23.0.1 python-zaqarclient==4.7.0 redis"
+SWIFT_PKGS="swift==2.38.3 ceilometermiddleware==3.13.0 python-swiftclient"
+AODH_PKGS="aodh==23.0.0 aodhclient==3.12.0"
+
+log() { echo "openstack-harness: $*" >&2; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_http() {  # name url seconds
+  for _ in $(seq 1 "$3"); do
+    if "$PY" - "$2" <<'PYEOF' 2>/dev/null; then return 0; fi
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={
+        "Client-ID": "3381af92-2b9e-11e3-b191-71861300734c", "X-Project-ID": "probe"}), timeout=2)
+except urllib.error.HTTPError:
+    pass  # any HTTP answer means the server is up
+PYEOF
+    sleep 1
+  done
+  log "$1 did not answer at $2 (logs: $DIR/log)"; return 1
+}
+
+venv_install() {  # name marker-binary packages...
+  local name=$1 marker=$2; shift 2
+  local v="$DIR/venv-$name"
+  if [ -x "$v/bin/$marker" ]; then log "$name venv present"; return 0; fi
+  rm -rf "$v"
+  "$PY" -m venv "$v"
+  local t0=$SECONDS
+  "$v/bin/pip" install -q --disable-pip-version-check "$@" > "$DIR/log/pip-$name.log" 2>&1 \
+    || { log "pip install for $name failed; see $DIR/log/pip-$name.log"; tail -20 "$DIR/log/pip-$name.log" >&2; return 1; }
+  log "$name installed in $((SECONDS - t0)) s"
+}
+
+cmd_install() {
+  mkdir -p "$DIR/log" "$DIR/pids"
+  # In parallel: the three installs are independent and mostly wait on downloads and builds.
+  venv_install zaqar zaqar-server $ZAQAR_PKGS & local z=$!
+  venv_install swift swift-proxy-server $SWIFT_PKGS & local s=$!
+  venv_install aodh aodh-api $AODH_PKGS & local a=$!
+  local rc=0
+  wait $z || rc=1; wait $s || rc=1; wait $a || rc=1
+  return $rc
+}
+
+spawn() {  # name command... — background, logged, pid recorded
+  local name=$1; shift
+  nohup "$@" > "$DIR/log/$name.log" 2>&1 &
+  echo $! > "$DIR/pids/$name.pid"
+}
+
+write_zaqar_conf() {
+  cat > "$DIR/zaqar/zaqar.conf" <<CONF
+[DEFAULT]
+# empty: no Keystone middleware, the API trusts X-Project-ID
+auth_strategy =
+pooling = false
+admin_mode = false
+unreliable = true
+
+[drivers]
+transport = wsgi
+message_store = redis
+management_store = redis
+
+[drivers:transport:wsgi]
+bind = 127.0.0.1
+port = $ZAQAR_PORT
+
+[drivers:message_store:redis]
+uri = $REDIS_URI
+
+[drivers:management_store:redis]
+uri = $REDIS_URI
+
+[storage]
+# runs the notifier after each post: push subscriptions (webhooks) need it
+message_pipeline = zaqar.notification.notifier
+
+[notification]
+require_confirmation = false
+CONF
+}
+
+write_swift_conf() {
+  local etc=$DIR/swift/etc node=$DIR/swift/node
+  mkdir -p "$etc" "$node/d1"
+  cat > "$etc/swift.conf" <<CONF
+[swift-hash]
+swift_hash_path_prefix = headwater
+swift_hash_path_suffix = headwater
+
+[storage-policy:0]
+name = Policy-0
+default = yes
+CONF
+  local kind port
+  for kind in account:$ACCT_PORT container:$CONT_PORT object:$OBJ_PORT; do
+    port=${kind##*:}; kind=${kind%%:*}
+    cat > "$etc/$kind-server.conf" <<CONF
+[DEFAULT]
+bind_ip = 127.0.0.1
+bind_port = $port
+workers = 0
+devices = $node
+mount_check = false
+disable_fallocate = true
+swift_dir = $etc
+log_name = $kind-server
+
+[pipeline:main]
+pipeline = $kind-server
+
+[app:$kind-server]
+use = egg:swift#$kind
+
+[$kind-replicator]
+[$kind-updater]
+[$kind-auditor]
+CONF
+  done
+  # No auth middleware (tempauth would need memcached): every request is allowed. The
+  # ceilometer filter still sees X-Project-Id / X-User-Id headers the client sends, which is
+  # what keystonemiddleware would set in a real cloud.
+  cat > "$etc/proxy-server.conf" <<CONF
+[DEFAULT]
+bind_ip = 127.0.0.1
+bind_port = $SWIFT_PORT
+workers = 0
+swift_dir = $etc
+log_name = proxy-server
+
+[pipeline:main]
+pipeline = catch_errors proxy-logging ceilometer proxy-logging proxy-server
+
+[app:proxy-server]
+use = egg:swift#proxy
+account_autocreate = true
+allow_account_management = true
+
+[filter:catch_errors]
+use = egg:swift#catch_errors
+
+[filter:proxy-logging]
+use = egg:swift#proxy_logging
+
+[filter:ceilometer]
+paste.filter_factory = ceilometermiddleware.swift:filter_factory
+url = $RABBIT_URL
+driver = messagingv2
+topic = notifications
+control_exchange = swift
+swift_conf_file = $etc/swift.conf
+nonblocking_notify = False
+CONF
+  local v=$DIR/venv-swift r p
+  for kind in account:$ACCT_PORT container:$CONT_PORT object:$OBJ_PORT; do
+    p=${kind##*:}; r=${kind%%:*}
+    if [ ! -f "$etc/$r.ring.gz" ]; then
+      # one partition, one replica, one device: the smallest ring Swift accepts
+      (cd "$etc" && "$v/bin/swift-ring-builder" "$r.builder" create 0 1 1 >/dev/null \
+        && "$v/bin/swift-ring-builder" "$r.builder" add "r1z1-127.0.0.1:$p/d1" 1 >/dev/null \
+        && { "$v/bin/swift-ring-builder" "$r.builder" rebalance >/dev/null || true; })
+    fi
+  done
+}
+
+write_aodh_conf() {
+  cat > "$DIR/aodh/aodh.conf" <<CONF
+[DEFAULT]
+transport_url = $RABBIT_URL
+# a new alarm is otherwise invisible to aodh-listener for up to 60 s (per-project cache)
+event_alarm_cache_ttl = 0
+rest_notifier_max_retries = 0
+
+[api]
+auth_mode = noauth
+
+[database]
+connection = sqlite:///$DIR/aodh/aodh.db
+
+[listener]
+event_alarm_topic = alarm.all
+batch_size = 1
+
+[notifier]
+batch_size = 1
+CONF
+}
+
+cmd_start() {
+  mkdir -p "$DIR/log" "$DIR/pids" "$DIR/zaqar" "$DIR/aodh"
+  port_open 6379 || { log "Redis is not running on 127.0.0.1:6379"; return 1; }
+  port_open 5672 || { log "RabbitMQ is not running on 127.0.0.1:5672"; return 1; }
+  local t0=$SECONDS
+  if port_open "$ZAQAR_PORT"; then log "zaqar already up"; else
+    write_zaqar_conf
+    spawn zaqar-server "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$DIR/zaqar/zaqar.conf"
+  fi
+  if port_open "$SWIFT_PORT"; then log "swift already up"; else
+    write_swift_conf
+    local n
+    for n in account container object proxy; do
+      spawn "swift-$n" "$DIR/venv-swift/bin/swift-$n-server" "$DIR/swift/etc/$n-server.conf" -v
+    done
+  fi
+  if port_open "$AODH_PORT"; then log "aodh already up"; else
+    write_aodh_conf
+    "$DIR/venv-aodh/bin/aodh-dbsync" --config-file "$DIR/aodh/aodh.conf" > "$DIR/log/aodh-dbsync.log" 2>&1
+    spawn aodh-api "$DIR/venv-aodh/bin/aodh-api" --host 127.0.0.1 --port "$AODH_PORT" -- --config-file "$DIR/aodh/aodh.conf"
+    # event alarms need only the listener (evaluates) and the notifier (POSTs); no evaluator
+    spawn aodh-listener "$DIR/venv-aodh/bin/aodh-listener" --config-file "$DIR/aodh/aodh.conf"
+    spawn aodh-notifier "$DIR/venv-aodh/bin/aodh-notifier" --config-file "$DIR/aodh/aodh.conf"
+  fi
+  wait_http zaqar "http://127.0.0.1:$ZAQAR_PORT/v2/ping" 60
+  wait_http swift "http://127.0.0.1:$SWIFT_PORT/info" 60
+  wait_http aodh "http://127.0.0.1:$AODH_PORT/" 90
+  log "up in $((SECONDS - t0)) s: zaqar :$ZAQAR_PORT, swift :$SWIFT_PORT, aodh :$AODH_PORT"
+}
+
+cmd_stop() {
+  local f pid
+  for f in "$DIR"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -TERM "$pid" 2>/dev/null; then log "stopped $(basename "$f" .pid) ($pid)"; fi
+    rm -f "$f"
+  done
+}
+
+cmd_status() {
+  local rc=0 p
+  for p in zaqar:$ZAQAR_PORT swift:$SWIFT_PORT aodh:$AODH_PORT; do
+    if port_open "${p##*:}"; then echo "${p%%:*} up (${p##*:})"; else echo "${p%%:*} down (${p##*:})"; rc=1; fi
+  done
+  return $rc
+}
+
+cmd_env() {
+  cat <<ENV
+export HEADWATER_OPENSTACK_DIR=$DIR
+export HEADWATER_ZAQAR_PORT=$ZAQAR_PORT HEADWATER_SWIFT_PORT=$SWIFT_PORT HEADWATER_AODH_PORT=$AODH_PORT
+ENV
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start ;;
+  up) cmd_install && cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) cmd_env ;;
+  *) echo "usage: $0 install|start|up|stop|status|env" >&2; exit 2 ;;
+esac

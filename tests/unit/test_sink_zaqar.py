@@ -1,0 +1,62 @@
+"""The Zaqar sink without a Zaqar: target validation, message shape, failures raise for the delivery policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import Config
+from router.events import Event
+from router.plugins import Sink, load
+from sinks.zaqar import SinkFailed, ZaqarSink
+from sources.zaqar import message_event
+from tests.unit.test_source_zaqar import FakeZaqar
+
+
+def result_event() -> Event:
+    return Event(id="res-1", source="/headwater/executions/e1", type="org.openstack.headwater.execution.success",
+                 subject="e1", data={"thumbnail": "photos-thumbs/cat.jpg"}, extensions={"projectid": "demo"})
+
+
+def sink_config(tmp_path, url: str) -> Config:
+    return Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "zaqar": {"url": url, "project_id": "demo", "message_ttl": "120"}})
+
+
+def test_registered_and_a_sink(tmp_path):
+    assert load("sink", "zaqar") is ZaqarSink
+    assert isinstance(ZaqarSink(sink_config(tmp_path, "http://x")), Sink)
+
+
+@pytest.mark.parametrize("target, fault", [
+    ({}, "queue must be"), ({"queue": "bad name"}, "queue must be"), ({"queue": "q", "ttl": 59}, "ttl must be"),
+    ({"queue": "q", "format": "xml"}, "format must be"), ({"queue": "q", "colour": 1}, "unknown zaqar target fields"),
+])
+def test_validate_target(tmp_path, target, fault):
+    with pytest.raises(ValueError, match=fault):
+        ZaqarSink(sink_config(tmp_path, "http://x")).validate_target(target)
+    assert ZaqarSink(sink_config(tmp_path, "http://x")).validate_target({"queue": "results"}) == {"queue": "results", "ttl": 120, "format": "cloudevent"}
+
+
+async def test_send_posts_the_event_as_a_cloudevent_that_the_source_reads_back(tmp_path):
+    async with FakeZaqar() as zaqar:
+        sink = ZaqarSink(sink_config(tmp_path, zaqar.url))
+        try:
+            await sink.send(result_event(), {"queue": "results"})
+            await sink.send(result_event(), {"queue": "plain", "format": "data", "ttl": 600})
+        finally:
+            await sink.close()
+    by_queue = {m["queue"]: m for m in zaqar.messages.values()}
+    assert by_queue["results"]["ttl"] == 120 and by_queue["results"]["body"]["id"] == "res-1"
+    assert by_queue["plain"] == {"body": {"thumbnail": "photos-thumbs/cat.jpg"}, "ttl": 600, "queue": "plain", "claim": None}
+    assert zaqar.headers[0]["X-Project-ID"] == "demo"
+    # chaining: a Zaqar source on that queue gets the same event back (same id → runs once)
+    again = message_event(queue="results", project_id="demo", message_id="zaqar-msg", body=by_queue["results"]["body"])
+    assert (again.id, again.type, again.data) == ("res-1", result_event().type, result_event().data)
+
+
+async def test_send_raises_when_zaqar_is_away(tmp_path):
+    sink = ZaqarSink(sink_config(tmp_path, "http://127.0.0.1:9"))
+    try:
+        with pytest.raises(SinkFailed, match="unreachable"):
+            await sink.send(result_event(), {"queue": "results"})
+    finally:
+        await sink.close()

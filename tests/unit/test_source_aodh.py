@@ -1,0 +1,126 @@
+"""The Aodh source without Aodh: captured alarm-action POSTs in, one event per transition out."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from router.config import Config
+from router.plugins import SubscriptionInvalid
+from sources.aodh import AodhSource, MalformedAlarm, action_url, alarm_event, build_alarm, parse_query
+from tests.unit.test_source_swift import FakeContext
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def captured(name: str) -> dict:
+    """(headers, body) of the one POST aodh-notifier made in a capture."""
+    post = json.loads((FIXTURES / name).read_text().splitlines()[0])
+    return post
+
+
+@pytest.fixture
+async def aodh(tmp_path):
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "aodh": {"token": "t0k"}})
+    ctx = FakeContext(config)
+    source = AodhSource(config)
+    await source.start(ctx)
+    client = TestClient(TestServer(ctx.app()))
+    await client.start_server()
+    client.ctx = ctx
+    yield client
+    await client.close()
+    await source.stop()
+
+
+async def test_full_chain_capture_becomes_an_alarm_event(aodh):
+    post = captured("sample-aodh-post-full-chain.jsonl")
+    resp = await aodh.post("/v1/aodh/alarms?project_id=demo&token=t0k", data=post["body"],
+                           headers={"content-type": "application/json", "x-openstack-request-id": post["headers"]["x-openstack-request-id"]})
+    assert resp.status == 202, await resp.text()
+    (event, settle), = aodh.ctx.published
+    body = json.loads(post["body"])
+    assert event.type == "org.openstack.aodh.alarm.alarm" and event.subject == "swift-chain"
+    assert event.source == f"/aodh/alarms/{body['alarm_id']}" and event.data == body
+    assert event.extensions == {"projectid": "demo", "alarmname": "swift-chain", "alarmid": body["alarm_id"], "severity": "moderate",
+                                "alarmstate": "alarm", "previousstate": "insufficient_data", "partitionkey": body["alarm_id"]}
+    # event alarms carry the triggering ceilometer event: its time is the event's time
+    assert event.time == _dt.datetime(2026, 11, 24, 3, 8, 16, 14951, tzinfo=_dt.timezone.utc)
+    assert (await resp.json())["event_id"] == event.id
+
+
+async def test_same_triggering_event_is_the_same_headwater_event():
+    body = json.loads(captured("sample-aodh-rest-notifier-post.jsonl")["body"])
+    first = alarm_event(body, project_id="p", request_id="req-1")
+    again = alarm_event(copy.deepcopy(body), project_id="p", request_id="req-2")  # urllib3 retry, or a second notifier
+    assert first.id == again.id
+    threshold = {**body, "reason_data": {"type": "threshold", "count": 1, "most_recent": 9.0}}
+    assert alarm_event(threshold, project_id="p", request_id="req-1").id == alarm_event(threshold, project_id="p", request_id="req-1").id
+    assert alarm_event(threshold, project_id="p", request_id="req-1").id != alarm_event(threshold, project_id="p", request_id="req-2").id
+    assert alarm_event(threshold, project_id="p").id != alarm_event(threshold, project_id="p").id
+
+
+def test_state_is_in_the_type():
+    body = json.loads(captured("sample-aodh-rest-notifier-post.jsonl")["body"])
+    for state, type_ in (("ok", "ok"), ("insufficient data", "insufficient_data"), ("alarm", "alarm")):
+        assert alarm_event({**body, "current": state}, project_id="p").type == f"org.openstack.aodh.alarm.{type_}"
+
+
+@pytest.mark.parametrize("mutate, fault", [
+    (lambda b: b.pop("reason_data"), "missing keys: reason_data"),
+    (lambda b: b.update(current="firing"), "current is 'firing'"),
+    (lambda b: b.update(severity="huge"), "severity is 'huge'"),
+    (lambda b: b.update(alarm_id=""), "alarm_id must be a non-empty string"),
+    (lambda b: b.update(reason_data=[1]), "reason_data must be an object"),
+])
+def test_malformed_bodies(mutate, fault):
+    body = json.loads(captured("sample-aodh-rest-notifier-post.jsonl")["body"])
+    mutate(body)
+    with pytest.raises(MalformedAlarm, match=fault):
+        alarm_event(body, project_id="p")
+
+
+async def test_malformed_post_is_dead_lettered_and_answered_400(aodh):
+    for data in ("{not json", json.dumps({"alarm_name": "x"})):
+        resp = await aodh.post("/v1/aodh/alarms?token=t0k", data=data, headers={"content-type": "application/json"})
+        assert resp.status == 400
+    assert [d["source"] for d in aodh.ctx.dead] == ["aodh", "aodh"]
+    assert "not a JSON object" in aodh.ctx.dead[0]["reason"] and "missing keys" in aodh.ctx.dead[1]["reason"]
+    # and the endpoint keeps working
+    resp = await aodh.post("/v1/aodh/alarms?token=t0k", data=captured("sample-aodh-rest-notifier-post.jsonl")["body"])
+    assert resp.status == 202 and len(aodh.ctx.published) == 1
+    assert aodh.ctx.published[0][0].project_id == "default"  # no project_id in the URL: [aodh] project_id
+
+
+async def test_wrong_token_is_refused(aodh):
+    body = captured("sample-aodh-rest-notifier-post.jsonl")["body"]
+    assert (await aodh.post("/v1/aodh/alarms", data=body)).status == 401
+    assert (await aodh.post("/v1/aodh/alarms?token=nope", data=body)).status == 401
+    assert aodh.ctx.published == []
+
+
+def test_register_builds_an_event_alarm_aimed_at_headwater(tmp_path):
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "api": {"public_url": "http://hw.example:7070"},
+                                    "aodh": {"token": "t0k"}})
+    url = action_url(config, "demo")
+    assert url == "http://hw.example:7070/v1/aodh/alarms?project_id=demo&token=t0k"
+    alarm = build_alarm(name="n", url=url, event_type="objectstore.http.request", query=["traits.action=string::update", "traits.x=y"])
+    assert alarm["type"] == "event" and alarm["alarm_actions"] == [url] and alarm["repeat_actions"] is True
+    assert alarm["event_rule"]["query"] == [
+        {"field": "traits.action", "op": "eq", "type": "string", "value": "update"},
+        {"field": "traits.x", "op": "eq", "type": "string", "value": "y"}]
+    with pytest.raises(ValueError):
+        parse_query(["novalue"])
+
+
+@pytest.mark.parametrize("filters, fault", [({"alarm": "x"}, "no attribute 'alarm'"), ({"alarmstate": "insufficient data"}, "alarmstate is one of")])
+def test_subscription_validation(tmp_path, filters, fault):
+    source = AodhSource(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}}))
+    with pytest.raises(SubscriptionInvalid, match=fault):
+        source.validate_subscription({"filters": filters}, None)
+    assert source.validate_subscription({"filters": {"alarmname": "cpu", "severity": "critical", "alarmstate": "alarm"}}, None) == {}

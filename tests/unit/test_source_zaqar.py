@@ -1,0 +1,228 @@
+"""The Zaqar source without a Zaqar: claim → publish → delete order, dead letters, and the push receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from router.config import Config
+from sources.zaqar import PUSH_PATH, ZaqarClient, ZaqarSource, message_event
+from tests.unit.test_source_swift import FakeContext
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class FakeZaqar:
+    """The slice of the Zaqar v2 API the source and sink use, answering as the real one does
+    (claims: 201 + Location, 204 when empty; delete needs the claim id: 403 without it)."""
+
+    def __init__(self, log: list[str] | None = None):
+        self.messages: dict[str, dict[str, Any]] = {}  # id → {"body", "ttl", "queue", "claim"}
+        self.headers: list[dict[str, str]] = []
+        self.log = log if log is not None else []
+        app = web.Application()
+        app.router.add_post("/v2/queues/{q}/claims", self.claim)
+        app.router.add_delete("/v2/queues/{q}/claims/{cid}", self.release)
+        app.router.add_delete("/v2/queues/{q}/messages/{mid}", self.delete)
+        app.router.add_post("/v2/queues/{q}/messages", self.post)
+        self.server = TestServer(app)
+
+    async def __aenter__(self) -> FakeZaqar:
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def add(self, queue: str, body: Any, **extra) -> str:
+        mid = str(uuid.uuid4())
+        self.messages[mid] = {"body": body, "ttl": 300, "queue": queue, "claim": None, **extra}
+        return mid
+
+    async def claim(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        body = await request.json()
+        assert 60 <= body["ttl"] <= 43200 and 60 <= body["grace"] <= 43200
+        queue, limit = request.match_info["q"], int(request.query.get("limit", 10))
+        free = [(mid, m) for mid, m in self.messages.items() if m["queue"] == queue and m["claim"] is None][:limit]
+        if not free:
+            return web.Response(status=204)
+        cid = str(uuid.uuid4())
+        out = []
+        for mid, m in free:
+            m["claim"] = cid
+            doc = {"id": mid, "href": f"/v2/queues/{queue}/messages/{mid}?claim_id={cid}", "ttl": m["ttl"], "age": 3}
+            if "nobody" not in m:
+                doc["body"] = m["body"]
+            out.append(doc)
+        self.log.append(f"claim {cid}")
+        return web.json_response({"messages": out}, status=201, headers={"Location": f"/v2/queues/{queue}/claims/{cid}"})
+
+    async def release(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        for m in self.messages.values():
+            if m["claim"] == cid:
+                m["claim"] = None
+        self.log.append(f"release {cid}")
+        return web.Response(status=204)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        mid = request.match_info["mid"]
+        m = self.messages.get(mid)
+        if m is None:
+            return web.Response(status=204)
+        if m["claim"] is not None and request.query.get("claim_id") != m["claim"]:
+            return web.json_response({"title": "This message is claimed"}, status=403)
+        del self.messages[mid]
+        self.log.append(f"delete {mid}")
+        return web.Response(status=204)
+
+    async def post(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        body = await request.json()
+        ids = [self.add(request.match_info["q"], m["body"], ttl=m.get("ttl", 3600)) for m in body["messages"]]
+        return web.json_response({"resources": [f"/v2/queues/{request.match_info['q']}/messages/{i}" for i in ids]}, status=201)
+
+
+def zaqar_config(tmp_path, url: str, **zaqar) -> Config:
+    return Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)},
+                                  "zaqar": {"url": url, "queues": "jobs", "poll_interval": "0.05", "project_id": "demo", **zaqar}})
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.01)
+
+
+async def test_claimed_message_is_published_then_deleted_with_its_claim_id(tmp_path):
+    order: list[str] = []
+    async with FakeZaqar(order) as zaqar:
+        mid = zaqar.add("jobs", {"image": "cat.jpg"})
+        config = zaqar_config(tmp_path, zaqar.url)
+        ctx = FakeContext(config)
+        ctx.log = order
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            await wait_for(lambda: not zaqar.messages)
+        finally:
+            await source.stop()
+    (event, settle), = ctx.published
+    assert event.id == mid and event.data == {"image": "cat.jpg"} and settle is True  # memory bus: settle first
+    assert event.type == "org.openstack.zaqar.message" and event.source == "/zaqar/demo/queues/jobs"
+    assert event.extensions["queue"] == "jobs" and event.project_id == "demo" and event.extensions["messageage"] == 3
+    assert order.index(f"publish {mid}") < order.index(f"delete {mid}")
+    headers = zaqar.headers[0]
+    assert headers["X-Project-ID"] == "demo" and uuid.UUID(headers["Client-ID"])
+
+
+async def test_refused_publish_leaves_the_message_and_releases_the_claim(tmp_path):
+    async with FakeZaqar() as zaqar:
+        mid = zaqar.add("jobs", {"n": 1})
+        config = zaqar_config(tmp_path, zaqar.url)
+        ctx = FakeContext(config, fail=RuntimeError("router down"))
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            await wait_for(lambda: any(line.startswith("release") for line in zaqar.log))
+        finally:
+            await source.stop()
+        assert mid in zaqar.messages and not any(line.startswith("delete") for line in zaqar.log)
+
+
+async def test_durable_bus_does_not_wait_for_settlement(tmp_path):
+    async with FakeZaqar() as zaqar:
+        zaqar.add("jobs", "plain text body")
+        config = zaqar_config(tmp_path, zaqar.url)
+        ctx = FakeContext(config, durable=True)
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            await wait_for(lambda: not zaqar.messages)
+        finally:
+            await source.stop()
+    (event, settle), = ctx.published
+    assert settle is False and event.data == "plain text body"
+
+
+async def test_malformed_messages_are_dead_lettered_deleted_and_consuming_goes_on(tmp_path):
+    async with FakeZaqar() as zaqar:
+        bad_ce = zaqar.add("jobs", {"specversion": "1.0", "type": "t"})  # no id/source: not a CloudEvent
+        no_body = zaqar.add("jobs", None, nobody=True)
+        good = zaqar.add("jobs", {"ok": True})
+        config = zaqar_config(tmp_path, zaqar.url)
+        ctx = FakeContext(config)
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            await wait_for(lambda: not zaqar.messages)
+        finally:
+            await source.stop()
+    assert [e.id for e, _ in ctx.published] == [good]
+    reasons = {d["event_id"]: d["reason"] for d in ctx.dead}
+    assert "claims to be a CloudEvent" in reasons[bad_ce] and "no body" in reasons[no_body]
+
+
+def test_cloudevent_body_keeps_its_attributes():
+    body = {"specversion": "1.0", "id": "r-1", "source": "/headwater/executions/e", "type": "org.openstack.headwater.execution.success",
+            "data": {"thumb": "t.jpg"}, "projectid": "p"}
+    event = message_event(queue="results", project_id="demo", message_id="m-1", body=body)
+    assert (event.id, event.type, event.data) == ("r-1", "org.openstack.headwater.execution.success", {"thumb": "t.jpg"})
+    assert event.extensions["queue"] == "results" and event.project_id == "p"
+
+
+async def test_push_receiver_takes_zaqar_notifications(tmp_path):
+    config = zaqar_config(tmp_path, "http://127.0.0.1:1", queues="", push_token="s3cret")
+    ctx = FakeContext(config)
+    source = ZaqarSource(config)
+    await source.start(ctx)
+    client = TestClient(TestServer(ctx.app()))
+    await client.start_server()
+    try:
+        captured = [json.loads(line) for line in (FIXTURES / "sample-zaqar-webhook-posts.jsonl").read_text().splitlines()]
+        for post in captured:
+            resp = await client.post(PUSH_PATH, data=post["body"], headers={"Content-Type": "application/json", "X-Headwater-Token": "s3cret"})
+            assert resp.status == 202, await resp.text()
+        assert [e.data for e, _ in ctx.published] == [{"event": "image.uploaded", "n": n} for n in range(3)]
+        assert {e.extensions["queue"] for e, _ in ctx.published} == {"triggers"}
+
+        assert (await client.post(PUSH_PATH, data=captured[0]["body"])).status == 401
+        resp = await client.post(PUSH_PATH, json={"Message_Type": "Nonsense"}, headers={"X-Headwater-Token": "s3cret"})
+        assert resp.status == 400 and "not a Zaqar notification" in ctx.dead[-1]["reason"]
+
+        # a producer-given id in the body makes a repeated push the same event
+        for _ in range(2):
+            await client.post(PUSH_PATH, json={"Message_Type": "Notification", "queue_name": "q", "body": {"id": "k1"}},
+                              headers={"X-Headwater-Token": "s3cret"})
+        assert ctx.published[-1][0].id == ctx.published[-2][0].id
+    finally:
+        await client.close()
+        await source.stop()
+
+
+def test_client_id_defaults_to_a_stable_uuid(tmp_path):
+    config = zaqar_config(tmp_path, "http://x")
+    assert ZaqarClient(config).client_id == ZaqarClient(config).client_id
+    uuid.UUID(ZaqarClient(config).client_id)
+
+
+@pytest.mark.parametrize("option, value", [("claim_ttl", "59"), ("claim_grace", "43201"), ("claim_limit", "21")])
+def test_claim_options_are_held_to_zaqars_ranges(tmp_path, option, value):
+    from router.config import ConfigError
+
+    with pytest.raises(ConfigError, match=option):
+        zaqar_config(tmp_path, "http://x", **{option: value})
