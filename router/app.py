@@ -134,6 +134,7 @@ class Headwater:
         revision = await self.db.migrate()
         await self.reload_subscriptions()
         await self.engine.start()
+        await self.executions.start()
         await self.bus.start()
         await self.dispatcher.start()
         for source in self.sources.values():

@@ -4,6 +4,7 @@ the outcome. Used by the API (direct executions) and by the dispatcher (event ex
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as _dt
 import json
 import logging
@@ -16,6 +17,8 @@ from router.log import current_execution_id
 from router.metrics import Metrics
 from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
 from router.store import NotFound, Store
+from router.store.journal import ExecutionJournal
+from router.targets import TargetCache
 from router.store import models
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 FINISHED = ("success", "failed", "error")
 LEASE_MARGIN_SECONDS = 30.0  # beyond the function's timeout, before a silent worker counts as dead
 LEASE_POLL_SECONDS = 0.5
+COUNT_FLUSH_SECONDS = 1.0
 
 
 class TargetUnavailable(RuntimeError):
@@ -60,7 +64,13 @@ class ExecutionService:
         self.store = store
         self.engine = engine
         self.metrics = metrics
+        self.targets = TargetCache(store)
+        self.journal = ExecutionJournal(store.db)
         self._background: set[asyncio.Task] = set()
+        # Qinling's per-function execution `count`, summed in memory and written once a second:
+        # an informational counter is not worth a transaction per event.
+        self._pending_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._count_flusher: asyncio.Task | None = None
         # Event executions this process is handling now: a duplicate delivery waits instead of re-running.
         self._in_flight: dict[str, asyncio.Future] = {}
 
@@ -70,18 +80,18 @@ class ExecutionService:
                       alias: str | None) -> tuple[models.Function, int]:
         """The function and version an execution runs; aliases resolve at use time."""
         if alias:
-            row = await self.store.aliases.by_name(alias, project_id=project_id)
+            row = await self.targets.alias(alias, project_id)
             function_id, version = row.function_id, row.function_version
         if not function_id:
             raise InvalidTarget("Either function_alias or function_id must be provided.")
-        function = await self.store.functions.get(function_id, project_id=project_id)
+        function = await self.targets.function(function_id, project_id)
         version = version or 0
         if version:
             if function.code.get("source") != "package":
                 raise InvalidTarget("Can not specify version for non-package type function.")
-            await self.store.versions.get_number(function.id, version)
+            await self.targets.version(function.id, version)
         if function.runtime_id:
-            runtime = await self.store.runtimes.get(function.runtime_id)
+            runtime = await self.targets.runtime(function.runtime_id)
             if runtime.status != "available":
                 raise TargetUnavailable(f"Runtime {runtime.id} is not available.")
         return function, version
@@ -89,10 +99,10 @@ class ExecutionService:
     async def _spec(self, function: models.Function, version: int) -> FunctionSpec:
         runtime_image = None
         if function.runtime_id:
-            runtime_image = (await self.store.runtimes.get(function.runtime_id)).image
+            runtime_image = (await self.targets.runtime(function.runtime_id)).image
         md5 = function.code.get("md5sum")
         if version:
-            md5 = (await self.store.versions.get_number(function.id, version)).md5sum or md5
+            md5 = (await self.targets.version(function.id, version)).md5sum or md5
         package = PackageRef(function.project_id, function.id, version, md5) if function.code.get("source") == "package" else None
         return FunctionSpec(id=function.id, version=version, runtime_id=function.runtime_id, runtime_image=runtime_image,
                             code=function.code, entry=function.entry, cpu=function.cpu, memory_size=function.memory_size,
@@ -147,7 +157,7 @@ class ExecutionService:
 
     async def record(self, row: models.Execution, result: ExecutionResult) -> None:
         document = {"duration": round(result.duration, 3), "output": result.output}
-        await self.store.executions.finish(row.id, status=result.status, result=document, logs=result.logs, reason=result.reason)
+        await self.journal.finish(row.id, status=result.status, result=document, logs=result.logs, reason=result.reason)
         row.status, row.result, row.logs, row.reason = result.status, document, result.logs, result.reason
         self.metrics.executions.labels(result.status, result.reason).inc()
         if result.status != "success":
@@ -164,18 +174,39 @@ class ExecutionService:
         label = {"job": "Job", "webhook": "Webhook"}.get(sub.kind, "Subscription")
         return f"Created by {label} {sub.id}"
 
-    async def prepare_for_event(self, event: Event, sub: Subscription) -> tuple[models.Execution, models.Function, int, bool]:
+    async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False
+                                ) -> tuple[models.Execution, models.Function, int, bool]:
         """Record the execution of (event, subscription) unless it exists; returns it with its target
-        and whether it was created now."""
+        and whether it was created now (and, with `claim`, is owned by the caller)."""
         function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
                                                version=sub.function_version, alias=sub.function_alias)
-        row, created = await self.store.executions.start(
+        # Created already claimed (lease and first attempt) when `claim` is set: one transaction, not two.
+        lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
+        row, created = await self.journal.start_execution(dict(
             id=execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
             function_alias=sub.function_alias, status="running", sync=False, input=self._event_input(event, sub),
-            description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id)
+            description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
+            **lease))
         if created:
-            await self.store.functions.bump_count(function.id, version)
+            self._count(function.id, version)
         return row, function, version, created
+
+    def _count(self, function_id: str, version: int) -> None:
+        self._pending_counts[(function_id, version)] += 1
+        if self._count_flusher is None or self._count_flusher.done():
+            self._count_flusher = asyncio.get_running_loop().create_task(self._flush_counts_later())
+
+    async def _flush_counts_later(self) -> None:
+        await asyncio.sleep(COUNT_FLUSH_SECONDS)
+        await self.flush_counts()
+
+    async def flush_counts(self) -> None:
+        pending, self._pending_counts = self._pending_counts, collections.Counter()
+        for (function_id, version), n in pending.items():
+            try:
+                await self.store.functions.bump_count(function_id, version, n)
+            except Exception:
+                log.exception("could not record execution counts", extra={"function_id": function_id})
 
     def _lease(self, function: models.Function) -> float:
         return (function.timeout or self.config.resource_limits.default_timeout) + LEASE_MARGIN_SECONDS
@@ -197,7 +228,7 @@ class ExecutionService:
 
     async def _run_for_event(self, event: Event, sub: Subscription) -> None:
         try:
-            row, function, version, _ = await self.prepare_for_event(event, sub)
+            row, function, version, created = await self.prepare_for_event(event, sub, claim=True)
         except (NotFound, TargetUnavailable, InvalidTarget) as exc:
             # The subscription points at something that cannot run: no retry will help.
             await self.store.dead_letters.add(source=sub.source, reason=str(exc), event_id=event.id, subscription_id=sub.id,
@@ -205,7 +236,7 @@ class ExecutionService:
             self.metrics.dead_letters.labels(sub.source).inc()
             log.warning("event dead-lettered: target unavailable", extra={"event_id": event.id, "subscription_id": sub.id, "reason": str(exc)})
             return
-        while True:
+        while not created:
             if row.status in FINISHED:
                 self.metrics.duplicates.inc()
                 return
@@ -218,7 +249,15 @@ class ExecutionService:
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
 
+    async def start(self) -> None:
+        await self.journal.start()
+
     async def stop(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._count_flusher is not None:
+            self._count_flusher.cancel()
+            await asyncio.gather(self._count_flusher, return_exceptions=True)
+        await self.flush_counts()
+        await self.journal.stop()

@@ -15,8 +15,21 @@ async def context_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+# Writes under these paths change what an execution resolves to (functions, runtimes, versions, aliases).
+_TARGET_PATHS = ("/v1/functions", "/v1/runtimes", "/v1/aliases")
+
+
+@web.middleware
+async def target_cache_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    finally:
+        if request.method not in ("GET", "HEAD") and request.path.startswith(_TARGET_PATHS):
+            request.app[APP_KEY].executions.targets.clear()
+
+
 def build_api(headwater) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, context_middleware],
+    app = web.Application(middlewares=[error_middleware, context_middleware, target_cache_middleware],
                           client_max_size=headwater.config.api.max_request_size)
     app[APP_KEY] = headwater
     for module in (root, runtimes, functions, executions, webhooks, jobs, subscriptions):

@@ -156,17 +156,17 @@ class Runtimes(Repository[models.Runtime]):
 class Functions(Repository[models.Function]):
     model = models.Function
 
-    async def bump_count(self, function_id: str, version: int) -> None:
+    async def bump_count(self, function_id: str, version: int, n: int = 1) -> None:
         """Count an execution (Qinling's `count`); also marks the function as recently used."""
         async with self.db.sessions() as session:
             if version:
                 await session.execute(
                     sa.update(models.FunctionVersion)
                     .where(models.FunctionVersion.function_id == function_id, models.FunctionVersion.version_number == version)
-                    .values(count=models.FunctionVersion.count + 1, updated_at=models.utcnow()))
+                    .values(count=models.FunctionVersion.count + n, updated_at=models.utcnow()))
             else:
                 await session.execute(sa.update(models.Function).where(models.Function.id == function_id)
-                                      .values(count=models.Function.count + 1, updated_at=models.utcnow()))
+                                      .values(count=models.Function.count + n, updated_at=models.utcnow()))
             await session.commit()
 
 

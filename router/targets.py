@@ -1,0 +1,48 @@
+"""TargetCache: functions, runtimes, versions and aliases held briefly in memory, so routing an
+event does not cost a database round trip per lookup."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from router.store import NotFound, Store
+from router.store import models
+
+# Changes made through this process's API clear the cache at once; changes made by another replica
+# are seen within this many seconds.
+DEFAULT_TTL_SECONDS = 2.0
+
+
+class TargetCache:
+    def __init__(self, store: Store, ttl: float = DEFAULT_TTL_SECONDS):
+        self.store = store
+        self.ttl = ttl
+        self._entries: dict[tuple, tuple[float, Any]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def _get(self, key: tuple, load) -> Any:
+        hit = self._entries.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await load()
+        self._entries[key] = (now + self.ttl, value)
+        return value
+
+    async def function(self, function_id: str, project_id: str | None) -> models.Function:
+        row = await self._get(("function", function_id), lambda: self.store.functions.get(function_id))
+        if project_id is not None and row.project_id != project_id:
+            raise NotFound(f"Function not found [id={function_id}]")
+        return row
+
+    async def runtime(self, runtime_id: str) -> models.Runtime:
+        return await self._get(("runtime", runtime_id), lambda: self.store.runtimes.get(runtime_id))
+
+    async def version(self, function_id: str, number: int) -> models.FunctionVersion:
+        return await self._get(("version", function_id, number), lambda: self.store.versions.get_number(function_id, number))
+
+    async def alias(self, name: str, project_id: str | None) -> models.FunctionAlias:
+        return await self._get(("alias", name, project_id), lambda: self.store.aliases.by_name(name, project_id=project_id))
