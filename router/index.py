@@ -1,12 +1,22 @@
-"""SubscriptionIndex: subscriptions held in memory, keyed so matching costs the same with 10 or 100,000."""
+"""SubscriptionIndex: subscriptions held in memory, keyed so matching costs the same with 10 or 100,000.
+
+Each subscription is filed under one condition that every matching event must meet: an exact
+attribute value (hash lookup), a literal prefix or suffix (one hash lookup per distinct length in
+use), or else its event types. Only the subscriptions filed where the event lands are tested with
+their full compiled filter."""
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from router.events import Event
+from router.filters import CompiledFilter, FilterError, compile_filter
 from router.plugins import Subscription
+
+log = logging.getLogger(__name__)
 
 SOURCE_KIND_EXTENSION = "sourcekind"
 
@@ -15,113 +25,171 @@ def source_kind(event: Event) -> str | None:
     return event.extensions.get(SOURCE_KIND_EXTENSION)
 
 
-def _key_attribute(sub: Subscription) -> str | None:
-    """The exact filter a subscription is filed under: `subject` if it has one (webhooks and jobs
-    target one subscription through it), else its first filter by name."""
-    if not sub.filters:
-        return None
-    return "subject" if "subject" in sub.filters else min(sub.filters)
+def compile_subscription(sub: Subscription) -> CompiledFilter:
+    return compile_filter(sub.filters or None, (sub.options or {}).get("filter"))
+
+
+def _key(value: Any) -> Any:
+    """Index keys compare numbers by value, so `5`, `5.0` and `"5"` meet in one slot; the full
+    filter decides afterwards."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", float(value))
+    if isinstance(value, str):
+        try:
+            return ("num", float(value))
+        except ValueError:
+            return value
+    return repr(value)
+
+
+class _Entry:
+    __slots__ = ("sub", "compiled", "slot")
+
+    def __init__(self, sub: Subscription, compiled: CompiledFilter):
+        self.sub = sub
+        self.compiled = compiled
+        self.slot: tuple | None = None
+
+    def matches(self, event: Event) -> bool:
+        sub = self.sub
+        # A paused subscription routes nothing. Cron is the exception: its source decides whether a
+        # tick fires, and a tick already published must still run after its schedule became done.
+        if sub.status != "running" and sub.source != "cron":
+            return False
+        if sub.types and event.type not in sub.types:
+            return False
+        return self.compiled.matches(event)
 
 
 class _Bucket:
     """The subscriptions of one source kind."""
 
-    __slots__ = ("keyed", "key_attributes", "by_type", "any_type")
-
     def __init__(self) -> None:
-        self.keyed: dict[tuple[str, object], dict[str, Subscription]] = collections.defaultdict(dict)
-        self.key_attributes: collections.Counter[str] = collections.Counter()
-        self.by_type: dict[str, dict[str, Subscription]] = collections.defaultdict(dict)
-        self.any_type: dict[str, Subscription] = {}
+        self.exact: dict[tuple[str, Any], dict[str, _Entry]] = collections.defaultdict(dict)
+        self.exact_attributes: collections.Counter[str] = collections.Counter()
+        # attribute → length → literal → entries
+        self.prefix: dict[str, dict[int, dict[str, dict[str, _Entry]]]] = {}
+        self.suffix: dict[str, dict[int, dict[str, dict[str, _Entry]]]] = {}
+        self.by_type: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
+        self.rest: dict[str, _Entry] = {}
 
-    def add(self, sub: Subscription) -> None:
-        attribute = _key_attribute(sub)
-        if attribute is not None:
-            self.keyed[(attribute, _hashable(sub.filters[attribute]))][sub.id] = sub
-            self.key_attributes[attribute] += 1
-        elif sub.types:
-            for type_ in sub.types:
-                self.by_type[type_][sub.id] = sub
+    def add(self, entry: _Entry) -> None:
+        key = entry.compiled.index_key()
+        sub_id = entry.sub.id
+        if key is not None and key[0] == "eq":
+            slot = ("eq", key[1], _key(key[2]))
+            self.exact[(key[1], slot[2])][sub_id] = entry
+            self.exact_attributes[key[1]] += 1
+        elif key is not None:
+            kind, attribute, literal = key
+            slot = (kind, attribute, len(literal), literal)
+            table = self.prefix if kind == "prefix" else self.suffix
+            table.setdefault(attribute, {}).setdefault(len(literal), {}).setdefault(literal, {})[sub_id] = entry
+        elif entry.sub.types:
+            slot = ("types", tuple(entry.sub.types))
+            for type_ in entry.sub.types:
+                self.by_type[type_][sub_id] = entry
         else:
-            self.any_type[sub.id] = sub
+            slot = ("rest",)
+            self.rest[sub_id] = entry
+        entry.slot = slot
 
-    def remove(self, sub: Subscription) -> None:
-        attribute = _key_attribute(sub)
-        if attribute is not None:
-            key = (attribute, _hashable(sub.filters[attribute]))
-            self.keyed[key].pop(sub.id, None)
-            if not self.keyed[key]:
-                del self.keyed[key]
-            self.key_attributes[attribute] -= 1
-            if not self.key_attributes[attribute]:
-                del self.key_attributes[attribute]
-        elif sub.types:
-            for type_ in sub.types:
-                self.by_type[type_].pop(sub.id, None)
+    def remove(self, entry: _Entry) -> None:
+        slot = entry.slot
+        sub_id = entry.sub.id
+        if slot[0] == "eq":
+            bucket = self.exact[(slot[1], slot[2])]
+            bucket.pop(sub_id, None)
+            if not bucket:
+                del self.exact[(slot[1], slot[2])]
+            self.exact_attributes[slot[1]] -= 1
+            if not self.exact_attributes[slot[1]]:
+                del self.exact_attributes[slot[1]]
+        elif slot[0] in ("prefix", "suffix"):
+            _, attribute, length, literal = slot
+            table = self.prefix if slot[0] == "prefix" else self.suffix
+            by_length = table[attribute]
+            entries = by_length[length][literal]
+            entries.pop(sub_id, None)
+            if not entries:
+                del by_length[length][literal]
+                if not by_length[length]:
+                    del by_length[length]
+                    if not by_length:
+                        del table[attribute]
+        elif slot[0] == "types":
+            for type_ in slot[1]:
+                self.by_type[type_].pop(sub_id, None)
                 if not self.by_type[type_]:
                     del self.by_type[type_]
         else:
-            self.any_type.pop(sub.id, None)
+            self.rest.pop(sub_id, None)
 
-    def candidates(self, event: Event) -> Iterable[Subscription]:
-        for attribute in self.key_attributes:
-            found = self.keyed.get((attribute, _hashable(event.attribute(attribute))))
-            if found:
-                yield from found.values()
+    def candidates(self, event: Event) -> Iterator[_Entry]:
+        for attribute in self.exact_attributes:
+            value = event.attribute(attribute)
+            if value is not None:
+                found = self.exact.get((attribute, _key(value)))
+                if found:
+                    yield from found.values()
+        for table, take in ((self.prefix, lambda v, n: v[:n]), (self.suffix, lambda v, n: v[-n:])):
+            for attribute, by_length in table.items():
+                value = event.attribute(attribute)
+                if not isinstance(value, str):
+                    continue
+                for length, literals in by_length.items():
+                    if len(value) >= length:
+                        found = literals.get(take(value, length))
+                        if found:
+                            yield from found.values()
         found = self.by_type.get(event.type)
         if found:
             yield from found.values()
-        yield from self.any_type.values()
-
-
-def _hashable(value: object) -> object:
-    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-
-
-def _matches(sub: Subscription, event: Event) -> bool:
-    # A paused subscription routes nothing. Cron is the exception: its source decides whether a tick
-    # fires, and a tick already published must still run after its schedule became `done`.
-    if sub.status != "running" and sub.source != "cron":
-        return False
-    if sub.types and event.type not in sub.types:
-        return False
-    for name, expected in sub.filters.items():
-        if event.attribute(name) != expected:
-            return False
-    return True
+        yield from self.rest.values()
 
 
 class SubscriptionIndex:
-    """Matches an event to its subscriptions by source kind, event type and exact attributes."""
+    """Matches an event to its subscriptions by source kind, event type and filters."""
 
     def __init__(self, subscriptions: Iterable[Subscription] = ()):
-        self._by_id: dict[str, Subscription] = {}
+        self._entries: dict[str, _Entry] = {}
         self._buckets: dict[str, _Bucket] = collections.defaultdict(_Bucket)
         for sub in subscriptions:
             self.put(sub)
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._entries)
 
     def get(self, subscription_id: str) -> Subscription | None:
-        return self._by_id.get(subscription_id)
+        entry = self._entries.get(subscription_id)
+        return entry.sub if entry else None
 
     def of_source(self, source: str) -> list[Subscription]:
-        return [s for s in self._by_id.values() if s.source == source]
+        return [e.sub for e in self._entries.values() if e.sub.source == source]
 
     def put(self, sub: Subscription) -> None:
+        """Add or replace a subscription. Its filters were validated when it was created; one that
+        no longer compiles (a row edited by hand) raises FilterError."""
+        entry = _Entry(sub, compile_subscription(sub))
         self.remove(sub.id)
-        self._by_id[sub.id] = sub
-        self._buckets[sub.source].add(sub)
+        self._entries[sub.id] = entry
+        self._buckets[sub.source].add(entry)
 
     def remove(self, subscription_id: str) -> None:
-        old = self._by_id.pop(subscription_id, None)
+        old = self._entries.pop(subscription_id, None)
         if old is not None:
-            self._buckets[old.source].remove(old)
+            self._buckets[old.sub.source].remove(old)
 
     def replace_all(self, subscriptions: Iterable[Subscription]) -> None:
-        fresh = SubscriptionIndex(subscriptions)
-        self._by_id, self._buckets = fresh._by_id, fresh._buckets
+        fresh = SubscriptionIndex()
+        for sub in subscriptions:
+            try:
+                fresh.put(sub)
+            except FilterError as exc:  # one unusable row must not stop the others from routing
+                log.error("subscription left out of the index: %s", exc, extra={"subscription_id": sub.id})
+        self._entries, self._buckets = fresh._entries, fresh._buckets
 
     def match(self, event: Event) -> list[Subscription]:
         kind = source_kind(event)
@@ -130,8 +198,10 @@ class SubscriptionIndex:
             return []
         seen: set[str] = set()
         out = []
-        for sub in bucket.candidates(event):
-            if sub.id not in seen and _matches(sub, event):
-                seen.add(sub.id)
-                out.append(sub)
+        for entry in bucket.candidates(event):
+            sub_id = entry.sub.id
+            if sub_id not in seen:
+                seen.add(sub_id)
+                if entry.matches(event):
+                    out.append(entry.sub)
         return out

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, source_plugin
 from router.events import utcnow
+from router.filters import FilterError, compile_filter
 from router.store.models import new_id
 
 # Sources whose events are aimed at one subscription: its id is the event's subject.
@@ -16,7 +19,8 @@ SELF_TARGETED = ("cron",)
 
 def serialize(row) -> dict:
     return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
-            "types": list(row.types or ()), "filters": row.filters or {}, "function_id": row.function_id,
+            "types": list(row.types or ()), "filters": row.filters or {},
+            "filter": (row.options or {}).get("filter"), "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
             "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
@@ -24,27 +28,28 @@ def serialize(row) -> dict:
             "updated_at": format_time(row.updated_at)}
 
 
-def _check_shape(body: dict) -> tuple[list[str], dict]:
+def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
+    """Types, filters and filter expression, validated and compiled once here (a 400 names the fault)."""
     types = body.get("types") or []
     if isinstance(types, str):
         types = [types]
     if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
         raise BadRequest("types must be a list of event type strings.")
     filters = body.get("filters") or {}
-    if not isinstance(filters, dict):
-        raise BadRequest("filters must be an object mapping CloudEvents attribute names to values.")
-    for name, value in filters.items():
-        if not (isinstance(name, str) and name.isalnum() and name.islower()):
-            raise BadRequest(f"filter attribute {name!r} is not a CloudEvents attribute name (lower-case letters and digits).")
-        if not isinstance(value, (str, int, float, bool)):
-            raise BadRequest(f"filter {name!r} must compare with a string, number or boolean, not {type(value).__name__}.")
+    expression = body.get("filter")
+    if expression is not None and not isinstance(expression, (str, dict)):
+        raise BadRequest("filter must be an expression string or an all/any/not object.")
+    try:
+        compile_filter(filters, expression)
+    except FilterError as exc:
+        raise BadRequest(str(exc)) from None
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise BadRequest("options must be an object.")
     input_ = body.get("input")
     if input_ is not None and not isinstance(input_, str):
         raise BadRequest("input must be a string (JSON text or a plain string).")
-    return types, filters
+    return types, filters, expression
 
 
 async def create(request: web.Request) -> web.Response:
@@ -54,7 +59,7 @@ async def create(request: web.Request) -> web.Response:
     if not kind or not isinstance(kind, str):
         raise BadRequest("Required param is missing. Required: {'source'}")
     source = source_plugin(request, kind)
-    types, filters = _check_shape(body)
+    types, filters, expression = _check_shape(body)
     target = await check_target(request, body)
     specific = source.validate_subscription({k: v for k, v in body.items() if k not in ("function_id", "function_version", "function_alias")}, utcnow())
     subscription_id = new_id()
@@ -62,6 +67,8 @@ async def create(request: web.Request) -> web.Response:
         filters = {**filters, "subject": subscription_id}
     columns = {k: specific[k] for k in ("pattern", "first_execution_time", "next_execution_time", "count") if k in specific}
     options = dict(body.get("options") or {})
+    if expression not in (None, ""):
+        options["filter"] = expression
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
     row = await app.store.subscriptions.add(

@@ -1,0 +1,422 @@
+"""Subscription filters: parsed and validated once, compiled to predicates, and described to the
+index so matching stays cheap however many subscriptions there are.
+
+Two spellings, one meaning:
+
+* `filters` (object): attribute → condition, all must hold. An attribute is a CloudEvents attribute
+  or extension (`subject`, `type`, `container`) or a field of the event's data (`data.size`,
+  `data.object.name`). A condition is a value (exact match) or one operator object:
+  `{"prefix": "photos/"}`, `{"suffix": ".jpg"}`, `{"glob": "photos/*.jpg"}`, `{"gt": 10}`,
+  `{"gte": 10}`, `{"lt": 10}`, `{"lte": 10}`, `{"exists": true}`, `{"in": ["a", "b"]}`,
+  `{"ne": "x"}`, `{"eq": "x"}`.
+* `filter`: a composition `{"all": [...]}`, `{"any": [...]}`, `{"not": ...}` whose leaves are
+  `filters` objects, or an expression string in a CESQL-like syntax:
+  `subject LIKE 'photos/%.jpg' AND (data.size > 1000 OR EXISTS thumbnail) AND NOT type = 'x'`
+  (operators `= != <> < <= > >= LIKE NOT LIKE IN (…) EXISTS`, `AND OR NOT`, parentheses;
+  LIKE takes `%` for any run of characters and `_` for one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Callable
+from typing import Any
+
+from router.events import Event
+
+Predicate = Callable[[Event], bool]
+_MISSING = object()
+_NAME = re.compile(r"^(data(\.[A-Za-z0-9_\-]+)+|[a-z0-9]{1,20})$")
+_OPERATORS = ("eq", "ne", "prefix", "suffix", "glob", "gt", "gte", "lt", "lte", "exists", "in")
+
+
+class FilterError(ValueError):
+    """A filter that cannot be used; the message names the fault (the API answers 400)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Conditions
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One test of one attribute."""
+
+    attribute: str
+    op: str
+    value: Any
+
+    def getter(self) -> Callable[[Event], Any]:
+        return attribute_getter(self.attribute)
+
+    def index_key(self) -> tuple[str, str, Any] | None:
+        """How the index can find subscriptions with this condition without testing them all:
+        (kind, attribute, key) for exact values, literal prefixes and literal suffixes."""
+        if self.attribute.startswith("data."):
+            return None  # data is not looked at before a subscription is a candidate
+        if self.op == "eq" and isinstance(self.value, (str, int, float, bool)):
+            return ("eq", self.attribute, self.value)
+        if self.op == "prefix" and self.value:
+            return ("prefix", self.attribute, self.value)
+        if self.op == "suffix" and self.value:
+            return ("suffix", self.attribute, self.value)
+        if self.op == "glob":
+            literal_prefix = re.split(r"[*?\[]", self.value, maxsplit=1)[0]
+            if literal_prefix:
+                return ("prefix", self.attribute, literal_prefix)
+            literal_suffix = re.split(r"[*?\]]", self.value)[-1]
+            if literal_suffix:
+                return ("suffix", self.attribute, literal_suffix)
+        return None
+
+
+def attribute_getter(name: str) -> Callable[[Event], Any]:
+    if name.startswith("data."):
+        path = name.split(".")[1:]
+
+        def get(event: Event) -> Any:
+            value: Any = event.data
+            for part in path:
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                    value = value[int(part)]
+                else:
+                    return _MISSING
+            return value
+
+        return get
+
+    def get_attribute(event: Event) -> Any:
+        value = event.attribute(name)
+        return _MISSING if value is None else value
+
+    return get_attribute
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _compile_condition(cond: Condition) -> Predicate:
+    get = cond.getter()
+    op, expected = cond.op, cond.value
+    if op == "exists":
+        return (lambda e: get(e) is not _MISSING) if expected else (lambda e: get(e) is _MISSING)
+    if op == "eq":
+        return lambda e: _equal(get(e), expected)
+    if op == "ne":
+        return lambda e: (v := get(e)) is not _MISSING and not _equal(v, expected)
+    if op == "in":
+        return lambda e: (v := get(e)) is not _MISSING and any(_equal(v, x) for x in expected)
+    if op == "prefix":
+        return lambda e: isinstance(v := get(e), str) and v.startswith(expected)
+    if op == "suffix":
+        return lambda e: isinstance(v := get(e), str) and v.endswith(expected)
+    if op == "glob":
+        pattern = re.compile(fnmatch.translate(expected))
+        return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
+    if op == "like":
+        pattern = _like_regex(expected)
+        return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
+    compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
+    bound = float(expected)
+    return lambda e: (n := _number(get(e))) is not None and compare(n, bound)
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    if actual is _MISSING:
+        return False
+    if actual == expected and type(actual) is type(expected):
+        return True
+    # Attributes travel as strings (CloudEvents binary mode, query strings): compare numbers by value.
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        number = _number(actual)
+        return number is not None and number == float(expected)
+    return actual == expected
+
+
+def _like_regex(pattern: str) -> re.Pattern:
+    out = []
+    for ch in pattern:
+        out.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing the `filters` object and the `filter` composition
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise FilterError(f"{where}: {name!r} is not an attribute name (lower-case letters and digits, "
+                          "at most 20, or data.<field>[.<field>…])")
+    return name
+
+
+def parse_conditions(filters: Any, where: str = "filters") -> list[Condition]:
+    if filters is None:
+        return []
+    if not isinstance(filters, dict):
+        raise FilterError(f"{where} must be an object mapping attribute names to conditions")
+    conditions = []
+    for name, spec in filters.items():
+        _check_name(name, where)
+        conditions.append(_parse_condition(name, spec, f"{where}.{name}"))
+    return conditions
+
+
+def _parse_condition(name: str, spec: Any, where: str) -> Condition:
+    if isinstance(spec, (str, int, float, bool)):
+        return Condition(name, "eq", spec)
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise FilterError(f"{where}: a condition is a value or an object with one operator ({', '.join(_OPERATORS)})")
+    ((op, value),) = spec.items()
+    if op not in _OPERATORS:
+        raise FilterError(f"{where}: unknown operator {op!r}; known: {', '.join(_OPERATORS)}")
+    if op in ("eq", "ne") and not isinstance(value, (str, int, float, bool)):
+        raise FilterError(f"{where}: {op} compares with a string, number or boolean")
+    if op in ("prefix", "suffix", "glob") and (not isinstance(value, str) or not value):
+        raise FilterError(f"{where}: {op} takes a non-empty string")
+    if op in ("gt", "gte", "lt", "lte") and _number(value) is None:
+        raise FilterError(f"{where}: {op} takes a number, got {value!r}")
+    if op == "exists" and not isinstance(value, bool):
+        raise FilterError(f"{where}: exists takes true or false")
+    if op == "in" and (not isinstance(value, list) or not value or not all(isinstance(v, (str, int, float, bool)) for v in value)):
+        raise FilterError(f"{where}: in takes a non-empty list of strings, numbers or booleans")
+    if op in ("gt", "gte", "lt", "lte"):
+        value = _number(value)
+    return Condition(name, op, value)
+
+
+# An expression tree: ("all", [..]) | ("any", [..]) | ("not", node) | Condition
+Node = Any
+
+
+def parse_expression(spec: Any, where: str = "filter") -> Node:
+    if isinstance(spec, str):
+        return _ExpressionParser(spec, where).parse()
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("all", "any", "not"):
+        ((op, value),) = spec.items()
+        if op == "not":
+            return ("not", parse_expression(value, f"{where}.not"))
+        if not isinstance(value, list) or not value:
+            raise FilterError(f"{where}.{op} takes a non-empty list")
+        return (op, [parse_expression(v, f"{where}.{op}[{i}]") for i, v in enumerate(value)])
+    return ("all", parse_conditions(spec, where))
+
+
+def _compile_node(node: Node) -> Predicate:
+    if isinstance(node, Condition):
+        return _compile_condition(node)
+    op, value = node
+    if op == "not":
+        inner = _compile_node(value)
+        return lambda e: not inner(e)
+    parts = [_compile_node(n) for n in value]
+    if op == "all":
+        if len(parts) == 1:
+            return parts[0]
+        return lambda e: all(p(e) for p in parts)
+    return lambda e: any(p(e) for p in parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# CESQL-like expressions
+
+_TOKEN = re.compile(r"""\s*(?:
+    (?P<string>'(?:[^']|'')*')
+  | (?P<number>-?\d+(?:\.\d+)?)
+  | (?P<op><=|>=|<>|!=|=|<|>|\(|\)|,)
+  | (?P<word>[A-Za-z_][A-Za-z0-9_.\-]*)
+)""", re.VERBOSE)
+_KEYWORDS = {"AND", "OR", "NOT", "LIKE", "IN", "EXISTS", "TRUE", "FALSE"}
+
+
+class _ExpressionParser:
+    def __init__(self, text: str, where: str):
+        self.text = text
+        self.where = where
+        self.tokens: list[tuple[str, Any, int]] = []
+        pos = 0
+        text = text.rstrip()
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                raise FilterError(f"{where}: unexpected character {text[pos:].lstrip()[:1]!r} at position {pos}")
+            kind = m.lastgroup
+            raw = m.group(kind)
+            start = m.start(kind)
+            if kind == "string":
+                self.tokens.append(("value", raw[1:-1].replace("''", "'"), start))
+            elif kind == "number":
+                self.tokens.append(("value", float(raw) if "." in raw else int(raw), start))
+            elif kind == "word" and raw.upper() in _KEYWORDS:
+                upper = raw.upper()
+                if upper in ("TRUE", "FALSE"):
+                    self.tokens.append(("value", upper == "TRUE", start))
+                else:
+                    self.tokens.append(("kw", upper, start))
+            elif kind == "word":
+                self.tokens.append(("name", raw, start))
+            else:
+                self.tokens.append(("op", raw, start))
+            pos = m.end()
+        self.i = 0
+
+    def fail(self, message: str) -> FilterError:
+        position = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
+        return FilterError(f"{self.where}: {message} at position {position}")
+
+    def peek(self) -> tuple[str, Any, int] | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, kind: str, value: Any = None) -> Any:
+        token = self.peek()
+        if token is None or token[0] != kind or (value is not None and token[1] != value):
+            found = "the end" if token is None else repr(token[1])
+            raise self.fail(f"expected {value or kind}, found {found}")
+        self.i += 1
+        return token[1]
+
+    def accept(self, kind: str, value: Any) -> bool:
+        token = self.peek()
+        if token is not None and token[0] == kind and token[1] == value:
+            self.i += 1
+            return True
+        return False
+
+    def parse(self) -> Node:
+        if not self.tokens:
+            raise FilterError(f"{self.where}: the expression is empty")
+        node = self.or_expr()
+        if self.peek() is not None:
+            raise self.fail(f"unexpected {self.peek()[1]!r}")
+        return node
+
+    def or_expr(self) -> Node:
+        parts = [self.and_expr()]
+        while self.accept("kw", "OR"):
+            parts.append(self.and_expr())
+        return parts[0] if len(parts) == 1 else ("any", parts)
+
+    def and_expr(self) -> Node:
+        parts = [self.not_expr()]
+        while self.accept("kw", "AND"):
+            parts.append(self.not_expr())
+        return parts[0] if len(parts) == 1 else ("all", parts)
+
+    def not_expr(self) -> Node:
+        if self.accept("kw", "NOT"):
+            return ("not", self.not_expr())
+        return self.primary()
+
+    def primary(self) -> Node:
+        if self.accept("op", "("):
+            node = self.or_expr()
+            self.take("op", ")")
+            return node
+        if self.accept("kw", "EXISTS"):
+            return Condition(self.name(), "exists", True)
+        name = self.name()
+        if self.accept("kw", "NOT"):
+            if self.accept("kw", "LIKE"):
+                return ("not", Condition(name, "like", self.string()))
+            self.take("kw", "IN")
+            return ("not", Condition(name, "in", self.value_list()))
+        if self.accept("kw", "LIKE"):
+            return Condition(name, "like", self.string())
+        if self.accept("kw", "IN"):
+            return Condition(name, "in", self.value_list())
+        token = self.peek()
+        if token is None or token[0] != "op" or token[1] not in ("=", "!=", "<>", "<", "<=", ">", ">="):
+            raise self.fail("expected a comparison (= != <> < <= > >= LIKE IN)")
+        self.i += 1
+        value = self.take("value")
+        op = {"=": "eq", "!=": "ne", "<>": "ne", "<": "lt", "<=": "lte", ">": "gt", ">=": "gte"}[token[1]]
+        if op in ("lt", "lte", "gt", "gte") and _number(value) is None:
+            raise self.fail(f"{token[1]} needs a number, got {value!r}")
+        return Condition(name, op, float(value) if op in ("lt", "lte", "gt", "gte") else value)
+
+    def name(self) -> str:
+        token = self.peek()
+        if token is None or token[0] != "name":
+            raise self.fail("expected an attribute name")
+        self.i += 1
+        return _check_name(token[1], self.where)
+
+    def string(self) -> str:
+        value = self.take("value")
+        if not isinstance(value, str):
+            raise self.fail("LIKE takes a quoted pattern")
+        return value
+
+    def value_list(self) -> list:
+        self.take("op", "(")
+        values = [self.take("value")]
+        while self.accept("op", ","):
+            values.append(self.take("value"))
+        self.take("op", ")")
+        return values
+
+
+# ------------------------------------------------------------------------------------------------
+# What the index needs
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFilter:
+    predicate: Predicate
+    # Conditions that must hold for any event to match (the top-level `all`): candidates for the
+    # index key. An `any`/`not` contributes none.
+    required: tuple[Condition, ...]
+
+    def matches(self, event: Event) -> bool:
+        return self.predicate(event)
+
+    def index_key(self) -> tuple[str, str, Any] | None:
+        """The most selective indexable required condition: exact, then prefix/suffix (longest)."""
+        keys = [k for c in self.required if (k := c.index_key()) is not None]
+        exact = [k for k in keys if k[0] == "eq"]
+        if exact:
+            subject = [k for k in exact if k[1] == "subject"]
+            return (subject or sorted(exact, key=lambda k: k[1]))[0]
+        if keys:
+            return max(keys, key=lambda k: len(str(k[2])))
+        return None
+
+
+def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilter:
+    """Validate and compile a subscription's `filters` object and `filter` expression (both must
+    hold). Raises FilterError naming the fault."""
+    conditions = parse_conditions(filters)
+    nodes: list[Node] = list(conditions)
+    required = list(conditions)
+    if expression is not None and expression != "":
+        node = parse_expression(expression)
+        nodes.append(node)
+        required.extend(_required(node))
+    if not nodes:
+        return CompiledFilter(lambda e: True, ())
+    predicate = _compile_node(("all", nodes)) if len(nodes) > 1 else _compile_node(nodes[0])
+    return CompiledFilter(predicate, tuple(required))
+
+
+def _required(node: Node) -> list[Condition]:
+    if isinstance(node, Condition):
+        return [node]
+    op, value = node
+    if op == "all":
+        return [c for n in value for c in _required(n)]
+    return []
