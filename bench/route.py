@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import io
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -157,6 +158,67 @@ class Rig:
                 "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
 
 
+KINDS = ("exact", "prefix", "suffix", "glob", "expression", "typed-exact", "data")
+
+
+def group_name(group: int, rng: random.Random) -> str:
+    return f"{'x' * rng.randint(1, 8)}{group}"  # names vary in length, as container names do
+
+
+def mixed_subscriptions(n: int, rng: random.Random) -> tuple[list[Subscription], list[str]]:
+    """N subscriptions of mixed filter kinds over made-up Swift traffic, in groups of seven (one of
+    each kind) that share a container name, so an event for a name matches a handful of them."""
+    subs, names = [], []
+    for i in range(n):
+        group, kind = divmod(i, len(KINDS))
+        if kind == 0:
+            names.append(group_name(group, rng))
+        name = names[group]
+        filters: dict = {}
+        expression = None
+        types: tuple = ()
+        kind_name = KINDS[kind]
+        if kind_name == "exact":
+            filters = {"container": name}
+        elif kind_name == "prefix":
+            filters = {"subject": {"prefix": f"{name}/"}}
+        elif kind_name == "suffix":
+            filters = {"subject": {"suffix": f"/{name}.jpg"}}
+        elif kind_name == "glob":
+            filters = {"subject": {"glob": f"{name}/*.jpg"}}
+        elif kind_name == "expression":
+            expression = f"container = '{name}' AND data.size > 10"
+        elif kind_name == "typed-exact":
+            filters, types = {"container": name}, ("org.openstack.swift.object.put",)
+        else:
+            filters = {"container": name, "data.size": {"gte": 1}}
+        subs.append(Subscription(id=f"s{i}", project_id="bench", source="swift", filters=filters, types=types,
+                                 options={"filter": expression} if expression else {}))
+    return subs, names
+
+
+def match_cost(n: int, lookups: int) -> dict:
+    """Microseconds per SubscriptionIndex.match for events that match a handful of N subscriptions."""
+    rng = random.Random(42)
+    subs, names = mixed_subscriptions(n, rng)
+    index = SubscriptionIndex(subs)
+    events = []
+    complete_groups = n // len(KINDS)  # events for complete groups only: each matches all seven kinds
+    for j in range(200):
+        name = names[rng.randrange(complete_groups)]
+        events.append(Event(id=f"m{j}", source="/swift", type="org.openstack.swift.object.put", subject=f"{name}/{name}.jpg",
+                            data={"size": 100}, extensions={"sourcekind": "swift", "container": name}))
+    matched = [len(index.match(e)) for e in events]
+    started = time.perf_counter()
+    rounds = max(1, lookups // len(events))
+    for _ in range(rounds):
+        for event in events:
+            index.match(event)
+    elapsed = time.perf_counter() - started
+    return {"subscriptions": n, "us_per_match": elapsed / (rounds * len(events)) * 1e6,
+            "matches_per_event_mean": statistics.mean(matched), "matches_per_event_max": max(matched)}
+
+
 async def run(args) -> dict:
     results: dict[str, dict] = {}
     results["asyncio.Queue baseline"] = await queue_baseline(args.events)
@@ -183,20 +245,45 @@ async def run(args) -> dict:
     return results
 
 
+def run_matching(args) -> dict:
+    small = match_cost(10, args.match_lookups)
+    large = match_cost(100_000, args.match_lookups)
+    small_again = match_cost(10, args.match_lookups)  # machines are noisy: bracket the large run
+    small["us_per_match"] = (small["us_per_match"] + small_again["us_per_match"]) / 2
+    return {"10": small, "100000": large, "ratio_100000_to_10": large["us_per_match"] / small["us_per_match"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=5000, help="events per throughput run")
     parser.add_argument("--latency-events", type=int, default=300, help="events for the one-at-a-time latency runs")
     parser.add_argument("--local-events", type=int, default=1000, help="events for the local-engine throughput run")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "route.json"))
+    parser.add_argument("--match-lookups", type=int, default=100_000, help="index lookups per matching-cost run")
+    parser.add_argument("--only", choices=("route", "match"), help="run one part only")
     args = parser.parse_args()
+    output: dict = {"benchmark": "route"}
+    if args.only != "route":
+        matching = run_matching(args)
+        output["matching"] = matching
+        print(f"{'subscriptions':>14} {'us/match':>10} {'matches/event':>14}")
+        for key in ("10", "100000"):
+            row = matching[key]
+            print(f"{row['subscriptions']:>14} {row['us_per_match']:>10.2f} {row['matches_per_event_mean']:>8.2f} (max {row['matches_per_event_max']})")
+        print(f"matching cost, 100,000 vs 10 subscriptions: {matching['ratio_100000_to_10']:.2f}x\n")
+    if args.only == "match":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(output, indent=2))
+        print(f"wrote {args.json}")
+        return
     results = asyncio.run(run(args))
+    output["results"] = results
     print(f"{'scenario':<44} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, row in results.items():
         print(f"{name:<44} {row['events']:>7} {row['events_per_s']:>11.0f} {row['ratio_to_baseline']:>8.4f} "
               f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"benchmark": "route", "results": results}, indent=2))
+    Path(args.json).write_text(json.dumps(output, indent=2))
     print(f"wrote {args.json}")
 
 

@@ -1,8 +1,8 @@
 """SubscriptionIndex: subscriptions held in memory, keyed so matching costs the same with 10 or 100,000.
 
 Each subscription is filed under one condition that every matching event must meet: an exact
-attribute value (hash lookup), a literal prefix or suffix (one hash lookup per distinct length in
-use), or else its event types. Only the subscriptions filed where the event lands are tested with
+attribute value (hash lookup), a literal prefix or suffix (a walk down a character trie, as long
+as the event's value), or else its event types. Only the subscriptions filed where the event lands are tested with
 their full compiled filter."""
 
 from __future__ import annotations
@@ -63,15 +63,63 @@ class _Entry:
         return self.compiled.matches(event)
 
 
+_TERMINAL = ""  # key of a trie node's entries: no character is the empty string
+
+
+class _Trie:
+    """Literal prefixes (or, reversed, suffixes) of one attribute. Looking up a value walks its
+    characters, so the cost depends on the value's length, never on how many literals there are."""
+
+    __slots__ = ("root", "reverse")
+
+    def __init__(self, reverse: bool):
+        self.root: dict = {}
+        self.reverse = reverse
+
+    def add(self, literal: str, entry: _Entry) -> None:
+        node = self.root
+        for ch in (reversed(literal) if self.reverse else literal):
+            node = node.setdefault(ch, {})
+        node.setdefault(_TERMINAL, {})[entry.sub.id] = entry
+
+    def remove(self, literal: str, sub_id: str) -> bool:
+        """Remove an entry, pruning empty nodes; True when the trie is empty afterwards."""
+        path = [self.root]
+        for ch in (reversed(literal) if self.reverse else literal):
+            node = path[-1].get(ch)
+            if node is None:
+                return not self.root
+            path.append(node)
+        entries = path[-1].get(_TERMINAL, {})
+        entries.pop(sub_id, None)
+        if not entries:
+            path[-1].pop(_TERMINAL, None)
+        chars = list(reversed(literal) if self.reverse else literal)
+        for depth in range(len(chars), 0, -1):
+            if path[depth]:
+                break
+            del path[depth - 1][chars[depth - 1]]
+        return not self.root
+
+    def lookup(self, value: str) -> Iterator[_Entry]:
+        node = self.root
+        for ch in (reversed(value) if self.reverse else value):
+            node = node.get(ch)
+            if node is None:
+                return
+            found = node.get(_TERMINAL)
+            if found:
+                yield from found.values()
+
+
 class _Bucket:
     """The subscriptions of one source kind."""
 
     def __init__(self) -> None:
         self.exact: dict[tuple[str, Any], dict[str, _Entry]] = collections.defaultdict(dict)
         self.exact_attributes: collections.Counter[str] = collections.Counter()
-        # attribute → length → literal → entries
-        self.prefix: dict[str, dict[int, dict[str, dict[str, _Entry]]]] = {}
-        self.suffix: dict[str, dict[int, dict[str, dict[str, _Entry]]]] = {}
+        self.prefix: dict[str, _Trie] = {}  # attribute → trie of literal prefixes
+        self.suffix: dict[str, _Trie] = {}  # attribute → trie of literal suffixes, reversed
         self.by_type: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
         self.rest: dict[str, _Entry] = {}
 
@@ -84,9 +132,11 @@ class _Bucket:
             self.exact_attributes[key[1]] += 1
         elif key is not None:
             kind, attribute, literal = key
-            slot = (kind, attribute, len(literal), literal)
-            table = self.prefix if kind == "prefix" else self.suffix
-            table.setdefault(attribute, {}).setdefault(len(literal), {}).setdefault(literal, {})[sub_id] = entry
+            slot = (kind, attribute, literal)
+            tries = self.prefix if kind == "prefix" else self.suffix
+            if attribute not in tries:
+                tries[attribute] = _Trie(reverse=kind == "suffix")
+            tries[attribute].add(literal, entry)
         elif entry.sub.types:
             slot = ("types", tuple(entry.sub.types))
             for type_ in entry.sub.types:
@@ -108,17 +158,10 @@ class _Bucket:
             if not self.exact_attributes[slot[1]]:
                 del self.exact_attributes[slot[1]]
         elif slot[0] in ("prefix", "suffix"):
-            _, attribute, length, literal = slot
-            table = self.prefix if slot[0] == "prefix" else self.suffix
-            by_length = table[attribute]
-            entries = by_length[length][literal]
-            entries.pop(sub_id, None)
-            if not entries:
-                del by_length[length][literal]
-                if not by_length[length]:
-                    del by_length[length]
-                    if not by_length:
-                        del table[attribute]
+            _, attribute, literal = slot
+            tries = self.prefix if slot[0] == "prefix" else self.suffix
+            if tries[attribute].remove(literal, sub_id):
+                del tries[attribute]
         elif slot[0] == "types":
             for type_ in slot[1]:
                 self.by_type[type_].pop(sub_id, None)
@@ -134,16 +177,11 @@ class _Bucket:
                 found = self.exact.get((attribute, _key(value)))
                 if found:
                     yield from found.values()
-        for table, take in ((self.prefix, lambda v, n: v[:n]), (self.suffix, lambda v, n: v[-n:])):
-            for attribute, by_length in table.items():
+        for tries in (self.prefix, self.suffix):
+            for attribute, trie in tries.items():
                 value = event.attribute(attribute)
-                if not isinstance(value, str):
-                    continue
-                for length, literals in by_length.items():
-                    if len(value) >= length:
-                        found = literals.get(take(value, length))
-                        if found:
-                            yield from found.values()
+                if isinstance(value, str):
+                    yield from trie.lookup(value)
         found = self.by_type.get(event.type)
         if found:
             yield from found.values()
