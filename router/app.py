@@ -93,10 +93,14 @@ class _SourceContext:
     def add_route(self, method: str, path: str, handler) -> None:
         self._app.web.router.add_route(method, path, handler)
 
-    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
-        advanced = await self._app.store.subscriptions.advance_schedule(subscription_id, scheduled, next_time)
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
+                               *, fired: bool = True) -> bool:
+        advanced = await self._app.store.subscriptions.advance_schedule(subscription_id, scheduled, next_time, count_down=fired)
         await self._app.reload_subscription(subscription_id)
         return advanced
+
+    async def active_executions(self, subscription_id: str) -> int:
+        return await self._app.store.executions.count(subscription_id=subscription_id, status="running")
 
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         await self._app.store.dead_letters.add(source=source, reason=reason, payload=payload, event_id=event_id, project_id="default")

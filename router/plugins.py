@@ -116,9 +116,14 @@ class SourceContext(Protocol):
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """Mount an aiohttp handler on the API (webhook receivers)."""
 
-    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
+                               *, fired: bool = True) -> bool:
         """Move a schedule on from `scheduled` to `next_time` (None: the schedule is done), counting
-        down its `count`. Compare-and-set on `scheduled`: False if another replica already did."""
+        down its `count` when the tick `fired` (a skipped tick does not count). Compare-and-set on
+        `scheduled`: False if another replica already did."""
+
+    async def active_executions(self, subscription_id: str) -> int:
+        """How many executions of this subscription are still running (for overlap policies)."""
 
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         """Record input that could not become an event, with the reason."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import datetime as _dt
 import logging
 from collections.abc import Callable
@@ -68,11 +69,34 @@ def next_fire_time(pattern: str, after: _dt.datetime, timezone: str = DEFAULT_TI
     if not isinstance(pattern, str):
         raise ValueError("a cron pattern is a string")
     zone = _zone(timezone)
-    # croniter walks an aware start in its own zone and handles DST itself (checked: monotonic, no
-    # skipped minutes across the transitions), so the local time is handed over, not a naive one.
-    start = _utc(after).astimezone(zone)
-    match = croniter(pattern.strip(), start, second_at_beginning=_seconds_first(pattern)).get_next(_dt.datetime)
-    return _utc(match)
+    seconds_first = _seconds_first(pattern)
+    # croniter walks an aware start in its own zone: in spring a wall time that does not exist
+    # (02:30 on the night clocks jump 02:00 → 03:00) fires at the first instant after the gap, so
+    # nothing is skipped. In autumn the hour 02:00–03:00 happens twice and croniter fires a daily
+    # 02:30 job twice; a job pinned to an hour must run once, as in Vixie cron. Jobs whose hour
+    # field is a wildcard (every 20 minutes) keep firing through both hours: those are real instants.
+    fixed_hour = _fixed_hour(pattern, seconds_first)
+    iterator = croniter(pattern.strip(), _utc(after).astimezone(zone), second_at_beginning=seconds_first)
+    for _ in range(4):
+        match = iterator.get_next(_dt.datetime)
+        local = match.astimezone(zone)
+        if fixed_hour and local.fold == 1 and _is_ambiguous(local):
+            continue  # the second occurrence of a repeated wall-clock time
+        return _utc(match)
+    raise ValueError(f"no next time for {pattern!r} in {timezone}")
+
+
+def _fixed_hour(pattern: str, seconds_first: bool) -> bool:
+    fields = pattern.split()
+    if len(fields) == 1:  # @daily, @weekly, …: pinned to midnight; @hourly is the exception
+        return fields[0] not in ("@hourly",)
+    hour = fields[2 if seconds_first else 1]
+    return "*" not in hour
+
+
+def _is_ambiguous(local: _dt.datetime) -> bool:
+    """True when this wall-clock time happens twice in its zone (the autumn DST fold)."""
+    return local.replace(fold=0).utcoffset() != local.replace(fold=1).utcoffset()
 
 
 def _parse_time(value: Any) -> _dt.datetime | None:
@@ -91,6 +115,54 @@ def _parse_time(value: Any) -> _dt.datetime | None:
 def _subscription_timezone(sub: Subscription) -> str:
     # The subscription view has no column of its own for the zone; the router keeps it in options.
     return getattr(sub, "timezone", None) or (sub.options or {}).get("timezone") or DEFAULT_TIMEZONE
+
+
+CATCHUP_POLICIES = ("all", "one", "skip")
+OVERLAP_POLICIES = ("allow", "forbid")
+DEFAULT_CATCHUP_LIMIT = 100
+MAX_JITTER_SECONDS = 3600
+
+
+def _policies(params: dict[str, Any]) -> dict[str, Any]:
+    """The scheduling policies of a cron subscription, from its top-level fields or `options`:
+    catchup (all|one|skip, after downtime), catchup_limit (the most missed ticks `all` replays),
+    overlap (allow|forbid: skip a tick while the previous run still runs), jitter (seconds)."""
+    options = params.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise SubscriptionInvalid("options must be an object.")
+    merged = {k: params[k] if params.get(k) is not None else options.get(k)
+              for k in ("catchup", "catchup_limit", "overlap", "jitter")}
+    out: dict[str, Any] = {}
+    if merged["catchup"] is not None:
+        if merged["catchup"] not in CATCHUP_POLICIES:
+            raise SubscriptionInvalid(f"catchup must be one of {', '.join(CATCHUP_POLICIES)}, not {merged['catchup']!r}.")
+        out["catchup"] = merged["catchup"]
+    if merged["catchup_limit"] is not None:
+        limit = merged["catchup_limit"]
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise SubscriptionInvalid("catchup_limit must be an integer from 1 to 10000.")
+        out["catchup_limit"] = limit
+    if merged["overlap"] is not None:
+        if merged["overlap"] not in OVERLAP_POLICIES:
+            raise SubscriptionInvalid(f"overlap must be one of {', '.join(OVERLAP_POLICIES)}, not {merged['overlap']!r}.")
+        out["overlap"] = merged["overlap"]
+    if merged["jitter"] is not None:
+        jitter = merged["jitter"]
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= MAX_JITTER_SECONDS:
+            raise SubscriptionInvalid(f"jitter must be a number of seconds from 0 to {MAX_JITTER_SECONDS}.")
+        out["jitter"] = jitter
+    return out
+
+
+def _jitter(sub: Subscription, scheduled: _dt.datetime) -> _dt.timedelta:
+    """A stable delay in [0, jitter): the same for a tick on every replica, spread across schedules."""
+    jitter = float((sub.options or {}).get("jitter") or 0)
+    if not jitter:
+        return _dt.timedelta(0)
+    digest = hashlib.sha256(f"{sub.id}|{scheduled.isoformat()}".encode()).digest()
+    return _dt.timedelta(seconds=int.from_bytes(digest[:8], "big") / 2**64 * jitter)
 
 
 class CronSource:
@@ -165,6 +237,7 @@ class CronSource:
             "next_execution_time": next_time,
             "count": count,
             "timezone": tz_name,
+            "options": _policies(params),
         }
 
     # -----------------------------------------------------------------------------------------
@@ -246,19 +319,97 @@ class CronSource:
             if moved is not None and scheduled <= moved:
                 # A lagging snapshot; the change notification (or max_sleep) brings the fresh row.
                 continue
-            if scheduled <= now:
+            fire_at = scheduled + _jitter(sub, scheduled)
+            if fire_at <= now:
                 due.append((scheduled, sub))
             else:
-                waiting.append(scheduled)
+                waiting.append(fire_at)
 
         due.sort(key=lambda item: (item[0], item[1].id))
         for scheduled, sub in due:
+            skipped_to = await self._catch_up(ctx, sub, scheduled, now)
+            if skipped_to is not None:
+                waiting.append(skipped_to)
+                continue
+            if (sub.options or {}).get("overlap") == "forbid" and await ctx.active_executions(sub.id):
+                # The previous run still runs: this tick is skipped, not queued.
+                log.info("cron tick skipped: previous run still running (overlap=forbid)",
+                         extra={"subscription_id": sub.id, "scheduled": scheduled.isoformat()})
+                moved_on = await self._advance(ctx, sub, scheduled, fired=False)
+                if moved_on is not None:
+                    waiting.append(moved_on)
+                continue
             moved_on = await self._fire(ctx, sub, scheduled)
             if moved_on is not None:
                 # The next tick may already be due (after downtime): zero sleep, next pass fires it.
                 waiting.append(moved_on)
             # A failed tick is left out of `waiting`: it is retried after max_sleep, not in a hot loop.
         return min(waiting, default=None)
+
+    async def _catch_up(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime,
+                        now: _dt.datetime) -> _dt.datetime | None:
+        """Apply the catch-up policy to a schedule that has fallen behind (downtime): move it on
+        without firing the ticks the policy drops. Returns the new next time, or None to fire
+        `scheduled` as usual."""
+        if not sub.pattern:
+            return None
+        options = sub.options or {}
+        policy = options.get("catchup", "all")
+        limit = int(options.get("catchup_limit", DEFAULT_CATCHUP_LIMIT))
+        timezone = _subscription_timezone(sub)
+        # The due ticks from `scheduled` up to now, counting at most limit + 1 of them.
+        due = [scheduled]
+        try:
+            while len(due) <= limit:
+                following = next_fire_time(sub.pattern, due[-1], timezone)
+                if following > now:
+                    break
+                due.append(following)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            return None
+        missed = len(due) - 1  # ticks already superseded by a later due tick
+        if policy == "all" and missed < limit:
+            return None
+        if policy == "skip":
+            keep = None  # none of the overdue ticks fires; the next future one will
+        elif policy == "one":
+            keep = due[-1]  # only the latest overdue tick fires
+        else:
+            keep = due[-limit]  # `all`, bounded: drop the oldest beyond the limit
+        if keep == scheduled:
+            return None
+        try:
+            target = keep if keep is not None else next_fire_time(sub.pattern, due[-1], timezone)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            return None
+        log.info("cron catch-up: moving past missed ticks", extra={
+            "subscription_id": sub.id, "policy": policy, "from": scheduled.isoformat(), "to": target.isoformat()})
+        try:
+            if not await ctx.advance_schedule(sub.id, scheduled, target, fired=False):
+                return None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cron schedule could not be advanced; will retry", extra={"subscription_id": sub.id})
+            return None
+        self._moved_past[sub.id] = scheduled
+        return target
+
+    async def _advance(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime, *,
+                       fired: bool) -> _dt.datetime | None:
+        """Move a schedule past `scheduled` without firing; returns the next time (None if done
+        or the advance must be retried)."""
+        try:
+            next_time = next_fire_time(sub.pattern, scheduled, _subscription_timezone(sub)) if sub.pattern else None
+            if not await ctx.advance_schedule(sub.id, scheduled, next_time, fired=fired):
+                return None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cron schedule could not be advanced; will retry", extra={"subscription_id": sub.id})
+            return None
+        self._moved_past[sub.id] = scheduled
+        return next_time
 
     async def _fire(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime) -> _dt.datetime | None:
         """Publish one tick and advance the schedule. Returns the next tick time when it may fire,

@@ -9,6 +9,7 @@ from aiohttp import web
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, source_plugin
+from router.delivery import validate_delivery_policy
 from router.events import utcnow
 from router.filters import FilterError, compile_filter
 from router.store.models import new_id
@@ -46,6 +47,11 @@ def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise BadRequest("options must be an object.")
+    if "delivery" in options:
+        try:
+            options["delivery"] = validate_delivery_policy(options["delivery"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     input_ = body.get("input")
     if input_ is not None and not isinstance(input_, str):
         raise BadRequest("input must be a string (JSON text or a plain string).")
@@ -66,7 +72,7 @@ async def create(request: web.Request) -> web.Response:
     if kind in SELF_TARGETED:
         filters = {**filters, "subject": subscription_id}
     columns = {k: specific[k] for k in ("pattern", "first_execution_time", "next_execution_time", "count") if k in specific}
-    options = dict(body.get("options") or {})
+    options = {**dict(body.get("options") or {}), **specific.get("options", {})}
     if expression not in (None, ""):
         options["filter"] = expression
     if specific.get("timezone") not in (None, "UTC"):

@@ -22,6 +22,10 @@ class InvalidFilter(ValueError):
     pass
 
 
+class VersionLimit(Exception):
+    """A function already has the most versions allowed (the API answers 403)."""
+
+
 def parse_filter(value: str) -> tuple[str, Any]:
     """Split `gt:5` into ("gt", "5"); `in:a,b` into ("in", ["a", "b"])."""
     op, sep, rest = value.partition(":")
@@ -187,6 +191,39 @@ class FunctionVersions(Repository[models.FunctionVersion]):
         async with self.db.sessions() as session:
             return list((await session.execute(stmt)).scalars())
 
+    async def add_next(self, function_id: str, *, project_id: str, description: str | None, md5sum: str | None,
+                       max_versions: int) -> models.FunctionVersion:
+        """Create the function's next version: number = latest_version + 1, taken with a compare-and-set
+        on functions.latest_version in the same transaction, so concurrent creates (any replica) never
+        share a number and numbers are never reused. Raises VersionLimit at `max_versions` versions."""
+        for _ in range(20):
+            async with self.db.sessions() as session:
+                latest = (await session.execute(sa.select(models.Function.latest_version)
+                                                .where(models.Function.id == function_id))).scalar_one_or_none()
+                if latest is None:
+                    raise NotFound(f"Function not found [id={function_id}]")
+                existing = (await session.execute(sa.select(sa.func.count()).select_from(models.FunctionVersion)
+                                                  .where(models.FunctionVersion.function_id == function_id))).scalar_one()
+                if existing >= max_versions:
+                    raise VersionLimit(f"Can not exceed maximum number({max_versions}) of versions")
+                now = models.utcnow()
+                moved = await session.execute(sa.update(models.Function)
+                                              .where(models.Function.id == function_id, models.Function.latest_version == latest)
+                                              .values(latest_version=latest + 1, updated_at=now))
+                if moved.rowcount != 1:
+                    await session.rollback()
+                    continue  # another create took this number: look again
+                row = models.FunctionVersion(function_id=function_id, project_id=project_id, description=description,
+                                             version_number=latest + 1, md5sum=md5sum, created_at=now)
+                session.add(row)
+                try:
+                    await session.commit()
+                except IntegrityError:
+                    await session.rollback()
+                    continue
+                return row
+        raise Conflict(f"Could not allocate a version number for function {function_id}; try again.")
+
 
 class FunctionAliases(Repository[models.FunctionAlias]):
     model = models.FunctionAlias
@@ -207,7 +244,8 @@ class Subscriptions(Repository[models.Subscription]):
         async with self.db.sessions() as session:
             return list((await session.execute(sa.select(models.Subscription))).scalars())
 
-    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None) -> bool:
+    async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
+                               *, count_down: bool = True) -> bool:
         """Compare-and-set the schedule from `scheduled` to `next_time`, counting `count` down; a
         schedule whose count runs out or that has no next time becomes `done`."""
         async with self.db.sessions() as session:
@@ -215,7 +253,7 @@ class Subscriptions(Repository[models.Subscription]):
             if row is None or row.next_execution_time != scheduled or row.status != "running":
                 return False
             values: dict[str, Any] = {"next_execution_time": next_time or scheduled, "updated_at": models.utcnow()}
-            if row.count is not None:
+            if row.count is not None and count_down:
                 values["count"] = max(row.count - 1, 0)
             if next_time is None or values.get("count") == 0:
                 values["status"] = "done"

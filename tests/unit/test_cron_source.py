@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from zoneinfo import ZoneInfo
 import dataclasses
 import datetime as dt
 import logging
@@ -245,13 +247,14 @@ class FakeContext:
     def add_route(self, method: str, path: str, handler: Any) -> None:
         raise AssertionError("the cron source mounts no routes")
 
-    async def advance_schedule(self, subscription_id: str, scheduled: dt.datetime, next_time: dt.datetime | None) -> bool:
+    async def advance_schedule(self, subscription_id: str, scheduled: dt.datetime, next_time: dt.datetime | None,
+                               *, fired: bool = True) -> bool:
         sub = self.subs.get(subscription_id)
         ok = sub is not None and sub.status == "running" and sub.next_execution_time == scheduled
         if ok:
             assert sub is not None
             count = sub.count
-            if count is not None:
+            if count is not None and fired:
                 count -= 1
             if next_time is None or (count is not None and count <= 0):
                 self.subs[subscription_id] = dataclasses.replace(sub, status="done", count=0 if count is not None else None)
@@ -262,6 +265,11 @@ class FakeContext:
 
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         raise AssertionError("the cron source dead-letters nothing")
+
+    running: dict[str, int] = {}
+
+    async def active_executions(self, subscription_id: str) -> int:
+        return self.running.get(subscription_id, 0)
 
     @property
     def successful_advances(self) -> list[tuple[str, dt.datetime, dt.datetime | None, bool]]:
@@ -523,3 +531,153 @@ async def test_stop_is_clean_and_idempotent(harness) -> None:
     clock.now = NOW
     await spin(0.02)
     assert ctx.published == []
+
+
+# ---------------------------------------------------------------------------------------------
+# DST, catch-up, overlap and jitter (cron done right)
+
+PARIS = "Europe/Paris"
+
+
+def _fires(pattern: str, start: dt.datetime, n: int, zone: str = PARIS) -> list[dt.datetime]:
+    out, t = [], start
+    for _ in range(n):
+        t = next_fire_time(pattern, t, zone)
+        out.append(t)
+    return out
+
+
+def test_daily_0230_fires_once_on_the_autumn_change() -> None:
+    # 2024-10-27: Paris clocks go back 03:00 CEST → 02:00 CET, so 02:30 happens twice.
+    fires = _fires("30 2 * * *", dt.datetime(2024, 10, 25, 12, 0, tzinfo=UTC), 4)
+    local = [f.astimezone(ZoneInfo(PARIS)).strftime("%m-%d %H:%M%z") for f in fires]
+    assert local == ["10-26 02:30+0200", "10-27 02:30+0200", "10-28 02:30+0100", "10-29 02:30+0100"]
+
+
+def test_daily_0230_is_not_skipped_in_spring() -> None:
+    # 2024-03-31: Paris clocks jump 02:00 CET → 03:00 CEST; 02:30 does not exist that night.
+    fires = _fires("30 2 * * *", dt.datetime(2024, 3, 29, 12, 0, tzinfo=UTC), 3)
+    days = [f.astimezone(ZoneInfo(PARIS)).date().isoformat() for f in fires]
+    assert days == ["2024-03-30", "2024-03-31", "2024-04-01"], "one run every day, the spring day included"
+    assert fires[1] == dt.datetime(2024, 3, 31, 1, 0, tzinfo=UTC), "the spring run happens at the first instant after the gap"
+
+
+def test_wildcard_hour_jobs_run_through_both_autumn_hours() -> None:
+    # Every 30 minutes is about elapsed time: the repeated hour has real instants to fire at.
+    fires = _fires("*/30 * * * *", dt.datetime(2024, 10, 27, 0, 15, tzinfo=UTC), 4)
+    assert fires == [dt.datetime(2024, 10, 27, 0, 30, tzinfo=UTC), dt.datetime(2024, 10, 27, 1, 0, tzinfo=UTC),
+                     dt.datetime(2024, 10, 27, 1, 30, tzinfo=UTC), dt.datetime(2024, 10, 27, 2, 0, tzinfo=UTC)]
+
+
+def test_fixed_hour_seconds_pattern_also_fires_once_in_autumn() -> None:
+    fires = _fires("0 30 2 * * *", dt.datetime(2024, 10, 26, 12, 0, tzinfo=UTC), 2)
+    assert fires[1] - fires[0] == dt.timedelta(hours=25), "the 25-hour day has one 02:30 run"
+
+
+async def test_daily_job_in_the_loop_across_the_autumn_change(harness) -> None:
+    ctx, clock, start = harness
+    first = next_fire_time("30 2 * * *", dt.datetime(2024, 10, 26, 12, 0, tzinfo=UTC), PARIS)
+    clock.now = first - dt.timedelta(seconds=1)
+    ctx.add(schedule(pattern="30 2 * * *", next_time=first, timezone=PARIS))
+    await start()
+    for hours in (0, 1, 2):  # walk through the repeated hour
+        clock.now = first + dt.timedelta(hours=hours, seconds=1)
+        await spin()
+    assert len(ctx.published) == 1
+    assert ctx.subs["job-1"].next_execution_time == dt.datetime(2024, 10, 28, 1, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("policy, limit, expected_fired", [
+    ("all", None, 11),   # every missed tick once, in order, plus the current one
+    ("all", 3, 3),      # bounded: only the newest three
+    ("one", None, 1),   # the latest overdue tick only
+    ("skip", None, 0),  # nothing overdue; resume with the next future tick
+])
+async def test_catch_up_policies_after_downtime(harness, policy, limit, expected_fired) -> None:
+    ctx, clock, start = harness
+    options = {"catchup": policy, **({"catchup_limit": limit} if limit else {})}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW, count=50), options=options))
+    clock.now = NOW + dt.timedelta(minutes=10, seconds=30)  # down for ten and a half minutes
+    await start()
+    await spin(0.2)
+    scheduled = [e.time for e in ctx.published]
+    assert len(scheduled) == expected_fired, scheduled
+    assert scheduled == sorted(scheduled)
+    if expected_fired:
+        assert scheduled[-1] == NOW + dt.timedelta(minutes=10), "the newest overdue tick is among those fired"
+    sub = ctx.subs["job-1"]
+    assert sub.next_execution_time == NOW + dt.timedelta(minutes=11), "the schedule resumes with the next future tick"
+    assert sub.count == 50 - expected_fired, "skipped ticks do not use up the count"
+
+
+async def test_overlap_forbid_skips_a_tick_while_the_previous_run_runs(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {"job-1": 1}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "forbid"}))
+    await start()
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await spin()
+    assert ctx.published == [] and ctx.subs["job-1"].next_execution_time == NOW + dt.timedelta(minutes=1)
+    ctx.running = {}
+    clock.now = NOW + dt.timedelta(minutes=1, seconds=1)
+    await spin()
+    assert [e.time for e in ctx.published] == [NOW + dt.timedelta(minutes=1)]
+
+
+async def test_overlap_allow_is_the_default(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {"job-1": 3}
+    ctx.add(schedule(pattern="* * * * *", next_time=NOW))
+    await start()
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await spin()
+    assert len(ctx.published) == 1
+
+
+async def test_jitter_is_stable_and_delays_within_the_bound(harness) -> None:
+    ctx, clock, start = harness
+    sub = dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"jitter": 30})
+    ctx.add(sub)
+    from sources.cron import _jitter
+    offset = _jitter(sub, NOW)
+    assert offset == _jitter(sub, NOW), "every replica computes the same delay for a tick"
+    assert dt.timedelta(0) <= offset < dt.timedelta(seconds=30)
+    other = [_jitter(dataclasses.replace(sub, id=f"j{i}"), NOW) for i in range(20)]
+    assert len(set(other)) > 10, "schedules are spread, not bunched"
+    await start()
+    clock.now = NOW + offset - dt.timedelta(milliseconds=100)
+    await spin()
+    assert ctx.published == []
+    clock.now = NOW + offset + dt.timedelta(milliseconds=100)
+    await spin()
+    assert len(ctx.published) == 1 and ctx.published[0].id == tick_id("job-1", NOW), "the tick id ignores jitter"
+
+
+async def test_a_restart_after_firing_does_not_fire_the_tick_again(harness) -> None:
+    ctx, clock, start = harness
+    ctx.add(schedule(pattern="* * * * *", next_time=NOW))
+    first = await start()
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await until(lambda: len(ctx.published) == 1)
+    await first.stop()
+    await start()  # a new process: only the table carries state
+    await spin()
+    assert len(ctx.published) == 1
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"pattern": "* * * * *", "catchup": "most"}, "catchup must be one of all, one, skip"),
+    ({"pattern": "* * * * *", "catchup_limit": 0}, "catchup_limit must be an integer"),
+    ({"pattern": "* * * * *", "overlap": "replace-ish"}, "overlap must be one of allow, forbid"),
+    ({"pattern": "* * * * *", "jitter": -1}, "jitter must be a number of seconds"),
+    ({"pattern": "* * * * *", "options": {"jitter": "soon"}}, "jitter must be a number of seconds"),
+    ({"pattern": "* * * * *", "options": []}, "options must be an object"),
+])
+def test_policy_validation(source: CronSource, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(SubscriptionInvalid, match=re.escape(message)):
+        source.validate_subscription(params, NOW)
+
+
+def test_policies_are_returned_normalised(source: CronSource) -> None:
+    out = source.validate_subscription({"pattern": "* * * * *", "catchup": "one", "options": {"overlap": "forbid", "jitter": 5}}, NOW)
+    assert out["options"] == {"catchup": "one", "overlap": "forbid", "jitter": 5}
