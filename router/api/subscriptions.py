@@ -10,7 +10,9 @@ from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, source_plugin
 from router.delivery import validate_delivery_policy
-from router.events import utcnow
+from router import mapping
+from router.events import Event, InvalidEvent, utcnow
+from router.index import SOURCE_KIND_EXTENSION
 from router.filters import FilterError, compile_filter
 from router.store.models import new_id
 
@@ -21,7 +23,8 @@ SELF_TARGETED = ("cron",)
 def serialize(row) -> dict:
     return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
             "types": list(row.types or ()), "filters": row.filters or {},
-            "filter": (row.options or {}).get("filter"), "function_id": row.function_id,
+            "filter": (row.options or {}).get("filter"), "input_mapping": (row.options or {}).get("input_mapping"),
+            "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
             "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
@@ -55,6 +58,12 @@ def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
     input_ = body.get("input")
     if input_ is not None and not isinstance(input_, str):
         raise BadRequest("input must be a string (JSON text or a plain string).")
+    if input_ is not None and body.get("input_mapping") is not None:
+        raise BadRequest("input and input_mapping exclude each other: a fixed input or a mapping of the event.")
+    try:
+        mapping.validate(body.get("input_mapping"))
+    except mapping.MappingError as exc:
+        raise BadRequest(str(exc)) from None
     return types, filters, expression
 
 
@@ -75,6 +84,8 @@ async def create(request: web.Request) -> web.Response:
     options = {**dict(body.get("options") or {}), **specific.get("options", {})}
     if expression not in (None, ""):
         options["filter"] = expression
+    if body.get("input_mapping") is not None:
+        options["input_mapping"] = body["input_mapping"]
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
     row = await app.store.subscriptions.add(
@@ -103,7 +114,27 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def dry_run(request: web.Request) -> web.Response:
+    """POST /v1/subscriptions/test: which subscriptions an event would match and the input each
+    function would receive. Nothing is published or run. The event is a CloudEvent; its source kind
+    comes from the `sourcekind` extension or the `source_kind` query parameter (default http)."""
+    app = hw(request)
+    body = await json_body(request)
+    kind = request.query.get("source_kind") or body.get(SOURCE_KIND_EXTENSION) or "http"
+    try:
+        event = Event.from_dict({**body, SOURCE_KIND_EXTENSION: kind})
+    except InvalidEvent as exc:
+        raise BadRequest(f"Invalid CloudEvent: {exc}") from None
+    project = ctx(request).list_scope(request)
+    matches = [sub for sub in app.index.match(event) if project is None or sub.project_id == project]
+    return web.json_response({"event_id": event.id, "source_kind": kind, "matches": [
+        {"subscription_id": sub.id, "kind": sub.kind, "name": sub.name, "function_id": sub.function_id,
+         "function_version": sub.function_version, "function_alias": sub.function_alias,
+         "input": mapping.event_input(event, sub)} for sub in matches]})
+
+
 def routes(app: web.Application) -> None:
+    app.router.add_post("/v1/subscriptions/test", dry_run)
     app.router.add_post("/v1/subscriptions", create)
     app.router.add_get("/v1/subscriptions", index)
     app.router.add_get("/v1/subscriptions/{id}", show)

@@ -246,3 +246,30 @@ async def test_published_event_reaches_dispatcher_directly(hw):
     await hw.bus.publish(event)
     execution = await wait_status(hw, execution_id_for("d-1", sub["id"]))
     assert json.loads(execution["result"])["output"] == [1]
+
+
+async def test_dry_run_lists_matches_and_inputs_without_running_anything(hw):
+    function_id = await make_function(hw)
+    photos = await (await hw.client.post("/v1/subscriptions", json={
+        "source": "swift", "filters": {"container": "photos", "subject": {"glob": "photos/*.jpg"}}, "function_id": function_id,
+        "input_mapping": {"container": "$.container", "object": "$.data.object", "size": "thumb"}})).json()
+    await hw.client.post("/v1/subscriptions", json={"source": "swift", "filter": "container = 'docs'", "function_id": function_id})
+    event = {"specversion": "1.0", "id": "t-1", "source": "/swift", "type": "org.openstack.swift.object.put",
+             "subject": "photos/cat.jpg", "container": "photos", "data": {"object": "cat.jpg"}}
+    resp = await hw.client.post("/v1/subscriptions/test?source_kind=swift", json=event)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert [m["subscription_id"] for m in body["matches"]] == [photos["id"]]
+    assert body["matches"][0]["input"] == {"container": "photos", "object": "cat.jpg", "size": "thumb"}
+    assert await hw.store.executions.list() == []
+    bad = await hw.client.post("/v1/subscriptions/test", json={"id": "x"})
+    assert bad.status == 400 and "Invalid CloudEvent" in (await bad.json())["faultstring"]
+
+
+async def test_input_mapping_validation_and_exclusion(hw):
+    function_id = await make_function(hw)
+    resp = await hw.client.post("/v1/subscriptions", json={"source": "http", "function_id": function_id, "input_mapping": "all"})
+    assert resp.status == 400 and "is not a mode" in (await resp.json())["faultstring"]
+    resp = await hw.client.post("/v1/subscriptions", json={"source": "http", "function_id": function_id, "input": "x",
+                                                           "input_mapping": "event"})
+    assert resp.status == 400 and "exclude each other" in (await resp.json())["faultstring"]
