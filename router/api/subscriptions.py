@@ -13,6 +13,7 @@ from router.delivery import validate_delivery_policy
 from router import mapping
 from router.events import Event, InvalidEvent, utcnow
 from router.index import SOURCE_KIND_EXTENSION
+from router.limits import LimitError, validate_limits
 from router.filters import FilterError, compile_filter
 from router.store.models import new_id
 
@@ -24,6 +25,7 @@ def serialize(row) -> dict:
     return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
             "types": list(row.types or ()), "filters": row.filters or {},
             "filter": (row.options or {}).get("filter"), "input_mapping": (row.options or {}).get("input_mapping"),
+            "limits": (row.options or {}).get("limits") or {},
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
@@ -62,7 +64,8 @@ def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
         raise BadRequest("input and input_mapping exclude each other: a fixed input or a mapping of the event.")
     try:
         mapping.validate(body.get("input_mapping"))
-    except mapping.MappingError as exc:
+        validate_limits(body.get("limits"))
+    except (mapping.MappingError, LimitError) as exc:
         raise BadRequest(str(exc)) from None
     return types, filters, expression
 
@@ -86,6 +89,8 @@ async def create(request: web.Request) -> web.Response:
         options["filter"] = expression
     if body.get("input_mapping") is not None:
         options["input_mapping"] = body["input_mapping"]
+    if body.get("limits"):
+        options["limits"] = validate_limits(body["limits"])
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
     row = await app.store.subscriptions.add(

@@ -1,0 +1,158 @@
+"""Per-subscription flow control: a ceiling on concurrent executions, a rate (token bucket), and
+optional ordering by partition key. Over-limit events wait their turn — none is dropped; the bus
+holds them unacknowledged, which is the back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from router.events import Event
+from router.plugins import Subscription
+
+RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+class LimitError(ValueError):
+    """A limits specification that cannot be used; the message names the fault."""
+
+
+def validate_limits(spec: Any) -> dict[str, Any]:
+    """`{"max_concurrency": 2, "rate": {"count": 10, "per": "second"}, "ordered": true}`; every key
+    optional. Returns the normalised spec."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise LimitError("limits must be an object with max_concurrency, rate and ordered")
+    unknown = set(spec) - {"max_concurrency", "rate", "ordered"}
+    if unknown:
+        raise LimitError(f"limits: unknown key(s) {', '.join(sorted(unknown))}; known: max_concurrency, rate, ordered")
+    out: dict[str, Any] = {}
+    if spec.get("max_concurrency") is not None:
+        value = spec["max_concurrency"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+            raise LimitError("limits.max_concurrency must be an integer from 1 to 10000")
+        out["max_concurrency"] = value
+    if spec.get("rate") is not None:
+        rate = spec["rate"]
+        if not isinstance(rate, dict) or set(rate) - {"count", "per"}:
+            raise LimitError('limits.rate must look like {"count": 10, "per": "second"}')
+        count, per = rate.get("count"), rate.get("per", "second")
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or count <= 0:
+            raise LimitError("limits.rate.count must be a positive number")
+        if per not in RATE_UNITS:
+            raise LimitError(f"limits.rate.per must be one of {', '.join(RATE_UNITS)}")
+        out["rate"] = {"count": count, "per": per}
+    if spec.get("ordered") is not None:
+        if not isinstance(spec["ordered"], bool):
+            raise LimitError("limits.ordered must be true or false")
+        out["ordered"] = spec["ordered"]
+    return out
+
+
+class _TokenBucket:
+    """`rate` events per second on average, bursts of at most `burst`; waiters are served in
+    arrival order."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated = time.monotonic()
+        self.lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in order
+
+    async def take(self) -> None:
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class _KeyedSequencer:
+    """Runs same-key work one at a time in arrival order; different keys run in parallel."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Future] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        previous = self._tails.get(key)
+        mine = asyncio.get_running_loop().create_future()
+        self._tails[key] = mine
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            yield
+        finally:
+            mine.set_result(None)
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+
+
+class _SubscriptionGate:
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        concurrency = spec.get("max_concurrency")
+        self.semaphore = asyncio.Semaphore(concurrency) if concurrency else None
+        rate = spec.get("rate")
+        if rate:
+            per_second = rate["count"] / RATE_UNITS[rate["per"]]
+            # A burst of one: events are spread evenly, not let through in clumps.
+            self.bucket: _TokenBucket | None = _TokenBucket(per_second, 1.0)
+        else:
+            self.bucket = None
+        self.sequencer = _KeyedSequencer() if spec.get("ordered") else None
+        self.running = 0
+        self.peak = 0
+
+
+class Limiter:
+    """Holds one gate per limited subscription; unlimited subscriptions pass straight through."""
+
+    def __init__(self) -> None:
+        self._gates: dict[str, _SubscriptionGate] = {}
+
+    def _gate(self, sub: Subscription) -> _SubscriptionGate | None:
+        spec = (sub.options or {}).get("limits")
+        if not spec:
+            self._gates.pop(sub.id, None)
+            return None
+        gate = self._gates.get(sub.id)
+        if gate is None or gate.spec != spec:  # new, or its limits were changed
+            gate = self._gates[sub.id] = _SubscriptionGate(spec)
+        return gate
+
+    def stats(self, subscription_id: str) -> dict[str, int]:
+        gate = self._gates.get(subscription_id)
+        return {"running": gate.running, "peak": gate.peak} if gate else {"running": 0, "peak": 0}
+
+    @contextlib.asynccontextmanager
+    async def admit(self, sub: Subscription, event: Event) -> AsyncIterator[None]:
+        """Wait until the subscription may run this event: its key's turn (ordered), a rate token,
+        a concurrency slot — in that order, so ordering holds even under the other limits."""
+        gate = self._gate(sub)
+        if gate is None:
+            yield
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            if gate.sequencer is not None:
+                key = event.partition_key or event.subject or ""
+                await stack.enter_async_context(gate.sequencer.turn(key))
+            if gate.bucket is not None:
+                await gate.bucket.take()
+            if gate.semaphore is not None:
+                await stack.enter_async_context(gate.semaphore)
+            gate.running += 1
+            gate.peak = max(gate.peak, gate.running)
+            try:
+                yield
+            finally:
+                gate.running -= 1
