@@ -16,6 +16,7 @@ from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
+from router.history import EventLog
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
 from router.metrics import Metrics
 from router.store import Database, NotFound, Store
@@ -76,6 +77,7 @@ class _SourceContext:
             execution_ids[subscription_id] = row.id
         settled = self._app.dispatcher.settled(event.id) if settle else None
         await self._app.bus.publish(event)
+        self._app.history.record(event)
         self._app.metrics.events_in.labels(self._kind).inc()
         if settled is not None:
             await settled
@@ -122,6 +124,7 @@ class Headwater:
         self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(config, self.packages)
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
+        self.history = EventLog(config, self.store)
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
         self.sources: dict[str, plugins.Source] = {
             name: _plugin("source", name, "[sources] enabled")(config) for name in config.sources.enabled}
@@ -139,6 +142,7 @@ class Headwater:
         await self.reload_subscriptions()
         await self.engine.start()
         await self.executions.start()
+        await self.history.start()
         await self.bus.start()
         await self.dispatcher.start()
         for source in self.sources.values():
@@ -159,6 +163,7 @@ class Headwater:
             await source.stop()
         await self.dispatcher.stop()
         await self.executions.stop()
+        await self.history.stop()
         await self.bus.close()
         await self.engine.stop()
         await self.db.dispose()

@@ -19,6 +19,7 @@ from router.plugins import Subscription
 log = logging.getLogger(__name__)
 
 SOURCE_KIND_EXTENSION = "sourcekind"
+REPLAY_FOR_EXTENSION = "replayfor"
 
 
 def source_kind(event: Event) -> str | None:
@@ -228,6 +229,15 @@ class SubscriptionIndex:
             except FilterError as exc:  # one unusable row must not stop the others from routing
                 log.error("subscription left out of the index: %s", exc, extra={"subscription_id": sub.id})
         self._entries, self._buckets = fresh._entries, fresh._buckets
+
+    def match_or_target(self, event: Event) -> list[Subscription]:
+        """A replay (extension `replayfor`) goes to the one subscription it was replayed for;
+        every other event to the subscriptions it matches."""
+        target = event.extensions.get(REPLAY_FOR_EXTENSION)
+        if target is not None:
+            entry = self._entries.get(target)
+            return [entry.sub] if entry is not None else []
+        return self.match(event)
 
     def match(self, event: Event) -> list[Subscription]:
         kind = source_kind(event)

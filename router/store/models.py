@@ -153,3 +153,19 @@ class DeadLetter(_Common, Base):
     event_id: Mapped[str | None] = mapped_column(sa.String(255), index=True)
     subscription_id: Mapped[str | None] = mapped_column(sa.String(36), index=True)
     payload: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
+
+
+class EventRecord(Base):
+    """An event that entered Headwater, kept for a while (history and replay)."""
+
+    __tablename__ = "events"
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    project_id: Mapped[str] = mapped_column(sa.String(80), nullable=False, index=True)
+    source_kind: Mapped[str] = mapped_column(sa.String(32), nullable=False, index=True)
+    source: Mapped[str] = mapped_column(sa.String(255), nullable=False)
+    type: Mapped[str] = mapped_column(sa.String(255), nullable=False, index=True)
+    subject: Mapped[str | None] = mapped_column(sa.String(1024))
+    time: Mapped[_dt.datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    size: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    document: Mapped[Any] = mapped_column(sa.JSON, nullable=False)

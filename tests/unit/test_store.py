@@ -19,8 +19,17 @@ async def _function(store, project="p1"):
                                      entry="main.main", cpu=100, memory_size=33554432, timeout=5, project_id=project)
 
 
-async def test_migrate_is_idempotent(store):
-    assert await store.db.migrate() == "0001"
+async def test_migrate_is_idempotent_and_reaches_head(store):
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from router.store.db import MIGRATIONS_DIR
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert await store.db.migrate() == head
+    assert await store.db.migrate() == head
 
 
 async def test_runtime_crud_and_visibility(store):

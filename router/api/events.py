@@ -1,0 +1,126 @@
+"""/v1/events: the event history (list, show) and replays of past events to one subscription.
+(POST /v1/events, ingesting a CloudEvent, belongs to the http source.)"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+
+from aiohttp import web
+
+from router.api.common import ctx, format_time, hw, parse_bool, parse_int
+from router.api.errors import BadRequest, json_body
+from router.events import Event
+from router.filters import FilterError, compile_filter
+from router.index import REPLAY_FOR_EXTENSION as REPLAY_FOR, compile_subscription
+from router.store import NotFound
+
+REPLAY_OF = "replayof"
+MAX_REPLAY = 10_000
+
+
+def _time(value, name: str) -> _dt.datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        parsed = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 time, got {value!r}.") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)
+
+
+def serialize(row) -> dict:
+    return {"id": row.id, "source_kind": row.source_kind, "source": row.source, "type": row.type,
+            "subject": row.subject, "time": format_time(row.time), "received_at": format_time(row.received_at),
+            "project_id": row.project_id, "size": row.size, "event": row.document}
+
+
+async def index(request: web.Request) -> web.Response:
+    q = request.query
+    known = {"source_kind", "type", "subject", "since", "until", "limit", "all_projects", "project_id"}
+    unknown = set(q) - known
+    if unknown:
+        raise BadRequest(f"Unknown argument: {', '.join(sorted(unknown))!r}. Accepted: {', '.join(sorted(known))}.")
+    limit = parse_int(q.get("limit"), "limit", 100)
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be from 1 to 1000.")
+    rows = await hw(request).history.query(
+        project_id=ctx(request).list_scope(request), source_kind=q.get("source_kind"),
+        types=q.get("type", "").split(",") if q.get("type") else None, subject=q.get("subject"),
+        since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"), limit=limit)
+    return web.json_response({"events": [serialize(r) for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    row = await hw(request).history.get(request.match_info["id"], ctx(request).get_scope)
+    if row is None:
+        raise NotFound(f"Event not found [id={request.match_info['id']}]")
+    return web.json_response(serialize(row))
+
+
+async def replay(request: web.Request) -> web.Response:
+    """POST /v1/events/replay {subscription_id, since, until?, filter?, execution_status?, force?, limit?}:
+    publish again, for that subscription only, the past events it matches (and `filter` picks),
+    optionally only those whose execution for it ended with `execution_status` (e.g. failed).
+    A replay is recorded as its own execution (event id `<id>:replay`), so replaying twice runs
+    nothing the second time unless `force` is set."""
+    app = hw(request)
+    body = await json_body(request)
+    sub_id = body.get("subscription_id")
+    if not sub_id:
+        raise BadRequest("Required param is missing. Required: {'subscription_id'}")
+    sub = app.index.get(sub_id)
+    scope = ctx(request).get_scope
+    if sub is None or (scope is not None and sub.project_id != scope):
+        raise NotFound(f"Subscription not found [id={sub_id}]")
+    since = _time(body.get("since"), "since")
+    if since is None:
+        raise BadRequest("Required param is missing. Required: {'since'}")
+    until = _time(body.get("until"), "until")
+    limit = parse_int(body.get("limit"), "limit", 1000)
+    if not 1 <= limit <= MAX_REPLAY:
+        raise BadRequest(f"limit must be from 1 to {MAX_REPLAY}.")
+    force = parse_bool(body.get("force"), "force", False)
+    try:
+        extra = compile_filter(None, body.get("filter")) if body.get("filter") else None
+    except FilterError as exc:
+        raise BadRequest(str(exc)) from None
+    statuses = body.get("execution_status")
+    if isinstance(statuses, str):
+        statuses = [statuses]
+    if statuses is not None and (not isinstance(statuses, list) or not set(statuses) <= {"success", "failed", "error", "running"}):
+        raise BadRequest("execution_status must be one or more of success, failed, error, running.")
+
+    rows = await app.history.query(project_id=sub.project_id, source_kind=sub.source, since=since, until=until,
+                                   limit=limit, ascending=True)
+    own = compile_subscription(sub)
+    wanted: list[Event] = []
+    for row in rows:
+        event = Event.from_dict(row.document)
+        if event.extensions.get(REPLAY_OF):
+            continue  # replays are not replayed again; their originals are
+        if sub.types and event.type not in sub.types:
+            continue
+        if not own.matches(event) or (extra is not None and not extra.matches(event)):
+            continue
+        wanted.append(event)
+    if statuses is not None and wanted:
+        executions = await app.store.executions.list(filters={"subscription_id": sub.id, "status": "in:" + ",".join(statuses)})
+        chosen = {e.event_id for e in executions}
+        wanted = [e for e in wanted if e.id in chosen]
+    nonce = uuid.uuid4().hex[:12] if force else None
+    replayed = []
+    for event in wanted:
+        copy = Event.from_dict(event.to_dict())
+        copy.id = f"{event.id}:replay" + (f":{nonce}" if nonce else "")
+        copy.extensions[REPLAY_OF] = event.id
+        copy.extensions[REPLAY_FOR] = sub.id
+        await app.bus.publish(copy)
+        replayed.append(copy.id)
+    return web.json_response({"subscription_id": sub.id, "replayed": len(replayed), "events": replayed}, status=202)
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/v1/events", index)
+    app.router.add_post("/v1/events/replay", replay)
+    app.router.add_get("/v1/events/{id}", show)
