@@ -18,6 +18,12 @@ need_pkg() {  # binary package
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
 
+# The nodejs runtime needs Node.js 18 or newer.
+if ! command -v node >/dev/null 2>&1; then
+  echo "services: installing Node.js"
+  need_pkg node nodejs
+fi
+
 if ! port_open 5432; then
   echo "services: starting PostgreSQL"
   need_pkg pg_ctlcluster postgresql

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -136,10 +137,10 @@ class LocalEngine:
             return ExecutionResult.platform_error(
                 f"No local runtime for image {fn.runtime_image!r}: no [engine] local_runtimes entry "
                 f"('substring=runtime_dir') matches it; configured: {pairs}.")
-        if not (self.runtimes_dir / runtime / "server.py").is_file():
+        if self._server_command(runtime) is None:
             return ExecutionResult.platform_error(
-                f"Local runtime {runtime!r} (for image {fn.runtime_image!r}) has no server at "
-                f"{self.runtimes_dir / runtime / 'server.py'}; set HEADWATER_RUNTIMES_DIR or fix [engine] local_runtimes.")
+                f"Local runtime {runtime!r} (for image {fn.runtime_image!r}) has no server.py or server.js (with node "
+                f"on PATH) in {self.runtimes_dir / runtime}; set HEADWATER_RUNTIMES_DIR or fix [engine] local_runtimes.")
         if fn.package is None:
             return ExecutionResult.platform_error(f"Function {fn.id} version {fn.version} has no code package.")
         try:
@@ -268,6 +269,16 @@ class LocalEngine:
             return best
         return None
 
+    def _server_command(self, runtime: str) -> list[str] | None:
+        """How to start a runtime's server: server.py with this interpreter, or server.js with node."""
+        folder = self.runtimes_dir / runtime
+        if (folder / "server.py").is_file():
+            return [sys.executable, str(folder / "server.py")]
+        node = os.environ.get("HEADWATER_NODE") or shutil.which("node")
+        if (folder / "server.js").is_file() and node:
+            return [node, str(folder / "server.js")]
+        return None
+
     async def _start_worker(self, key: tuple[str, int, str], runtime: str) -> Worker:
         if self._stopping:
             raise RuntimeError("the engine is stopping")
@@ -275,9 +286,12 @@ class LocalEngine:
         name = f"{runtime}-{function_id[:12]}-v{version}-{next(self._seq)}"
         work_dir = self.work_root / runtime
         work_dir.mkdir(parents=True, exist_ok=True)
-        server = self.runtimes_dir / runtime / "server.py"
+        command = self._server_command(runtime)
+        if command is None:
+            raise RuntimeError(f"no server for runtime {runtime!r} in {self.runtimes_dir}")
+        server = command[-1]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(server), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
+            *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
             "--parent-pid", str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so stop() can signal the whole tree

@@ -21,8 +21,10 @@ import hashlib
 import inspect
 import io
 import json
+import linecache
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -46,6 +48,17 @@ LOG = logging.getLogger("headwater.runtime.python3")
 LOG_CAP = 1024 * 1024  # bytes of stdout+stderr kept per execution
 MAX_BODY = 64 * 1024 * 1024  # largest /execute request accepted
 DEFAULT_NOFILE = 1024
+DEFAULT_NPROC = 128  # processes (and threads) a function may have beside its own interpreter; Qinling's value
+DEFAULT_FSIZE = 524288000  # largest file a function may write (bytes); Qinling's value
+# Sandbox uids (used when the server runs as root): every child gets its own uid so RLIMIT_NPROC
+# counts exactly that child's processes and one kill(-1) as that uid ends all of them. The uid is
+# derived from the server's pid and a per-server slot, so concurrent servers never share one.
+SANDBOX_UID_BASE = 2 ** 30  # below 2**31: Node takes uids as int32
+SANDBOX_UID_SLOTS = 256
+# The environment a function sees: the server's own (which may hold the engine's credentials) is
+# never passed on.
+SAFE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONIOENCODING", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 DOWNLOAD_TIMEOUT = 30
 IDLE_CHILDREN = 4  # warm children kept per (package, entry, limits) beyond those running
 TIMEOUT_OUTPUT = "Function execution timeout."
@@ -70,6 +83,9 @@ class Packages:
     def __init__(self, work_dir: str):
         self.work_dir = os.path.abspath(work_dir)
         os.makedirs(os.path.join(self.work_dir, "packages"), exist_ok=True)
+        if SANDBOX["uids"]:
+            # Sandboxed children reach their own package through an open descriptor only.
+            os.chmod(os.path.join(self.work_dir, "packages"), 0o700)
         self._dirs: dict[str, str] = {}
 
     @staticmethod
@@ -108,6 +124,7 @@ class Packages:
                         zf.extractall(tmp)  # extractall drops absolute and '..' path parts
                 except zipfile.BadZipFile as exc:
                     raise PackageError(f"Package is not a valid ZIP package: {exc}") from None
+                _make_readable(tmp)  # by the sandbox uid, which owns none of it
                 try:
                     os.rename(tmp, target)
                 except OSError:
@@ -140,6 +157,17 @@ class Packages:
                 raise PackageError(f"Failed to download function package from {url}, error: {exc}") from None
         raise PackageError("Request names no package (package.path or package.download_url).")
 
+def _make_readable(top: str) -> None:
+    """Directories 0755 and files 0644 (0755 when executable): readable, never writable, by the function."""
+    for root, dirs, files in os.walk(top):
+        os.chmod(root, 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                mode = os.lstat(path).st_mode
+                if not os.path.islink(path):
+                    os.chmod(path, 0o755 if mode & 0o100 else 0o644)
+
 # ---------------------------------------------------------------------------------------------
 # The child process: imports the entry once, then serves one request at a time
 
@@ -153,16 +181,35 @@ def _set_limits(limits: dict) -> None:
         resource.setrlimit(kind, (value, value))
 
     cap(resource.RLIMIT_NOFILE, limits.get("files") or DEFAULT_NOFILE)
-    if limits.get("processes"):
-        # RLIMIT_NPROC counts every process of this uid: meaningful where the runtime owns its uid
-        # (the container); root ignores it.
-        cap(resource.RLIMIT_NPROC, limits["processes"])
-    if limits.get("file_size"):
-        cap(resource.RLIMIT_FSIZE, limits["file_size"])
+    if os.geteuid() != 0:
+        # RLIMIT_NPROC counts every task (process or thread) of the uid. With a sandbox uid that is
+        # exactly this child's tree, so the limit is what the function may add to what runs now.
+        # Without one (a container's single uid) the server's own tasks count too: same formula.
+        cap(resource.RLIMIT_NPROC, _uid_tasks() + int(limits.get("processes") or DEFAULT_NPROC))
+    cap(resource.RLIMIT_FSIZE, limits.get("file_size") or DEFAULT_FSIZE)
     if limits.get("memory_size"):
         # The limit is what the function may allocate on top of the interpreter's own footprint:
         # an absolute 32 MiB cap would leave a Python process no room at all.
         cap(resource.RLIMIT_DATA, _vm_data() + int(limits["memory_size"]))
+
+
+def _uid_tasks() -> int:
+    """Tasks of this process's real uid: this process's threads when it has a sandbox uid of its own."""
+    if _SANDBOX_UID:
+        try:
+            return len(os.listdir("/proc/self/task"))
+        except OSError:
+            return 1
+    uid = os.getuid()
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{name}/task"))
+            except OSError:
+                pass
+    return count
 
 
 def _vm_data() -> int:
@@ -193,21 +240,96 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _prctl(option: int, value: int) -> None:
+    if _LIBC is None or _LIBC.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError("prctl failed")
+
+
 def _die_with_parent(server_pid: int) -> None:
     """Ask Linux to SIGKILL this child if the server dies, so a killed server leaves no orphans."""
     try:
-        _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        # Called after any uid change: changing credentials clears the parent-death signal.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: idle children still exit on end-of-file from the server
     if os.getppid() != server_pid:
         os._exit(0)  # the server died before the request above took effect
 
 
-def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int) -> None:
+_CHILD_PID = 0  # in a child: its own pid (a process the function forks has another)
+_SANDBOX_UID = 0  # in a child: the sandbox uid it runs as (0: none)
+_PKG_PREFIXES: list[str] = []  # in a child: path prefixes of the package, cut from tracebacks
+
+
+def _enter_sandbox(pkg_dir: str, uid: int) -> str:
+    """Drop to the sandbox uid (when given) and return the sys.path entry for the package."""
+    global _SANDBOX_UID
+    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["HOME"] = tempfile.gettempdir() if uid else os.environ.get("HOME", tempfile.gettempdir())
+    os.environ.clear()
+    os.environ.update(env)
+    with contextlib.suppress(OSError):
+        os.chdir(pkg_dir)
+    with contextlib.suppress(OSError):
+        # Orphans of the function's processes come back to this child, so it sees (and the server
+        # can kill) everything the function left running.
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    path_entry = pkg_dir
+    if uid:
+        # The work dir is private to the server (root); the sandbox uid reaches its package only
+        # through this open descriptor (and its cwd), never by path, so it cannot read other
+        # functions' packages.
+        dir_fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)
+        _SERVER_FDS.discard(dir_fd)
+        path_entry = f"/proc/self/fd/{dir_fd}"
+        _keep_imports_reachable()
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        _SANDBOX_UID = uid
+        with contextlib.suppress(OSError):
+            _prctl(PR_SET_DUMPABLE, 1)  # so the function may read its own /proc entries as usual
+    _PKG_PREFIXES.extend({path_entry + os.sep, pkg_dir + os.sep})
+    return path_entry
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Whether a uid owning nothing can traverse to (and read) this directory."""
+    path = os.path.abspath(path)
+    try:
+        if os.stat(path).st_mode & 0o005 != 0o005:
+            return False
+        while path != os.sep:
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & 0o001:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _keep_imports_reachable() -> None:
+    """Before dropping to the sandbox uid: reach interpreter directories it could not traverse (an
+    interpreter installed under /root, say) through open descriptors, so imports keep working."""
+    for i, entry in enumerate(list(sys.path)):
+        if entry and os.path.isdir(entry) and not _reachable_by_others(entry):
+            with contextlib.suppress(OSError):
+                fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+                sys.path[i] = f"/proc/self/fd/{fd}"
+                _PKG_PREFIXES.append(sys.path[i] + os.sep)
+    sys.path_importer_cache.clear()
+
+
+def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int,
+                uid: int = 0) -> None:
     """Runs in the forked child; never returns."""
+    global _CHILD_PID
     code = 0
+    me = _CHILD_PID = os.getpid()
     try:
         os.setsid()  # own process group: the server kills the whole tree with one killpg
+        path_entry = _enter_sandbox(pkg_dir, uid)
         _die_with_parent(server_pid)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -226,9 +348,7 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
         # asyncio.run().
         asyncio.events._set_running_loop(None)
         asyncio.set_event_loop(None)
-        sys.path.insert(0, pkg_dir)
-        with contextlib.suppress(OSError):
-            os.chdir(pkg_dir)
+        sys.path.insert(0, path_entry)
         _set_limits(limits)
         func, takes_context, load_error = _load(entry)
         while True:
@@ -243,16 +363,35 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
+            if os.getpid() != me:
+                os._exit(0)  # a process the function forked returned from it: never answer for it
+            if _has_leftovers():
+                # Processes the function started are still running: the server recycles this child
+                # (killing them) rather than let them run into the next execution.
+                result["leftovers"] = True
             payload = _encode(result)
             _write_all(result_w, _FRAME.pack(len(payload)) + payload)
             if load_error is not None:
                 break  # import again in a fresh child next time: the cause may have been transient
     except BaseException:  # noqa: BLE001 - the server sees the exit and reports a crash
+        if os.getpid() != me:
+            os._exit(0)  # a forked copy of the function: quietly
         with contextlib.suppress(Exception):
             traceback.print_exc()
             sys.stderr.flush()
         code = 70
     os._exit(code)
+
+
+def _has_leftovers() -> bool:
+    """Whether the function left processes behind (this child is their subreaper, so all are children)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
 
 
 def _load(entry: str):
@@ -297,16 +436,20 @@ def _call(func, takes_context: bool, req: dict) -> dict:
         _print_user_traceback(exc)
         return {"status": "failed", "reason": "memory", "output": "Function exceeded its memory limit."}
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are function failures too
+        if os.getpid() != _CHILD_PID:
+            os._exit(1)  # a process the function forked (a fork bomb's offspring): no report, no traceback
         _print_user_traceback(exc)
         reason = "error"
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.EFBIG):
             reason = "files"
-        elif isinstance(exc, OSError) and exc.errno == errno.EAGAIN and _raised_by_fork(exc):
+        elif isinstance(exc, OSError) and exc.errno == errno.EAGAIN and (_raised_by_fork(exc) or _at_process_limit(exc)):
             reason = "processes"
         if isinstance(exc, SystemExit):
             message = f"Function called sys.exit({exc.code!r})."
         else:
             message = str(exc) or type(exc).__name__
+        if reason == "processes":
+            message = f"Function reached its process limit: {message}"
         return {"status": "failed", "reason": reason, "output": message}
     return {"status": "success", "reason": "ok", "output": output}
 
@@ -320,10 +463,36 @@ def _raised_by_fork(exc: BaseException) -> bool:
     return False
 
 
+def _at_process_limit(exc: BaseException) -> bool:
+    """EAGAIN from a C call (os.fork has no Python frame): blame the process limit when the failing
+    line starts a process or the limit is nearly used up."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        if re.search(r"\b(fork|forkpty|spawn\w*|posix_spawn\w*|Popen|system|exec\w*)\s*\(", line):
+            return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+        return False
+    uid, count = os.getuid(), 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{name}/task"))
+    return count >= soft - 8
+
+
 def _print_user_traceback(exc: BaseException) -> None:
-    # Skip the runtime's own frame: the user only needs their code's part of the stack.
+    # Skip the runtime's own frame: the user only needs their code's part of the stack, with paths
+    # relative to the package (the host's directories are none of the function's business).
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-    traceback.print_exception(type(exc), exc, tb)
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    for prefix in _PKG_PREFIXES:
+        text = text.replace(prefix, "")
+    sys.stderr.write(text)
 
 
 def _encode(result: dict) -> bytes:
@@ -359,6 +528,40 @@ def _killpg(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of a sandbox uid, including any that left the child's process group.
+
+    A helper process takes the uid and calls kill(-1): the kernel signals every process that uid may
+    signal (all of its own, never the caller) in one pass that a fork bomb cannot outrun.
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(20):
+                os.kill(-1, signal.SIGKILL)
+                time.sleep(0.001)
+        except BaseException:  # noqa: BLE001 - ProcessLookupError: nothing (left) to kill
+            pass
+        os._exit(0)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+_uid_slots = iter(range(1 << 62))
+
+
+def _sandbox_uid() -> int:
+    """A uid no other live child of any runtime server on this host uses (0 when not sandboxing)."""
+    if not SANDBOX["uids"]:
+        return 0
+    return SANDBOX_UID_BASE + (os.getpid() % (1 << 22)) * SANDBOX_UID_SLOTS + next(_uid_slots) % SANDBOX_UID_SLOTS
+
+
+SANDBOX = {"uids": False}  # set by main(): --sandbox
+
+
 class Child:
     """One warm child process serving one (package, entry, limits), one execution at a time."""
 
@@ -368,9 +571,10 @@ class Child:
         self.result_r, result_w = _pipe()
         self.log_r, log_w = _pipe()
         server_pid = os.getpid()
+        self.uid = _sandbox_uid()
         pid = os.fork()
         if pid == 0:
-            _child_main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid)
+            _child_main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid, self.uid)
         self.pid = pid
         for fd in (req_r, result_w, log_w):
             _close(fd)
@@ -491,8 +695,10 @@ class Child:
                     self.loop.remove_writer(self.req_w)
 
     def kill(self) -> None:
-        """Kill the child and everything it started (its process group)."""
+        """Kill the child and everything it started (its process group; with a sandbox uid, every process of it)."""
         _killpg(self.pid)
+        if self.uid:
+            _kill_uid(self.uid)
 
     def retire(self) -> None:
         """Let the child go: end-of-file on its request pipe ends its loop; the kill is for stragglers."""
@@ -708,8 +914,12 @@ class Server:
             LOG.error("execution %s: cannot start a child: %s", execution_id, exc)
             return {"success": False, "status": "failed", "reason": "crashed",
                     "output": f"Runtime could not start the execution: {exc}", "duration": 0.0, "logs": ""}
-        reply = await Execution(child, req).run()
-        if child.alive and reply["reason"] != "timeout" and not self.stopping:
+        execution = Execution(child, req)
+        reply = await execution.run()
+        leftovers = bool(execution.result and execution.result.get("leftovers"))
+        if leftovers:
+            LOG.info("execution %s left processes running; recycling its child", execution_id)
+        if child.alive and reply["reason"] != "timeout" and not leftovers and not self.stopping:
             if len(idle) < IDLE_CHILDREN:
                 idle.append(child)
             else:
@@ -754,6 +964,11 @@ async def serve(host: str, port: int, work_dir: str, parent_pid: int | None) -> 
         s = getattr(loop, attr, None)
         if s is not None:
             _SERVER_FDS.add(s.fileno())
+    with contextlib.suppress(OSError):
+        # Orphans of killed functions come to this server, which reaps them (a runtime that is a
+        # container's PID 1 would otherwise collect zombies).
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    reaper = asyncio.ensure_future(_reap_orphans())
     bound = srv.sockets[0].getsockname()
     print(f"LISTENING {bound[0]}:{bound[1]}", flush=True)
     stop = asyncio.Event()
@@ -769,8 +984,26 @@ async def serve(host: str, port: int, work_dir: str, parent_pid: int | None) -> 
     await stop.wait()
     if parent_pid:
         watcher.cancel()
+    reaper.cancel()
     srv.close()
     server.close()
+
+
+async def _reap_orphans() -> None:
+    me = str(os.getpid())
+    while True:
+        await asyncio.sleep(1.0)
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in CHILDREN:
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] == "Z":  # a zombie whose parent is this server
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(name), os.WNOHANG)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -779,7 +1012,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9090, help="0 picks a free port (printed as LISTENING host:port)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "headwater-python3"))
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
+    parser.add_argument("--sandbox", choices=("auto", "uid", "off"), default=os.environ.get("HEADWATER_RUNTIME_SANDBOX", "auto"),
+                        help="run each child as its own unprivileged uid: 'auto' when started as root")
     args = parser.parse_args(argv)
+    if args.sandbox == "uid" and os.geteuid() != 0:
+        parser.error("--sandbox uid needs root (it switches each child to a uid of its own)")
+    SANDBOX["uids"] = args.sandbox == "uid" or (args.sandbox == "auto" and os.geteuid() == 0)
+    os.umask(0o022)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(args.host, args.port, args.work_dir, args.parent_pid))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,13 +52,45 @@ def chatty():
         print("x" * 10000)
     return "done"
 
-def nap(seconds=30, pidfile=None):
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    if pidfile:
-        with open(pidfile, "w") as fh:
-            fh.write(f"{os.getpid()} {proc.pid}")
+def nap(seconds=30):
+    # /bin/sleep, not sys.executable: a sandbox uid may not reach the server's interpreter path.
+    proc = subprocess.Popen(["sleep", "60"])
+    escaped = subprocess.Popen(["setsid", "sleep", "60"])  # leaves the process group
+    print("PIDS", os.getpid(), proc.pid, escaped.pid, flush=True)
     time.sleep(seconds)
     return "slept"
+
+def whoami():
+    import decimal  # not imported by the server: the stdlib stays importable in the sandbox
+    return {"uid": os.getuid(), "env": sorted(os.environ), "cwd_files": sorted(os.listdir(".")),
+            "decimal": str(decimal.Decimal("1.5"))}
+
+def peek(path):
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        return type(exc).__name__
+
+def spawn_many(n=200):
+    procs = []
+    for _ in range(n):
+        procs.append(subprocess.Popen(["sleep", "30"]))
+    return len(procs)
+
+def fork_bomb():
+    while True:
+        os.fork()
+
+def background():
+    subprocess.Popen(["sleep", "60"])
+    return os.getpid()
+
+def big_file():
+    with open("/tmp/headwater-test-big-%d" % os.getpid(), "wb") as fh:
+        try:
+            fh.write(b"x" * (2 * 1024 * 1024))
+        finally:
+            os.unlink(fh.name)
 
 def hog():
     blocks = []
@@ -85,9 +118,13 @@ def package(tmp_path_factory) -> str:
     return str(path)
 
 
+WORK: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
+    WORK.append(work)
     proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
                             stdout=subprocess.PIPE, stderr=None, start_new_session=True)
     line = proc.stdout.readline().decode().strip()
@@ -208,14 +245,15 @@ def test_logs_are_capped(server, package):
     assert "[logs truncated:" in reply["logs"]
 
 
-def test_timeout_kills_process_tree(server, package, tmp_path):
-    pidfile = tmp_path / "pids"
+def test_timeout_kills_process_tree(server, package):
     started = time.monotonic()
-    reply = run(server, package, "main.nap", input={"seconds": 30, "pidfile": str(pidfile)}, timeout=1)
+    reply = run(server, package, "main.nap", input={"seconds": 30}, timeout=1)
     assert time.monotonic() - started < 5
     assert (reply["status"], reply["reason"], reply["output"]) == ("failed", "timeout", "Function execution timeout.")
     assert reply["duration"] >= 1.0
-    pids = [int(p) for p in pidfile.read_text().split()]
+    pids = [int(p) for p in reply["logs"].split("PIDS", 1)[1].split()[:3]]
+    if os.geteuid() != 0:
+        pids = pids[:2]  # without a sandbox uid a setsid'd process escapes the group kill (documented)
     deadline = time.monotonic() + 3
     while not all(gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -251,3 +289,56 @@ def test_concurrent_executions_run_in_parallel(server, package):
     replies = asyncio.run(both())
     assert [r["output"] for r in replies] == ["slept"] * 3
     assert time.monotonic() - started < 1.4
+
+
+def test_failures_in_the_log_use_package_relative_paths(server, package):
+    reply = run(server, package, "main.boom")
+    assert 'File "main.py", line' in reply["logs"]
+    assert "/proc/self/fd" not in reply["logs"] and "/tmp/" not in reply["logs"]
+
+
+def test_environment_is_not_inherited_and_sandbox_uid_is_used(server, package):
+    out = run(server, package, "main.whoami")["output"]
+    assert out["decimal"] == "1.5"
+    assert "main.py" in out["cwd_files"]
+    assert not [k for k in out["env"] if k.startswith(("HEADWATER", "PYTEST", "OS_", "VIRTUAL_ENV"))], out["env"]
+    if os.geteuid() == 0:
+        assert out["uid"] >= 2 ** 30  # a uid of its own, not root
+
+
+def test_other_packages_are_unreachable_in_the_sandbox(server, package):
+    if os.geteuid() != 0:
+        pytest.skip("the uid sandbox needs the server to run as root")
+    packages = WORK[-1] / "packages"
+    assert len(os.listdir(packages)) >= 1
+    assert run(server, package, "main.peek", input=str(packages))["output"] == "PermissionError"
+    assert run(server, package, "main.peek", input="/root")["output"] == "PermissionError"
+
+
+def test_process_limit_and_leftovers(server, package):
+    reply = run(server, package, "main.spawn_many", input={"n": 40}, limits={"processes": 16})
+    assert (reply["status"], reply["reason"]) == ("failed", "processes"), reply
+    assert "Resource temporarily unavailable" in reply["output"]
+    # the 16 sleeps it left were killed with its child; a fresh child serves the next call
+    assert run(server, package, input="next")["output"] == "Hello, next"
+
+
+def test_fork_bomb_is_contained(server, package):
+    started = time.monotonic()
+    reply = run(server, package, "main.fork_bomb", limits={"processes": 32}, timeout=3)
+    assert reply["status"] == "failed" and reply["reason"] in ("processes", "timeout"), reply
+    assert time.monotonic() - started < 6
+    assert run(server, package, input="alive")["output"] == "Hello, alive"
+
+
+def test_background_processes_do_not_outlive_the_execution(server, package):
+    first = run(server, package, "main.background")["output"]
+    second = run(server, package, "main.background")["output"]
+    assert first != second  # the child that left a process running was recycled
+    assert gone(first)
+
+
+def test_file_size_limit(server, package):
+    reply = run(server, package, "main.big_file", limits={"file_size": 1024 * 1024})
+    assert (reply["status"], reply["reason"]) == ("failed", "files"), reply
+    assert "File too large" in reply["output"]
