@@ -10,7 +10,7 @@ from aiohttp import web
 from router.executions import InvalidTarget, TargetUnavailable
 from router.plugins import PackageInvalid, SubscriptionInvalid
 from router.store import Conflict, NotFound
-from router.store.repositories import InvalidFilter
+from router.store.repositories import InvalidFilter, VersionLimit
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ _STATUS_BY_TYPE: list[tuple[type[BaseException], int]] = [
     (PackageInvalid, 400),
     (SubscriptionInvalid, 400),
     (InvalidFilter, 400),
+    (VersionLimit, 403),
+    (FileNotFoundError, 404),  # a package missing from the store (Qinling's StorageNotFound)
 ]
 
 

@@ -26,6 +26,9 @@ async def create(request: web.Request) -> web.Response:
     body = await json_body(request)
     if not body.get("function_id") and not body.get("function_alias"):
         raise BadRequest("Either function_alias or function_id must be provided.")
+    for name in ("function_id", "function_alias", "description"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise BadRequest(f"Invalid input, {name} must be a string.")
     raw_input = body.get("input")
     # The CLI sends input as a string; a JSON client may send the value itself.
     value = parse_qinling_input(raw_input) if isinstance(raw_input, str) else raw_input

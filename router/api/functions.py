@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,9 @@ from aiohttp import web
 from router.api.common import ctx, format_time, hw, list_filters, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.plugins import PackageRef
+from router.store.models import new_id
+
+log = logging.getLogger(__name__)
 
 CODE_SOURCES = ("package", "swift", "image")
 
@@ -26,7 +30,10 @@ def serialize(row) -> dict:
 async def _form(request: web.Request) -> tuple[dict[str, Any], bytes | None]:
     """Fields and the package bytes from a multipart/form-data or JSON request."""
     if request.content_type.startswith("multipart/") or request.content_type == "application/x-www-form-urlencoded":
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError) as exc:  # e.g. multipart without a boundary
+            raise BadRequest(f"Malformed form body: {exc}") from None
         fields: dict[str, Any] = {}
         package = None
         for key, value in form.items():
@@ -92,8 +99,6 @@ async def create(request: web.Request) -> web.Response:
     if source == "package":
         if not package:
             raise BadRequest("Package is required for package type function.")
-        from router.store.models import new_id
-
         function_id = new_id()
         md5 = await app.packages.put(c.project_id, function_id, 0, package, code.get("md5sum"))
         try:
@@ -132,6 +137,148 @@ async def show(request: web.Request) -> web.StreamResponse:
     return web.json_response(serialize(row))
 
 
+# What PUT may change. Anything else a client sends (read-only fields echoed back) is ignored,
+# as Qinling does; `source`/`swift` are what python-qinlingclient sends instead of `code`.
+UPDATABLE = ("name", "description", "code", "entry", "cpu", "memory_size", "timeout")
+# Changes that leave the running code alone: no need to drop warm workers.
+METADATA_ONLY = {"name", "description", "timeout"}
+
+
+def _update_code(fields: dict[str, Any], package: bytes | None) -> dict | None:
+    """The code object an update asks for, from `code` (JSON), the CLI's merged `source`/`swift`
+    form keys, or just an uploaded package."""
+    if fields.get("code") is not None:
+        return _parse_code(fields["code"])
+    if fields.get("source") is not None:
+        code: dict[str, Any] = {"source": fields["source"]}
+        if fields.get("swift") is not None:
+            code["swift"] = fields["swift"]
+        if fields.get("md5sum") is not None:
+            code["md5sum"] = fields["md5sum"]
+        return _parse_code(code)
+    if package is not None:
+        return {"source": "package"}
+    return None
+
+
+async def update(request: web.Request) -> web.Response:
+    app = hw(request)
+    c = ctx(request)
+    row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
+    fields, package = await _form(request)
+    code = _update_code(fields, package)
+    values: dict[str, Any] = {}
+    for field in ("name", "description"):
+        if fields.get(field) is not None:
+            if len(str(fields[field])) > 255:
+                raise BadRequest(f"Invalid input, {field} is longer than 255 characters.")
+            values[field] = str(fields[field])
+    if fields.get("timeout") is not None:
+        values["timeout"] = _limit(request, fields, "timeout", "timeout", "seconds")
+    if fields.get("entry") is not None:
+        if row.code.get("source") == "image":
+            raise BadRequest("The image type function has no entry.")
+        if not str(fields["entry"]).strip() or len(str(fields["entry"])) > 80:
+            raise BadRequest("Invalid input, entry must look like <module>.<function> (at most 80 characters).")
+        values["entry"] = str(fields["entry"])
+    if fields.get("cpu") is not None:
+        values["cpu"] = _limit(request, fields, "cpu", "cpu", "millicpu")
+    if fields.get("memory_size") is not None:
+        values["memory_size"] = _limit(request, fields, "memory_size", "memory", "bytes")
+    changes_code = code is not None or bool(set(values) - METADATA_ONLY)
+    old_md5 = row.code.get("md5sum")
+    new_md5 = None
+    if changes_code:
+        if await app.store.subscriptions.using_function(row.id, kind="job", active_only=True):
+            raise NotAllowed("The function is still associated with running job(s).")
+    if code is not None:
+        source = row.code.get("source")
+        if code["source"] != source:
+            raise BadRequest("The function code type can not be changed.")
+        if source == "image":
+            raise BadRequest("The image type function code can not be changed.")
+        if source == "swift":
+            raise BadRequest("Swift object not supported: no Swift store is configured.")
+        if package is None:
+            raise BadRequest("Package is required for package type function.")
+        if code.get("md5sum") and code["md5sum"] == old_md5:
+            raise BadRequest("The function code checksum is not changed.")
+        # Same path when the content is unchanged (the name carries the md5): then nothing to delete.
+        new_md5 = await app.packages.put(row.project_id, row.id, 0, package, code.get("md5sum"))
+        values["code"] = {"source": "package", "md5sum": new_md5}
+    if not values:
+        return web.json_response(serialize(row))
+    try:
+        row = await app.store.functions.update(row.id, values)
+    except Exception:
+        if new_md5 and new_md5 != old_md5:
+            await app.packages.delete(PackageRef(row.project_id, row.id, 0, new_md5))
+        raise
+    if new_md5 and old_md5 and new_md5 != old_md5:
+        await app.packages.delete(PackageRef(row.project_id, row.id, 0, old_md5))
+    if changes_code:
+        # The next execution must start a worker with the new code, entry and limits.
+        await app.engine.release(row.id, 0)
+    log.info("function updated", extra={"function_id": row.id, "fields": sorted(values)})
+    return web.json_response(serialize(row))
+
+
+def _count(body: dict) -> int:
+    count = parse_int(body.get("count"), "count")
+    if count is None:
+        raise BadRequest("Required param is missing. Required: {'count'}")
+    if count < 1:
+        raise BadRequest("count must be a positive integer.")
+    return count
+
+
+async def function_for_admin(request: web.Request):
+    if not ctx(request).is_admin:
+        raise NotAllowed()
+    return await hw(request).store.functions.get(request.match_info["id"])
+
+
+async def detach_version(request: web.Request, function_id: str, version: int) -> web.Response:
+    await hw(request).engine.release(function_id, version)
+    log.info("function detached", extra={"function_id": function_id, "function_version": version})
+    return web.Response(status=202)
+
+
+async def scale_version(request: web.Request, function, version: int, direction: str) -> web.Response:
+    """Scale warm workers where the engine can (an optional `scale_up`/`scale_down` of the engine);
+    the local engine starts workers on demand and keeps `local_workers_per_function` at most, so
+    for it the request is accepted and has no effect."""
+    count = _count(await json_body(request))
+    app = hw(request)
+    scaler = getattr(app.engine, f"scale_{direction}", None)
+    if scaler is not None:
+        await scaler(function.id, version, count)
+    log.info("function scale %s", direction, extra={"function_id": function.id, "function_version": version,
+                                                     "count": count, "supported": scaler is not None})
+    return web.Response(status=202)
+
+
+async def detach(request: web.Request) -> web.Response:
+    function = await function_for_admin(request)
+    return await detach_version(request, function.id, 0)
+
+
+async def scale_up(request: web.Request) -> web.Response:
+    return await scale_version(request, await function_for_admin(request), 0, "up")
+
+
+async def scale_down(request: web.Request) -> web.Response:
+    return await scale_version(request, await function_for_admin(request), 0, "down")
+
+
+async def workers(request: web.Request) -> web.Response:
+    function = await function_for_admin(request)
+    version = parse_int(request.query.get("function_version"), "function_version", 0)
+    names = await hw(request).engine.workers(function.id, version)
+    return web.json_response({"workers": [{"function_id": function.id, "function_version": version, "worker_name": n}
+                                          for n in names]})
+
+
 async def delete(request: web.Request) -> web.Response:
     app = hw(request)
     c = ctx(request)
@@ -160,4 +307,9 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/functions", create)
     app.router.add_get("/v1/functions", index)
     app.router.add_get("/v1/functions/{id}", show)
+    app.router.add_put("/v1/functions/{id}", update)
     app.router.add_delete("/v1/functions/{id}", delete)
+    app.router.add_post("/v1/functions/{id}/detach", detach)
+    app.router.add_post("/v1/functions/{id}/scale_up", scale_up)
+    app.router.add_post("/v1/functions/{id}/scale_down", scale_down)
+    app.router.add_get("/v1/functions/{id}/workers", workers)

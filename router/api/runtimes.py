@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, parse_bool, require_uuid
-from router.api.errors import BadRequest, NotAllowed, json_body
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid
+from router.api.errors import BadRequest, ConflictError, NotAllowed, json_body
 from router.store import NotFound
+
+log = logging.getLogger(__name__)
 
 
 def serialize(row) -> dict:
@@ -45,12 +49,68 @@ async def create(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
+    list_filters(request, ())  # no filters: unknown parameters are refused, as WSME does
     rows = await hw(request).store.runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
     return web.json_response({"runtimes": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
     return web.json_response(serialize(await _visible(request, request.match_info["id"])))
+
+
+UPDATABLE = ("name", "description", "image")
+
+
+async def update(request: web.Request) -> web.Response:
+    """PUT: name, description, image. A new image is refused while functions of the runtime have
+    warm workers (they run the old image); engines with runtime pools rebuild them."""
+    if not ctx(request).is_admin:
+        raise NotAllowed()
+    app = hw(request)
+    row = await _visible(request, request.match_info["id"])
+    body = await json_body(request)
+    values = {}
+    for field in UPDATABLE:
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > 255 or (field == "image" and not value.strip()):
+            raise BadRequest(f"Invalid value for {field}: a string of at most 255 characters is required.")
+        if value != getattr(row, field):
+            values[field] = value
+    if "image" in values:
+        if row.status != "available":
+            raise ConflictError(f"Runtime {row.id} is not available.")
+        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+            for number in versions:
+                if await app.engine.workers(function.id, number):
+                    raise NotAllowed(f"Runtime {row.id} is still in use by functions.")
+        log.info("runtime image changed", extra={"runtime_id": row.id, "image": values["image"], "previous": row.image})
+    if values:
+        row = await app.store.runtimes.update(row.id, values)
+    return web.json_response(serialize(row))
+
+
+async def pool(request: web.Request) -> web.Response:
+    """GET …/pool: the engine's capacity for this runtime. Engines with warm pools (kubernetes) report
+    them through an optional `pool(runtime_id)`; the local engine starts workers on demand, so its
+    total is the workers now warm for the runtime's functions and none sit idle unassigned."""
+    if not ctx(request).is_admin:
+        raise NotAllowed()
+    app = hw(request)
+    row = await _visible(request, request.match_info["id"])
+    engine_pool = getattr(app.engine, "pool", None)
+    if engine_pool is not None:
+        total, available = await engine_pool(row.id)
+    else:
+        total = 0
+        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+            for number in versions:
+                total += len(await app.engine.workers(function.id, number))
+        available = 0
+    return web.json_response({"name": row.id, "capacity": {"total": total, "available": available}})
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -68,4 +128,6 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/runtimes", create)
     app.router.add_get("/v1/runtimes", index)
     app.router.add_get("/v1/runtimes/{id}", show)
+    app.router.add_put("/v1/runtimes/{id}", update)
     app.router.add_delete("/v1/runtimes/{id}", delete)
+    app.router.add_get("/v1/runtimes/{id}/pool", pool)

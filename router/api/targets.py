@@ -19,6 +19,9 @@ async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, 
     project_id = ctx(request).project_id
     alias = body.get("function_alias") or None
     function_id = body.get("function_id") or None
+    for name, value in (("function_alias", alias), ("function_id", function_id)):
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"Invalid input, {name} must be a string.")
     if not alias and not function_id:
         raise BadRequest("Either function_alias or function_id must be provided.")
     if alias:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription
 from router.store.models import new_id
+
+log = logging.getLogger(__name__)
 
 
 def serialize(row, public_url: str) -> dict:
@@ -43,6 +47,34 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(serialize(row, hw(request).config.api.public_url))
 
 
+async def update(request: web.Request) -> web.Response:
+    """PUT: function_id, function_version, function_alias, description. Switching to an alias
+    clears id and version; switching to an id or version clears the alias. Nulls keep values."""
+    app = hw(request)
+    row = await get_subscription(request, "webhook", "Webhook")
+    body = await json_body(request)
+    values: dict = {}
+    if body.get("description") is not None:
+        if not isinstance(body["description"], str) or len(body["description"]) > 255:
+            raise BadRequest("Invalid input, description must be a string of at most 255 characters.")
+        values["description"] = body["description"]
+    if body.get("function_alias"):
+        values.update(await check_target(request, {"function_alias": body["function_alias"]}))
+    elif body.get("function_id") is not None or body.get("function_version") is not None:
+        function_id = body.get("function_id") or row.function_id
+        if not function_id:
+            raise BadRequest("Either function_alias or function_id must be provided.")
+        version = body.get("function_version")
+        if version is None:
+            version = row.function_version if function_id == row.function_id else 0
+        values.update(await check_target(request, {"function_id": function_id, "function_version": version}))
+    if values:
+        row = await app.store.subscriptions.update(row.id, values)
+        await app.reload_subscription(row.id)
+        log.info("webhook updated", extra={"subscription_id": row.id, "fields": sorted(values)})
+    return web.json_response(serialize(row, app.config.api.public_url))
+
+
 async def delete(request: web.Request) -> web.Response:
     app = hw(request)
     row = await get_subscription(request, "webhook", "Webhook")
@@ -55,4 +87,5 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/webhooks", create)
     app.router.add_get("/v1/webhooks", index)
     app.router.add_get("/v1/webhooks/{id}", show)
+    app.router.add_put("/v1/webhooks/{id}", update)
     app.router.add_delete("/v1/webhooks/{id}", delete)

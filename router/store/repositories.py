@@ -18,6 +18,9 @@ M = TypeVar("M", bound=models.Base)
 _OPERATORS = ("in", "nin", "eq", "neq", "gt", "gte", "lt", "lte", "has")
 
 
+_MAX_LIMIT = 2**31 - 1
+
+
 class InvalidFilter(ValueError):
     pass
 
@@ -80,6 +83,9 @@ class Repository(Generic[M]):
             op, value = parse_filter(raw) if isinstance(raw, str) else ("eq", raw)
             stmt = stmt.where(_condition(column, op, self._coerce(name, value)))
         stmt = stmt.order_by(getattr(self.model, order_by), self.model.id)
+        if limit is not None and not 0 <= limit <= _MAX_LIMIT:
+            # Query strings reach here; a limit the database cannot bind is the caller's 400, not a 500.
+            raise InvalidFilter(f"limit must be between 0 and {_MAX_LIMIT}, got {limit}")
         if limit:
             stmt = stmt.limit(limit)
         async with self.db.sessions() as session:
@@ -93,8 +99,11 @@ class Repository(Generic[M]):
                 return [int(v) for v in value] if isinstance(value, list) else int(value)
             if isinstance(column_type, sa.Boolean) and isinstance(value, str):
                 return value.lower() in ("true", "1", "yes")
+            if isinstance(column_type, models.UTCDateTime):
+                return [_parse_time(v) for v in value] if isinstance(value, list) else _parse_time(value)
         except ValueError:
-            raise InvalidFilter(f"filter {name!r} expects an integer, got {value!r}") from None
+            kind = "a time" if isinstance(column_type, models.UTCDateTime) else "an integer"
+            raise InvalidFilter(f"filter {name!r} expects {kind}, got {value!r}") from None
         return value
 
     async def add(self, **values: Any) -> M:
@@ -139,6 +148,17 @@ class Repository(Generic[M]):
             stmt = stmt.where(getattr(self.model, name) == value)
         async with self.db.sessions() as session:
             return (await session.execute(stmt)).scalar_one()
+
+
+def _parse_time(value: Any) -> _dt.datetime:
+    """A filter's time as text (ISO 8601, `Z` allowed; naive means UTC), as an aware datetime."""
+    if isinstance(value, _dt.datetime):
+        return value
+    text = str(value).strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    parsed = _dt.datetime.fromisoformat(text)  # ValueError: the caller's 400
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)
 
 
 def _constraint(exc: IntegrityError) -> str:
