@@ -384,8 +384,16 @@ class CronSource:
             return None
         log.info("cron catch-up: moving past missed ticks", extra={
             "subscription_id": sub.id, "policy": policy, "from": scheduled.isoformat(), "to": target.isoformat()})
+        return await self._advance(ctx, sub, scheduled, target, fired=False)
+
+    async def _advance(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime,
+                       target: _dt.datetime | None = None, *, fired: bool) -> _dt.datetime | None:
+        """Move a schedule past `scheduled` without firing it, to `target` (default: the next tick).
+        Returns the new next time; None if the schedule is done or the advance must be retried."""
         try:
-            if not await ctx.advance_schedule(sub.id, scheduled, target, fired=False):
+            if target is None and sub.pattern:
+                target = next_fire_time(sub.pattern, scheduled, _subscription_timezone(sub))
+            if not await ctx.advance_schedule(sub.id, scheduled, target, fired=fired):
                 return None
         except asyncio.CancelledError:
             raise
@@ -394,22 +402,6 @@ class CronSource:
             return None
         self._moved_past[sub.id] = scheduled
         return target
-
-    async def _advance(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime, *,
-                       fired: bool) -> _dt.datetime | None:
-        """Move a schedule past `scheduled` without firing; returns the next time (None if done
-        or the advance must be retried)."""
-        try:
-            next_time = next_fire_time(sub.pattern, scheduled, _subscription_timezone(sub)) if sub.pattern else None
-            if not await ctx.advance_schedule(sub.id, scheduled, next_time, fired=fired):
-                return None
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("cron schedule could not be advanced; will retry", extra={"subscription_id": sub.id})
-            return None
-        self._moved_past[sub.id] = scheduled
-        return next_time
 
     async def _fire(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime) -> _dt.datetime | None:
         """Publish one tick and advance the schedule. Returns the next tick time when it may fire,
