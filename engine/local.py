@@ -141,14 +141,18 @@ class LocalEngine:
             return ExecutionResult.platform_error(
                 f"Local runtime {runtime!r} (for image {fn.runtime_image!r}) has no server.py or server.js (with node "
                 f"on PATH) in {self.runtimes_dir / runtime}; set HEADWATER_RUNTIMES_DIR or fix [engine] local_runtimes.")
-        if fn.package is None:
-            return ExecutionResult.platform_error(f"Function {fn.id} version {fn.version} has no code package.")
+        package = fn.package
         try:
-            package_path = await self._package_path(fn.package)
+            if package is None and fn.code.get("source") == "swift":
+                swift = fn.code.get("swift") or {}
+                package = await self.packages.fetch_swift(fn.project_id, fn.id, swift.get("container", ""), swift.get("object", ""))
+            if package is None:
+                return ExecutionResult.platform_error(f"Function {fn.id} version {fn.version} has no code package.")
+            package_path = await self._package_path(package)
         except Exception as exc:  # noqa: BLE001 - any storage trouble is a platform error
             LOG.error("cannot get the package of function %s: %s", fn.id, exc, extra=log_extra)
             return ExecutionResult.platform_error(f"Function package unavailable: {exc}")
-        key = (fn.id, fn.version, fn.package.md5sum)
+        key = (fn.id, fn.version, package.md5sum)
         timeout = fn.timeout or self.config.resource_limits.default_timeout
         context = dict(request.context)
         context.setdefault("execution_id", request.execution_id)
@@ -159,7 +163,7 @@ class LocalEngine:
             "entry": fn.entry or "main.main",
             "input": request.input,
             "timeout": timeout,
-            "package": {"path": package_path, "md5sum": fn.package.md5sum, "function_id": fn.id, "version": fn.version},
+            "package": {"path": package_path, "md5sum": package.md5sum, "function_id": fn.id, "version": fn.version},
             "limits": {"memory_size": fn.memory_size, "cpu": fn.cpu},
             "context": context,
         }

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from router.config import Config
+from engine.swift import SwiftObjects
 from router.plugins import PackageInvalid, PackageRef
 
 LOG = logging.getLogger(__name__)
@@ -30,6 +31,39 @@ class FilesystemPackageStore:
 
     def __init__(self, config: Config) -> None:
         self.root = Path(config.storage.file_system_dir)
+        url = config.storage.swift_url
+        self.swift = SwiftObjects(url, config.storage.swift_token) if url else None
+        # (project, function, container, object) → (etag, md5 of the stored copy)
+        self._swift_copies: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+
+    @property
+    def swift_enabled(self) -> bool:
+        return self.swift is not None
+
+    async def check_swift(self, project_id: str, container: str, obj: str) -> None:
+        """Refuse a Swift object that cannot be a function's code (missing, unreadable, > 51 MiB)."""
+        if self.swift is None:
+            raise PackageInvalid("Swift object not supported: no Swift store is configured ([storage] swift_url).")
+        await self.swift.head(project_id, container, obj)
+
+    async def fetch_swift(self, project_id: str, function_id: str, container: str, obj: str) -> PackageRef:
+        """The function's code from Swift as a stored package: fetched again only when the
+        object's ETag changed, so an updated object is picked up by the next execution."""
+        if self.swift is None:
+            raise PackageInvalid("Swift object not supported: no Swift store is configured ([storage] swift_url).")
+        key = (project_id, function_id, container, obj)
+        headers = await self.swift.head(project_id, container, obj)
+        etag = headers.get("Etag", headers.get("ETag", "")).strip('"')
+        cached = self._swift_copies.get(key)
+        if cached and cached[0] == etag and etag:
+            ref = PackageRef(project_id, function_id, 0, cached[1])
+            if self.path(ref):
+                return ref
+        data, etag = await self.swift.get(project_id, container, obj)
+        md5 = await self.put(project_id, function_id, 0, data)
+        self._swift_copies[key] = (etag, md5)
+        LOG.info("fetched function code from Swift", extra={"function_id": function_id, "object": f"{container}/{obj}"})
+        return PackageRef(project_id, function_id, 0, md5)
 
     def _file(self, project_id: str, function_id: str, version: int, md5sum: str) -> Path:
         for what, value in (("project id", project_id), ("function id", function_id), ("md5sum", md5sum)):

@@ -251,6 +251,15 @@ class PackageStore(Protocol):
 
     async def delete(self, ref: PackageRef) -> None: ...
 
+    swift_enabled: bool
+    """Whether functions may take their code from Swift objects."""
+
+    async def check_swift(self, project_id: str, container: str, obj: str) -> None:
+        """Refuse (PackageInvalid) a Swift object that cannot be function code."""
+
+    async def fetch_swift(self, project_id: str, function_id: str, container: str, obj: str) -> PackageRef:
+        """The Swift object as a stored package (fetched again when it changed)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Sinks

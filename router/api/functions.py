@@ -110,7 +110,11 @@ async def create(request: web.Request) -> web.Response:
         swift = code.get("swift") or {}
         if not swift.get("container") or not swift.get("object"):
             raise BadRequest("Both container and object must be provided for swift type function.")
-        raise BadRequest("Swift object not supported: no Swift store is configured.")
+        if not app.packages.swift_enabled:
+            raise BadRequest("Swift object not supported: no Swift store is configured ([storage] swift_url).")
+        await app.packages.check_swift(c.project_id, str(swift["container"]), str(swift["object"]))
+        row = await app.store.functions.add(
+            code={"source": "swift", "swift": {"container": str(swift["container"]), "object": str(swift["object"])}}, **values)
     else:
         if not code.get("image"):
             raise BadRequest("Image must be provided for image type function.")
@@ -131,7 +135,12 @@ async def show(request: web.Request) -> web.StreamResponse:
     if request.query.get("download", "").lower() in ("true", "1", "yes"):
         if row.code.get("source") == "image":
             raise BadRequest("Download image function is not allowed.", status=405)
-        data = await app.packages.get(PackageRef(row.project_id, row.id, 0, row.code.get("md5sum")))
+        if row.code.get("source") == "swift":
+            swift = row.code.get("swift") or {}
+            ref = await app.packages.fetch_swift(row.project_id, row.id, swift.get("container", ""), swift.get("object", ""))
+        else:
+            ref = PackageRef(row.project_id, row.id, 0, row.code.get("md5sum"))
+        data = await app.packages.get(ref)
         return web.Response(body=data, content_type="application/zip",
                             headers={"Content-Disposition": f'attachment; filename="{row.id}"'})
     return web.json_response(serialize(row))
@@ -197,8 +206,17 @@ async def update(request: web.Request) -> web.Response:
             raise BadRequest("The function code type can not be changed.")
         if source == "image":
             raise BadRequest("The image type function code can not be changed.")
-        if source == "swift":
-            raise BadRequest("Swift object not supported: no Swift store is configured.")
+    if code is not None and source == "swift":
+        # Merge the new container/object into the old, as Qinling does; re-validate the object.
+        given = code.get("swift") or {}
+        if not given.get("container") and not given.get("object"):
+            raise BadRequest("Either container or object must be provided for swift type function update.")
+        merged = {**row.code.get("swift", {}), **{k: str(v) for k, v in given.items() if k in ("container", "object") and v}}
+        if not app.packages.swift_enabled:
+            raise BadRequest("Swift object not supported: no Swift store is configured ([storage] swift_url).")
+        await app.packages.check_swift(row.project_id, merged["container"], merged["object"])
+        values["code"] = {"source": "swift", "swift": merged}
+    elif code is not None:
         if package is None:
             raise BadRequest("Package is required for package type function.")
         if code.get("md5sum") and code["md5sum"] == old_md5:
