@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 
 from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery
+from router.delivery import RETRY_TOPIC, retry_marks
 from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
 from router.log import current_event_id
 from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_TARGET_MEMORY_SECONDS = 5.0  # how long a subject known not to be a subscription is not looked up again
 
 
 class Dispatcher:
@@ -24,7 +29,11 @@ class Dispatcher:
         self.group = group
         self.prefetch = prefetch
         self._consumer: Consumer | None = None
+        self._retry_consumer: Consumer | None = None
         self._settle_waiters: dict[str, list[asyncio.Future]] = {}
+        # Retries go back through the bus this dispatcher consumes from.
+        executions.delivery.bus = bus
+        self._not_subscriptions: dict[str, float] = {}
 
     def settled(self, event_id: str) -> asyncio.Future:
         """A future resolved when this dispatcher has handled the event (all its executions recorded)."""
@@ -38,12 +47,14 @@ class Dispatcher:
                 future.set_result(None)
 
     async def start(self) -> None:
+        self._retry_consumer = await self.bus.consume(RETRY_TOPIC, self.group, self.handle_retry, prefetch=self.prefetch)
         self._consumer = await self.bus.consume(EVENTS_TOPIC, self.group, self.handle, prefetch=self.prefetch)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.cancel()
-            self._consumer = None
+        for consumer in (self._consumer, self._retry_consumer):
+            if consumer is not None:
+                await consumer.cancel()
+        self._consumer = self._retry_consumer = None
 
     async def handle(self, delivery: Delivery) -> None:
         """Returning acks the delivery; raising gives it back to the bus for redelivery. Each
@@ -57,9 +68,53 @@ class Dispatcher:
         if self._settle_waiters:
             self._settle(event.id)
 
+    async def _learn_target(self, event) -> bool:
+        """An event aimed at one subscription (a cron tick, a webhook call: subject = its id) that
+        this replica's index does not know yet: another replica created it moments ago and the
+        periodic reload has not brought it here. Acking such an event unmatched would lose it."""
+        subject = event.subject
+        if not subject or len(subject) != 36 or self.index.get(subject) is not None:
+            return False
+        now = time.monotonic()
+        if self._not_subscriptions.get(subject, 0.0) > now:
+            return False
+        try:
+            uuid.UUID(subject)
+        except ValueError:
+            return False
+        row = await self.executions.store.subscriptions.find(subject)
+        if row is None:
+            if len(self._not_subscriptions) > 10_000:
+                self._not_subscriptions.clear()
+            self._not_subscriptions[subject] = now + UNKNOWN_TARGET_MEMORY_SECONDS
+            return False
+        from router.app import subscription_view  # router.app imports this module
+
+        self.index.put(subscription_view(row))
+        log.info("subscription learnt from an event aimed at it", extra={"event_id": event.id, "subscription_id": row.id})
+        return True
+
+    async def handle_retry(self, delivery: Delivery) -> None:
+        """A retry the delivery policy scheduled: it goes to the one subscription that failed."""
+        event = delivery.event
+        subscription_id, attempt, last_status = retry_marks(event)
+        sub = self.index.get(subscription_id) if subscription_id else None
+        if sub is None:
+            # Deleted while the retry waited (or not a retry at all): nothing left to run it for.
+            log.info("retry dropped: its subscription is gone",
+                     extra={"event_id": event.id, "subscription_id": subscription_id})
+            return
+        token = current_event_id.set(event.id)
+        try:
+            await self.executions.run_for_event(event, sub, attempt=attempt, last_status=last_status)
+        finally:
+            current_event_id.reset(token)
+
     async def _route(self, event) -> None:
         kind = source_kind(event) or "unknown"
-        matches = self.index.match(event)
+        matches = self.index.match_or_target(event)
+        if not matches and await self._learn_target(event):
+            matches = self.index.match_or_target(event)
         if not matches:
             self.metrics.events_unmatched.labels(kind).inc()
             log.debug("event matched no subscription")

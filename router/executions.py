@@ -11,7 +11,10 @@ import logging
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from router.config import Config
+from router.delivery import DeliveryPolicy, DeliveryService
 from router.events import Event, execution_id_for
 from router.log import current_execution_id
 from router.metrics import Metrics
@@ -24,7 +27,9 @@ from router.store import models
 log = logging.getLogger(__name__)
 
 FINISHED = ("success", "failed", "error")
-LEASE_MARGIN_SECONDS = 30.0  # beyond the function's timeout, before a silent worker counts as dead
+# An event execution that failed and waits on the bus for its next attempt: not finished, not owned.
+RETRYING = "retrying"
+LEASE_MARGIN_SECONDS = 30.0  # default of [delivery] lease_margin
 LEASE_POLL_SECONDS = 0.5
 COUNT_FLUSH_SECONDS = 1.0
 
@@ -73,6 +78,9 @@ class ExecutionService:
         self._count_flusher: asyncio.Task | None = None
         # Event executions this process is handling now: a duplicate delivery waits instead of re-running.
         self._in_flight: dict[str, asyncio.Future] = {}
+        # Retries and dead letters; the dispatcher hands it the bus it consumes from.
+        self.delivery = DeliveryService(config, store, metrics)
+        self.lease_margin = getattr(getattr(config, "delivery", None), "lease_margin", LEASE_MARGIN_SECONDS)
 
     # -- targets ------------------------------------------------------------------------------
 
@@ -132,6 +140,13 @@ class ExecutionService:
     async def run(self, row: models.Execution, function: models.Function, version: int, *,
                   event_id: str | None = None) -> models.Execution:
         """Run a recorded execution on the engine and record its outcome."""
+        result = await self.execute(row, function, version, event_id=event_id)
+        await self.record(row, result)
+        return row
+
+    async def execute(self, row: models.Execution, function: models.Function, version: int, *,
+                      event_id: str | None = None) -> ExecutionResult:
+        """Run a recorded execution on the engine; the caller records the outcome."""
         token = current_execution_id.set(row.id)
         self.metrics.executions_running.inc()
         started = time.perf_counter()
@@ -147,18 +162,21 @@ class ExecutionService:
                 log.exception("engine raised instead of returning a result")
                 result = ExecutionResult.platform_error(f"Internal service error: {type(exc).__name__}")
             self.metrics.execution_seconds.observe(time.perf_counter() - started)
-            await self.record(row, result)
             log.info("execution finished", extra={"status": result.status, "reason": result.reason,
                                                   "duration": result.duration, "function_id": function.id})
-            return row
+            return result
         finally:
             self.metrics.executions_running.dec()
             current_execution_id.reset(token)
 
-    async def record(self, row: models.Execution, result: ExecutionResult) -> None:
+    async def record(self, row: models.Execution, result: ExecutionResult, *, status: str | None = None) -> None:
+        """Record an outcome; `status` RETRYING keeps the execution open for its next attempt."""
+        status = status or result.status
         document = {"duration": round(result.duration, 3), "output": result.output}
-        await self.journal.finish(row.id, status=result.status, result=document, logs=result.logs, reason=result.reason)
-        row.status, row.result, row.logs, row.reason = result.status, document, result.logs, result.reason
+        await self.journal.finish(row.id, status=status, result=document, logs=result.logs, reason=result.reason)
+        row.status, row.result, row.logs, row.reason = status, document, result.logs, result.reason
+        if status == RETRYING:
+            return
         self.metrics.executions.labels(result.status, result.reason).inc()
         if result.status != "success":
             self.metrics.executions_failed.labels(result.reason).inc()
@@ -209,45 +227,121 @@ class ExecutionService:
                 log.exception("could not record execution counts", extra={"function_id": function_id})
 
     def _lease(self, function: models.Function) -> float:
-        return (function.timeout or self.config.resource_limits.default_timeout) + LEASE_MARGIN_SECONDS
+        return (function.timeout or self.config.resource_limits.default_timeout) + self.lease_margin
 
-    async def run_for_event(self, event: Event, sub: Subscription) -> None:
+    async def run_for_event(self, event: Event, sub: Subscription, *, attempt: int = 1,
+                            last_status: str | None = None) -> None:
         """Execute (event, subscription) once. A redelivery of an event whose execution finished
         does nothing; one whose execution another worker is running waits for that worker (and
-        takes over if its lease runs out, i.e. it died)."""
+        takes over if its lease runs out, i.e. it died). `attempt` > 1 is a retry the delivery
+        policy scheduled (the event came back on the retry topic)."""
         execution_id = execution_id_for(event.id, sub.id)
         while (running_here := self._in_flight.get(execution_id)) is not None:
             await asyncio.shield(running_here)  # a duplicate delivery to this process: wait for the first
         done = asyncio.get_running_loop().create_future()
         self._in_flight[execution_id] = done
         try:
-            await self._run_for_event(event, sub)
+            await self._run_for_event(event, sub, attempt, last_status)
         finally:
             del self._in_flight[execution_id]
             done.set_result(None)
 
-    async def _run_for_event(self, event: Event, sub: Subscription) -> None:
+    async def _run_for_event(self, event: Event, sub: Subscription, attempt: int, last_status: str | None) -> None:
+        policy = self.delivery.policy(sub)
+        retry = attempt > 1
+        if policy.expired(event):
+            await self._expire(event, sub, policy, last_status)
+            return
         try:
-            row, function, version, created = await self.prepare_for_event(event, sub, claim=True)
+            # A retry's record exists already (status retrying): it is claimed below, not created.
+            row, function, version, created = await self.prepare_for_event(event, sub, claim=not retry)
         except (NotFound, TargetUnavailable, InvalidTarget) as exc:
             # The subscription points at something that cannot run: no retry will help.
-            await self.store.dead_letters.add(source=sub.source, reason=str(exc), event_id=event.id, subscription_id=sub.id,
-                                              payload=event.to_dict(), project_id=sub.project_id)
-            self.metrics.dead_letters.labels(sub.source).inc()
-            log.warning("event dead-lettered: target unavailable", extra={"event_id": event.id, "subscription_id": sub.id, "reason": str(exc)})
+            await self.delivery.dead_letter(event, sub, str(exc), policy=policy)
+            await self._close_open(execution_id_for(event.id, sub.id), last_status or "error", "platform")
             return
-        while not created:
+        number = 1  # which attempt this run is
+        claimed = created and not retry
+        while not claimed:
             if row.status in FINISHED:
                 self.metrics.duplicates.inc()
                 return
-            if await self.store.executions.claim(row.id, self._lease(function)):
+            if row.status == RETRYING:
+                if not (retry and row.attempts == attempt - 1):
+                    # Its next attempt waits on the bus already: this delivery is a duplicate.
+                    self.metrics.duplicates.inc()
+                    return
+                claimed, number = await self._claim_retry(row.id, attempt, self._lease(function)), attempt
+            else:
+                claimed, number = await self.store.executions.claim(row.id, self._lease(function)), row.attempts + 1
+            if claimed:
                 break
-            # Another process holds a live lease: wait for it to finish, or for its lease to run out.
-            await asyncio.sleep(LEASE_POLL_SECONDS)
+            if row.status != RETRYING:
+                # Another process holds a live lease: wait for it to finish, or for its lease to run out.
+                await asyncio.sleep(LEASE_POLL_SECONDS)
             row = await self.store.executions.get(row.id)
-        await self.run(row, function, version, event_id=event.id)
+        result = await self.execute(row, function, version, event_id=event.id)
+        await self._settle(event, sub, policy, row, result, number)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
+
+    async def _settle(self, event: Event, sub: Subscription, policy: DeliveryPolicy, row: models.Execution,
+                      result: ExecutionResult, number: int) -> None:
+        """Record the outcome of attempt `number`, or schedule the next attempt, or dead-letter."""
+        if result.status == "success" or not policy.retries(result):
+            await self.record(row, result)
+            return
+        outcome = f"last outcome {result.status} ({result.reason}): {str(result.output)[:500]}"
+        if number < policy.max_attempts:
+            delay = policy.backoff(number, self.delivery.rng)
+            limit = policy.expires_at(event)
+            if limit is None or models.utcnow() + _dt.timedelta(seconds=delay) < limit:
+                # The retry is on the bus before the record says so: a crash in between leaves a
+                # running execution whose lease runs out, never an execution nobody will retry.
+                await self.delivery.schedule_retry(event, sub, number + 1, delay, result.status)
+                await self.record(row, result, status=RETRYING)
+                return
+            reason = f"max_age {policy.max_age:g}s would pass before attempt {number + 1}; {outcome}"
+        else:
+            reason = f"{number} attempt(s) failed (max_attempts {policy.max_attempts}); {outcome}"
+        # Dead letter first: a crash before the record finishes means a redelivery and a second
+        # try at the dead letter, which is idempotent; the other order could lose it.
+        await self.delivery.dead_letter(event, sub, reason, policy=policy)
+        await self.record(row, result)
+
+    async def _expire(self, event: Event, sub: Subscription, policy: DeliveryPolicy, last_status: str | None) -> None:
+        age = (models.utcnow() - event.time).total_seconds() if event.time else 0.0
+        await self.delivery.dead_letter(event, sub, f"expired: event is {age:.1f}s old, max_age {policy.max_age:g}s",
+                                        policy=policy)
+        # An execution recorded for it already (a webhook's, or one waiting for its retry) ends here.
+        await self._close_open(execution_id_for(event.id, sub.id), last_status or "error", "expired")
+
+    async def _claim_retry(self, execution_id: str, attempt: int, lease_seconds: float) -> bool:
+        """Compare-and-set a waiting execution to running for attempt `attempt`: of two deliveries
+        of the same retry, one wins."""
+        table = models.Execution.__table__
+        now = models.utcnow()
+        stmt = (sa.update(table).where(table.c.id == execution_id, table.c.status == RETRYING,
+                                       table.c.attempts == attempt - 1)
+                .values(status="running", attempts=attempt, lease_until=now + _dt.timedelta(seconds=lease_seconds),
+                        updated_at=now))
+        async with self.store.db.sessions() as session:
+            result = await session.execute(stmt)
+            await session.commit()
+        return result.rowcount == 1
+
+    async def _close_open(self, execution_id: str, status: str, reason: str) -> None:
+        """Finish an execution nobody is running (waiting for a retry, or never claimed)."""
+        table = models.Execution.__table__
+        now = models.utcnow()
+        stmt = (sa.update(table).where(
+            table.c.id == execution_id,
+            sa.or_(table.c.status == RETRYING,
+                   sa.and_(table.c.status == "running", sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now))))
+            .values(status=status if status in FINISHED else "error", reason=reason, lease_until=None, updated_at=now))
+        async with self.store.db.sessions() as session:
+            await session.execute(stmt)
+            await session.commit()
 
     async def start(self) -> None:
         await self.journal.start()

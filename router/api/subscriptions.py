@@ -14,6 +14,7 @@ from router import mapping
 from router.events import Event, InvalidEvent, utcnow
 from router.index import SOURCE_KIND_EXTENSION
 from router.limits import LimitError, validate_limits
+from router.results import SinkSpecError
 from router.filters import FilterError, compile_filter
 from router.store.models import new_id
 
@@ -26,12 +27,18 @@ def serialize(row) -> dict:
             "types": list(row.types or ()), "filters": row.filters or {},
             "filter": (row.options or {}).get("filter"), "input_mapping": (row.options or {}).get("input_mapping"),
             "limits": (row.options or {}).get("limits") or {},
+            "sinks": _public_sinks((row.options or {}).get("sinks") or []),
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
             "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at)}
+
+
+def _public_sinks(sinks: list[dict]) -> list[dict]:
+    """Sinks as listed to clients: a callback's shared secret is never shown again."""
+    return [{k: ("***" if k == "secret" else v) for k, v in sink.items()} for sink in sinks]
 
 
 def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
@@ -91,6 +98,11 @@ async def create(request: web.Request) -> web.Response:
         options["input_mapping"] = body["input_mapping"]
     if body.get("limits"):
         options["limits"] = validate_limits(body["limits"])
+    if body.get("sinks"):
+        try:
+            options["sinks"] = app.results.validate(body["sinks"])
+        except SinkSpecError as exc:
+            raise BadRequest(str(exc)) from None
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
     row = await app.store.subscriptions.add(

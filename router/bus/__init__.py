@@ -50,6 +50,15 @@ class Bus(Protocol):
     * The handler is called with a Delivery. If it returns without settling, the delivery is acked;
       if it raises, it is nacked and redelivered. After `max_deliveries` deliveries an event goes to
       `dead_letter_topic(topic)`.
+    * Delivery is at-least-once: a consumer that dies (or loses its connection) before acking gets
+      the event again, and a publish retried across a reconnect may store it twice. Consumers make
+      their effects idempotent by event id (the router keys execution records on it).
+    * A group receives the events published after it first exists: `ensure_group` creates it
+      ahead of its first consumer (so nothing published meanwhile is missed).
+    * `publish(..., delay=s)` makes the event visible to consumers only after s seconds, durably on
+      a durable backend (the router's retries use it, so a waiting retry holds no consumer slot).
+      `key` names the publish for de-duplication (default: the event id); a retry of the same
+      event needs its own key.
     """
 
     name: ClassVar[str]
@@ -60,6 +69,8 @@ class Bus(Protocol):
 
     async def close(self) -> None: ...
 
-    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None: ...
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None: ...
+
+    async def ensure_group(self, topic: str, group: str) -> None: ...
 
     async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> Consumer: ...

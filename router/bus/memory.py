@@ -116,12 +116,15 @@ class MemoryBus:
         self._groups: dict[str, dict[str, _Group]] = collections.defaultdict(dict)
         # Events published to a topic before any group consumes it wait here for the first group.
         self._backlog: dict[str, list[Event]] = collections.defaultdict(list)
+        self._delayed: set[asyncio.TimerHandle] = set()
 
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
-        pass
+        for handle in self._delayed:
+            handle.cancel()
+        self._delayed.clear()
 
     def publish_nowait(self, event: Event, topic: str = EVENTS_TOPIC) -> None:
         groups = self._groups.get(topic)
@@ -131,16 +134,28 @@ class MemoryBus:
         for group in groups.values():
             group.put(event)
 
-    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None:
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
+        if delay > 0:
+            # Held by a timer in this process: as durable as the rest of the memory bus.
+            def fire() -> None:
+                self._delayed.discard(handle)
+                self.publish_nowait(event, topic)
+
+            handle = asyncio.get_running_loop().call_later(delay, fire)
+            self._delayed.add(handle)
+            return
         self.publish_nowait(event, topic)
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _MemoryConsumer:
+    async def ensure_group(self, topic: str, group: str) -> None:
         groups = self._groups[topic]
         if group not in groups:
             groups[group] = _Group(self, topic, group)
             for event in self._backlog.pop(topic, ()):
                 groups[group].put(event)
-        return _MemoryConsumer(groups[group], handler, prefetch or self.default_prefetch)
+
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _MemoryConsumer:
+        await self.ensure_group(topic, group)
+        return _MemoryConsumer(self._groups[topic][group], handler, prefetch or self.default_prefetch)
 
     def depth(self, topic: str, group: str) -> int:
         """Events waiting for a group (for tests and metrics)."""

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -30,6 +31,8 @@ REASON_HEADER = "Headwater-Dead-Letter-Reason"
 ORIGIN_TOPIC_HEADER = "Headwater-Original-Topic"
 ORIGIN_GROUP_HEADER = "Headwater-Group"
 ATTEMPTS_HEADER = "Headwater-Attempts"
+DUE_HEADER = "Headwater-Due"  # a delayed event's due time, Unix seconds
+KEY_HEADER = "Headwater-Key"  # a delayed event's de-duplication key on its topic
 
 # Options this backend reads from the URL query (stripped before nats-py sees the URL).
 _URL_OPTIONS = ("stream", "subject_prefix", "ack_wait")
@@ -92,21 +95,7 @@ class _NatsConsumer:
     async def start(self) -> None:
         bus = self.bus
         durable = bus.durable_name(self.topic, self.group)
-        # Dead letters are kept for whoever comes to read them; any other new group starts with the
-        # events published from now on (a new subscription does not replay the stream's history).
-        is_dead_letter_topic = self.topic.endswith(dead_letter_topic(""))
-        policy = api.DeliverPolicy.ALL if is_dead_letter_topic else api.DeliverPolicy.NEW
-        config = api.ConsumerConfig(
-            durable_name=durable,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=bus.ack_wait,
-            # Two spare deliveries past max_deliveries: a message whose consumers died while
-            # holding it still comes back once more so that we can dead-letter it (and once more
-            # if that publish failed), instead of JetStream silently giving up on it.
-            max_deliver=bus.max_deliveries + 2,
-            deliver_policy=policy,
-            filter_subject=bus.subject(self.topic),
-        )
+        config = bus.consumer_config(self.topic, self.group)
         self._psub = await bus._js.pull_subscribe(bus.subject(self.topic), durable=durable, stream=bus.stream,
                                                   config=config)
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"nats-consumer-{durable}")
@@ -225,6 +214,73 @@ class _NatsConsumer:
         self.bus._consumers.discard(self)
 
 
+class _DelayMover:
+    """Moves delayed events of one topic onto the topic once they are due. Delayed events wait in
+    the stream under `<prefix>._delayed.<topic>`; a durable consumer shared by every process of the
+    bus takes each one, and hands back one not yet due with a nak delayed until its due time, which
+    holds no consumer slot meanwhile. A crash loses nothing: an unacked event comes back."""
+
+    def __init__(self, bus: NatsBus, topic: str):
+        self.bus = bus
+        self.topic = topic
+        self._psub = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        bus = self.bus
+        subject = bus.subject(delayed_topic(self.topic))
+        durable = bus.durable_name(delayed_topic(self.topic), "mover")
+        config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=bus.ack_wait,
+                                    max_deliver=-1, deliver_policy=api.DeliverPolicy.ALL, filter_subject=subject)
+        self._psub = await bus._js.pull_subscribe(subject, durable=durable, stream=bus.stream, config=config)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"nats-delay-{durable}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                msgs = await self._psub.fetch(batch=256, timeout=self.bus.fetch_timeout)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("delayed fetch failed; retrying", extra={"topic": self.topic, "reason": repr(exc)})
+                await asyncio.sleep(self.bus.reconnect_time_wait)
+                continue
+            await asyncio.gather(*(self._move(msg) for msg in msgs), return_exceptions=True)
+
+    async def _move(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        try:
+            due = float(headers.get(DUE_HEADER, 0))
+        except ValueError:
+            due = 0.0
+        remaining = due - time.time()
+        try:
+            if remaining > 0.001:
+                await msg.nak(delay=remaining)
+                return
+            key = headers.get(KEY_HEADER) or _msg_event_id(msg) or str(msg.metadata.sequence.stream)
+            # The same Nats-Msg-Id on every try: a move repeated after a crash is stored once.
+            await self.bus._send(self.topic, msg.data, f"{self.topic}:{key}")
+            await msg.ack()
+        except Exception:
+            log.warning("could not move a delayed event; it comes back after AckWait", exc_info=True,
+                        extra={"topic": self.topic})
+
+    async def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+
+
+def delayed_topic(topic: str) -> str:
+    return f"_delayed.{topic}"
+
+
 def _msg_event_id(msg: Msg) -> str | None:
     # Our publishes set Nats-Msg-Id to "<topic>:<event id>"; fall back to the whole header.
     msg_id = (msg.headers or {}).get("Nats-Msg-Id")
@@ -260,6 +316,7 @@ class NatsBus:
         self._nc: nats.NATS | None = None
         self._js = None
         self._consumers: set[_NatsConsumer] = set()
+        self._movers: dict[str, _DelayMover] = {}
         self._closing = False
 
     def subject(self, topic: str) -> str:
@@ -315,6 +372,9 @@ class NatsBus:
         self._closing = True
         for consumer in list(self._consumers):
             await consumer.cancel()
+        for mover in list(self._movers.values()):
+            await mover.cancel()
+        self._movers.clear()
         if self._nc is not None:
             # Drain flushes pending acks; bounded, so a dead server cannot hold up shutdown.
             with contextlib.suppress(Exception):
@@ -350,10 +410,41 @@ class NatsBus:
                 raise BusError(f"publish to {topic!r} failed: {exc!r}") from exc
         raise BusError(f"publish to {topic!r} not acknowledged within {self.publish_timeout}s: {last!r}")
 
-    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None:
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
         # De-duplication is per stream, and the stream holds every topic: the id names the topic so
         # one event may go to two topics, while a repeated publish to one topic is stored once.
-        await self._send(topic, event.to_json(), f"{topic}:{event.id}")
+        key = key or event.id
+        if delay > 0:
+            parked = delayed_topic(topic)
+            await self._send(parked, event.to_json(), f"{parked}:{key}",
+                             {DUE_HEADER: f"{time.time() + delay:.3f}", KEY_HEADER: key})
+            return
+        await self._send(topic, event.to_json(), f"{topic}:{key}")
+
+    def consumer_config(self, topic: str, group: str) -> api.ConsumerConfig:
+        # Dead letters are kept for whoever comes to read them; any other new group starts with the
+        # events published from now on (a new subscription does not replay the stream's history).
+        is_dead_letter_topic = topic.endswith(dead_letter_topic(""))
+        policy = api.DeliverPolicy.ALL if is_dead_letter_topic else api.DeliverPolicy.NEW
+        return api.ConsumerConfig(
+            durable_name=self.durable_name(topic, group),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            # Two spare deliveries past max_deliveries: a message whose consumers died while
+            # holding it still comes back once more so that we can dead-letter it (and once more
+            # if that publish failed), instead of JetStream silently giving up on it.
+            max_deliver=self.max_deliveries + 2,
+            deliver_policy=policy,
+            filter_subject=self.subject(topic),
+        )
+
+    async def ensure_group(self, topic: str, group: str) -> None:
+        if self._js is None:
+            raise BusError("the nats bus is not started")
+        try:
+            await self._js.add_consumer(self.stream, self.consumer_config(topic, group))
+        except Exception as exc:
+            raise BusError(f"cannot create group {group!r} of {topic!r}: {exc}") from exc
 
     async def _publish_raw(self, body: bytes, *, topic: str = EVENTS_TOPIC, message_id: str | None = None) -> None:
         """Publish bytes as they are (for tests: a message that is not a valid event)."""
@@ -364,6 +455,11 @@ class NatsBus:
             raise BusError("the nats bus is not started")
         consumer = _NatsConsumer(self, topic, group, handler, prefetch or self.default_prefetch)
         try:
+            if topic not in self._movers:
+                # Whoever consumes a topic also moves its delayed events on when they are due.
+                mover = _DelayMover(self, topic)
+                await mover.start()
+                self._movers[topic] = mover
             await consumer.start()
         except Exception as exc:
             await consumer.cancel()

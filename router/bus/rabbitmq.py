@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any, ClassVar
 
 import aio_pika
@@ -223,6 +224,7 @@ class RabbitMQBus:
         self._consumers: set[_RabbitConsumer] = set()
         # Every queue this bus declared, so tests (and operators' scripts) can find them.
         self.declared_queues: set[str] = set()
+        self._delay_queues: set[str] = set()
 
     def queue_name(self, topic: str, group: str) -> str:
         return f"{self.prefix}.{topic}/{group}"
@@ -257,6 +259,7 @@ class RabbitMQBus:
             except Exception:
                 log.debug("connection close failed", exc_info=True)
         self._connection = self._channel = self._exchange = None
+        self._delay_queues.clear()
 
     def _require_connection(self) -> aio_pika.abc.AbstractRobustConnection:
         if self._connection is None:
@@ -307,8 +310,40 @@ class RabbitMQBus:
                 raise BusError(f"broker did not confirm the event for {routing_key!r}: {confirmation!r}")
             return
 
-    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC) -> None:
+    async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
+        # `key` is not needed here: RabbitMQ does not de-duplicate, so every publish is stored.
+        if delay > 0:
+            await self._send_delayed(topic, self._message(event.to_json(), event.id), delay)
+            return
         await self._send(topic, self._message(event.to_json(), event.id))
+
+    async def ensure_group(self, topic: str, group: str) -> None:
+        if self._channel is None:
+            raise BusError("the rabbitmq bus is not started")
+        await self._declare_group_queue(self._channel, topic, group)
+
+    def delay_queue_name(self, topic: str, delay: float) -> str:
+        # Delays are filed in buckets a quarter octave wide: RabbitMQ expires messages only at the
+        # head of a queue, so one queue per bucket bounds how long a shorter delay can wait behind
+        # a longer one (at most ~19 % over), with a handful of queues in practice.
+        bucket = max(0, math.ceil(4 * math.log2(max(delay * 1000.0, 1.0))))
+        return f"{self.prefix}.delay.{topic}.{bucket}"
+
+    async def _send_delayed(self, topic: str, message: aio_pika.Message, delay: float) -> None:
+        """Park the message in a delay queue with a per-message TTL; on expiry RabbitMQ dead-letters
+        it to the topic exchange under the topic's routing key, and the topic's groups receive it."""
+        if self._channel is None:
+            raise BusError("the rabbitmq bus is not started")
+        name = self.delay_queue_name(topic, delay)
+        if name not in self._delay_queues:
+            # Declared on the robust channel, so a reconnect declares it again.
+            await self._channel.declare_queue(name, durable=True, arguments={
+                "x-queue-type": "classic", "x-dead-letter-exchange": self.exchange_name,
+                "x-dead-letter-routing-key": topic})
+            self._delay_queues.add(name)
+            self.declared_queues.add(name)
+        message.expiration = max(int(delay * 1000), 1) / 1000
+        await self._send(name, message, exchange="")
 
     async def _publish_raw(self, body: bytes, *, topic: str = EVENTS_TOPIC, message_id: str | None = None) -> None:
         """Publish bytes as they are (for tests: a message that is not a valid event)."""
