@@ -17,6 +17,7 @@ from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.history import EventLog
+from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
 from router.metrics import Metrics
 from router.store import Database, NotFound, Store
@@ -125,6 +126,8 @@ class Headwater:
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
+        self.results = ResultSinks(config, self.bus)
+        self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
         self.sources: dict[str, plugins.Source] = {
             name: _plugin("source", name, "[sources] enabled")(config) for name in config.sources.enabled}
@@ -164,6 +167,7 @@ class Headwater:
         await self.dispatcher.stop()
         await self.executions.stop()
         await self.history.stop()
+        await self.results.close()
         await self.bus.close()
         await self.engine.stop()
         await self.db.dispose()

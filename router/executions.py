@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from router import mapping
 from router.config import Config
 from router.delivery import DeliveryPolicy, DeliveryService
 from router.events import Event, execution_id_for
@@ -21,6 +22,8 @@ from router.metrics import Metrics
 from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
 from router.store import NotFound, Store
 from router.store.journal import ExecutionJournal
+from router.limits import Limiter
+from router.results import ResultSinks, result_event
 from router.targets import TargetCache
 from router.store import models
 
@@ -42,20 +45,6 @@ class InvalidTarget(ValueError):
     """A target that cannot be executed as asked (the API answers 400)."""
 
 
-def parse_qinling_input(raw: Any) -> Any:
-    """Qinling's input rules: a JSON document is used as parsed, except that an integer (and any
-    text that is not JSON) stays the raw string, passed as one positional argument."""
-    if raw is None or not isinstance(raw, str):
-        return raw
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return raw
-    if isinstance(value, int) and not isinstance(value, bool):
-        return raw
-    return value
-
-
 def render_input(value: Any) -> str | None:
     """How an execution's input is shown in the API: a raw string as itself, anything else as JSON."""
     if value is None or isinstance(value, str):
@@ -70,6 +59,8 @@ class ExecutionService:
         self.engine = engine
         self.metrics = metrics
         self.targets = TargetCache(store)
+        self.limits = Limiter()
+        self.results: ResultSinks | None = None  # set by the app once the bus exists
         self.journal = ExecutionJournal(store.db)
         self._background: set[asyncio.Task] = set()
         # Qinling's per-function execution `count`, summed in memory and written once a second:
@@ -183,10 +174,6 @@ class ExecutionService:
 
     # -- event executions ---------------------------------------------------------------------
 
-    def _event_input(self, event: Event, sub: Subscription) -> Any:
-        if sub.function_input is not None:  # a job's fixed input
-            return parse_qinling_input(sub.function_input)
-        return event.data
 
     def _description(self, sub: Subscription) -> str:
         label = {"job": "Job", "webhook": "Webhook"}.get(sub.kind, "Subscription")
@@ -202,7 +189,7 @@ class ExecutionService:
         lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
         row, created = await self.journal.start_execution(dict(
             id=execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
-            function_alias=sub.function_alias, status="running", sync=False, input=self._event_input(event, sub),
+            function_alias=sub.function_alias, status="running", sync=False, input=mapping.event_input(event, sub),
             description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
             **lease))
         if created:
@@ -241,7 +228,10 @@ class ExecutionService:
         done = asyncio.get_running_loop().create_future()
         self._in_flight[execution_id] = done
         try:
-            await self._run_for_event(event, sub, attempt, last_status)
+            # The subscription's limits (concurrency, rate, order by key) admit it first: an event
+            # over a limit waits here, unacknowledged on the bus, and is never dropped.
+            async with self.limits.admit(sub, event):
+                await self._run_for_event(event, sub, attempt, last_status)
         finally:
             del self._in_flight[execution_id]
             done.set_result(None)
@@ -290,6 +280,7 @@ class ExecutionService:
         """Record the outcome of attempt `number`, or schedule the next attempt, or dead-letter."""
         if result.status == "success" or not policy.retries(result):
             await self.record(row, result)
+            await self._deliver_result(event, sub, policy, row, result)
             return
         outcome = f"last outcome {result.status} ({result.reason}): {str(result.output)[:500]}"
         if number < policy.max_attempts:
@@ -308,6 +299,24 @@ class ExecutionService:
         # try at the dead letter, which is idempotent; the other order could lose it.
         await self.delivery.dead_letter(event, sub, reason, policy=policy)
         await self.record(row, result)
+        await self._deliver_result(event, sub, policy, row, result)
+
+    async def _deliver_result(self, event: Event, sub: Subscription, policy: DeliveryPolicy, row: models.Execution,
+                              result: ExecutionResult) -> None:
+        """Send a finished execution's result to the subscription's sinks. The execution is
+        recorded already, so a sink that fails (or a chain that runs too deep) is dead-lettered
+        with the reason rather than retried by running the function again."""
+        specs = (sub.options or {}).get("sinks")
+        if not specs or self.results is None:
+            return
+        outcome = result_event(execution_id=row.id, subscription_id=sub.id, project_id=sub.project_id,
+                               function_id=row.function_id, status=result.status, output=result.output,
+                               duration=round(result.duration, 3), trigger=event)
+        try:
+            await self.results.deliver(outcome, specs)
+        except Exception as exc:
+            log.warning("result could not be delivered", extra={"event_id": event.id, "subscription_id": sub.id})
+            await self.delivery.dead_letter(event, sub, f"result sink failed: {type(exc).__name__}: {exc}", policy=policy)
 
     async def _expire(self, event: Event, sub: Subscription, policy: DeliveryPolicy, last_status: str | None) -> None:
         age = (models.utcnow() - event.time).total_seconds() if event.time else 0.0

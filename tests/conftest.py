@@ -35,3 +35,31 @@ async def store(request, tmp_path):
         async with db.engine.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA "{db.schema}" CASCADE'))
     await db.dispose()
+
+
+@pytest.fixture
+async def make_headwater(tmp_path):
+    """Factory for whole in-process Headwaters on a test HTTP client: `await make_headwater("null",
+    section={option: value}, …)` (the first argument is the engine); `.client` is an aiohttp TestClient.
+    All are stopped after the test."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from router.app import Headwater
+
+    started = []
+
+    async def make(backend: str = "null", **sections):
+        overrides = {"DEFAULT": {"data_dir": str(tmp_path / f"hw{len(started)}")}, "engine": {"backend": backend}}
+        for section, options in sections.items():
+            overrides.setdefault(section, {}).update(options)
+        app = Headwater(Config.load(overrides=overrides))
+        await app.start()
+        app.client = TestClient(TestServer(app.web))
+        await app.client.start_server()
+        started.append(app)
+        return app
+
+    yield make
+    for app in reversed(started):
+        await app.client.close()
+        await app.stop()

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters, parse_bool, parse_int
 from router.api.errors import BadRequest, json_body
-from router.executions import parse_qinling_input, render_input
+from router.executions import render_input
+from router.mapping import parse_qinling_input
 
 
 def serialize(row) -> dict:

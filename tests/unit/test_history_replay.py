@@ -13,10 +13,7 @@ import zipfile
 
 import pytest
 from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 
-from router.app import Headwater
-from router.config import Config
 
 FLAKY = '''
 import os
@@ -28,18 +25,8 @@ def main(n=0, marker="", **kwargs):
 
 
 @pytest.fixture
-async def hw(tmp_path):
-    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}})
-    app = Headwater(config)
-    await app.start()
-    client = TestClient(TestServer(app.web))
-    await client.start_server()
-    app.client = client
-    try:
-        yield app
-    finally:
-        await client.close()
-        await app.stop()
+async def hw(make_headwater):
+    return await make_headwater("local")
 
 
 async def wait_for(condition, timeout=15.0):

@@ -10,10 +10,7 @@ import zipfile
 
 import pytest
 from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 
-from router.app import Headwater
-from router.config import Config
 from router.events import Event, execution_id_for
 
 
@@ -26,19 +23,8 @@ def zip_bytes(files: dict[str, str]) -> bytes:
 
 
 @pytest.fixture
-async def hw(tmp_path):
-    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"},
-                                    "cron": {"max_sleep": "0.05"}})
-    app = Headwater(config)
-    await app.start()
-    client = TestClient(TestServer(app.web))
-    await client.start_server()
-    app.client = client
-    try:
-        yield app
-    finally:
-        await client.close()
-        await app.stop()
+async def hw(make_headwater):
+    return await make_headwater("null", cron={"max_sleep": "0.05"})
 
 
 async def make_function(hw) -> str:
