@@ -26,6 +26,7 @@ from router.store import models
 log = logging.getLogger(__name__)
 
 INDEX_REFRESH_SECONDS = 5.0
+REFRESH_MARGIN = _dt.timedelta(seconds=2)
 
 
 def _plugin(kind: str, name: str, option: str) -> type:
@@ -135,6 +136,9 @@ class Headwater:
 
         self.web = build_api(self)
         self._refresher: asyncio.Task | None = None
+        self._refreshing: asyncio.Task | None = None
+        self.index_fresh_as_of = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+        self.dispatcher.refresh_index = self.refresh_index_for
         self.started_at: _dt.datetime | None = None
 
     def source(self, kind: str) -> plugins.Source | None:
@@ -175,9 +179,36 @@ class Headwater:
     # -- the index follows the table -----------------------------------------------------------
 
     async def reload_subscriptions(self) -> None:
+        started = utcnow()
         rows = await self.store.subscriptions.all()
         self.index.replace_all(subscription_view(row) for row in rows)
+        self.index_fresh_as_of = max(self.index_fresh_as_of, started)
         self._notify()
+
+    async def refresh_index_for(self, event_time: _dt.datetime) -> bool:
+        """Before an event is dropped as unmatched: if it was published after this replica's index
+        was last refreshed, another replica may have created a matching subscription since. Load
+        the rows changed since the last refresh (one query shared by concurrent callers) and say
+        whether anything changed."""
+        if event_time <= self.index_fresh_as_of:
+            return False
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_changed())
+        return await asyncio.shield(self._refreshing)
+
+    async def _refresh_changed(self) -> bool:
+        started = utcnow()
+        # A margin for clocks that disagree a little between replicas and the database.
+        rows = await self.store.subscriptions.changed_since(self.index_fresh_as_of - REFRESH_MARGIN)
+        for row in rows:
+            try:
+                self.index.put(subscription_view(row))
+            except Exception:
+                log.exception("subscription left out of the index", extra={"subscription_id": row.id})
+        self.index_fresh_as_of = max(self.index_fresh_as_of, started)
+        if rows:
+            self._notify()
+        return bool(rows)
 
     async def reload_subscription(self, subscription_id: str) -> None:
         row = await self.store.subscriptions.find(subscription_id)

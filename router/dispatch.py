@@ -34,6 +34,8 @@ class Dispatcher:
         # Retries go back through the bus this dispatcher consumes from.
         executions.delivery.bus = bus
         self._not_subscriptions: dict[str, float] = {}
+        # Set by the app: refreshes the index when an unmatched event is newer than the index.
+        self.refresh_index = None
 
     def settled(self, event_id: str) -> asyncio.Future:
         """A future resolved when this dispatcher has handled the event (all its executions recorded)."""
@@ -114,6 +116,8 @@ class Dispatcher:
         kind = source_kind(event) or "unknown"
         matches = self.index.match_or_target(event)
         if not matches and await self._learn_target(event):
+            matches = self.index.match_or_target(event)
+        if not matches and self.refresh_index is not None and event.time is not None and await self.refresh_index(event.time):
             matches = self.index.match_or_target(event)
         if not matches:
             self.metrics.events_unmatched.labels(kind).inc()

@@ -264,6 +264,13 @@ class Subscriptions(Repository[models.Subscription]):
         async with self.db.sessions() as session:
             return list((await session.execute(sa.select(models.Subscription))).scalars())
 
+    async def changed_since(self, since: _dt.datetime) -> list[models.Subscription]:
+        """Rows created or updated at or after `since` (an incremental index refresh)."""
+        stmt = sa.select(models.Subscription).where(sa.or_(models.Subscription.created_at >= since,
+                                                           models.Subscription.updated_at >= since))
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
     async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
                                *, count_down: bool = True) -> bool:
         """Compare-and-set the schedule from `scheduled` to `next_time`, counting `count` down; a

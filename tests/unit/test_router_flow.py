@@ -259,3 +259,18 @@ async def test_input_mapping_validation_and_exclusion(hw):
     resp = await hw.client.post("/v1/subscriptions", json={"source": "http", "function_id": function_id, "input": "x",
                                                            "input_mapping": "event"})
     assert resp.status == 400 and "exclude each other" in (await resp.json())["faultstring"]
+
+
+async def test_a_subscription_made_by_another_replica_moments_ago_is_not_missed(make_headwater, tmp_path):
+    """Two routers on one database: an event matching a subscription the other replica created a
+    moment ago is routed, not acked unmatched (the periodic reload would come seconds later)."""
+    db = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    first = await make_headwater("null", database={"connection": db})
+    second = await make_headwater("null", database={"connection": db})
+    function_id = await make_function(first)
+    sub = await (await first.client.post("/v1/subscriptions", json={"source": "http", "types": ["late"], "function_id": function_id})).json()
+    assert second.index.get(sub["id"]) is None, "the second replica has not reloaded yet"
+    resp = await second.client.post("/v1/events", json={"specversion": "1.0", "id": "late-1", "source": "/s", "type": "late"})
+    assert resp.status == 202
+    execution = await wait_status(second, execution_id_for("late-1", sub["id"]))
+    assert execution["status"] == "success"
