@@ -381,6 +381,24 @@ class CompiledFilter:
     # Conditions that must hold for any event to match (the top-level `all`): candidates for the
     # index key. An `any`/`not` contributes none.
     required: tuple[Condition, ...]
+    # True when the filter is nothing but one condition: then an index that found the subscription
+    # through that very condition has checked it already.
+    single: bool = False
+
+    def decided_by_index(self) -> bool:
+        """Whether finding the subscription through index_key() already proves the filter holds:
+        one exact string (not number-like: the index compares numbers loosely), prefix or suffix."""
+        if not self.single:
+            return False
+        (cond,) = self.required
+        if cond.op in ("prefix", "suffix"):
+            return cond.index_key() is not None
+        if cond.op == "eq" and isinstance(cond.value, str):
+            try:
+                float(cond.value)
+            except ValueError:
+                return cond.index_key() is not None
+        return False
 
     def matches(self, event: Event) -> bool:
         return self.predicate(event)
@@ -410,7 +428,8 @@ def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilte
     if not nodes:
         return CompiledFilter(lambda e: True, ())
     predicate = _compile_node(("all", nodes)) if len(nodes) > 1 else _compile_node(nodes[0])
-    return CompiledFilter(predicate, tuple(required))
+    single = len(nodes) == 1 and isinstance(nodes[0], Condition)
+    return CompiledFilter(predicate, tuple(required), single)
 
 
 def _required(node: Node) -> list[Condition]:

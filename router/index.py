@@ -46,12 +46,14 @@ def _key(value: Any) -> Any:
 
 
 class _Entry:
-    __slots__ = ("sub", "compiled", "slot")
+    __slots__ = ("sub", "compiled", "slot", "check")
 
     def __init__(self, sub: Subscription, compiled: CompiledFilter):
         self.sub = sub
         self.compiled = compiled
         self.slot: tuple | None = None
+        # Where the index lookup itself proves the filter, testing it again is wasted work.
+        self.check = None if compiled.decided_by_index() else compiled.predicate
 
     def matches(self, event: Event) -> bool:
         sub = self.sub
@@ -61,7 +63,7 @@ class _Entry:
             return False
         if sub.types and event.type not in sub.types:
             return False
-        return self.compiled.matches(event)
+        return self.check is None or self.check(event)
 
 
 _TERMINAL = ""  # key of a trie node's entries: no character is the empty string

@@ -158,3 +158,24 @@ def test_a_broken_row_is_left_out_and_the_rest_still_route():
     index = SubscriptionIndex()
     index.replace_all([sub("bad", {"container": {"nope": 1}}), sub("good", {"container": "photos"})])
     assert [s.id for s in index.match(EVENT)] == ["good"]
+
+
+@pytest.mark.parametrize("filters, decided", [
+    ({"container": "photos"}, True),
+    ({"subject": {"prefix": "photos/"}}, True),
+    ({"subject": {"suffix": ".jpg"}}, True),
+    ({"count": "7"}, False),  # number-like: the index compares loosely, the filter strictly
+    ({"count": 7}, False),
+    ({"subject": {"glob": "photos/*.jpg"}}, False),
+    ({"container": "photos", "subject": {"suffix": ".jpg"}}, False),
+    ({"data.size": {"gt": 1}}, False),
+])
+def test_filters_the_index_decides_alone(filters, decided):
+    assert compile_filter(filters).decided_by_index() is decided
+
+
+def test_index_decided_filters_still_match_exactly():
+    index = SubscriptionIndex([sub("s", {"count": "7"}), sub("p", {"subject": {"prefix": "photos/c"}})])
+    event = Event(id="x", source="/s", type="t", subject="photos/cat.jpg", extensions={"sourcekind": "swift", "count": 7})
+    # "7" (string filter) must not match 7 (number attribute): the predicate still runs for it.
+    assert [s.id for s in index.match(event)] == ["p"]
