@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from router.app import Headwater
 from router.config import Config
-from tests.services import require_service
+from tests.services import REQUIRE, require_service
 
 HARNESS = Path(__file__).parent / "harness" / "openstack.sh"
 DIR = Path(os.environ.get("HEADWATER_OPENSTACK_DIR", "/var/tmp/headwater-openstack"))
@@ -40,6 +40,9 @@ MODE = os.environ.get("HEADWATER_OPENSTACK", "").lower()
 @pytest.fixture(scope="session")
 def openstack() -> Any:
     if MODE not in ("1", "true", "yes", "up"):
+        if REQUIRE:  # CI: a skipped integration test must not pass for a run of it
+            pytest.fail("HEADWATER_REQUIRE_SERVICES=1 but HEADWATER_OPENSTACK is not set: start the services with "
+                        "tests/integration/openstack/harness/openstack.sh up and set HEADWATER_OPENSTACK=1", pytrace=False)
         pytest.skip("real OpenStack services not requested: run `tests/integration/openstack/harness/openstack.sh up` "
                     "and set HEADWATER_OPENSTACK=1 (or HEADWATER_OPENSTACK=up to let the tests start them)")
     started = False
