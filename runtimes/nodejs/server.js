@@ -29,6 +29,9 @@ const DEFAULT_NPROC = 128; // processes a function may start; Qinling's value
 const DEFAULT_FSIZE = 524288000; // largest file a function may write; Qinling's value
 const NODE_THREADS = 12; // tasks Node itself runs (main, V8 platform, libuv pool): they count against RLIMIT_NPROC
 const IDLE_CHILDREN = 4; // warm children kept per key beyond those running
+// Children running at once per key; further requests wait in arrival order (the wait does not count
+// against their timeout). Unbounded, a burst forks a child per request and throughput collapses.
+const MAX_CHILDREN = Number(process.env.HEADWATER_RUNTIME_MAX_CHILDREN) || Math.max(4, 2 * require('os').cpus().length);
 const DOWNLOAD_TIMEOUT = 30000;
 const TIMEOUT_OUTPUT = 'Function execution timeout.';
 const SANDBOX_UID_BASE = 2 ** 30; // same scheme as the python3 runtime: base + (server pid, slot)
@@ -410,7 +413,30 @@ class Server {
   constructor(workDir) {
     this.packages = new Packages(workDir, SANDBOX.uids);
     this.idle = new Map(); // key -> warm children
+    this.running = new Map(); // key -> executions running
+    this.waiting = new Map(); // key -> resolvers of requests waiting for a slot, oldest first
     this.stopping = false;
+  }
+
+  async slot(key) {
+    const running = this.running.get(key) || 0;
+    if (running < MAX_CHILDREN) {
+      this.running.set(key, running + 1);
+      return;
+    }
+    await new Promise((resolve) => {
+      if (!this.waiting.has(key)) this.waiting.set(key, []);
+      this.waiting.get(key).push(resolve);
+    }); // the releaser hands its slot over: the count stays the same
+  }
+
+  release(key) {
+    const queue = this.waiting.get(key);
+    if (queue && queue.length) {
+      queue.shift()();
+      return;
+    }
+    this.running.set(key, (this.running.get(key) || 1) - 1);
   }
 
   async execute(req) {
@@ -427,6 +453,15 @@ class Server {
     for (const k of ['memory_size', 'processes', 'files', 'file_size']) if (raw[k]) limits[k] = raw[k];
     const entry = req.entry || 'main.main';
     const key = JSON.stringify([pkgDir, entry, limits]);
+    await this.slot(key);
+    try {
+      return await this.executeInChild(key, pkgDir, entry, limits, req, executionId);
+    } finally {
+      this.release(key);
+    }
+  }
+
+  async executeInChild(key, pkgDir, entry, limits, req, executionId) {
     if (!this.idle.has(key)) this.idle.set(key, []);
     const idle = this.idle.get(key);
     let child = null;
