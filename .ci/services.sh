@@ -44,4 +44,9 @@ if ! port_open 4222; then
   start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
   wait_port NATS 4222 30
 fi
+# etcd: the coordination tests start their own etcd-server on free ports; they only need the binary.
+if ! command -v etcd >/dev/null 2>&1; then
+  echo "services: installing etcd-server"
+  need_pkg etcd etcd-server
+fi
 exit 0

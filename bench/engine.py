@@ -1,0 +1,125 @@
+"""Engine benchmark: cold start (a new function: worker handoff → package fetch → first result) and warm
+execution latency, for the local engine and the kubernetes engine on the fake cluster (or a real cluster
+when HEADWATER_TEST_KUBECONFIG is set). Prints a table, writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from router.config import Config  # noqa: E402
+from router.plugins import ExecutionRequest, FunctionSpec, PackageRef, load  # noqa: E402
+
+MAIN_PY = "def main(name='World', **kwargs):\n    return f'Hello, {name}'\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+async def new_function(engine, tmp: Path) -> FunctionSpec:
+    path = tmp / f"{uuid.uuid4().hex}.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("main.py", MAIN_PY)
+    function_id = str(uuid.uuid4())
+    md5 = await engine.packages.put("bench", function_id, 0, path.read_bytes())
+    return FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1",
+                        code={"source": "package"}, entry="main.main", cpu=100, memory_size=64 * 1024 * 1024, timeout=10,
+                        package=PackageRef("bench", function_id, 0, md5), project_id="bench")
+
+
+async def measure(engine, tmp: Path, cold: int, warm: int) -> dict:
+    async def run(fn) -> float:
+        started = time.perf_counter()
+        result = await engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input="bench"))
+        elapsed = time.perf_counter() - started
+        if result.status != "success":
+            raise RuntimeError(f"execution failed: {result}")
+        return elapsed * 1000
+
+    cold_ms, warm_ms = [], []
+    warm_fn = None
+    for _ in range(cold):
+        fn = await new_function(engine, tmp)
+        cold_ms.append(await run(fn))
+        warm_fn = fn
+        await asyncio.sleep(0.3)  # let the pool refill, as it would between real cold starts
+    for _ in range(warm):
+        warm_ms.append(await run(warm_fn))
+    return {
+        "cold_ms": {"n": len(cold_ms), "p50": round(percentile(cold_ms, 50), 1), "p95": round(percentile(cold_ms, 95), 1),
+                    "max": round(max(cold_ms), 1)},
+        "warm_ms": {"n": len(warm_ms), "p50": round(percentile(warm_ms, 50), 2), "p95": round(percentile(warm_ms, 95), 2),
+                    "p99": round(percentile(warm_ms, 99), 2)},
+    }
+
+
+async def run(args) -> dict:
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        if "local" in args.engines:
+            config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp / "local")}})
+            engine = load("engine", "local")(config, load("storage", "filesystem")(config))
+            await engine.start()
+            try:
+                results["local"] = await measure(engine, tmp, args.cold, args.warm)
+            finally:
+                await engine.stop()
+        if "kubernetes" in args.engines:
+            from engine.kubernetes import KubernetesEngine
+            from engine.packages import FilesystemPackageStore
+            from tests.fakes.kube_cluster import KUBECONFIG, kube_cluster
+
+            async with kube_cluster(tmp / "kube") as cluster:
+                config = cluster.config(tmp / "kube", replicas=args.replicas)
+                engine = KubernetesEngine(config, FilesystemPackageStore(config))
+                await engine.start()
+                try:
+                    await engine.create_pool("python3", "headwater/python3-runtime:1")
+                    deadline = time.monotonic() + 60
+                    while (await engine.pool("python3"))[1] < args.replicas and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    name = "kubernetes (real cluster)" if KUBECONFIG else "kubernetes (fake cluster)"
+                    results[name] = await measure(engine, tmp, args.cold, args.warm)
+                finally:
+                    await engine.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engines", nargs="+", default=["local", "kubernetes"], choices=["local", "kubernetes"])
+    parser.add_argument("--cold", type=int, default=10, help="cold starts (a new function each)")
+    parser.add_argument("--warm", type=int, default=300, help="warm executions of one function, one at a time")
+    parser.add_argument("--replicas", type=int, default=3, help="kubernetes pool size")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "engine.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    print(f"{'engine':28} {'cold p50':>9} {'cold p95':>9} {'cold max':>9} {'warm p50':>9} {'warm p95':>9} {'warm p99':>9}  (ms)")
+    for name, row in results.items():
+        c, w = row["cold_ms"], row["warm_ms"]
+        print(f"{name:28} {c['p50']:9.1f} {c['p95']:9.1f} {c['max']:9.1f} {w['p50']:9.2f} {w['p95']:9.2f} {w['p99']:9.2f}")
+    output = {"benchmark": "engine", "python": platform.python_version(), "machine": platform.machine(),
+              "cold": args.cold, "warm": args.warm, "results": results}
+    with contextlib.suppress(OSError):
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(output, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

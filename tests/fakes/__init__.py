@@ -1,0 +1,1 @@
+"""Faithful in-process stand-ins for servers that cannot run on the test machines (Kubernetes)."""

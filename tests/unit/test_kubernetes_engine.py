@@ -1,0 +1,379 @@
+"""The kubernetes engine on the fake cluster (or a real one via HEADWATER_TEST_KUBECONFIG): pools, claims,
+Qinling's concurrency rule, detach, idle release, pool resize/update with rollback, NodePort, image functions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from engine.kubernetes import KubernetesEngine, manifests
+from engine.packages import FilesystemPackageStore
+from router import download_tokens
+from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
+from tests.fakes.kube_api import FakeImage
+from tests.fakes.kube_cluster import kube_cluster
+
+pytestmark = pytest.mark.slow
+
+MAIN_PY = '''
+import time
+
+def hello(name="World", **kwargs):
+    return f"Hello, {name}"
+
+def sleep(seconds=4, **kwargs):
+    time.sleep(seconds)
+    return "slept"
+'''
+
+IMAGE_FN = '''
+import json, os, sys, time
+data = json.loads(os.environ["HEADWATER_INPUT"])
+print("args", sys.argv[1:], "input", data, flush=True)
+if isinstance(data, dict):
+    time.sleep(data.get("sleep", 0))
+    sys.exit(data.get("exit", 0))
+'''
+
+RUNTIME_IMAGE = "headwater/python3-runtime:1"
+
+
+class Env:
+    def __init__(self, cluster, tmp_path: Path):
+        self.cluster = cluster
+        self.tmp_path = tmp_path
+        self.engines: list[KubernetesEngine] = []
+
+    @property
+    def fake(self):
+        if self.cluster.fake is None:
+            pytest.skip("needs the fake cluster's internals")
+        return self.cluster.fake
+
+    async def engine(self, engine_options: dict | None = None, **kube) -> KubernetesEngine:
+        config = self.cluster.config(self.tmp_path, engine=engine_options, **kube)
+        engine = KubernetesEngine(config, FilesystemPackageStore(config))
+        await engine.start()
+        self.engines.append(engine)
+        return engine
+
+    async def function(self, engine: KubernetesEngine, entry: str = "main.hello", timeout: int = 10,
+                       runtime: str = "python3") -> FunctionSpec:
+        path = self.tmp_path / f"{uuid.uuid4().hex}.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("main.py", MAIN_PY)
+        function_id = str(uuid.uuid4())
+        md5 = await engine.packages.put("proj", function_id, 0, path.read_bytes())
+        return FunctionSpec(id=function_id, version=0, runtime_id=runtime, runtime_image=RUNTIME_IMAGE, code={"source": "package"},
+                            entry=entry, cpu=100, memory_size=64 * 1024 * 1024, timeout=timeout,
+                            package=PackageRef("proj", function_id, 0, md5), project_id="proj")
+
+    def pods(self, selector: str | None = None) -> list[dict]:
+        return [p for p in self.fake.list("pods", self.cluster.namespace, selector) if "deletionTimestamp" not in p["metadata"]]
+
+
+@pytest.fixture
+async def env(tmp_path):
+    async with kube_cluster(tmp_path) as cluster:
+        e = Env(cluster, tmp_path)
+        try:
+            yield e
+        finally:
+            for engine in e.engines:
+                await engine.stop()
+
+
+def req(fn: FunctionSpec, input=None) -> ExecutionRequest:
+    return ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input=input)
+
+
+async def eventually(check, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s")
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Done-when 2: Qinling's concurrency behaviour
+
+
+async def test_concurrency_one_worker_for_three_then_exactly_two_for_six_then_detach(env):
+    engine = await env.engine(replicas=3)
+    fn = await env.function(engine, "main.sleep", timeout=10)
+    started = time.monotonic()
+    results = await asyncio.gather(*(engine.execute(req(fn, {"seconds": 4})) for _ in range(3)))
+    elapsed = time.monotonic() - started
+    assert [r.status for r in results] == ["success"] * 3, results
+    assert elapsed < 8, f"3 concurrent 4 s executions took {elapsed:.1f} s: they did not run in parallel"
+    assert len(await engine.workers(fn.id, 0)) == 1
+
+    results = await asyncio.gather(*(engine.execute(req(fn, {"seconds": 4})) for _ in range(6)))
+    assert [r.status for r in results] == ["success"] * 6, results
+    workers = await engine.workers(fn.id, 0)
+    assert len(workers) == 2
+    labelled = env.pods(f"{manifests.L_FUNCTION}={fn.id}")
+    assert sorted(p["metadata"]["name"] for p in labelled) == workers
+
+    await engine.release(fn.id)
+    assert await engine.workers(fn.id, 0) == []
+    await eventually(lambda: not env.fake.list("pods", env.cluster.namespace, f"{manifests.L_FUNCTION}={fn.id}"))
+    # The pool never ran dry: claimed pods were replaced, released ones are not returned to it.
+    await eventually(lambda: len([p for p in env.pods(f"{manifests.L_POOL}=python3")
+                                  if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]) == 3)
+
+
+async def test_idle_workers_are_released_after_the_expiration(env):
+    engine = await env.engine({"function_service_expiration": 1}, replicas=2)
+    fn = await env.function(engine)
+    assert (await engine.execute(req(fn, "idle"))).output == "Hello, idle"
+    (worker,) = await engine.workers(fn.id, 0)
+    await eventually(lambda: _empty(engine, fn), timeout=6)
+    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, worker) is None, timeout=5)
+    # Released, not broken: the next execution claims a fresh pod.
+    assert (await engine.execute(req(fn, "back"))).output == "Hello, back"
+    assert (await engine.workers(fn.id, 0)) != [worker]
+
+
+async def _empty(engine, fn):
+    return await engine.workers(fn.id, 0) == []
+
+
+async def test_busy_worker_is_not_reaped_while_running(env):
+    engine = await env.engine({"function_service_expiration": 1}, replicas=1)
+    fn = await env.function(engine, "main.sleep")
+    result = await engine.execute(req(fn, {"seconds": 2.5}))
+    assert result.status == "success"  # its worker was not deleted under it
+
+
+# ---------------------------------------------------------------------------------------------
+# Pools and claims
+
+
+async def test_claim_relabels_out_of_the_pool_and_the_pool_refills(env):
+    engine = await env.engine(replicas=2)
+    fn = await env.function(engine)
+    assert (await engine.execute(req(fn, "pool"))).status == "success"
+    (worker,) = await engine.workers(fn.id, 0)
+    pod = env.fake.get("pods", env.cluster.namespace, worker)
+    labels = pod["metadata"]["labels"]
+    assert manifests.L_POOL not in labels and labels[manifests.L_FUNCTION] == fn.id and labels[manifests.L_RUNTIME] == "python3"
+    # The ReplicaSet let go of it (no owner) and made a replacement.
+    await eventually(lambda: not env.fake.get("pods", env.cluster.namespace, worker)["metadata"].get("ownerReferences"))
+    await eventually(lambda: len(env.pods(f"{manifests.L_POOL}=python3")) == 2)
+    total, available = await engine.pool("python3")
+    assert total == 3
+    await eventually(lambda: _available(engine, 2))
+    # The pool pod template: hardening, downward-API host, readiness probe, no service account token.
+    dep = env.fake.get("deployments", env.cluster.namespace, manifests.pool_name("python3"))
+    spec = dep["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    assert "$(POD_IP)" in container["command"] and container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+
+
+async def _available(engine, n):
+    return (await engine.pool("python3"))[1] == n
+
+
+async def test_racing_claims_conflict_and_move_on(env):
+    """Two engines (separate processes as far as coordination goes) claim from one pool at once: the
+    stale-resourceVersion relabel gets 409 and the loser tries the next pod; no pod serves two functions."""
+    a = await env.engine(replicas=3)
+    b = await env.engine(replicas=3)
+    fns = [await env.function(a) for _ in range(4)] + [await env.function(b) for _ in range(4)]
+    await a.create_pool("python3", RUNTIME_IMAGE)
+    await eventually(lambda: _available(a, 3))
+    claims = await asyncio.gather(*(a.scale_up(f) for f in fns[:4]), *(b.scale_up(f) for f in fns[4:]))
+    pods = [p for c in claims for p in c]
+    assert len(pods) == 8 and len(set(pods)) == 8
+    for fn, (pod,) in zip(fns, claims):
+        assert env.fake.get("pods", env.cluster.namespace, pod)["metadata"]["labels"][manifests.L_FUNCTION] == fn.id
+    conflicts = [r for r in env.fake.responses if r[0] == "PATCH" and r[2] == 409]
+    assert conflicts, "no claim ever raced (test did not exercise the 409 path)"
+
+
+async def test_scale_up_and_scale_down_never_below_one(env):
+    engine = await env.engine(replicas=3)
+    fn = await env.function(engine)
+    assert len(await engine.scale_up(fn, 3)) == 3
+    assert len(await engine.workers(fn.id, 0)) == 3
+    removed = await engine.scale_down(fn.id, 0, count=10)
+    assert len(removed) == 2
+    assert len(await engine.workers(fn.id, 0)) == 1
+    assert (await engine.execute(req(fn, "left"))).output == "Hello, left"
+
+
+async def test_worker_deleted_behind_the_engines_back_is_replaced(env):
+    engine = await env.engine(replicas=2)
+    fn = await env.function(engine)
+    assert (await engine.execute(req(fn))).status == "success"
+    (worker,) = await engine.workers(fn.id, 0)
+    env.fake._delete("pods", env.cluster.namespace, worker, grace=0)
+    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, worker) is None)
+    await asyncio.sleep(0.2)  # let the killed runtime's socket close
+    result = await engine.execute(req(fn, "again"))
+    assert (result.status, result.output) == ("success", "Hello, again")
+    assert await engine.workers(fn.id, 0) != [worker]
+
+
+async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
+    engine = await env.engine(replicas=1)
+    fn = await env.function(engine)
+    broken = dataclasses.replace(fn, runtime_id="cobol", runtime_image="example/cobol-runtime:1")
+    started = time.monotonic()
+    result = await engine.execute(req(broken))
+    assert result.status == "error"
+    assert "ErrImagePull" in result.output and "example/cobol-runtime:1" in result.output
+    assert time.monotonic() - started < 10
+
+
+async def test_pool_update_rolls_out_and_a_bad_image_rolls_back(env):
+    env.fake.images["headwater/python3-runtime-next"] = env.fake.images["headwater/python3-runtime"]
+    engine = await env.engine(replicas=2, rollout_timeout=4)
+    await engine.create_pool("python3", RUNTIME_IMAGE)
+    name = manifests.pool_name("python3")
+    assert await engine.update_pool("python3", "headwater/python3-runtime-next:2") is True
+    images = {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
+    assert images == {"headwater/python3-runtime-next:2"}
+
+    started = time.monotonic()
+    assert await engine.update_pool("python3", "example/missing:9") is False
+    assert time.monotonic() - started < 15
+    dep = env.fake.get("deployments", env.cluster.namespace, name)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/python3-runtime-next:2"
+    await eventually(lambda: {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
+                     == {"headwater/python3-runtime-next:2"})
+    # Executions kept working on the rolled-back pool.
+    fn = await env.function(engine)
+    fn = dataclasses.replace(fn, runtime_image="headwater/python3-runtime-next:2")
+    assert (await engine.execute(req(fn, "rolled"))).output == "Hello, rolled"
+
+
+async def test_pool_resize(env):
+    engine = await env.engine(replicas=1)
+    await engine.create_pool("python3", RUNTIME_IMAGE)
+    assert await engine.resize_pool("python3", 4) is True
+    assert (await engine.pool("python3")) == (4, 4)
+    assert await engine.resize_pool("python3", 2) is True
+    await eventually(lambda: _total(engine, 2))
+
+
+async def _total(engine, n):
+    return (await engine.pool("python3"))[0] == n
+
+
+async def test_nodeport_resolver_reaches_the_worker_through_a_service(env):
+    engine = await env.engine(replicas=1, resolver="nodeport")
+    fn = await env.function(engine)
+    result = await engine.execute(req(fn, "nodeport"))
+    assert (result.status, result.output) == ("success", "Hello, nodeport")
+    (worker,) = await engine.workers(fn.id, 0)
+    (svc,) = env.fake.list("services", env.cluster.namespace)
+    assert svc["spec"]["type"] == "NodePort" and svc["spec"]["selector"] == {manifests.L_WORKER: worker}
+    await engine.release(fn.id)
+    await eventually(lambda: not env.fake.list("services", env.cluster.namespace))  # owned by the pod: collected
+
+
+async def test_package_download_uses_a_scoped_short_lived_token(env):
+    engine = await env.engine(replicas=1)
+    fn = await env.function(engine)
+    body = engine._body(req(fn))
+    url = body["package"]["download_url"]
+    assert url.startswith(env.cluster.public_url + f"/v1/functions/{fn.id}?download=true&token=")
+    assert "token" not in body["package"] and "password" not in str(body) and "auth" not in str(body["context"])
+    assert (await engine.execute(req(fn))).status == "success"
+    assert (fn.id, 0, 200) in env.cluster.downloads
+    secret = download_tokens.secret_from_config(engine.config)
+    token = url.rsplit("token=", 1)[1]
+    assert download_tokens.verify(secret, token, fn.id, 0)
+    assert not download_tokens.verify(secret, token, "another-function", 0)
+    assert not download_tokens.verify(secret, token, fn.id, 1)
+    assert not download_tokens.verify(secret, token, fn.id, 0, now=time.time() + 10_000)
+    assert not download_tokens.verify(b"other-secret", token, fn.id, 0)
+    assert not download_tokens.verify(secret, "garbage", fn.id, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Done-when 4: image functions
+
+
+@pytest.fixture
+def image_fn(env, tmp_path):
+    script = tmp_path / "fn.py"
+    script.write_text(IMAGE_FN)
+    env.fake.images["example/fn"] = FakeImage(entrypoint=["python", "/app/fn.py"], files={"/app/fn.py": str(script)},
+                                              binaries={"python": __import__("sys").executable})
+
+    def make(timeout: int = 5, image: str = "example/fn:1") -> FunctionSpec:
+        return FunctionSpec(id=str(uuid.uuid4()), version=0, runtime_id=None, runtime_image=None,
+                            code={"source": "image", "image": image}, entry=None, cpu=200, memory_size=64 * 1024 * 1024,
+                            timeout=timeout, project_id="proj")
+    return make
+
+
+def _created_pod(env, execution_id: str) -> dict:
+    name = manifests.dns_name("hw-exec", execution_id, limit=63)
+    return next(e[4] for e in env.fake.events if e[1] == "pods" and e[3] == "ADDED" and e[4]["metadata"]["name"] == name)
+
+
+async def test_image_function_runs_in_its_own_pod_with_container_limits_and_is_deleted(env, image_fn):
+    engine = await env.engine(replicas=0)
+    fn = image_fn()
+    request = req(fn, "a b  c")
+    result = await engine.execute(request)
+    assert result.status == "success", result
+    assert "args ['a', 'b', 'c']" in result.logs
+    pod = _created_pod(env, request.execution_id)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "200m", "memory": str(64 * 1024 * 1024)}
+    assert "resources" not in pod["spec"] and pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, pod["metadata"]["name"]) is None)
+
+    request = req(fn, {"exit": 0, "key": "value"})  # a JSON object arrives whole, in HEADWATER_INPUT
+    result = await engine.execute(request)
+    assert result.status == "success" and "'key': 'value'" in result.logs
+
+
+async def test_image_function_timeout_kills_and_deletes_the_pod(env, image_fn):
+    engine = await env.engine(replicas=0)
+    fn = image_fn(timeout=1)
+    request = req(fn, {"sleep": 30})
+    started = time.monotonic()
+    result = await engine.execute(request)
+    assert time.monotonic() - started < 6
+    assert (result.status, result.reason, result.output) == ("failed", "timeout", "Function execution timeout.")
+    name = _created_pod(env, request.execution_id)["metadata"]["name"]
+    assert env.fake.get("pods", env.cluster.namespace, name) is None
+
+
+async def test_image_function_failure_is_seen_at_once(env, image_fn):
+    engine = await env.engine(replicas=0)
+    started = time.monotonic()
+    result = await engine.execute(req(image_fn(timeout=30), {"exit": 3}))
+    assert time.monotonic() - started < 5  # Qinling noticed a Failed pod only at the timeout
+    assert (result.status, result.reason) == ("failed", "error")
+    assert "code 3" in result.output
+
+
+async def test_image_function_with_unpullable_image_is_an_error(env, image_fn):
+    engine = await env.engine(replicas=0)
+    request = req(image_fn(image="example/nothing:1"))
+    result = await engine.execute(request)
+    assert result.status == "error" and "ErrImagePull" in result.output
+    name = _created_pod(env, request.execution_id)["metadata"]["name"]
+    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, name) is None)
