@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router import __version__, plugins
+from router import __version__, download_tokens, plugins
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
@@ -127,6 +127,7 @@ class Headwater:
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
+        self.download_secret = download_tokens.secret_from_config(config)
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)

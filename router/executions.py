@@ -95,6 +95,10 @@ class ExecutionService:
                 raise TargetUnavailable(f"Runtime {runtime.id} is not available.")
         return function, version
 
+    async def function_spec(self, function: models.Function, version: int) -> FunctionSpec:
+        """What the engine needs to know of a function version (scale-up uses it too)."""
+        return await self._spec(function, version)
+
     async def _spec(self, function: models.Function, version: int) -> FunctionSpec:
         runtime_image = None
         if function.runtime_id:

@@ -488,6 +488,25 @@ class KubernetesEngine:
         self._pools[runtime_id] = current
         return current
 
+    async def wait_pool_ready(self, runtime_id: str, image: str, timeout: float | None = None) -> int:
+        """Wait until the runtime's pool has a ready pod (returns how many are ready); PoolBroken
+        when every pod is stuck (an image that cannot be pulled), NoWorkers after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.options.rollout_timeout if timeout is None else timeout)
+        selector = f"{L_POOL}={label_value(runtime_id)}"
+        while True:
+            pods = await self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+            ready = [p for p in pods.items if _ready(p)]
+            if ready:
+                return len(ready)
+            problems = [p for p in (_waiting_problem(pod) for pod in pods.items) if p]
+            if problems and len(problems) == len(pods.items):
+                raise PoolBroken(f"Runtime pool {manifests.pool_name(runtime_id)} cannot start image {image!r}: {problems[0]}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoWorkers(f"no ready pod in the pool of runtime {runtime_id} after the rollout timeout")
+            await self._wait_for_pods(selector, pods.metadata.resource_version, min(remaining, 2.0))
+
     async def delete_pool(self, runtime_id: str) -> None:
         """Delete the runtime's pool; claimed workers are not pool pods any more and stay until released."""
         self._pools.pop(runtime_id, None)

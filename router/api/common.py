@@ -93,3 +93,15 @@ def list_filters(request: web.Request, allowed: tuple[str, ...]) -> dict[str, st
             raise BadRequest(f"Unknown argument: {name!r}. Accepted filters: {', '.join(allowed) or 'none'}.")
         out[name] = value
     return out
+
+
+def check_download_token(request: web.Request, function_id: str, version: int) -> None:
+    """A pod fetching its package presents a short-lived token scoped to this function version; a
+    token that is present but wrong or expired is refused (401). Without a token the request is
+    an ordinary API call (auth off: allowed, as in Qinling)."""
+    from router import download_tokens
+    from router.api.errors import ApiError
+
+    token = request.query.get("token")
+    if token is not None and not download_tokens.verify(hw(request).download_secret, token, function_id, version):
+        raise ApiError("Invalid or expired download token.", status=401)

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_int
+from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.plugins import PackageRef
 from router.store.models import new_id
@@ -133,6 +133,7 @@ async def show(request: web.Request) -> web.StreamResponse:
     app = hw(request)
     row = await app.store.functions.get(request.match_info["id"], project_id=ctx(request).get_scope)
     if request.query.get("download", "").lower() in ("true", "1", "yes"):
+        check_download_token(request, row.id, 0)
         if row.code.get("source") == "image":
             raise BadRequest("Download image function is not allowed.", status=405)
         if row.code.get("source") == "swift":
@@ -269,7 +270,9 @@ async def scale_version(request: web.Request, function, version: int, direction:
     count = _count(await json_body(request))
     app = hw(request)
     scaler = getattr(app.engine, f"scale_{direction}", None)
-    if scaler is not None:
+    if scaler is not None and direction == "up":
+        await scaler(await app.executions.function_spec(function, version), count)
+    elif scaler is not None:
         await scaler(function.id, version, count)
     log.info("function scale %s", direction, extra={"function_id": function.id, "function_version": version,
                                                      "count": count, "supported": scaler is not None})

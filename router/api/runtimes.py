@@ -38,13 +38,45 @@ async def create(request: web.Request) -> web.Response:
     for field in ("image", "name", "description"):
         if body.get(field) is not None and (not isinstance(body[field], str) or len(body[field]) > 255):
             raise BadRequest(f"Invalid value for {field}: a string of at most 255 characters is required.")
-    # Engines without runtime pools (local) can run a runtime at once; pool engines build one first.
-    status = "available"
-    row = await hw(request).store.runtimes.add(
+    # Engines without runtime pools (local) can run a runtime at once; pool engines (kubernetes)
+    # build one first: `creating` until the pool is ready, then `available` (or `error`).
+    app = hw(request)
+    create_pool = getattr(app.engine, "create_pool", None)
+    trusted = parse_bool(body.get("trusted"), "trusted", True)
+    row = await app.store.runtimes.add(
         image=body["image"], name=body.get("name"), description=body.get("description"),
-        is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=parse_bool(body.get("trusted"), "trusted", True),
-        status=status, project_id=c.project_id)
+        is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=trusted,
+        status="creating" if create_pool else "available", project_id=c.project_id)
+    if create_pool:
+        app.executions._spawn(_build_pool(app, create_pool, row.id, row.image, trusted))
     return web.json_response(serialize(row), status=201)
+
+
+async def _build_pool(app, create_pool, runtime_id: str, image: str, trusted: bool) -> None:
+    try:
+        await create_pool(runtime_id, image, trusted=trusted)
+        wait_ready = getattr(app.engine, "wait_pool_ready", None)
+        if wait_ready is not None:  # Qinling too waits for the pool before calling a runtime available
+            await wait_ready(runtime_id, image)
+        status = "available"
+    except Exception:
+        log.exception("runtime pool could not be created", extra={"runtime_id": runtime_id})
+        status = "error"
+    await app.store.runtimes.update(runtime_id, {"status": status})
+    app.executions.targets.clear()
+
+
+async def _rebuild_pool(app, update_pool, runtime_id: str, image: str, previous: str) -> None:
+    """Roll the pool to a new image; on failure the engine rolls back and the old image returns
+    (Qinling's behaviour)."""
+    try:
+        ok = await update_pool(runtime_id, image)
+    except Exception:
+        log.exception("runtime pool update failed", extra={"runtime_id": runtime_id})
+        ok = False
+    values = {"status": "available"} if ok else {"status": "available", "image": previous}
+    await app.store.runtimes.update(runtime_id, values)
+    app.executions.targets.clear()
 
 
 async def index(request: web.Request) -> web.Response:
@@ -87,8 +119,14 @@ async def update(request: web.Request) -> web.Response:
                 if await app.engine.workers(function.id, number):
                     raise NotAllowed(f"Runtime {row.id} is still in use by functions.")
         log.info("runtime image changed", extra={"runtime_id": row.id, "image": values["image"], "previous": row.image})
+    update_pool = getattr(app.engine, "update_pool", None)
+    if "image" in values and update_pool is not None:
+        values["status"] = "upgrading"
+    previous = row.image
     if values:
         row = await app.store.runtimes.update(row.id, values)
+    if "image" in values and update_pool is not None:
+        app.executions._spawn(_rebuild_pool(app, update_pool, row.id, values["image"], previous))
     return web.json_response(serialize(row))
 
 
@@ -120,6 +158,9 @@ async def delete(request: web.Request) -> web.Response:
     app = hw(request)
     if await app.store.functions.list(filters={"runtime_id": row.id}, limit=1):
         raise NotAllowed(f"Runtime {row.id} is still in use.")
+    delete_pool = getattr(app.engine, "delete_pool", None)
+    if delete_pool is not None:
+        await delete_pool(row.id)
     await app.store.runtimes.delete(row.id)
     return web.Response(status=204)
 

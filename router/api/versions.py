@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, parse_bool, parse_int
+from router.api.common import check_download_token, ctx, format_time, hw, parse_bool, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.api.functions import detach_version, function_for_admin, scale_version
 from router.plugins import PackageRef
@@ -77,6 +77,7 @@ async def show(request: web.Request) -> web.StreamResponse:
     number = _number(request)
     row = await app.store.versions.get_number(function.id, number)
     if parse_bool(request.query.get("download"), "download"):
+        check_download_token(request, function.id, number)
         data = await app.packages.get(PackageRef(function.project_id, function.id, number, row.md5sum))
         return web.Response(body=data, content_type="application/zip",
                             headers={"Content-Disposition": f'attachment; filename="{function.id}_{number}"'})

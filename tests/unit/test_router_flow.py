@@ -274,3 +274,16 @@ async def test_a_subscription_made_by_another_replica_moments_ago_is_not_missed(
     assert resp.status == 202
     execution = await wait_status(second, execution_id_for("late-1", sub["id"]))
     assert execution["status"] == "success"
+
+
+async def test_package_download_tokens(hw):
+    from router import download_tokens
+
+    function_id = await make_function(hw)
+    good = download_tokens.issue(hw.download_secret, function_id, 0, ttl=60)
+    assert (await hw.client.get(f"/v1/functions/{function_id}?download=true&token={good}")).status == 200
+    other = download_tokens.issue(hw.download_secret, "another-function", 0, ttl=60)
+    resp = await hw.client.get(f"/v1/functions/{function_id}?download=true&token={other}")
+    assert resp.status == 401 and "download token" in (await resp.json())["faultstring"]
+    expired = download_tokens.issue(hw.download_secret, function_id, 0, ttl=60, now=0)
+    assert (await hw.client.get(f"/v1/functions/{function_id}?download=true&token={expired}")).status == 401
