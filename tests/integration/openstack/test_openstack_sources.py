@@ -11,8 +11,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from router.events import Event, derived_id
-from sinks.zaqar import ZaqarSink
+from router.events import derived_id
 from sources.aodh import action_url, aodh_client, build_alarm
 
 from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_URL, eventually, unique, zaqar
@@ -246,25 +245,22 @@ async def test_real_aodh_event_alarm_runs_the_function_with_the_alarm_payload(ro
 
 
 async def test_function_result_lands_in_a_real_zaqar_queue(router):
+    """An event runs a function through the router; its result goes to a real Zaqar queue through
+    the subscription's zaqar sink, as the CloudEvent a Headwater Zaqar source would read back."""
     hw = await router([], zaqar={"url": ZAQAR_URL, "project_id": PROJECT})
     function_id = await hw.make_function()
-    resp = await hw.client.post("/v1/executions", json={"function_id": function_id, "input": json.dumps({"thumb": "cat-128.jpg"})})
-    assert resp.status == 201, await resp.text()
-    execution = await resp.json()
-    (row,) = await eventually(hw.executions)
-    # What the dispatcher will hand a sink once it calls sinks: the execution's result as an event.
-    result = Event(id=derived_id("result", row.id), source=f"/headwater/executions/{row.id}",
-                   type=f"org.openstack.headwater.execution.{row.status}", subject=row.id,
-                   data=row.result["output"] if isinstance(row.result, dict) and "output" in row.result else row.result,
-                   extensions={"projectid": PROJECT})
     queue = unique("hwresults")
-    sink = ZaqarSink(hw.config)
-    try:
-        await sink.send(result, {"queue": queue})
-    finally:
-        await sink.close()
-    status, listed = await zaqar("GET", f"/v2/queues/{queue}/messages?echo=true")
-    assert status == 200, listed
-    (message,) = listed["messages"]
-    assert message["body"]["id"] == result.id and message["body"]["data"] == {"thumb": "cat-128.jpg"}
-    assert message["body"]["type"] == "org.openstack.headwater.execution.success" and execution["id"] == row.id
+    sub = await hw.subscribe("http", function_id, types=["com.example.thumbnail"], sinks=[{"kind": "zaqar", "queue": queue}])
+    event = {"specversion": "1.0", "id": unique("thumb"), "source": "/test", "type": "com.example.thumbnail",
+             "data": {"thumb": "cat-128.jpg"}}
+    assert (await hw.client.post("/v1/events", json=event)).status == 202
+    (row,) = await eventually(hw.executions)
+    assert row.subscription_id == sub["id"] and row.status == "success"
+
+    async def landed():
+        status, listed = await zaqar("GET", f"/v2/queues/{queue}/messages?echo=true")
+        return listed["messages"] if status == 200 and listed and listed.get("messages") else None
+    (message,) = await eventually(landed)
+    assert message["body"]["id"] == derived_id("result", row.id)
+    assert message["body"]["type"] == "org.openstack.headwater.execution.success"
+    assert message["body"]["data"]["output"] == {"thumb": "cat-128.jpg"} and message["body"]["data"]["event_id"] == event["id"]
