@@ -10,7 +10,6 @@ import warnings
 import pytest
 import schemathesis
 from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, settings
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
@@ -22,8 +21,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from router.api import openapi
-from router.app import Headwater
-from router.config import Config
 from tests.e2e.server import Server, make_zip
 
 # Headwater's own resources, built by other hands while this document follows: a route of theirs
@@ -32,18 +29,8 @@ FOLLOWING = ("/v1/events", "/v1/subscriptions", "/v1/deadletters")
 
 
 @pytest.fixture
-async def hw(tmp_path):
-    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"}})
-    app = Headwater(config)
-    await app.start()
-    client = TestClient(TestServer(app.web))
-    await client.start_server()
-    app.client = client
-    try:
-        yield app
-    finally:
-        await client.close()
-        await app.stop()
+async def hw(make_headwater):
+    return await make_headwater("null")
 
 
 def test_document_is_valid_openapi():

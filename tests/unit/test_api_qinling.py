@@ -9,28 +9,15 @@ import re
 
 import pytest
 from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 
-from router.app import Headwater
-from router.config import Config
 from tests.e2e.server import make_zip
 
 TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 
 
 @pytest.fixture
-async def hw(tmp_path):
-    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"}})
-    app = Headwater(config)
-    await app.start()
-    client = TestClient(TestServer(app.web))
-    await client.start_server()
-    app.client = client
-    try:
-        yield app
-    finally:
-        await client.close()
-        await app.stop()
+async def hw(make_headwater):
+    return await make_headwater("null")
 
 
 async def ok(resp, status: int = 200):
