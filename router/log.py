@@ -59,3 +59,5 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Alembic announces every plugin it loads at INFO; the schema revision is logged by Headwater.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
