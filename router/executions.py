@@ -170,6 +170,7 @@ class ExecutionService:
         document = {"duration": round(result.duration, 3), "output": result.output}
         await self.journal.finish(row.id, status=status, result=document, logs=result.logs, reason=result.reason)
         row.status, row.result, row.logs, row.reason = status, document, result.logs, result.reason
+        row.updated_at = models.utcnow()  # what the journal wrote, for callers that show the row
         if status == RETRYING:
             return
         self.metrics.executions.labels(result.status, result.reason).inc()

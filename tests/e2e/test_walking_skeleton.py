@@ -170,3 +170,10 @@ def test_metrics_are_exposed(server):
     for name in ("headwater_events_in_total", "headwater_executions_total", "headwater_dead_letters_total",
                  "headwater_route_latency_seconds", "headwater_execution_duration_seconds"):
         assert name in text
+
+
+def test_a_sync_execution_answer_carries_its_finish_time(server, runtime_id):
+    function = create_function(server, runtime_id, HELLO)
+    done = server.request("POST", "/v1/executions", {"function_id": function["id"]}).json()
+    assert done["status"] == "success" and done["updated_at"] is not None
+    assert done["updated_at"] == server.request("GET", f"/v1/executions/{done['id']}").json()["updated_at"]
