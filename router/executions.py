@@ -168,9 +168,11 @@ class ExecutionService:
         """Record an outcome; `status` RETRYING keeps the execution open for its next attempt."""
         status = status or result.status
         document = {"duration": round(result.duration, 3), "output": result.output}
-        await self.journal.finish(row.id, status=status, result=document, logs=result.logs, reason=result.reason)
+        finished_at = models.utcnow()
+        await self.journal.finish(row.id, status=status, result=document, logs=result.logs, reason=result.reason,
+                                  updated_at=finished_at)
         row.status, row.result, row.logs, row.reason = status, document, result.logs, result.reason
-        row.updated_at = models.utcnow()  # what the journal wrote, for callers that show the row
+        row.updated_at = finished_at  # what the journal wrote, for callers that show the row
         if status == RETRYING:
             return
         self.metrics.executions.labels(result.status, result.reason).inc()

@@ -62,9 +62,11 @@ class ExecutionJournal:
         """Insert the execution unless one with its id exists: (row, created)."""
         return await self._submit(_Write("start", values))
 
-    async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str) -> None:
+    async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
+                     updated_at=None) -> None:
         await self._submit(_Write("finish", {"b_id": execution_id, "b_status": status, "b_result": result,
-                                              "b_logs": logs, "b_reason": reason, "b_updated_at": models.utcnow()}))
+                                              "b_logs": logs, "b_reason": reason,
+                                              "b_updated_at": updated_at or models.utcnow()}))
 
     async def _submit(self, write: _Write):
         if self._task is None:
