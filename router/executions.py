@@ -124,10 +124,11 @@ class ExecutionService:
         await self.store.functions.bump_count(function.id, version)
         if sync:
             return await self.run(row, function, version)
-        self._spawn(self.run(row, function, version))
+        self.spawn(self.run(row, function, version))
         return row
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run work in the background, tracked so that stop() cancels it (async executions, pool builds)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

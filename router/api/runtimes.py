@@ -48,7 +48,7 @@ async def create(request: web.Request) -> web.Response:
         is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=trusted,
         status="creating" if create_pool else "available", project_id=c.project_id)
     if create_pool:
-        app.executions._spawn(_build_pool(app, create_pool, row.id, row.image, trusted))
+        app.executions.spawn(_build_pool(app, create_pool, row.id, row.image, trusted))
     return web.json_response(serialize(row), status=201)
 
 
@@ -126,7 +126,7 @@ async def update(request: web.Request) -> web.Response:
     if values:
         row = await app.store.runtimes.update(row.id, values)
     if "image" in values and update_pool is not None:
-        app.executions._spawn(_rebuild_pool(app, update_pool, row.id, values["image"], previous))
+        app.executions.spawn(_rebuild_pool(app, update_pool, row.id, values["image"], previous))
     return web.json_response(serialize(row))
 
 
