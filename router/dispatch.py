@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 
 from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery
 from router.delivery import RETRY_TOPIC, retry_marks
@@ -16,7 +14,6 @@ from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_TARGET_MEMORY_SECONDS = 5.0  # how long a subject known not to be a subscription is not looked up again
 
 
 class Dispatcher:
@@ -33,7 +30,6 @@ class Dispatcher:
         self._settle_waiters: dict[str, list[asyncio.Future]] = {}
         # Retries go back through the bus this dispatcher consumes from.
         executions.delivery.bus = bus
-        self._not_subscriptions: dict[str, float] = {}
         # Set by the app: refreshes the index when an unmatched event is newer than the index.
         self.refresh_index = None
 
@@ -70,32 +66,6 @@ class Dispatcher:
         if self._settle_waiters:
             self._settle(event.id)
 
-    async def _learn_target(self, event) -> bool:
-        """An event aimed at one subscription (a cron tick, a webhook call: subject = its id) that
-        this replica's index does not know yet: another replica created it moments ago and the
-        periodic reload has not brought it here. Acking such an event unmatched would lose it."""
-        subject = event.subject
-        if not subject or len(subject) != 36 or self.index.get(subject) is not None:
-            return False
-        now = time.monotonic()
-        if self._not_subscriptions.get(subject, 0.0) > now:
-            return False
-        try:
-            uuid.UUID(subject)
-        except ValueError:
-            return False
-        row = await self.executions.store.subscriptions.find(subject)
-        if row is None:
-            if len(self._not_subscriptions) > 10_000:
-                self._not_subscriptions.clear()
-            self._not_subscriptions[subject] = now + UNKNOWN_TARGET_MEMORY_SECONDS
-            return False
-        from router.app import subscription_view  # router.app imports this module
-
-        self.index.put(subscription_view(row))
-        log.info("subscription learnt from an event aimed at it", extra={"event_id": event.id, "subscription_id": row.id})
-        return True
-
     async def handle_retry(self, delivery: Delivery) -> None:
         """A retry the delivery policy scheduled: it goes to the one subscription that failed."""
         event = delivery.event
@@ -115,8 +85,8 @@ class Dispatcher:
     async def _route(self, event) -> None:
         kind = source_kind(event) or "unknown"
         matches = self.index.match_or_target(event)
-        if not matches and await self._learn_target(event):
-            matches = self.index.match_or_target(event)
+        # Another replica may have created a matching subscription after this index was loaded
+        # (cron ticks and webhook calls aimed at one, or any other): refresh before dropping it.
         if not matches and self.refresh_index is not None and event.time is not None and await self.refresh_index(event.time):
             matches = self.index.match_or_target(event)
         if not matches:
