@@ -8,7 +8,7 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin
+from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
 from router.events import utcnow
 from router.store.models import new_id
 
@@ -111,11 +111,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    app = hw(request)
-    row = await get_subscription(request, "job", "Job")
-    await app.store.subscriptions.delete(row.id)
-    await app.reload_subscription(row.id)
-    return web.Response(status=204)
+    return await delete_subscription(request, "job", "Job")
 
 
 def routes(app: web.Application) -> None:

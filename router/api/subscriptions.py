@@ -8,7 +8,7 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin
+from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
 from router.delivery import validate_delivery_policy
 from router import mapping
 from router.events import Event, InvalidEvent, utcnow
@@ -124,11 +124,7 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    app = hw(request)
-    row = await get_subscription(request, None, "Subscription")
-    await app.store.subscriptions.delete(row.id)
-    await app.reload_subscription(row.id)
-    return web.Response(status=204)
+    return await delete_subscription(request, None, "Subscription")
 
 
 async def dry_run(request: web.Request) -> web.Response:

@@ -53,3 +53,12 @@ async def get_subscription(request: web.Request, kind: str | None, label: str):
     if kind is not None and row.kind != kind:
         raise NotFound(f"{label} not found [id={row.id}]")
     return row
+
+
+async def delete_subscription(request: web.Request, kind: str | None, label: str) -> web.Response:
+    """DELETE of a job, webhook or subscription: one row of the subscriptions table."""
+    app = hw(request)
+    row = await get_subscription(request, kind, label)
+    await app.store.subscriptions.delete(row.id)
+    await app.reload_subscription(row.id)
+    return web.Response(status=204)

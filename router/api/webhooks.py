@@ -8,7 +8,7 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription
+from router.api.targets import check_target, get_subscription, delete_subscription
 from router.store.models import new_id
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    app = hw(request)
-    row = await get_subscription(request, "webhook", "Webhook")
-    await app.store.subscriptions.delete(row.id)
-    await app.reload_subscription(row.id)
-    return web.Response(status=204)
+    return await delete_subscription(request, "webhook", "Webhook")
 
 
 def routes(app: web.Application) -> None:
