@@ -21,7 +21,7 @@ from router.log import current_execution_id
 from router.metrics import Metrics
 from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
 from router.store import NotFound, Store
-from router.store.journal import ExecutionJournal
+from router.store.journal import ExecutionJournal, ExecutionRecord
 from router.limits import Limiter
 from router.results import ResultSinks, result_event
 from router.targets import TargetCache
@@ -77,7 +77,14 @@ class ExecutionService:
 
     async def resolve(self, *, project_id: str | None, function_id: str | None, version: int | None,
                       alias: str | None) -> tuple[models.Function, int]:
-        """The function and version an execution runs; aliases resolve at use time."""
+        """The function and version an execution runs; aliases resolve at use time (the answer is
+        cached as long as the rows it comes from)."""
+        return await self.targets.remember(
+            ("target", project_id, function_id, version, alias),
+            lambda: self._resolve(project_id=project_id, function_id=function_id, version=version, alias=alias))
+
+    async def _resolve(self, *, project_id: str | None, function_id: str | None, version: int | None,
+                       alias: str | None) -> tuple[models.Function, int]:
         if alias:
             row = await self.targets.alias(alias, project_id)
             function_id, version = row.function_id, row.function_version
@@ -100,6 +107,9 @@ class ExecutionService:
         return await self._spec(function, version)
 
     async def _spec(self, function: models.Function, version: int) -> FunctionSpec:
+        return await self.targets.remember(("spec", function.id, version), lambda: self._build_spec(function, version))
+
+    async def _build_spec(self, function: models.Function, version: int) -> FunctionSpec:
         runtime_image = None
         if function.runtime_id:
             runtime_image = (await self.targets.runtime(function.runtime_id)).image
@@ -187,8 +197,8 @@ class ExecutionService:
         label = {"job": "Job", "webhook": "Webhook"}.get(sub.kind, "Subscription")
         return f"Created by {label} {sub.id}"
 
-    async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False
-                                ) -> tuple[models.Execution, models.Function, int, bool]:
+    async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False,
+                                execution_id: str | None = None) -> tuple[ExecutionRecord, models.Function, int, bool]:
         """Record the execution of (event, subscription) unless it exists; returns it with its target
         and whether it was created now (and, with `claim`, is owned by the caller)."""
         function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
@@ -196,7 +206,7 @@ class ExecutionService:
         # Created already claimed (lease and first attempt) when `claim` is set: one transaction, not two.
         lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
         row, created = await self.journal.start_execution(dict(
-            id=execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
+            id=execution_id or execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
             function_alias=sub.function_alias, status="running", sync=False, input=mapping.event_input(event, sub),
             description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
             **lease))
@@ -236,15 +246,19 @@ class ExecutionService:
         done = asyncio.get_running_loop().create_future()
         self._in_flight[execution_id] = done
         try:
-            # The subscription's limits (concurrency, rate, order by key) admit it first: an event
-            # over a limit waits here, unacknowledged on the bus, and is never dropped.
-            async with self.limits.admit(sub, event):
-                await self._run_for_event(event, sub, attempt, last_status)
+            if self.limits.limited(sub):
+                # The subscription's limits (concurrency, rate, order by key) admit it first: an event
+                # over a limit waits here, unacknowledged on the bus, and is never dropped.
+                async with self.limits.admit(sub, event):
+                    await self._run_for_event(event, sub, execution_id, attempt, last_status)
+            else:
+                await self._run_for_event(event, sub, execution_id, attempt, last_status)
         finally:
             del self._in_flight[execution_id]
             done.set_result(None)
 
-    async def _run_for_event(self, event: Event, sub: Subscription, attempt: int, last_status: str | None) -> None:
+    async def _run_for_event(self, event: Event, sub: Subscription, execution_id: str, attempt: int,
+                             last_status: str | None) -> None:
         policy = self.delivery.policy(sub)
         retry = attempt > 1
         if policy.expired(event):
@@ -252,11 +266,12 @@ class ExecutionService:
             return
         try:
             # A retry's record exists already (status retrying): it is claimed below, not created.
-            row, function, version, created = await self.prepare_for_event(event, sub, claim=not retry)
+            row, function, version, created = await self.prepare_for_event(event, sub, claim=not retry,
+                                                                           execution_id=execution_id)
         except (NotFound, TargetUnavailable, InvalidTarget) as exc:
             # The subscription points at something that cannot run: no retry will help.
             await self.delivery.dead_letter(event, sub, str(exc), policy=policy)
-            await self._close_open(execution_id_for(event.id, sub.id), last_status or "error", "platform")
+            await self._close_open(execution_id, last_status or "error", "platform")
             return
         number = 1  # which attempt this run is
         claimed = created and not retry

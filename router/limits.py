@@ -130,6 +130,10 @@ class Limiter:
             gate = self._gates[sub.id] = _SubscriptionGate(spec)
         return gate
 
+    def limited(self, sub: Subscription) -> bool:
+        """Whether the subscription has limits at all (most have none: they skip admit())."""
+        return bool(sub.options and sub.options.get("limits")) or sub.id in self._gates
+
     def stats(self, subscription_id: str) -> dict[str, int]:
         gate = self._gates.get(subscription_id)
         return {"running": gate.running, "peak": gate.peak} if gate else {"running": 0, "peak": 0}

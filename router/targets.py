@@ -3,6 +3,7 @@ event does not cost a database round trip per lookup."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,18 +20,39 @@ class TargetCache:
         self.store = store
         self.ttl = ttl
         self._entries: dict[tuple, tuple[float, Any]] = {}
+        self._loading: dict[tuple, asyncio.Task] = {}
+        self._generation = 0
 
     def clear(self) -> None:
         self._entries.clear()
+        self._generation += 1  # a load under way when the rows changed must not store its answer
+
+    async def remember(self, key: tuple, load) -> Any:
+        """A value derived from the cached rows (e.g. a resolved target), held as long as they are."""
+        return await self._get(key, load)
 
     async def _get(self, key: tuple, load) -> Any:
         hit = self._entries.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        value = await load()
-        self._entries[key] = (now + self.ttl, value)
-        return value
+        # One load per key at a time: when an entry runs out under load, hundreds of deliveries
+        # in flight would otherwise each query the database for the same row. The load runs as a
+        # task of its own, so a caller that is cancelled does not cancel it for the others.
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.get_running_loop().create_task(self._load(key, load, now))
+        return await asyncio.shield(loading)
+
+    async def _load(self, key: tuple, load, now: float) -> Any:
+        generation = self._generation
+        try:
+            value = await load()
+            if generation == self._generation:
+                self._entries[key] = (now + self.ttl, value)
+            return value
+        finally:
+            del self._loading[key]
 
     async def function(self, function_id: str, project_id: str | None) -> models.Function:
         row = await self._get(("function", function_id), lambda: self.store.functions.get(function_id))

@@ -76,6 +76,34 @@ class _NatsDelivery:
         await consumer._dead_letter(self._msg, self.event.id, self.attempt, reason or "max deliveries reached")
 
 
+class _Heartbeat:
+    """Tells JetStream every `interval` seconds that a message is still being worked on: a handler
+    may run longer than AckWait (functions can run for minutes), and the event must not go to
+    another member meanwhile."""
+
+    __slots__ = ("_msg", "_interval", "_timer", "_sending")
+
+    def __init__(self, msg: Msg, interval: float):
+        self._msg = msg
+        self._interval = interval
+        self._sending: asyncio.Task | None = None
+        self._timer = asyncio.get_running_loop().call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._beat)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._msg.in_progress()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._sending is not None:
+            self._sending.cancel()
+
+
 class _NatsConsumer:
     """One member of a consumer group: a fetch loop on the group's durable pull consumer."""
 
@@ -89,6 +117,9 @@ class _NatsConsumer:
         self._inflight: set[asyncio.Task] = set()
         self._room = asyncio.Event()
         self._room.set()
+        # Fetch again once this much room is free, not at every finished message: under load a
+        # pull per message would cost a server round trip per message.
+        self._refill = max(1, prefetch // 4)
         self._loop_task: asyncio.Task | None = None
         self._cancelled = False
 
@@ -104,7 +135,7 @@ class _NatsConsumer:
         while not self._cancelled:
             await self._room.wait()
             want = self._prefetch - len(self._inflight)
-            if want <= 0:
+            if want < self._refill:
                 self._room.clear()
                 continue
             try:
@@ -122,12 +153,13 @@ class _NatsConsumer:
                 task = asyncio.get_running_loop().create_task(self._handle(msg))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
-            if len(self._inflight) >= self._prefetch:
+            if self._prefetch - len(self._inflight) < self._refill:
                 self._room.clear()
 
     def _done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
-        self._room.set()
+        if self._prefetch - len(self._inflight) >= self._refill:
+            self._room.set()
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -154,7 +186,8 @@ class _NatsConsumer:
             await self._dead_letter(msg, event.id, attempt - 1, "max deliveries reached (consumers stopped while handling it)")
             return
         delivery = _NatsDelivery(event, self.topic, attempt, self, msg)
-        heartbeat = asyncio.get_running_loop().create_task(self._keep_alive(msg))
+        # A timer, not a task: most handlers finish long before the first heartbeat is due.
+        heartbeat = _Heartbeat(msg, max(self.bus.ack_wait / 2, 0.05))
         try:
             await self._handler(delivery)
         except asyncio.CancelledError:
@@ -175,15 +208,6 @@ class _NatsConsumer:
             await delivery.ack()
         finally:
             heartbeat.cancel()
-
-    async def _keep_alive(self, msg: Msg) -> None:
-        # A handler may run longer than AckWait (functions can run for minutes); tell JetStream we
-        # are still working so it does not hand the event to another member meanwhile.
-        interval = max(self.bus.ack_wait / 2, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
 
     async def _dead_letter(self, msg: Msg, event_id: str | None, attempt: int, reason: str) -> None:
         target = dead_letter_topic(self.topic)

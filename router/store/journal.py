@@ -1,17 +1,21 @@
 """ExecutionJournal: group commit for the routing hot path. Execution starts and finishes from many
-concurrent deliveries are written by one task on one held connection, many per transaction, and
-each caller resumes when its own write is committed."""
+concurrent deliveries are written by one task, many per transaction, straight through the database
+driver, and each caller resumes when its own write is committed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as _dt
+import json
 import logging
-from dataclasses import dataclass, field
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from router.store import models
 from router.store.db import Database
@@ -20,67 +24,244 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 
+# Every column of the executions table, in one fixed order: the insert's shape.
+_COLUMNS: tuple[str, ...] = tuple(c.name for c in models.Execution.__table__.columns)
+_JSON_COLUMNS = frozenset(c.name for c in models.Execution.__table__.columns if isinstance(c.type, sa.JSON))
+_TIME_COLUMNS = frozenset(c.name for c in models.Execution.__table__.columns if isinstance(c.type, models.UTCDateTime))
+_ROW_DEFAULTS: dict[str, Any] = {name: None for name in _COLUMNS}
+_ROW_DEFAULTS.update(function_version=0, sync=True, attempts=0)
+_FINISH_COLUMNS = ("id", "status", "result", "logs", "reason", "updated_at")
 
-@dataclass
+
+class ExecutionRecord(SimpleNamespace):
+    """An execution row as plain attributes: what the hot path hands around instead of an ORM
+    object (building one of those costs more than writing the row)."""
+
+
 class _Write:
-    kind: str  # "start" | "finish"
-    values: dict[str, Any]
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    __slots__ = ("kind", "values", "future")
+
+    def __init__(self, kind: str, values: dict[str, Any]):
+        self.kind = kind  # "start" | "finish"
+        self.values = values
+        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+
+def _json(value: Any) -> str:
+    """JSON text as SQLAlchemy's JSON type would store it (None is the JSON null)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # what orjson refuses (e.g. integers beyond 64 bits) the json module may take
+        return json.dumps(value, default=str)
+
+
+def _naive_utc(value: _dt.datetime | None) -> _dt.datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+
+
+class _SqliteWriter:
+    """Writes on a connection of its own in a thread of its own: one hop per batch, and SQLite's
+    C loop does the rows (the same file, WAL and pragmas as the engine's connections)."""
+
+    # SQLite allows 32766 bound parameters per statement: rows per multi-row insert.
+    ROWS_PER_INSERT = 32766 // len(_COLUMNS)
+
+    def __init__(self, path: str):
+        if not path or path == ":memory:":
+            raise ValueError("[database] connection: an in-memory SQLite database cannot be shared with the "
+                             "execution journal's connection; use a file")
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="execution-journal")
+        self._conn: sqlite3.Connection | None = None
+        self._finish_sql = ("UPDATE executions SET status = ?, result = ?, logs = ?, reason = ?, updated_at = ?, "
+                            "lease_until = NULL WHERE id = ?")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @staticmethod
+    def _value(name: str, value: Any) -> Any:
+        if name in _JSON_COLUMNS:
+            return _json(value)
+        if name in _TIME_COLUMNS:
+            value = _naive_utc(value)
+            # SQLAlchemy's SQLite DATETIME text form, so both read the column the same way.
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f") if value is not None else None
+        return value
+
+    def _write_sync(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
+        if self._conn is None:
+            self._conn = self._connect()
+        conn = self._conn
+        created: set[str] = set()
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+        try:
+            value = self._value
+            for start in range(0, len(rows), self.ROWS_PER_INSERT):
+                chunk = rows[start:start + self.ROWS_PER_INSERT]
+                params = [value(name, row[name]) for row in chunk for name in _COLUMNS]
+                placeholders = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * len(chunk))
+                sql = (f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES {placeholders} "
+                       "ON CONFLICT (id) DO NOTHING RETURNING id")
+                created.update(r[0] for r in conn.execute(sql, params))
+            if finishes:
+                conn.executemany(self._finish_sql, [
+                    (f["status"], _json(f["result"]), f["logs"], f["reason"], value("updated_at", f["updated_at"]), f["id"])
+                    for f in finishes])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return created
+
+    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, rows, finishes)
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def reset(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
+
+    async def close(self) -> None:
+        await self.reset()
+        self._executor.shutdown(wait=False)
+
+
+class _PostgresWriter:
+    """One statement per kind of write, rows passed as arrays (unnest), on a driver connection
+    held from the engine's pool: no per-row statement or parameter processing."""
+
+    _PG_TYPES = {sa.String: "text", sa.Text: "text", sa.Integer: "integer", sa.Boolean: "boolean"}
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._conn = None  # the SQLAlchemy connection that keeps the driver connection checked out
+        self._driver = None
+        table = models.Execution.__table__
+        types = []
+        for column in table.columns:
+            if column.name in _TIME_COLUMNS:
+                types.append("timestamp")
+            elif column.name in _JSON_COLUMNS:
+                types.append("text")
+            else:
+                types.append(next(t for k, t in self._PG_TYPES.items() if isinstance(column.type, k)))
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+        picks = ", ".join(f"u.{n}::json" if n in _JSON_COLUMNS else f"u.{n}" for n in _COLUMNS)
+        self._insert_sql = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) SELECT {picks} FROM unnest({arrays}) "
+                            f"AS u({', '.join(_COLUMNS)}) ON CONFLICT (id) DO NOTHING RETURNING id")
+        self._finish_sql = ("UPDATE executions AS e SET status = u.status, result = u.result::json, logs = u.logs, "
+                            "reason = u.reason, updated_at = u.updated_at, lease_until = NULL "
+                            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamp[]) "
+                            "AS u(id, status, result, logs, reason, updated_at) WHERE e.id = u.id")
+
+    async def _driver_connection(self):
+        if self._driver is None:
+            self._conn = await self.db.engine.connect()
+            self._driver = (await self._conn.get_raw_connection()).driver_connection
+        return self._driver
+
+    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
+        conn = await self._driver_connection()
+        created: set[str] = set()
+        # One statement commits on its own; two share a transaction (BEGIN and COMMIT cost a round
+        # trip each, worth saving on the common batches that hold one kind only).
+        async with conn.transaction() if rows and finishes else contextlib.nullcontext():
+            if rows:
+                arrays = []
+                for name in _COLUMNS:
+                    if name in _JSON_COLUMNS:
+                        arrays.append([_json(row[name]) for row in rows])
+                    elif name in _TIME_COLUMNS:
+                        arrays.append([_naive_utc(row[name]) for row in rows])
+                    else:
+                        arrays.append([row[name] for row in rows])
+                created.update(r[0] for r in await conn.fetch(self._insert_sql, *arrays))
+            if finishes:
+                # The last finish of an execution wins (an UPDATE … FROM joins each row once).
+                last = {f["id"]: f for f in finishes}.values()
+                await conn.execute(self._finish_sql, [f["id"] for f in last], [f["status"] for f in last],
+                                   [_json(f["result"]) for f in last], [f["logs"] for f in last],
+                                   [f["reason"] for f in last], [_naive_utc(f["updated_at"]) for f in last])
+        return created
+
+    async def reset(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.invalidate()
+            except Exception:
+                pass
+        self._conn = self._driver = None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+        self._conn = self._driver = None
 
 
 class ExecutionJournal:
+    # SQLite has one writer at a time, so one is all it can use; PostgreSQL commits batches from
+    # several connections in parallel, which keeps its per-batch round trips off the critical path.
+    POSTGRES_WRITERS = 3
+
     def __init__(self, db: Database):
         self.db = db
+        if db.is_sqlite:
+            self._writers: list = [_SqliteWriter(db.url.database)]
+        else:
+            self._writers = [_PostgresWriter(db) for _ in range(self.POSTGRES_WRITERS)]
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-        self._conn: AsyncConnection | None = None
-        table = models.Execution.__table__
-        dialect_insert = sqlite.insert if db.is_sqlite else postgresql.insert
-        self._insert = dialect_insert(table).on_conflict_do_nothing(index_elements=[table.c.id]).returning(table.c.id)
-        self._finish = (sa.update(table).where(table.c.id == sa.bindparam("b_id"))
-                        .values(status=sa.bindparam("b_status"), result=sa.bindparam("b_result", type_=sa.JSON),
-                                logs=sa.bindparam("b_logs"), reason=sa.bindparam("b_reason"),
-                                updated_at=sa.bindparam("b_updated_at", type_=models.UTCDateTime), lease_until=None))
-        self._columns = {c.name for c in table.columns}
+        self._tasks: list[asyncio.Task] = []
         self.batches = 0
         self.writes = 0
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="execution-journal")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run(writer), name=f"execution-journal-{i}")
+                           for i, writer in enumerate(self._writers)]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for writer in self._writers:
+            await writer.close()
 
-    async def start_execution(self, values: dict[str, Any]) -> tuple[models.Execution, bool]:
+    async def start_execution(self, values: dict[str, Any]) -> tuple[ExecutionRecord, bool]:
         """Insert the execution unless one with its id exists: (row, created)."""
         return await self._submit(_Write("start", values))
 
     async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
                      updated_at=None) -> None:
-        await self._submit(_Write("finish", {"b_id": execution_id, "b_status": status, "b_result": result,
-                                              "b_logs": logs, "b_reason": reason,
-                                              "b_updated_at": updated_at or models.utcnow()}))
+        await self._submit(_Write("finish", {"id": execution_id, "status": status, "result": result, "logs": logs,
+                                             "reason": reason, "updated_at": updated_at or models.utcnow()}))
 
     async def _submit(self, write: _Write):
-        if self._task is None:
+        if not self._tasks:
             raise RuntimeError("the execution journal is not started")
         self._queue.put_nowait(write)
         return await write.future
 
-    async def _run(self) -> None:
+    async def _run(self, writer) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await self._write(batch)
+                results = await self._write(writer, batch)
             except asyncio.CancelledError:
                 for write in batch:
                     if not write.future.done():
@@ -89,84 +270,58 @@ class ExecutionJournal:
             except Exception as exc:
                 # One bad write must not fail the others: retry each alone, so only it fails.
                 log.warning("journal batch of %d failed (%s); retrying one by one", len(batch), exc)
-                await self._reset()
+                await writer.reset()
                 for write in batch:
                     try:
-                        (result,) = await self._write([write])
+                        (result,) = await self._write(writer, [write])
                         write.future.set_result(result)
                     except Exception as single:
-                        await self._reset()
+                        await writer.reset()
                         write.future.set_exception(single)
                 continue
             for write, result in zip(batch, results):
                 if not write.future.done():
                     write.future.set_result(result)
 
-    async def _reset(self) -> None:
-        if self._conn is not None:
-            try:
-                await self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
-
-    async def _write(self, batch: list[_Write]) -> list[Any]:
-        """Write a batch in one transaction with two statements at most: a multi-row insert that
-        says which rows it created (RETURNING), and an executemany update for the finishes."""
-        if self._conn is None:
-            self._conn = await self.db.engine.connect()
-        conn = self._conn
-        starts = [w for w in batch if w.kind == "start"]
+    async def _write(self, writer, batch: list[_Write]) -> list[Any]:
+        """Write a batch in one transaction: a multi-row insert that says which rows it created,
+        and the finishes."""
+        rows = [self._full_row(w.values) for w in batch if w.kind == "start"]
         finishes = [w.values for w in batch if w.kind == "finish"]
-        created_rows: dict[str, dict[str, Any]] = {}
-        existing: dict[str, models.Execution] = {}
-        try:
-            if starts:
-                rows = [self._full_row(w.values) for w in starts]
-                inserted = {r[0] for r in (await conn.execute(self._insert, rows)).all()}
-                created_rows = {r["id"]: r for r in rows if r["id"] in inserted}
-                others = [r["id"] for r in rows if r["id"] not in inserted]
-                if others:
-                    table = models.Execution.__table__
-                    found = await conn.execute(sa.select(table).where(table.c.id.in_(others)))
-                    existing = {row.id: _detached(row) for row in found}
-            if finishes:
-                await conn.execute(self._finish, finishes)
-            await conn.commit()
-        except BaseException:
-            await conn.rollback()
-            raise
+        created = await writer.write(rows, finishes)
         self.batches += 1
         self.writes += len(batch)
+        others = {r["id"] for r in rows if r["id"] not in created}
+        existing = await self._existing(others) if others else {}
         results: list[Any] = []
         seen: set[str] = set()
+        starts = iter(rows)
         for write in batch:
             if write.kind == "finish":
                 results.append(None)
                 continue
-            id_ = write.values["id"]
-            if id_ in created_rows and id_ not in seen:
+            row = next(starts)
+            id_ = row["id"]
+            if id_ in created and id_ not in seen:
                 seen.add(id_)  # the same id twice in one batch: only the first created it
-                results.append((models.Execution(**created_rows[id_]), True))
+                results.append((ExecutionRecord(**row), True))
             elif id_ in existing:
                 results.append((existing[id_], False))
             else:  # created by an earlier write of this batch
-                results.append((models.Execution(**created_rows[id_]), False))
+                results.append((ExecutionRecord(**row), False))
         return results
 
-    def _full_row(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Every column present (executemany wants one shape), with the model's defaults."""
+    async def _existing(self, ids: set[str]) -> dict[str, ExecutionRecord]:
+        """Rows that were there already (redeliveries, replicas racing): read after the commit."""
+        table = models.Execution.__table__
+        async with self.db.engine.connect() as conn:
+            found = await conn.execute(sa.select(table).where(table.c.id.in_(ids)))
+            return {row.id: ExecutionRecord(**row._mapping) for row in found}
+
+    @staticmethod
+    def _full_row(values: dict[str, Any]) -> dict[str, Any]:
+        """Every column present (one shape for the whole insert), with the model's defaults."""
         row = dict(_ROW_DEFAULTS)
         row["created_at"] = models.utcnow()
-        row.update((k, v) for k, v in values.items() if k in self._columns)
+        row.update((k, v) for k, v in values.items() if k in _ROW_DEFAULTS)
         return row
-
-
-_ROW_DEFAULTS: dict[str, Any] = {c.name: None for c in models.Execution.__table__.columns}
-_ROW_DEFAULTS.update(function_version=0, sync=True, attempts=0)
-
-
-def _detached(row) -> models.Execution:
-    """A plain Execution object from a Core row (nothing tracked by a session)."""
-    mapping = row._mapping
-    return models.Execution(**{c.name: mapping[c.name] for c in models.Execution.__table__.columns if c.name in mapping})

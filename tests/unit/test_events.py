@@ -44,3 +44,13 @@ def test_ids_are_deterministic_and_distinct():
     # parts are separated, so ("ab", "c") and ("a", "bc") differ
     assert derived_id("ab", "c") != derived_id("a", "bc")
     assert execution_id_for("e", "s") == execution_id_for("e", "s") != execution_id_for("e", "s2")
+
+
+@pytest.mark.parametrize("parts", [("execution", "e", "s"), ("cron", "sub", "2026-03-29T02:30:00+01:00"),
+                                   ("webhook", "ünïcödé", ""), ("x" * 500,)])
+def test_derived_ids_are_uuid5_of_the_joined_parts(parts):
+    # Ids persist in the store and on the bus: they must stay uuid5 values across versions.
+    import uuid
+
+    from router.events import HEADWATER_NAMESPACE
+    assert derived_id(*parts) == str(uuid.uuid5(HEADWATER_NAMESPACE, "\x1f".join(parts)))
