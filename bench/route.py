@@ -57,6 +57,35 @@ async def queue_baseline(n: int) -> dict:
             "p99_ms": percentile(latencies, 99) * 1e3}
 
 
+async def record_floor(n: int, data_dir: Path) -> dict:
+    """The cost of the one thing each routed event must leave behind, an execution row, written as
+    cheaply as SQLite allows: raw sqlite3 executemany, one transaction, no router code at all. Its
+    ratio to the queue baseline bounds what any routing path that records executions can reach."""
+    import datetime
+    import sqlite3
+
+    from router.store.journal import _COLUMNS, _ROW_DEFAULTS, _SqliteWriter
+
+    db = Database(f"sqlite+aiosqlite:///{data_dir / 'floor.db'}")
+    await db.migrate()
+    await db.dispose()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = [dict(_ROW_DEFAULTS, id=execution_id_for(f"floor-{i}", "s"), project_id="bench", status="success",
+                 input={"i": i}, created_at=now, event_id=f"floor-{i}", subscription_id="s") for i in range(n)]
+    params = [tuple(_SqliteWriter._value(c, row[c]) for c in _COLUMNS) for row in rows]  # prepared outside the clock
+    conn = sqlite3.connect(data_dir / "floor.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    sql = f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+    started = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.executemany(sql, params)
+    conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "p50_ms": float("nan"), "p99_ms": float("nan")}
+
+
 class Rig:
     """The router's real parts, wired as router.app wires them, on a throw-away SQLite store."""
 
@@ -223,6 +252,7 @@ async def run(args) -> dict:
     results: dict[str, dict] = {}
     results["asyncio.Queue baseline"] = await queue_baseline(args.events)
     with tempfile.TemporaryDirectory() as tmp:
+        results["floor: execution rows, raw sqlite3"] = await record_floor(args.events, Path(tmp))
         rig = Rig(Path(tmp) / "null", "null")
         await rig.start()
         try:
