@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery
-from router.delivery import RETRY_TOPIC, retry_marks
+from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery, dead_letter_topic
+from router.delivery import RETRY_TOPIC, clean, retry_marks
+from router.events import derived_id
 from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
 from router.log import current_event_id
 from router.metrics import Metrics
+from router.store import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class Dispatcher:
         self.prefetch = prefetch
         self._consumer: Consumer | None = None
         self._retry_consumer: Consumer | None = None
+        self._dead_letter_consumers: list[Consumer] = []
         self._settle_waiters: dict[str, list[asyncio.Future]] = {}
         # Retries go back through the bus this dispatcher consumes from.
         executions.delivery.bus = bus
@@ -45,14 +48,37 @@ class Dispatcher:
                 future.set_result(None)
 
     async def start(self) -> None:
+        # What the bus gave up on (this router failed to handle it max_deliveries times) becomes a
+        # dead-letter record an operator can list, not a message on a topic nobody reads.
+        self._dead_letter_consumers = [
+            await self.bus.consume(dead_letter_topic(topic), f"{self.group}-dead-letters", self.record_bus_dead_letter)
+            for topic in (EVENTS_TOPIC, RETRY_TOPIC)]
         self._retry_consumer = await self.bus.consume(RETRY_TOPIC, self.group, self.handle_retry, prefetch=self.prefetch)
         self._consumer = await self.bus.consume(EVENTS_TOPIC, self.group, self.handle, prefetch=self.prefetch)
 
     async def stop(self) -> None:
-        for consumer in (self._consumer, self._retry_consumer):
+        for consumer in (self._consumer, self._retry_consumer, *self._dead_letter_consumers):
             if consumer is not None:
                 await consumer.cancel()
         self._consumer = self._retry_consumer = None
+        self._dead_letter_consumers = []
+
+    async def record_bus_dead_letter(self, delivery: Delivery) -> None:
+        """Record an event the bus dead-lettered, once (by event and topic) however often it comes."""
+        event = delivery.event
+        kind = source_kind(event) or "unknown"
+        subscription_id, attempt, _ = retry_marks(event)
+        reason = (f"the router could not handle the event on topic {delivery.topic.removesuffix('.dlq')} "
+                  f"within the bus's maximum deliveries: {delivery.dead_letter_reason or 'no reason given by the bus'}")
+        try:
+            await self.executions.store.dead_letters.add(
+                id=derived_id("bus-dead-letter", delivery.topic, event.id, str(attempt)), source=kind,
+                reason=reason[:4000], event_id=event.id, subscription_id=subscription_id, payload=clean(event),
+                project_id=event.project_id or "default")
+        except Conflict:
+            return  # recorded by an earlier delivery of this dead letter
+        self.metrics.dead_letters.labels(kind).inc()
+        log.error("event dead-lettered by the bus", extra={"event_id": event.id, "topic": delivery.topic, "reason": reason})
 
     async def handle(self, delivery: Delivery) -> None:
         """Returning acks the delivery; raising gives it back to the bus for redelivery. Each

@@ -25,6 +25,8 @@ class Delivery(Protocol):
     event: Event
     topic: str
     attempt: int  # 1 on first delivery, 2 on the first redelivery, …
+    # On a dead-letter topic: why the bus dead-lettered the event (None elsewhere).
+    dead_letter_reason: str | None
 
     async def ack(self) -> None:
         """Done with the event; it will not be delivered to this group again."""

@@ -16,12 +16,13 @@ log = logging.getLogger(__name__)
 
 
 class _MemoryDelivery:
-    __slots__ = ("event", "topic", "attempt", "_group", "_settled")
+    __slots__ = ("event", "topic", "attempt", "dead_letter_reason", "_group", "_settled")
 
-    def __init__(self, event: Event, topic: str, attempt: int, group: _Group):
+    def __init__(self, event: Event, topic: str, attempt: int, group: _Group, dead_letter_reason: str | None = None):
         self.event = event
         self.topic = topic
         self.attempt = attempt
+        self.dead_letter_reason = dead_letter_reason
         self._group = group
         self._settled = False
 
@@ -42,10 +43,10 @@ class _Group:
         self.bus = bus
         self.topic = topic
         self.name = name
-        self.queue: asyncio.Queue[tuple[Event, int]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Event, int, str | None]] = asyncio.Queue()
 
-    def put(self, event: Event, attempt: int = 1) -> None:
-        self.queue.put_nowait((event, attempt))
+    def put(self, event: Event, attempt: int = 1, dead_letter_reason: str | None = None) -> None:
+        self.queue.put_nowait((event, attempt, dead_letter_reason))
 
     def redeliver(self, event: Event, attempt: int, *, requeue: bool, reason: str) -> None:
         if requeue and attempt < self.bus.max_deliveries:
@@ -53,7 +54,7 @@ class _Group:
             return
         log.warning("event dead-lettered", extra={"event_id": event.id, "topic": self.topic, "group": self.name,
                                                  "attempts": attempt, "reason": reason or "max deliveries reached"})
-        self.bus.publish_nowait(event, dead_letter_topic(self.topic))
+        self.bus.publish_nowait(event, dead_letter_topic(self.topic), dead_letter_reason=reason or "max deliveries reached")
 
 
 class _MemoryConsumer:
@@ -69,11 +70,11 @@ class _MemoryConsumer:
         while True:
             await self._slots.acquire()
             try:
-                event, attempt = await queue.get()
+                event, attempt, reason = await queue.get()
             except asyncio.CancelledError:
                 self._slots.release()
                 raise
-            delivery = _MemoryDelivery(event, self._group.topic, attempt, self._group)
+            delivery = _MemoryDelivery(event, self._group.topic, attempt, self._group, reason)
             task = asyncio.get_running_loop().create_task(self._handle(delivery))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -86,7 +87,7 @@ class _MemoryConsumer:
             # message on a broker whose consumer died.
             if not delivery._settled:
                 delivery._settled = True
-                self._group.put(delivery.event, delivery.attempt + 1)
+                self._group.put(delivery.event, delivery.attempt + 1, delivery.dead_letter_reason)
             raise
         except Exception as exc:  # the handler failed: redeliver (or dead-letter)
             log.warning("handler failed; event will be redelivered", exc_info=True,
@@ -115,7 +116,7 @@ class MemoryBus:
         self.default_prefetch = config.bus.prefetch if config else 256
         self._groups: dict[str, dict[str, _Group]] = collections.defaultdict(dict)
         # Events published to a topic before any group consumes it wait here for the first group.
-        self._backlog: dict[str, list[Event]] = collections.defaultdict(list)
+        self._backlog: dict[str, list[tuple[Event, str | None]]] = collections.defaultdict(list)
         self._delayed: set[asyncio.TimerHandle] = set()
 
     async def start(self) -> None:
@@ -126,13 +127,13 @@ class MemoryBus:
             handle.cancel()
         self._delayed.clear()
 
-    def publish_nowait(self, event: Event, topic: str = EVENTS_TOPIC) -> None:
+    def publish_nowait(self, event: Event, topic: str = EVENTS_TOPIC, *, dead_letter_reason: str | None = None) -> None:
         groups = self._groups.get(topic)
         if not groups:
-            self._backlog[topic].append(event)
+            self._backlog[topic].append((event, dead_letter_reason))
             return
         for group in groups.values():
-            group.put(event)
+            group.put(event, 1, dead_letter_reason)
 
     async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
         if delay > 0:
@@ -150,8 +151,8 @@ class MemoryBus:
         groups = self._groups[topic]
         if group not in groups:
             groups[group] = _Group(self, topic, group)
-            for event in self._backlog.pop(topic, ()):
-                groups[group].put(event)
+            for event, reason in self._backlog.pop(topic, ()):
+                groups[group].put(event, 1, reason)
 
     async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _MemoryConsumer:
         await self.ensure_group(topic, group)

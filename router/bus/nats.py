@@ -46,6 +46,10 @@ _STREAM_NAME_IN_USE = 10058  # JetStream: stream exists with a different configu
 class _NatsDelivery:
     __slots__ = ("event", "topic", "attempt", "_consumer", "_msg", "_settled")
 
+    @property
+    def dead_letter_reason(self) -> str | None:
+        return (self._msg.headers or {}).get(REASON_HEADER)
+
     def __init__(self, event: Event, topic: str, attempt: int, consumer: _NatsConsumer, msg: Msg):
         self.event = event
         self.topic = topic

@@ -38,6 +38,11 @@ _URL_OPTIONS = ("prefix", "queue_type", "publish_timeout")
 class _RabbitDelivery:
     __slots__ = ("event", "topic", "attempt", "_consumer", "_message", "_settled")
 
+    @property
+    def dead_letter_reason(self) -> str | None:
+        reason = (self._message.headers or {}).get(REASON_HEADER)
+        return reason.decode() if isinstance(reason, bytes) else reason
+
     def __init__(self, event: Event, topic: str, attempt: int, consumer: _RabbitConsumer,
                  message: aio_pika.abc.AbstractIncomingMessage):
         self.event = event

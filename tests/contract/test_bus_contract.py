@@ -119,11 +119,13 @@ class Recorder:
         self.events: list[Event] = []
         self._behaviour = behaviour
         self._changed = asyncio.Condition()
+        self.dead_letter_reasons: list[str | None] = []
 
     async def __call__(self, delivery: Delivery) -> None:
         async with self._changed:
             self.deliveries.append((delivery.event.id, delivery.attempt, delivery.topic))
             self.events.append(delivery.event)
+            self.dead_letter_reasons.append(delivery.dead_letter_reason)
             self._changed.notify_all()
         if self._behaviour is not None:
             await self._behaviour(delivery)
@@ -261,6 +263,9 @@ async def test_dead_letter_after_max_deliveries(harness: Harness):
     assert failing.attempts(event.id) == list(range(1, MAX_DELIVERIES + 1))
     assert dead.events == [event]
     assert dead.deliveries[0][1:] == (1, dead_letter_topic(topic))
+    # Why it was dead-lettered travels with it (the router records it for the API).
+    assert "bad input" in dead.dead_letter_reasons[0]
+    assert failing.dead_letter_reasons == [None] * MAX_DELIVERIES
 
 
 async def test_nack_without_requeue_dead_letters_at_once(harness: Harness):
@@ -278,6 +283,7 @@ async def test_nack_without_requeue_dead_letters_at_once(harness: Harness):
     await asyncio.sleep(0.2)
     assert rejecting.attempts(event.id) == [1]
     assert dead.events == [event]
+    assert "schema mismatch" in dead.dead_letter_reasons[0]
 
 
 async def test_many_concurrent_events_none_lost_none_duplicated(harness: Harness):

@@ -1101,7 +1101,7 @@ class FakeKubernetes:
                 return
             if code == "deadline":
                 self._pod_status(rt, phase="Failed", reason="DeadlineExceeded",
-                                 message=f"Pod was active on the node longer than the specified deadline",
+                                 message="Pod was active on the node longer than the specified deadline",
                                  conditions=[{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}])
                 return
             policy = pod["spec"].get("restartPolicy", "Always")

@@ -23,7 +23,6 @@ from router.bus.nats import NatsBus
 from router.bus.rabbitmq import RabbitMQBus
 from router.config import Config
 from router.events import Event, derived_id
-from router.plugins import Subscription
 from tests.e2e.server import Server, make_zip
 from tests.integration.tcpproxy import TcpProxy
 from tests.services import NATS_URL, POSTGRES_URL, RABBITMQ_URL, require_service

@@ -327,3 +327,33 @@ def test_config_defaults_apply_and_a_bad_retry_on_is_a_config_error(tmp_path):
     bad = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "delivery": {"retry_on": "error, crash"}})
     with pytest.raises(ConfigError, match=r"\[delivery\] retry_on has unknown outcome\(s\) crash"):
         default_policy(bad)
+
+
+async def test_an_event_the_bus_gives_up_on_becomes_a_dead_letter_record(make_headwater):
+    """When the router itself keeps failing on an event (here: routing raises), the bus dead-letters
+    it after max_deliveries, and the router records that where operators look: /v1/deadletters."""
+    hw = await make_headwater("null", bus={"max_deliveries": "3"})
+    calls = collections.Counter()
+
+    async def broken_route(event):
+        calls[event.id] += 1
+        raise RuntimeError("database unreachable")
+
+    hw.dispatcher._route = broken_route
+    event = Event(id="poison-1", source="/tests", type="org.example.thing", data={"n": 1},
+                  extensions={"sourcekind": "http", "projectid": "default"})
+    await hw.bus.publish(event)
+    for _ in range(200):
+        letters = (await (await hw.client.get("/v1/deadletters?event_id=poison-1")).json())["deadletters"]
+        if letters:
+            break
+        await asyncio.sleep(0.02)
+    assert calls["poison-1"] == 3
+    (letter,) = letters
+    assert letter["source"] == "http" and letter["event_id"] == "poison-1"
+    assert "database unreachable" in letter["reason"] and "topic events" in letter["reason"]
+    # A second delivery of the same dead letter (at-least-once) records nothing new.
+    await hw.dispatcher.record_bus_dead_letter(type("D", (), {"event": event, "topic": "events.dlq",
+                                                              "dead_letter_reason": "again"})())
+    assert len((await (await hw.client.get("/v1/deadletters?event_id=poison-1")).json())["deadletters"]) == 1
+    assert 'headwater_dead_letters_total{source="http"} 1.0' in await (await hw.client.get("/metrics")).text()

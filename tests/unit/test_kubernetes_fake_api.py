@@ -105,7 +105,7 @@ async def test_watch_replays_from_a_resource_version_and_times_out(kube):
     await w.close()
     assert ("MODIFIED", "2") in seen and time.monotonic() - began < 5
     fake.events[:] = fake.events[-1:]  # compact the log: old versions are gone
-    resp = await core.api_client.call_api(f"/api/v1/namespaces/t/pods", "GET", query_params=[("watch", "true"), ("resourceVersion", "1")],
+    resp = await core.api_client.call_api("/api/v1/namespaces/t/pods", "GET", query_params=[("watch", "true"), ("resourceVersion", "1")],
                                           _preload_content=False, auth_settings=["BearerToken"])
     assert b'"code": 410' in await resp.read()
 
