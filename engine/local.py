@@ -28,6 +28,7 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime 
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
+CANCEL_TIMEOUT = 5.0  # seconds for a runtime to acknowledge POST /cancel
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -75,6 +76,7 @@ class LocalEngine:
         self._reaper: asyncio.Task | None = None
         self._seq = itertools.count(1)
         self._stopping = False
+        self._cancels: set[asyncio.Task] = set()  # POST /cancel requests on their way to runtimes
 
     # -----------------------------------------------------------------------------------------
     # Lifecycle
@@ -100,6 +102,8 @@ class LocalEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+        if self._cancels:
+            await asyncio.wait(list(self._cancels), timeout=CANCEL_TIMEOUT)
         workers = [w for pool in self._pools.values() for w in pool]
         self._pools.clear()
         await asyncio.gather(*(self._stop_worker(w) for w in workers), return_exceptions=True)
@@ -194,6 +198,12 @@ class LocalEngine:
                     text = raw[:300].decode("utf-8", "replace")
                     return ExecutionResult.platform_error(f"Runtime worker {worker.name} answered HTTP {resp.status}: {text}")
             reply = orjson.loads(raw)
+        except asyncio.CancelledError:
+            # The caller gave up on this execution (a newer cron tick replaced it, the router is
+            # stopping). The runtime kills the function when this connection closes; the explicit
+            # cancel is for when the close does not reach it promptly.
+            self._cancel_remote(worker, body["execution_id"], log_extra)
+            raise
         except TypeError as exc:
             return ExecutionResult.platform_error(f"Execution input or context is not JSON serialisable: {exc}")
         except asyncio.TimeoutError:
@@ -227,6 +237,23 @@ class LocalEngine:
             logs=reply.get("logs") or "",
             reason=reply.get("reason") or ("ok" if ok else "error"),
         )
+
+    def _cancel_remote(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
+        if not worker.alive or self._session is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_cancel(worker, execution_id, log_extra))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _send_cancel(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
+        session = self._ensure_session()
+        try:
+            async with session.post(worker.url + "/cancel", data=orjson.dumps({"execution_id": execution_id}), headers=_JSON,
+                                    timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # Best effort: the closed connection has usually stopped the function already.
+            LOG.debug("cancel of execution %s on %s not delivered: %r", execution_id, worker.name, exc, extra=log_extra)
 
     async def _package_path(self, ref: PackageRef) -> str:
         path = self.packages.path(ref)
@@ -304,6 +331,11 @@ class LocalEngine:
             line = await asyncio.wait_for(process.stdout.readline(), STARTUP_TIMEOUT)
         except asyncio.TimeoutError:
             line = b""
+        except asyncio.CancelledError:
+            # The execution that asked for this worker was cancelled: a half-started server in no
+            # pool would run unseen until the engine exits.
+            _signal_group(process, signal.SIGKILL)
+            raise
         text = line.decode("utf-8", "replace").strip()
         if not text.startswith("LISTENING "):
             _signal_group(process, signal.SIGKILL)

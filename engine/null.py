@@ -22,6 +22,7 @@ class NullEngine:
         pass
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        # Never suspends, so there is nothing to stop when a caller cancels it.
         return ExecutionResult(status="success", output=request.input, duration=0.0, logs="", reason="ok")
 
     async def release(self, function_id: str, version: int | None = None) -> None:

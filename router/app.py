@@ -106,6 +106,11 @@ class _SourceContext:
     async def active_executions(self, subscription_id: str) -> int:
         return await self._app.store.executions.count(subscription_id=subscription_id, status="running")
 
+    async def cancel_executions(self, subscription_id: str, reason: str, *, message: str = "",
+                                except_event: str | None = None) -> int:
+        return await self._app.executions.cancel_for_subscription(subscription_id, reason, message=message,
+                                                                  except_event=except_event)
+
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         await self._app.store.dead_letters.add(source=source, reason=reason, payload=payload, event_id=event_id, project_id="default")
         self._app.metrics.dead_letters.labels(source).inc()

@@ -63,6 +63,10 @@ class DeliveryPolicy:
         """Whether this outcome is worth another attempt under the policy."""
         if result.status == "success":
             return False
+        if result.reason in ("replaced", "cancelled"):
+            # Stopped on purpose (a newer cron tick replaced the run, overlap=replace), not a
+            # failure: another attempt would undo the replacement, whatever retry_on says.
+            return False
         if result.reason == "timeout":
             return "timeout" in self.retry_on or "failed" in self.retry_on
         return result.status in self.retry_on

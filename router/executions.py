@@ -52,6 +52,27 @@ def render_input(value: Any) -> str | None:
     return json.dumps(value)
 
 
+# How often a replica looks for executions it runs that another replica cancelled (finished their
+# record: cron overlap=replace fired there). One query per period while event executions run here,
+# for those running longer than one period (short runs end before a cancel could matter).
+CANCEL_POLL_SECONDS = 1.0
+CANCEL_POLL_BATCH = 500
+
+
+class _EngineCall:
+    """One engine call of an event execution, cancellable by subscription."""
+
+    __slots__ = ("task", "subscription_id", "event_id", "started", "outcome")
+
+    def __init__(self, task: asyncio.Task, subscription_id: str, event_id: str | None):
+        self.task = task
+        self.subscription_id = subscription_id
+        self.event_id = event_id
+        self.started = time.monotonic()
+        # Set when the call is cancelled on purpose: (status, reason, output, logs) to report instead.
+        self.outcome: tuple[str, str, Any, str] | None = None
+
+
 class ExecutionService:
     def __init__(self, config: Config, store: Store, engine: Engine, metrics: Metrics):
         self.config = config
@@ -69,6 +90,10 @@ class ExecutionService:
         self._count_flusher: asyncio.Task | None = None
         # Event executions this process is handling now: a duplicate delivery waits instead of re-running.
         self._in_flight: dict[str, asyncio.Future] = {}
+        # Engine calls of event executions running here, by execution id: what cancel_for_subscription
+        # stops (cron overlap=replace); the watcher stops those another replica cancelled.
+        self._engine_calls: dict[str, _EngineCall] = {}
+        self._cancel_watcher: asyncio.Task | None = None
         # Retries and dead letters; the dispatcher hands it the bus it consumes from.
         self.delivery = DeliveryService(config, store, metrics)
         self.lease_margin = getattr(getattr(config, "delivery", None), "lease_margin", LEASE_MARGIN_SECONDS)
@@ -151,7 +176,7 @@ class ExecutionService:
         return row
 
     async def execute(self, row: models.Execution, function: models.Function, version: int, *,
-                      event_id: str | None = None) -> ExecutionResult:
+                      event_id: str | None = None, cancellable: bool = False) -> ExecutionResult:
         """Run a recorded execution on the engine; the caller records the outcome."""
         token = current_execution_id.set(row.id)
         self.metrics.executions_running.inc()
@@ -163,7 +188,10 @@ class ExecutionService:
                                            context={"execution_id": row.id, "function_id": function.id,
                                                     "function_version": version, "project_id": row.project_id,
                                                     "event_id": event_id})
-                result = await self.engine.execute(request)
+                if cancellable:
+                    result = await self._engine_call(row, request, event_id)
+                else:
+                    result = await self.engine.execute(request)
             except Exception as exc:  # the engine promises not to raise; if it does, it's ours
                 log.exception("engine raised instead of returning a result")
                 result = ExecutionResult.platform_error(f"Internal service error: {type(exc).__name__}")
@@ -293,7 +321,10 @@ class ExecutionService:
                 # Another process holds a live lease: wait for it to finish, or for its lease to run out.
                 await asyncio.sleep(LEASE_POLL_SECONDS)
             row = await self.store.executions.get(row.id)
-        result = await self.execute(row, function, version, event_id=event.id)
+        # Only runs that a later tick may replace are tracked for cancelling: the others skip the
+        # extra task and the watcher.
+        replaceable = (sub.options or {}).get("overlap") == "replace"
+        result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable)
         await self._settle(event, sub, policy, row, result, number)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
@@ -387,3 +418,102 @@ class ExecutionService:
             await asyncio.gather(self._count_flusher, return_exceptions=True)
         await self.flush_counts()
         await self.journal.stop()
+
+    # -- cancelling (cron overlap=replace) ----------------------------------------------------
+
+    async def _engine_call(self, row: models.Execution, request: ExecutionRequest,
+                           event_id: str | None) -> ExecutionResult:
+        """The engine's execute, run as a task that cancel_for_subscription can stop. Only event
+        executions are tracked: a direct API execution belongs to no subscription."""
+        subscription_id = getattr(row, "subscription_id", None)
+        if not subscription_id:
+            return await self.engine.execute(request)
+        call = _EngineCall(asyncio.ensure_future(self.engine.execute(request)), subscription_id, event_id)
+        self._engine_calls[row.id] = call
+        self._watch_cancels()
+        try:
+            # Awaiting the task: when the caller itself is cancelled (shutdown), the engine call is
+            # cancelled too and has stopped the function by the time this raises.
+            return await call.task  # also when a cancel came too late: the run's real outcome stands
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if call.outcome is None or (current is not None and current.cancelling()):
+                raise
+            status, reason, output, logs = call.outcome
+            return ExecutionResult(status=status, output=output, duration=round(time.monotonic() - call.started, 3),
+                                   logs=logs, reason=reason)
+        finally:
+            if self._engine_calls.get(row.id) is call:
+                del self._engine_calls[row.id]
+
+    async def cancel_for_subscription(self, subscription_id: str, reason: str, *, message: str = "",
+                                      except_event: str | None = None) -> int:
+        """Stop the subscription's unfinished executions except the one of event `except_event`, each
+        recorded `failed` with `reason` and `message` (output and log). Engine calls running here are
+        cancelled at once (the engine kills the function; only runs of overlap=replace subscriptions
+        are tracked for this, see _run_for_event); the others (running on another replica,
+        or waiting for a retry) are finished in the store, and the replica running one cancels it
+        when its watcher sees that. Returns how many were stopped."""
+        message = message or f"Execution cancelled ({reason})."
+        outcome = ("failed", reason, message, message + "\n")
+        here = []
+        for execution_id, call in list(self._engine_calls.items()):
+            if call.subscription_id != subscription_id or call.outcome is not None or call.task.done():
+                continue
+            if except_event is not None and call.event_id == except_event:
+                continue
+            call.outcome = outcome
+            call.task.cancel()
+            here.append(execution_id)
+        table = models.Execution.__table__
+        conditions = [table.c.subscription_id == subscription_id, table.c.status.in_(("running", RETRYING))]
+        if except_event is not None:
+            conditions.append(sa.or_(table.c.event_id.is_(None), table.c.event_id != except_event))
+        if here:
+            conditions.append(table.c.id.notin_(here))  # recorded by their own execute, with their duration
+        stmt = sa.update(table).where(*conditions).values(
+            status="failed", reason=reason, result={"duration": 0.0, "output": message}, logs=outcome[3],
+            lease_until=None, updated_at=models.utcnow())
+        async with self.store.db.sessions() as session:
+            elsewhere = (await session.execute(stmt)).rowcount or 0
+            await session.commit()
+        if here or elsewhere:
+            log.info("executions cancelled", extra={"subscription_id": subscription_id, "reason": reason,
+                                                    "here": len(here), "elsewhere": elsewhere})
+        return len(here) + elsewhere
+
+    def _watch_cancels(self) -> None:
+        if self._cancel_watcher is None or self._cancel_watcher.done():
+            task = asyncio.get_running_loop().create_task(self._cancel_watch())
+            self._cancel_watcher = task
+            self._background.add(task)  # stop() cancels it
+            task.add_done_callback(self._background.discard)
+
+    async def _cancel_watch(self) -> None:
+        """While event executions run here: cancel those whose record another replica finished."""
+        table = models.Execution.__table__
+        while self._engine_calls:
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            cutoff = time.monotonic() - CANCEL_POLL_SECONDS
+            ids = [eid for eid, call in self._engine_calls.items() if call.outcome is None and call.started <= cutoff]
+            try:
+                for i in range(0, len(ids), CANCEL_POLL_BATCH):
+                    stmt = (sa.select(table.c.id, table.c.status, table.c.reason, table.c.result, table.c.logs)
+                            .where(table.c.id.in_(ids[i:i + CANCEL_POLL_BATCH]), table.c.status.in_(FINISHED)))
+                    async with self.store.db.sessions() as session:
+                        rows = (await session.execute(stmt)).all()
+                    for row in rows:
+                        call = self._engine_calls.get(row.id)
+                        if call is None or call.outcome is not None or call.task.done():
+                            continue
+                        # Its outcome was decided elsewhere: stop the function and report that outcome,
+                        # so this replica's record writes what is already there.
+                        output = row.result.get("output") if isinstance(row.result, dict) else None
+                        call.outcome = (row.status, row.reason or "cancelled", output, row.logs or "")
+                        call.task.cancel()
+                        log.info("execution finished elsewhere; cancelling it here",
+                                 extra={"execution_id": row.id, "reason": row.reason})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not look for cancelled executions; will look again")

@@ -125,6 +125,14 @@ class SourceContext(Protocol):
     async def active_executions(self, subscription_id: str) -> int:
         """How many executions of this subscription are still running (for overlap policies)."""
 
+    async def cancel_executions(self, subscription_id: str, reason: str, *, message: str = "",
+                                except_event: str | None = None) -> int:
+        """Stop this subscription's unfinished executions (running, or waiting for a retry), except
+        the one of event `except_event`, and record each as failed with `reason` (machine-readable,
+        never retried) and `message` (its output and log). Runs on this replica are cancelled at
+        once; a run on another replica stops when that replica sees the record (within
+        router.executions.CANCEL_POLL_SECONDS). Returns how many were stopped."""
+
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         """Record input that could not become an event, with the reason."""
 
@@ -149,8 +157,10 @@ class Source(Protocol):
 
 ExecutionStatus = Literal["success", "failed", "error"]
 
-# Machine-readable reasons for an outcome (the runtime protocol's `reason`).
-REASONS = ("ok", "error", "timeout", "memory", "processes", "files", "cpu", "crashed", "platform", "busy")
+# Machine-readable reasons for an outcome (the runtime protocol's `reason`). `cancelled`: the runtime
+# stopped it on request; `replaced`: the router cancelled it for a newer cron tick (overlap=replace).
+REASONS = ("ok", "error", "timeout", "memory", "processes", "files", "cpu", "crashed", "platform", "busy",
+           "cancelled", "replaced")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -218,7 +228,8 @@ class Engine(Protocol):
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution to its end. Never raises for a function's own failure: that is a
-        `failed` result; platform trouble is an `error` result."""
+        `failed` result; platform trouble is an `error` result. Cancelling the call stops the
+        function itself (its process or pod), not just the wait for it."""
 
     async def release(self, function_id: str, version: int | None = None) -> None:
         """Drop warm workers of a function (all versions when version is None): detach, update, delete."""

@@ -118,7 +118,8 @@ def _subscription_timezone(sub: Subscription) -> str:
 
 
 CATCHUP_POLICIES = ("all", "one", "skip")
-OVERLAP_POLICIES = ("allow", "forbid")
+OVERLAP_POLICIES = ("allow", "forbid", "replace")
+REPLACED = "replaced"  # the recorded reason of a run that overlap=replace cancelled
 DEFAULT_CATCHUP_LIMIT = 100
 MAX_JITTER_SECONDS = 3600
 
@@ -126,7 +127,8 @@ MAX_JITTER_SECONDS = 3600
 def _policies(params: dict[str, Any]) -> dict[str, Any]:
     """The scheduling policies of a cron subscription, from its top-level fields or `options`:
     catchup (all|one|skip, after downtime), catchup_limit (the most missed ticks `all` replays),
-    overlap (allow|forbid: skip a tick while the previous run still runs), jitter (seconds)."""
+    overlap (allow; forbid: skip a tick while the previous run still runs; replace: cancel the
+    previous run and run the new tick), jitter (seconds)."""
     options = params.get("options")
     if options is None:
         options = {}
@@ -453,4 +455,30 @@ class CronSource:
         self._moved_past[sub.id] = scheduled
         if not advanced:
             return None
+        if (sub.options or {}).get("overlap") == "replace":
+            await self._replace_previous(ctx, sub, scheduled, event_id, next_time)
         return next_time
+
+    async def _replace_previous(self, ctx: SourceContext, sub: Subscription, scheduled: _dt.datetime, event_id: str,
+                                next_time: _dt.datetime | None) -> None:
+        """overlap=replace: stop the runs of earlier ticks that still run. Called after the tick is on
+        the bus and this replica's compare-and-set moved the schedule past it, so it happens once per
+        tick on one replica, never for a stale tick a lagging replica re-publishes; the tick's own
+        execution (which may have started already) is spared by its event id."""
+        if next_time is not None and next_time + _jitter(sub, next_time) <= self._now():
+            # Catching up after downtime: the next tick is due already and replaces this one's run
+            # too. Cancelling now could race another replica firing that tick and stop its run.
+            return
+        extra = {"event_id": event_id, "subscription_id": sub.id}
+        message = (f"Cancelled: a newer tick of the schedule ({scheduled.isoformat()}) replaced this run "
+                   "while it was still running (overlap=replace).")
+        try:
+            stopped = await ctx.cancel_executions(sub.id, REPLACED, message=message, except_event=event_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The new tick runs regardless; the old run ends on its own (or by its timeout).
+            log.exception("cron overlap=replace: the previous run could not be cancelled", extra=extra)
+            return
+        if stopped:
+            log.info("cron tick replaced %d previous run(s) (overlap=replace)", stopped, extra=extra)

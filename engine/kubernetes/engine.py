@@ -24,7 +24,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from engine.coordination import CoordinationError, Coordinator, LockTimeout, coordinator_from_config
 from engine.kubernetes import manifests
 from engine.kubernetes.client import api_client
-from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_EXECUTION, L_FUNCTION, L_POOL, L_RUNTIME, L_VERSION,
+from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_FUNCTION, L_POOL, L_RUNTIME, L_VERSION,
                                          L_WORKER, label_value)
 from engine.kubernetes.resolvers import NodePortResolver, PodIPResolver, Resolver
 from router import download_tokens
@@ -34,6 +34,7 @@ from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, Pack
 LOG = logging.getLogger(__name__)
 
 HTTP_MARGIN = 30.0  # beyond the function's timeout: package download + import on a cold pod
+CANCEL_TIMEOUT = 5.0  # seconds for a runtime pod to acknowledge POST /cancel
 WORKER_CACHE_SECONDS = 1.0  # how long a function's worker list read from coordination is reused
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -235,6 +236,12 @@ class KubernetesEngine:
                     text = raw[:300].decode("utf-8", "replace")
                     return ExecutionResult.platform_error(f"Runtime worker {worker.pod} answered HTTP {resp.status}: {text}")
             reply = orjson.loads(raw)
+        except asyncio.CancelledError:
+            # The caller gave up on this execution (a newer cron tick replaced it, the router is
+            # stopping). The runtime kills the function when this connection closes; the explicit
+            # cancel covers a close that does not reach the pod (a proxy in between keeps its side open).
+            self._spawn(self._send_cancel(worker, body["execution_id"], extra))
+            raise
         except TypeError as exc:
             return ExecutionResult.platform_error(f"Execution input is not JSON serialisable: {exc}")
         except aiohttp.ClientConnectorError as exc:
@@ -255,6 +262,17 @@ class KubernetesEngine:
         return ExecutionResult(status="success" if ok else "failed", output=reply.get("output"),
                                duration=float(reply.get("duration") or 0.0), logs=reply.get("logs") or "",
                                reason=reply.get("reason") or ("ok" if ok else "error"))
+
+    async def _send_cancel(self, worker: Worker, execution_id: str, extra: dict) -> None:
+        if self._session is None:
+            return
+        try:
+            async with self._session.post(worker.url + "/cancel", data=orjson.dumps({"execution_id": execution_id}), headers=_JSON,
+                                          timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # Best effort: the closed connection has usually stopped the function already.
+            LOG.debug("cancel of execution %s on %s not delivered: %r", execution_id, worker.pod, exc, extra=extra)
 
     # -----------------------------------------------------------------------------------------
     # Workers: the function → worker map, scale up, scale down, release
@@ -600,12 +618,23 @@ class KubernetesEngine:
             if exc.status != 409:
                 return ExecutionResult.platform_error(f"Cannot create the pod of image function {fn.id}: {exc.reason}")
             pod = await self.core.read_namespaced_pod(name, self.namespace)  # a retried execution: follow its pod
+        except asyncio.CancelledError:
+            self._spawn(self._delete_pod(name, grace=0))  # the create may have gone through before the cancel
+            raise
+        cancelled = False
         try:
             return await self._follow_image_pod(pod, timeout, extra)
         except (ApiException, aiohttp.ClientError, OSError) as exc:
             return ExecutionResult.platform_error(f"Lost track of the pod of image function {fn.id}: {exc}")
+        except asyncio.CancelledError:
+            # Cancelled (a newer cron tick replaced it): the pod must stop. Deleted in the background,
+            # so the cancel completes at once and a second cancel cannot interrupt the delete.
+            cancelled = True
+            self._spawn(self._delete_pod(name, grace=0))
+            raise
         finally:
-            await self._delete_pod(name, grace=0)
+            if not cancelled:
+                await self._delete_pod(name, grace=0)
 
     async def _follow_image_pod(self, pod: Any, timeout: float, extra: dict) -> ExecutionResult:
         name = pod.metadata.name

@@ -34,6 +34,7 @@ const IDLE_CHILDREN = 4; // warm children kept per key beyond those running
 const MAX_CHILDREN = Number(process.env.HEADWATER_RUNTIME_MAX_CHILDREN) || Math.max(4, 2 * require('os').cpus().length);
 const DOWNLOAD_TIMEOUT = 30000;
 const TIMEOUT_OUTPUT = 'Function execution timeout.';
+const CANCELLED_OUTPUT = 'Function execution cancelled.';
 const SANDBOX_UID_BASE = 2 ** 30; // same scheme as the python3 runtime: base + (server pid, slot)
 const SANDBOX_UID_SLOTS = 256;
 const SAFE_ENV = ['PATH', 'LANG', 'LC_ALL', 'LC_CTYPE', 'TZ'];
@@ -339,6 +340,13 @@ class Execution {
     child.pendingSize = 0;
     this.result = null;
     this.timedOut = false;
+    this.cancelled = false;
+  }
+
+  cancel() {
+    // Nobody waits for this execution any more: the function must stop, not run on unseen.
+    this.cancelled = true;
+    this.child.kill();
   }
 
   onLog(text) {
@@ -368,6 +376,7 @@ class Execution {
     try {
       child.send({ execution_id: this.req.execution_id, input: this.req.input === undefined ? null : this.req.input,
         context: this.req.context || {} });
+      if (this.cancelled) child.kill(); // cancelled before it was handed to the child
       await Promise.race([done, child.exited]);
       if (this.result === null) await child.exited; // dead: wait for the last of its output (a V8 OOM message)
     } finally {
@@ -385,6 +394,8 @@ class Execution {
       const { code, signal } = this.child;
       if (this.timedOut) {
         result = { status: 'failed', reason: 'timeout', output: TIMEOUT_OUTPUT };
+      } else if (this.cancelled) {
+        result = { status: 'failed', reason: 'cancelled', output: CANCELLED_OUTPUT };
       } else if (signal === 'SIGXFSZ') {
         result = { status: 'failed', reason: 'files', output: 'Function exceeded its file size limit.' };
       } else if (signal === 'SIGXCPU') {
@@ -415,6 +426,7 @@ class Server {
     this.idle = new Map(); // key -> warm children
     this.running = new Map(); // key -> executions running
     this.waiting = new Map(); // key -> resolvers of requests waiting for a slot, oldest first
+    this.jobs = new Map(); // execution id -> its running /execute jobs, for POST /cancel
     this.stopping = false;
   }
 
@@ -439,7 +451,7 @@ class Server {
     this.running.set(key, (this.running.get(key) || 1) - 1);
   }
 
-  async execute(req) {
+  async execute(req, job = { cancelled: false, execution: null }) {
     const executionId = req.execution_id;
     let pkgDir;
     try {
@@ -455,13 +467,14 @@ class Server {
     const key = JSON.stringify([pkgDir, entry, limits]);
     await this.slot(key);
     try {
-      return await this.executeInChild(key, pkgDir, entry, limits, req, executionId);
+      if (job.cancelled) return cancelledReply(0); // cancelled while it waited for a slot
+      return await this.executeInChild(key, pkgDir, entry, limits, req, executionId, job);
     } finally {
       this.release(key);
     }
   }
 
-  async executeInChild(key, pkgDir, entry, limits, req, executionId) {
+  async executeInChild(key, pkgDir, entry, limits, req, executionId, job) {
     if (!this.idle.has(key)) this.idle.set(key, []);
     const idle = this.idle.get(key);
     let child = null;
@@ -476,13 +489,15 @@ class Server {
       return { success: false, status: 'failed', reason: 'crashed', output: `Runtime could not start the execution: ${err.message}`, duration: 0, logs: '' };
     }
     const execution = new Execution(child, req);
+    job.execution = execution;
+    if (job.cancelled) execution.cancelled = true;
     const reply = await execution.run();
     const leftovers = Boolean(execution.result && execution.result.leftovers);
-    if (child.alive && reply.reason !== 'timeout' && !leftovers && !this.stopping) {
+    if (child.alive && reply.reason !== 'timeout' && !execution.cancelled && !leftovers && !this.stopping) {
       if (idle.length < IDLE_CHILDREN) idle.push(child);
       else child.retire();
     } else {
-      // Timed out, crashed, or left processes running: the whole tree goes, a fresh child replaces it.
+      // Timed out, cancelled, crashed, or left processes running: the whole tree goes, a fresh child replaces it.
       child.kill();
       if (!idle.length && !this.stopping) setImmediate(() => this.spare(key, pkgDir, entry, limits));
     }
@@ -498,6 +513,27 @@ class Server {
     } catch (err) {
       log('WARNING', `cannot start a spare child: ${err.message}`);
     }
+  }
+
+  cancel(executionId) {
+    // Cancel the running (or queued) executions with this id; returns how many there were.
+    const jobs = executionId ? [...(this.jobs.get(executionId) || [])] : [];
+    for (const job of jobs) cancelJob(job);
+    if (jobs.length) log('INFO', `execution ${executionId}: cancel requested`);
+    return jobs.length;
+  }
+
+  track(job) {
+    if (!job.id) return;
+    if (!this.jobs.has(job.id)) this.jobs.set(job.id, new Set());
+    this.jobs.get(job.id).add(job);
+  }
+
+  untrack(job) {
+    const jobs = this.jobs.get(job.id);
+    if (!jobs) return;
+    jobs.delete(job);
+    if (!jobs.size) this.jobs.delete(job.id);
   }
 
   close() {
@@ -517,7 +553,7 @@ class Server {
       send(200, 'pong');
       return;
     }
-    if (url !== '/execute') {
+    if (url !== '/execute' && url !== '/cancel') {
       req.resume();
       send(404, 'not found');
       return;
@@ -548,15 +584,41 @@ class Server {
         send(400, `invalid JSON body: ${err.message}`);
         return;
       }
-      this.execute(body).then(
-        (reply) => send(200, JSON.stringify(reply), 'application/json'),
+      if (url === '/cancel') {
+        send(200, JSON.stringify({ cancelled: this.cancel(String(body.execution_id || '')) }), 'application/json');
+        return;
+      }
+      const job = { id: body.execution_id ? String(body.execution_id) : '', cancelled: false, execution: null };
+      this.track(job);
+      res.on('close', () => {
+        if (res.writableFinished) return;
+        // The client hung up before the answer (an engine whose execute call was cancelled):
+        // nobody will read the result, so the function stops now.
+        log('INFO', `execution ${job.id}: the client hung up; cancelling it`);
+        cancelJob(job);
+      });
+      this.execute(body, job).then(
+        (reply) => {
+          this.untrack(job);
+          if (!res.destroyed) send(200, JSON.stringify(reply), 'application/json');
+        },
         (err) => {
+          this.untrack(job);
           log('ERROR', `internal error: ${err.stack || err}`);
-          send(500, `runtime internal error: ${err.message}`);
+          if (!res.destroyed) send(500, `runtime internal error: ${err.message}`);
         },
       );
     });
   }
+}
+
+function cancelJob(job) {
+  job.cancelled = true;
+  if (job.execution) job.execution.cancel();
+}
+
+function cancelledReply(duration) {
+  return { success: false, status: 'failed', reason: 'cancelled', output: CANCELLED_OUTPUT, duration, logs: '' };
 }
 
 function measureBaseline() {

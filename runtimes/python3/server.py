@@ -66,6 +66,10 @@ IDLE_CHILDREN = 4  # warm children kept per (package, entry, limits) beyond thos
 # importing the function — and throughput fell to ~25 executions/s on two cores.
 MAX_CHILDREN = int(os.environ.get("HEADWATER_RUNTIME_MAX_CHILDREN", "0")) or max(4, 2 * (os.cpu_count() or 1))
 TIMEOUT_OUTPUT = "Function execution timeout."
+CANCELLED_OUTPUT = "Function execution cancelled."
+# How often a running /execute checks whether its client hung up. asyncio tells a handler about the
+# end of its connection only when it reads, and it must not read (a pipelined request would be eaten).
+HANGUP_POLL = 0.2
 
 _FRAME = struct.Struct(">Q")  # length prefix of request and result messages on the pipes
 
@@ -817,11 +821,16 @@ def _describe_death(status: int) -> str:
 # HTTP/1.1 (just enough: Content-Length bodies, keep-alive)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before the execution finished."""
+
+
 class Server:
     def __init__(self, work_dir: str):
         self.packages = Packages(work_dir)
         self.idle: dict[tuple[str, str, str], list[Child]] = {}  # (package dir, entry, limits) -> warm children
         self.slots: dict[tuple[str, str, str], asyncio.Semaphore] = {}  # at most MAX_CHILDREN running per key
+        self.running: dict[str, set[asyncio.Task]] = {}  # execution id -> its /execute work, for POST /cancel
         self.stopping = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -855,7 +864,9 @@ class Server:
                 body = await reader.readexactly(length) if length else b""
                 close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
                 try:
-                    status, payload, ctype = await self.route(method, target.split("?", 1)[0], body)
+                    status, payload, ctype = await self.route(method, target.split("?", 1)[0], body, reader)
+                except ClientGone:
+                    return  # nobody to answer; the execution was cancelled
                 except Exception as exc:  # noqa: BLE001 - answer rather than drop the connection
                     LOG.exception("internal error on %s %s", method, target)
                     status, payload, ctype = 500, f"runtime internal error: {exc!r}".encode(), "text/plain"
@@ -877,10 +888,11 @@ class Server:
         writer.write(head.encode("latin-1") + payload)
         await writer.drain()
 
-    async def route(self, method: str, path: str, body: bytes) -> tuple[int, bytes, str]:
+    async def route(self, method: str, path: str, body: bytes,
+                    reader: asyncio.StreamReader | None = None) -> tuple[int, bytes, str]:
         if path == "/ping":
             return 200, b"pong", "text/plain"
-        if path == "/execute":
+        if path in ("/execute", "/cancel"):
             if method != "POST":
                 return 405, b"use POST", "text/plain"
             try:
@@ -889,9 +901,51 @@ class Server:
                     raise ValueError("body must be a JSON object")
             except ValueError as exc:
                 return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
-            reply = await self.execute(req)
+            if path == "/cancel":
+                reply = {"cancelled": self.cancel(str(req.get("execution_id") or ""))}
+            else:
+                reply = await self._execute_watched(req, reader)
             return 200, json.dumps(reply, separators=(",", ":")).encode(), "application/json"
         return 404, b"not found", "text/plain"
+
+    def cancel(self, execution_id: str) -> int:
+        """Cancel the running (or queued) executions with this id; returns how many there were."""
+        work = [task for task in self.running.get(execution_id, ()) if not task.done()] if execution_id else []
+        for task in work:
+            task.cancel()
+        if work:
+            LOG.info("execution %s: cancel requested", execution_id)
+        return len(work)
+
+    async def _execute_watched(self, req: dict, reader: asyncio.StreamReader | None) -> dict:
+        """Run one execution; cancel it when its client hangs up (ClientGone: there is no one to
+        answer) or when POST /cancel names it (answered with reason `cancelled`)."""
+        execution_id = str(req.get("execution_id") or "")
+        started = time.monotonic()
+        work = asyncio.ensure_future(self.execute(req))
+        if execution_id:
+            self.running.setdefault(execution_id, set()).add(work)
+        try:
+            while not work.done():
+                await asyncio.wait((work,), timeout=HANGUP_POLL)
+                if not work.done() and reader is not None and (reader.at_eof() or reader.exception() is not None):
+                    LOG.info("execution %s: the client hung up; cancelling it", execution_id)
+                    work.cancel()
+                    await asyncio.wait((work,))
+                    raise ClientGone()
+        except asyncio.CancelledError:
+            work.cancel()  # the server is going down: the execution goes with this handler
+            raise
+        finally:
+            tasks = self.running.get(execution_id)
+            if tasks is not None:
+                tasks.discard(work)
+                if not tasks:
+                    del self.running[execution_id]
+        if work.cancelled():
+            return {"success": False, "status": "failed", "reason": "cancelled", "output": CANCELLED_OUTPUT,
+                    "duration": round(time.monotonic() - started, 3), "logs": ""}
+        return work.result()
 
     async def execute(self, req: dict) -> dict:
         execution_id = req.get("execution_id")
@@ -927,7 +981,16 @@ class Server:
             return {"success": False, "status": "failed", "reason": "crashed",
                     "output": f"Runtime could not start the execution: {exc}", "duration": 0.0, "logs": ""}
         execution = Execution(child, req)
-        reply = await execution.run()
+        try:
+            reply = await execution.run()
+        except asyncio.CancelledError:
+            # Nobody waits for this execution any more (the client hung up, or POST /cancel named
+            # it): the function must stop now, not run on unseen, so its whole tree goes.
+            LOG.info("execution %s cancelled; killing its child", execution_id)
+            child.kill()
+            if not idle and not self.stopping:
+                loop.call_soon(self._spare, loop, key, limits)
+            raise
         leftovers = bool(execution.result and execution.result.get("leftovers"))
         if leftovers:
             LOG.info("execution %s left processes running; recycling its child", execution_id)

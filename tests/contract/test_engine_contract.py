@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 import time
 import uuid
 import zipfile
@@ -13,6 +15,7 @@ import pytest
 
 from router.config import Config
 from router.plugins import Engine, ExecutionRequest, FunctionSpec, PackageRef, load
+from tests.processes import gone
 
 MAIN_PY = '''
 import os, subprocess, sys, time
@@ -46,6 +49,12 @@ def whoami():
 
 def snooze(seconds):
     time.sleep(seconds)
+
+def nap_pid(path, seconds):
+    with open(path, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "woke up"
 '''
 
 # Backends under contract. Each entry builds (config overrides) for one engine plugin name.
@@ -90,14 +99,6 @@ def spec(ref: PackageRef, entry: str = "main.main", timeout: int = 5, image: str
 def req(function: FunctionSpec, input=None) -> ExecutionRequest:
     return ExecutionRequest(execution_id=str(uuid.uuid4()), function=function, input=input)
 
-
-def gone(pid: int) -> bool:
-    """True when the process no longer runs (a zombie waiting for init counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 async def test_keyword_input(env):
@@ -200,3 +201,30 @@ async def test_dead_worker_is_an_error_then_replaced(env, tmp_path):
     current.process.kill()  # killed between executions: the next one still succeeds
     await current.process.wait()
     assert (await engine.execute(req(spec(ref), "again"))).output == "Hello, again"
+
+
+async def test_cancelling_execute_stops_the_function_and_the_engine_serves_next(env):
+    engine, ref, _ = env
+    # A directory the function can write even as a sandbox uid (the tests' tmp dirs are root's).
+    folder = tempfile.mkdtemp(prefix="headwater-cancel-", dir="/tmp")
+    os.chmod(folder, 0o777)
+    path = os.path.join(folder, "pid")
+    running = asyncio.ensure_future(engine.execute(req(spec(ref, "main.nap_pid", timeout=60), {"path": path, "seconds": 30})))
+    for _ in range(400):
+        if os.path.exists(path) and open(path).read().strip():
+            break
+        await asyncio.sleep(0.05)
+    pid = int(open(path).read())
+    assert not gone(pid)
+    started = time.monotonic()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert time.monotonic() - started < 2, "cancelling must not wait for the function"
+    for _ in range(100):
+        if gone(pid):
+            break
+        await asyncio.sleep(0.05)
+    assert gone(pid), "the cancelled function kept running"
+    after = await engine.execute(req(spec(ref, "main.add"), {"a": 2, "b": 2}))
+    assert (after.status, after.output) == ("success", 4)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import os
 import re
+import tempfile
+import time
+import zipfile
 from zoneinfo import ZoneInfo
 import dataclasses
 import datetime as dt
@@ -17,6 +23,7 @@ from router.config import Config
 from router.events import Event, derived_id
 from router.plugins import Source, Subscription, SubscriptionInvalid
 from sources.cron import EVENT_TYPE, CronSource, next_fire_time
+from tests.processes import gone as process_gone
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2024, 1, 15, 12, 0, 0, tzinfo=UTC)  # a Monday, in winter (Paris is UTC+1)
@@ -213,6 +220,7 @@ class FakeContext:
         self.callbacks: list[Callable[[], None]] = []
         self.fail_publishes = 0
         self.publish_delay = 0.0
+        self.cancels: list[tuple[str, str, str, str | None]] = []  # cancel_executions calls
 
     def add(self, sub: Subscription) -> None:
         self.subs[sub.id] = sub
@@ -270,6 +278,11 @@ class FakeContext:
 
     async def active_executions(self, subscription_id: str) -> int:
         return self.running.get(subscription_id, 0)
+
+    async def cancel_executions(self, subscription_id: str, reason: str, *, message: str = "",
+                                except_event: str | None = None) -> int:
+        self.cancels.append((subscription_id, reason, message, except_event))
+        return self.running.pop(subscription_id, 0)
 
     @property
     def successful_advances(self) -> list[tuple[str, dt.datetime, dt.datetime | None, bool]]:
@@ -668,7 +681,8 @@ async def test_a_restart_after_firing_does_not_fire_the_tick_again(harness) -> N
 @pytest.mark.parametrize("params, message", [
     ({"pattern": "* * * * *", "catchup": "most"}, "catchup must be one of all, one, skip"),
     ({"pattern": "* * * * *", "catchup_limit": 0}, "catchup_limit must be an integer"),
-    ({"pattern": "* * * * *", "overlap": "replace-ish"}, "overlap must be one of allow, forbid"),
+    ({"pattern": "* * * * *", "overlap": "replace-ish"}, "overlap must be one of allow, forbid, replace, not 'replace-ish'"),
+    ({"pattern": "* * * * *", "options": {"overlap": "REPLACE"}}, "overlap must be one of allow, forbid, replace"),
     ({"pattern": "* * * * *", "jitter": -1}, "jitter must be a number of seconds"),
     ({"pattern": "* * * * *", "options": {"jitter": "soon"}}, "jitter must be a number of seconds"),
     ({"pattern": "* * * * *", "options": []}, "options must be an object"),
@@ -681,3 +695,211 @@ def test_policy_validation(source: CronSource, params: dict[str, Any], message: 
 def test_policies_are_returned_normalised(source: CronSource) -> None:
     out = source.validate_subscription({"pattern": "* * * * *", "catchup": "one", "options": {"overlap": "forbid", "jitter": 5}}, NOW)
     assert out["options"] == {"catchup": "one", "overlap": "forbid", "jitter": 5}
+
+
+@pytest.mark.parametrize("params", [{"overlap": "replace"}, {"options": {"overlap": "replace"}}])
+def test_overlap_replace_is_accepted_top_level_or_in_options(source: CronSource, params: dict[str, Any]) -> None:
+    out = source.validate_subscription({"pattern": "* * * * *", **params}, NOW)
+    assert out["options"] == {"overlap": "replace"}
+
+
+async def test_overlap_replace_with_nothing_running_just_fires(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    await start()
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await until(lambda: len(ctx.published) == 1)
+    await spin()
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW)]
+    assert ctx.subs["job-1"].next_execution_time == NOW + dt.timedelta(minutes=1)
+    assert [c[3] for c in ctx.cancels] == [tick_id("job-1", NOW)], "asked once, sparing the tick's own run"
+
+
+async def test_overlap_replace_cancels_the_previous_run_and_fires_the_tick(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {"job-1": 1}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    await start()
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await until(lambda: len(ctx.cancels) == 1)
+    assert [e.id for e in ctx.published] == [tick_id("job-1", NOW)], "the tick is not skipped"
+    ((sub_id, reason, message, spared),) = ctx.cancels
+    assert (sub_id, reason, spared) == ("job-1", "replaced", tick_id("job-1", NOW))
+    assert "replaced" in message and "overlap=replace" in message
+    assert ctx.running == {}
+
+
+async def test_overlap_replace_cancels_nothing_for_a_tick_another_replica_advanced(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {"job-1": 1}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+
+    class LosingRace(FakeContext):
+        async def advance_schedule(self, *args: Any, **kwargs: Any) -> bool:
+            return False  # another replica moved the schedule on first: it does the replacing
+
+    other = LosingRace()
+    other.subs, other.running = ctx.subs, ctx.running
+    await start(other)
+    clock.now = NOW + dt.timedelta(seconds=1)
+    await until(lambda: len(other.published) >= 1)
+    await spin()
+    assert other.cancels == [] and ctx.running == {"job-1": 1}
+
+
+async def test_overlap_replace_catching_up_cancels_once_with_the_newest_tick(harness) -> None:
+    ctx, clock, start = harness
+    ctx.running = {"job-1": 1}
+    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    clock.now = NOW + dt.timedelta(minutes=3, seconds=1)  # down for three minutes: four ticks due
+    await start()
+    await until(lambda: len(ctx.published) == 4)
+    await spin()
+    assert [c[3] for c in ctx.cancels] == [tick_id("job-1", NOW + dt.timedelta(minutes=3))]
+
+
+# ---------------------------------------------------------------------------------------------
+# overlap=replace through the whole router: local engine, python3 runtime, SQLite, memory bus
+
+LONG_FIRST_RUN = """
+import os, time
+
+def main(path):
+    if os.path.exists(path):
+        return "quick"
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    time.sleep(30)
+    return "slow"
+"""
+
+
+class Router:
+    """A whole Headwater on a controllable clock, with one cron subscription of LONG_FIRST_RUN."""
+
+    def __init__(self, app: Any, client: Any, clock: FakeClock, sub_id: str, marker: str, first_tick: dt.datetime):
+        self.app, self.client, self.clock = app, client, clock
+        self.sub_id, self.marker, self.first_tick = sub_id, marker, first_tick
+
+    async def executions(self) -> list[Any]:
+        rows = await self.app.store.executions.list(filters={"subscription_id": self.sub_id})
+        return sorted(rows, key=lambda r: r.created_at)
+
+    async def eventually(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = await condition()
+            if found:
+                return found
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"not reached in {timeout}s: {[(r.status, r.reason) for r in await self.executions()]}")
+
+    async def first_run_started(self) -> tuple[Any, int]:
+        """Fire the first tick and wait until its function runs; returns (execution, its process id)."""
+        self.clock.now = self.first_tick + dt.timedelta(seconds=1)
+
+        async def pid() -> int | None:
+            return int(open(self.marker).read()) if os.path.exists(self.marker) else None
+        process = await self.eventually(pid)
+        (first,) = await self.executions()
+        assert first.status == "running" and not process_gone(process)
+        return first, process
+
+    async def finished(self, execution_id: str) -> Any:
+        async def row() -> Any:
+            found = await self.app.store.executions.find(execution_id)
+            return found if found.status != "running" else None
+        return await self.eventually(row)
+
+
+async def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not process_gone(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # not time.sleep: the router under test runs on this loop
+    return process_gone(pid)
+
+
+@pytest.fixture
+async def router(tmp_path):
+    from aiohttp import FormData
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from router.app import Headwater
+
+    clock = FakeClock(NOW)
+    cfg = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "local"},
+                                 "cron": {"max_sleep": 0.05}})
+    app = Headwater(cfg)
+    app.sources["cron"] = CronSource(cfg, clock=clock)
+    await app.start()
+    client = TestClient(TestServer(app.web))
+    await client.start_server()
+    try:
+        folder = tempfile.mkdtemp(prefix="headwater-replace-", dir="/tmp")
+        os.chmod(folder, 0o777)  # the function may run as a sandbox uid of its own
+        marker = os.path.join(folder, "first-run-pid")
+        runtime = await (await client.post("/v1/runtimes", json={"image": "python3"})).json()
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("f.py", LONG_FIRST_RUN)
+        form = FormData()
+        for name, value in (("runtime_id", runtime["id"]), ("code", json.dumps({"source": "package"})),
+                            ("entry", "f.main"), ("timeout", "60")):
+            form.add_field(name, value)
+        form.add_field("package", buf.getvalue(), filename="f.zip")
+        function_id = (await (await client.post("/v1/functions", data=form)).json())["id"]
+        # retry_on includes `failed`: a replaced run must stay replaced all the same.
+        resp = await client.post("/v1/subscriptions", json={
+            "source": "cron", "pattern": "* * * * *", "function_id": function_id, "input": json.dumps({"path": marker}),
+            "options": {"overlap": "replace", "delivery": {"retry_on": ["failed", "error", "timeout"], "backoff_initial": 0.05}}})
+        assert resp.status == 201, await resp.text()
+        sub_id = (await resp.json())["id"]
+        first_tick = (await app.store.subscriptions.find(sub_id)).next_execution_time
+        yield Router(app, client, clock, sub_id, marker, first_tick.replace(tzinfo=first_tick.tzinfo or UTC))
+    finally:
+        await client.close()
+        await app.stop()
+
+
+async def test_overlap_replace_kills_the_long_first_run_and_the_next_tick_runs(router: Router) -> None:
+    app = router.app
+    first, pid = await router.first_run_started()
+    router.clock.now = router.first_tick + dt.timedelta(minutes=1, seconds=1)  # the next tick; the first still runs
+    ticked = time.monotonic()
+    first = await router.finished(first.id)
+    assert time.monotonic() - ticked < 5, "the replaced run is recorded promptly, not after its 30 s"
+    assert (first.status, first.reason) == ("failed", "replaced")
+    assert "replaced this run" in first.result["output"] and "overlap=replace" in first.logs
+
+    async def second_done() -> list[Any] | None:
+        rows = await router.executions()
+        return rows if len(rows) == 2 and rows[1].status != "running" else None
+    rows = await router.eventually(second_done)
+    assert (rows[1].status, rows[1].result["output"]) == ("success", "quick")
+    assert await gone_within(pid, 3), "the replaced run's process is still running"
+
+    await asyncio.sleep(0.5)  # a retry (backoff 0.05 s) would have run again by now
+    first = await app.store.executions.find(first.id)
+    assert (first.status, first.reason, first.attempts) == ("failed", "replaced", 1)
+    assert [d for d in await app.store.dead_letters.list() if d.subscription_id == router.sub_id] == []
+
+
+async def test_a_run_on_another_replica_stops_when_its_record_is_cancelled(router: Router) -> None:
+    from router.executions import CANCEL_POLL_SECONDS, ExecutionService
+    from router.metrics import Metrics
+
+    app = router.app
+    first, pid = await router.first_run_started()
+    # Another replica fired the next tick: it shares only the store, not this replica's engine calls.
+    other = ExecutionService(app.config, app.store, app.engine, Metrics())
+    stopped = await other.cancel_for_subscription(router.sub_id, "replaced", message="Cancelled: replaced elsewhere.",
+                                                  except_event="the-new-tick")
+    assert stopped == 1
+    assert await gone_within(pid, 2 * CANCEL_POLL_SECONDS + 3), "this replica did not notice the cancel"
+    first = await router.finished(first.id)
+    assert (first.status, first.reason, first.result["output"]) == ("failed", "replaced", "Cancelled: replaced elsewhere.")
+    await asyncio.sleep(0.5)
+    assert (await app.store.executions.find(first.id)).status == "failed", "not retried"
+    assert await other.cancel_for_subscription(router.sub_id, "replaced") == 0, "nothing left to cancel"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path
+
 SERVER = Path(__file__).resolve().parents[2] / "runtimes" / "nodejs" / "server.js"
 MiB = 1024 * 1024
 
@@ -48,6 +50,10 @@ exports.nap = (context, seconds) => {
 };
 exports.who = () => ({ uid: process.getuid(), env: Object.keys(process.env), files: fs.readdirSync('.') });
 exports.peek = (context, p) => { try { return fs.readdirSync(p); } catch (e) { return e.code; } };
+exports.napPid = (context, input) => {
+  fs.writeFileSync(input.path, String(process.pid));
+  return new Promise((r) => setTimeout(() => r('slept'), input.seconds * 1000));
+};
 '''
 
 
@@ -93,14 +99,6 @@ def run(url, package, entry="index.main", input=None, **extra) -> dict:
     if input is not None:
         body["input"] = input
     return post(url, body)
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def test_ping_404_and_bad_bodies(server):
@@ -222,3 +220,21 @@ def test_background_process_recycles_the_child(server, package):
         time.sleep(0.05)
     assert all(gone(p) for p in pids)
     assert run(server, package, "index.pid")["output"] == first  # other entries keep their warm child
+
+
+def nap_body(execution_id: str, path: str, package: str) -> dict:
+    return {"execution_id": execution_id, "entry": "index.napPid", "input": {"path": path, "seconds": 30}, "timeout": 60,
+            "package": {"path": package, "function_id": "fn", "version": 0}}
+
+
+def test_a_client_that_hangs_up_cancels_the_execution_and_its_child_is_killed(server, package):
+    path = pid_path()
+    child = check_hangup_cancels(server, nap_body("hangup", path, package), path)
+    assert run(server, package, "index.pid")["output"] != child
+    assert run(server, package, input="after")["output"] == "Hello, after"
+
+
+def test_post_cancel_answers_cancelled_and_kills_the_child(server, package):
+    path = pid_path()
+    check_post_cancel(server, nap_body("to-cancel", path, package), path, post)
+    assert run(server, package, input="after")["output"] == "Hello, after"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path
+
 SERVER = Path(__file__).resolve().parents[2] / "runtimes" / "python3" / "server.py"
 
 MAIN_PY = '''
@@ -106,6 +108,12 @@ async def coro(n):
 
 def pid():
     return os.getpid()
+
+def nap_pid(path, seconds=30):
+    with open(path, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
 '''
 
 
@@ -149,14 +157,6 @@ def run(server, package, entry="main.main", input=None, **extra) -> dict:
     if input is not None:
         body["input"] = input
     return post(url, body)
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def test_ping(server):
@@ -342,3 +342,22 @@ def test_file_size_limit(server, package):
     reply = run(server, package, "main.big_file", limits={"file_size": 1024 * 1024})
     assert (reply["status"], reply["reason"]) == ("failed", "files"), reply
     assert "File too large" in reply["output"]
+
+
+def test_a_client_that_hangs_up_cancels_the_execution_and_its_child_is_killed(server, package):
+    url, _ = server
+    path = pid_path()
+    body = {"execution_id": "hangup", "entry": "main.nap_pid", "input": {"path": path, "seconds": 30},
+            "timeout": 60, "package": {"path": package, "function_id": "fn", "version": 0}}
+    child = check_hangup_cancels(url, body, path)
+    assert run(server, package, "main.pid")["output"] != child  # a fresh child serves the next call
+    assert run(server, package, input="after")["output"] == "Hello, after"
+
+
+def test_post_cancel_answers_cancelled_and_kills_the_child(server, package):
+    url, _ = server
+    path = pid_path()
+    body = {"execution_id": "to-cancel", "entry": "main.nap_pid", "input": {"path": path, "seconds": 30},
+            "timeout": 60, "package": {"path": package, "function_id": "fn", "version": 0}}
+    check_post_cancel(url, body, path, post)
+    assert run(server, package, input="after")["output"] == "Hello, after"

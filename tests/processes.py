@@ -1,0 +1,87 @@
+"""Process helpers for tests that check a function's process really ended (timeouts, cancels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+
+def gone(pid: int) -> bool:
+    """True when the process no longer runs (a zombie waiting for init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pid: int, timeout: float = 3) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return gone(pid)
+
+
+def pid_path() -> str:
+    """Where a test function writes its pid: a directory it can write even as a sandbox uid (the
+    tests' tmp dirs are root's)."""
+    folder = tempfile.mkdtemp(prefix="headwater-cancel-", dir="/tmp")
+    os.chmod(folder, 0o777)
+    return os.path.join(folder, "pid")
+
+
+def wait_for_pid(path: str, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return int(text)
+        time.sleep(0.02)
+    raise AssertionError("the function never started")
+
+
+def check_post_cancel(url: str, body: dict, path: str, post: Callable[[str, dict], dict]) -> None:
+    """The runtime protocol's POST /cancel: it answers how many runs it stopped, the run answers
+    `failed`/`cancelled`, and the function's process is gone. `body` runs a function that writes its
+    pid to `path` and then sleeps, under execution id "to-cancel"."""
+    replies: list[dict] = []
+    thread = threading.Thread(target=lambda: replies.append(post(url, body)))
+    thread.start()
+    child = wait_for_pid(path)
+    request = urllib.request.Request(url + "/cancel", data=json.dumps({"execution_id": "to-cancel"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert json.loads(resp.read()) == {"cancelled": 1}
+    thread.join(5)
+    assert replies and (replies[0]["status"], replies[0]["reason"]) == ("failed", "cancelled"), replies
+    assert replies[0]["output"] == "Function execution cancelled."
+    assert wait_gone(child)
+    with urllib.request.urlopen(urllib.request.Request(url + "/cancel", data=b'{"execution_id": "nobody"}'), timeout=5) as resp:
+        assert json.loads(resp.read()) == {"cancelled": 0}
+
+
+def check_hangup_cancels(url: str, body: dict, path: str) -> int:
+    """A client that closes its /execute connection (what an engine's HTTP client does when its
+    call is cancelled) gets the function killed within 3 s. Returns the killed child's pid."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    child = wait_for_pid(path)
+    assert not gone(child)
+    started = time.monotonic()
+    sock.close()
+    assert wait_gone(child), "the function kept running after its client hung up"
+    assert time.monotonic() - started < 3
+    return child
