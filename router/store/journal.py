@@ -87,14 +87,25 @@ class _SqliteWriter:
         return conn
 
     @staticmethod
-    def _value(name: str, value: Any) -> Any:
+    def _time(value: _dt.datetime | None) -> str | None:
+        if value is None:
+            return None
+        # SQLAlchemy's SQLite DATETIME text form, so both read the column the same way.
+        return _naive_utc(value).isoformat(" ", "microseconds")
+
+    @classmethod
+    def _value(cls, name: str, value: Any) -> Any:
         if name in _JSON_COLUMNS:
             return _json(value)
         if name in _TIME_COLUMNS:
-            value = _naive_utc(value)
-            # SQLAlchemy's SQLite DATETIME text form, so both read the column the same way.
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f") if value is not None else None
+            return cls._time(value)
         return value
+
+    @classmethod
+    def _params(cls, row: dict[str, Any]) -> list[Any]:
+        """One row's values in column order, converted for SQLite (the plain ones as they are)."""
+        return [_json(row[name]) if name in _JSON_COLUMNS else cls._time(row[name]) if name in _TIME_COLUMNS
+                else row[name] for name in _COLUMNS]
 
     def _write_sync(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
         if self._conn is None:
@@ -103,17 +114,16 @@ class _SqliteWriter:
         created: set[str] = set()
         conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
         try:
-            value = self._value
             for start in range(0, len(rows), self.ROWS_PER_INSERT):
                 chunk = rows[start:start + self.ROWS_PER_INSERT]
-                params = [value(name, row[name]) for row in chunk for name in _COLUMNS]
+                params = [value for row in chunk for value in self._params(row)]
                 placeholders = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * len(chunk))
                 sql = (f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES {placeholders} "
                        "ON CONFLICT (id) DO NOTHING RETURNING id")
                 created.update(r[0] for r in conn.execute(sql, params))
             if finishes:
                 conn.executemany(self._finish_sql, [
-                    (f["status"], _json(f["result"]), f["logs"], f["reason"], value("updated_at", f["updated_at"]), f["id"])
+                    (f["status"], _json(f["result"]), f["logs"], f["reason"], self._time(f["updated_at"]), f["id"])
                     for f in finishes])
             conn.execute("COMMIT")
         except BaseException:
