@@ -190,18 +190,16 @@ class Rig:
 KINDS = ("exact", "prefix", "suffix", "glob", "expression", "typed-exact", "data")
 
 
-def group_name(group: int, rng: random.Random) -> str:
-    return f"{'x' * rng.randint(1, 8)}{group}"  # names vary in length, as container names do
-
-
 def mixed_subscriptions(n: int, rng: random.Random) -> tuple[list[Subscription], list[str]]:
     """N subscriptions of mixed filter kinds over made-up Swift traffic, in groups of seven (one of
-    each kind) that share a container name, so an event for a name matches a handful of them."""
+    each kind) that share a container name, so an event for a name matches a handful of them.
+    Names are 12 random letters and digits: all of one length, so that events for 10 and for
+    100,000 subscriptions have the same shape (numbered names grew with N, and so did the events)."""
     subs, names = [], []
     for i in range(n):
         group, kind = divmod(i, len(KINDS))
         if kind == 0:
-            names.append(group_name(group, rng))
+            names.append("".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=12)))
         name = names[group]
         filters: dict = {}
         expression = None
@@ -226,8 +224,10 @@ def mixed_subscriptions(n: int, rng: random.Random) -> tuple[list[Subscription],
     return subs, names
 
 
-def match_cost(n: int, lookups: int) -> dict:
-    """Microseconds per SubscriptionIndex.match for events that match a handful of N subscriptions."""
+def match_cost(n: int, lookups: int) -> tuple:
+    """An index of N mixed subscriptions and 200 events, each matching a handful of them: the row
+    for N (matches per event), and a function that times `lookups` SubscriptionIndex.match calls
+    over those events and returns microseconds per match."""
     rng = random.Random(42)
     subs, names = mixed_subscriptions(n, rng)
     index = SubscriptionIndex(subs)
@@ -238,14 +238,18 @@ def match_cost(n: int, lookups: int) -> dict:
         events.append(Event(id=f"m{j}", source="/swift", type="org.openstack.swift.object.put", subject=f"{name}/{name}.jpg",
                             data={"size": 100}, extensions={"sourcekind": "swift", "container": name}))
     matched = [len(index.match(e)) for e in events]
-    started = time.perf_counter()
     rounds = max(1, lookups // len(events))
-    for _ in range(rounds):
-        for event in events:
-            index.match(event)
-    elapsed = time.perf_counter() - started
-    return {"subscriptions": n, "us_per_match": elapsed / (rounds * len(events)) * 1e6,
-            "matches_per_event_mean": statistics.mean(matched), "matches_per_event_max": max(matched)}
+
+    def timed() -> float:
+        match = index.match
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for event in events:
+                match(event)
+        return (time.perf_counter() - started) / (rounds * len(events)) * 1e6
+
+    row = {"subscriptions": n, "matches_per_event_mean": statistics.mean(matched), "matches_per_event_max": max(matched)}
+    return row, timed
 
 
 async def run(args) -> dict:
@@ -276,11 +280,22 @@ async def run(args) -> dict:
 
 
 def run_matching(args) -> dict:
-    small = match_cost(10, args.match_lookups)
-    large = match_cost(100_000, args.match_lookups)
-    small_again = match_cost(10, args.match_lookups)  # machines are noisy: bracket the large run
-    small["us_per_match"] = (small["us_per_match"] + small_again["us_per_match"]) / 2
-    return {"10": small, "100000": large, "ratio_100000_to_10": large["us_per_match"] / small["us_per_match"]}
+    """Both indexes side by side, timed in alternating rounds so that both see the same machine
+    (a shared one is noisy): the medians, and their ratio."""
+    rounds = 7
+    small, small_timed = match_cost(10, args.match_lookups)
+    large, large_timed = match_cost(100_000, args.match_lookups)
+    small_timed(), large_timed()  # warm-up
+    small_us, large_us = [], []
+    for _ in range(rounds):
+        small_us.append(small_timed())
+        large_us.append(large_timed())
+    ratios = [large_round / small_round for small_round, large_round in zip(small_us, large_us)]
+    for row, us in ((small, small_us), (large, large_us)):
+        row["us_per_match"] = statistics.median(us)
+        row["us_per_match_rounds"] = us
+    return {"10": small, "100000": large, "ratio_100000_to_10": large["us_per_match"] / small["us_per_match"],
+            "rounds": rounds, "ratio_per_round": {"min": min(ratios), "max": max(ratios)}}
 
 
 def main() -> None:
@@ -300,7 +315,9 @@ def main() -> None:
         for key in ("10", "100000"):
             row = matching[key]
             print(f"{row['subscriptions']:>14} {row['us_per_match']:>10.2f} {row['matches_per_event_mean']:>8.2f} (max {row['matches_per_event_max']})")
-        print(f"matching cost, 100,000 vs 10 subscriptions: {matching['ratio_100000_to_10']:.2f}x\n")
+        spread = matching["ratio_per_round"]
+        print(f"matching cost, 100,000 vs 10 subscriptions: {matching['ratio_100000_to_10']:.2f}x "
+              f"(median of {matching['rounds']} rounds; rounds {spread['min']:.2f}x-{spread['max']:.2f}x)\n")
     if args.only == "match":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(output, indent=2))

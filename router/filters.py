@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -72,7 +73,10 @@ class Condition:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
 def attribute_getter(name: str) -> Callable[[Event], Any]:
+    # Shared: a getter is a pure function of the name, and one copy per name keeps 100,000
+    # subscriptions on a few attributes from holding 100,000 closures.
     if name.startswith("data."):
         path = name.split(".")[1:]
 
@@ -110,8 +114,21 @@ def _number(value: Any) -> float | None:
 
 
 def _compile_condition(cond: Condition) -> Predicate:
-    get = cond.getter()
-    op, expected = cond.op, cond.value
+    if isinstance(cond.value, list):
+        return _build_condition(cond.attribute, cond.op, cond.value)
+    # The type is part of the key: 1, 1.0 and True are equal as keys but not as filter values.
+    return _shared_condition(cond.attribute, cond.op, type(cond.value), cond.value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_condition(attribute: str, op: str, _type: type, value: Any) -> Predicate:
+    """One predicate for every subscription with the same condition (say `data.size > 10`): less
+    memory, and the matching path keeps touching the same few objects."""
+    return _build_condition(attribute, op, value)
+
+
+def _build_condition(attribute: str, op: str, expected: Any) -> Predicate:
+    get = attribute_getter(attribute)
     if op == "exists":
         return (lambda e: get(e) is not _MISSING) if expected else (lambda e: get(e) is _MISSING)
     if op == "eq":
@@ -127,6 +144,14 @@ def _compile_condition(cond: Condition) -> Predicate:
     if op == "glob":
         pattern = re.compile(fnmatch.translate(expected))
         return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
+    if op == "glob-after":  # only after the index proved the literal the pattern starts with
+        start, rest = expected
+        pattern = re.compile(fnmatch.translate(rest))
+        return lambda e: isinstance(v := get(e), str) and pattern.match(v, start) is not None
+    if op == "glob-before":  # only after the index proved the literal the pattern ends with
+        length, rest = expected
+        pattern = re.compile(fnmatch.translate(rest))
+        return lambda e: isinstance(v := get(e), str) and pattern.match(v, 0, len(v) - length) is not None
     if op == "like":
         pattern = _like_regex(expected)
         return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
@@ -375,6 +400,32 @@ class _ExpressionParser:
 # What the index needs
 
 
+def _decided_by_lookup(cond: Condition) -> bool:
+    """Whether finding a subscription through this condition's index_key() proves the condition:
+    a prefix, a suffix, or one exact string that is not number-like (the index compares numbers
+    loosely, the filter strictly)."""
+    if cond.index_key() is None:
+        return False
+    if cond.op in ("prefix", "suffix"):
+        return True
+    if cond.op == "eq" and isinstance(cond.value, str):
+        try:
+            float(cond.value)
+        except ValueError:
+            return True
+    return False
+
+
+def _glob_rest(cond: Condition, key: tuple[str, str, Any]) -> Condition:
+    """A glob whose literal prefix (or suffix) the index lookup proved: what is left is the rest of
+    the pattern, tested after (or before) that literal. `photos/*.jpg` leaves `*.jpg` from position
+    7, which every subscription with such a tail shares, where the whole pattern is its own."""
+    kind, _, literal = key
+    if kind == "prefix":
+        return Condition(cond.attribute, "glob-after", (len(literal), cond.value[len(literal):]))
+    return Condition(cond.attribute, "glob-before", (len(literal), cond.value[:-len(literal)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledFilter:
     predicate: Predicate
@@ -384,6 +435,8 @@ class CompiledFilter:
     # True when the filter is nothing but one condition: then an index that found the subscription
     # through that very condition has checked it already.
     single: bool = False
+    # The filter as a conjunction (nested top-level `all`s flattened): what residual() takes from.
+    conjuncts: tuple[Node, ...] = ()
 
     def decided_by_index(self) -> bool:
         """Whether finding the subscription through index_key() already proves the filter holds:
@@ -391,14 +444,27 @@ class CompiledFilter:
         if not self.single:
             return False
         (cond,) = self.required
-        if cond.op in ("prefix", "suffix"):
-            return cond.index_key() is not None
-        if cond.op == "eq" and isinstance(cond.value, str):
-            try:
-                float(cond.value)
-            except ValueError:
-                return cond.index_key() is not None
-        return False
+        return _decided_by_lookup(cond)
+
+    def residual(self, key: tuple[str, str, Any] | None) -> Predicate | None:
+        """What is left to test of an event the index found through `key` (an index_key() of this
+        filter, or None for a lookup by type or none): the filter minus the one condition the
+        lookup proves; None when nothing is left."""
+        parts = list(self.conjuncts)
+        for i, part in enumerate(parts):
+            if key is None or not isinstance(part, Condition) or part.index_key() != key:
+                continue
+            if _decided_by_lookup(part):
+                del parts[i]
+                break
+            if part.op == "glob":
+                parts[i] = _glob_rest(part, key)
+                break
+        else:
+            return self.predicate if parts else None
+        if not parts:
+            return None
+        return _compile_node(parts[0]) if len(parts) == 1 else _compile_node(("all", parts))
 
     def matches(self, event: Event) -> bool:
         return self.predicate(event)
@@ -429,7 +495,13 @@ def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilte
         return CompiledFilter(lambda e: True, ())
     predicate = _compile_node(("all", nodes)) if len(nodes) > 1 else _compile_node(nodes[0])
     single = len(nodes) == 1 and isinstance(nodes[0], Condition)
-    return CompiledFilter(predicate, tuple(required), single)
+    return CompiledFilter(predicate, tuple(required), single, tuple(_conjuncts(("all", nodes))))
+
+
+def _conjuncts(node: Node) -> list[Node]:
+    if isinstance(node, tuple) and node[0] == "all":
+        return [c for n in node[1] for c in _conjuncts(n)]
+    return [node]
 
 
 def _required(node: Node) -> list[Condition]:

@@ -1,14 +1,11 @@
-"""SubscriptionIndex: subscriptions held in memory, keyed so matching costs the same with 10 or 100,000.
-
-Each subscription is filed under one condition that every matching event must meet: an exact
-attribute value (hash lookup), a literal prefix or suffix (a walk down a character trie, as long
-as the event's value), or else its event types. Only the subscriptions filed where the event lands are tested with
-their full compiled filter."""
+"""SubscriptionIndex: subscriptions filed so that matching an event touches only those that could match it."""
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -46,149 +43,341 @@ def _key(value: Any) -> Any:
 
 
 class _Entry:
-    __slots__ = ("sub", "compiled", "slot", "check")
+    """One subscription as the index files it: where (slot), and what is left to test of an event
+    found there (types, check)."""
 
-    def __init__(self, sub: Subscription, compiled: CompiledFilter):
+    __slots__ = ("sub", "slot", "types", "check")
+
+    def __init__(self, sub: Subscription, slot: tuple, types: tuple[str, ...], check: Any):
         self.sub = sub
-        self.compiled = compiled
-        self.slot: tuple | None = None
-        # Where the index lookup itself proves the filter, testing it again is wasted work.
-        self.check = None if compiled.decided_by_index() else compiled.predicate
-
-    def matches(self, event: Event) -> bool:
-        sub = self.sub
-        # A paused subscription routes nothing. Cron is the exception: its source decides whether a
-        # tick fires, and a tick already published must still run after its schedule became done.
-        if sub.status != "running" and sub.source != "cron":
-            return False
-        if sub.types and event.type not in sub.types:
-            return False
-        return self.check is None or self.check(event)
+        self.slot = slot
+        self.types = types
+        self.check = check
 
 
-_TERMINAL = ""  # key of a trie node's entries: no character is the empty string
+class _Checked(tuple):
+    """Candidates of one cell some of which need testing: flat (sub, types, check) triples, so a
+    lookup reads one tuple instead of an object per subscription. A cell whose subscriptions need
+    no test holds a plain tuple of them instead."""
+
+    __slots__ = ()
+
+
+def _candidates(entries: Iterable[_Entry], found_by_type: bool) -> tuple:
+    flat: list = []
+    plain = True
+    for e in entries:
+        types = () if found_by_type else e.types  # found by event type: the type test is done
+        plain = plain and not types and e.check is None
+        flat += (e.sub, types, e.check)
+    return tuple(flat[0::3]) if plain else _Checked(flat)
+
+
+STRIDE = 4  # characters a _Trie level is keyed by
+BAG_LENGTHS = 4  # distinct literal lengths a bag holds before it becomes a level
+
+
+class _Bag(dict):
+    """Literals → candidates, looked up whole: one probe per distinct length (`lengths`)."""
+
+    __slots__ = ("lengths",)
+
+
+def _bag(items: Iterable[tuple[str, tuple]] = ()) -> _Bag:
+    bag = _Bag(items)
+    bag.lengths = tuple(sorted({len(k) for k in bag}))
+    return bag
+
+
+class _Leaf(tuple):
+    """(literal, candidates): a level's only literal under one chunk, tested with one string
+    comparison (a one-literal bag would be two more objects to read)."""
+
+    __slots__ = ()
+
+
+class _Level(dict):
+    """Literals split by their STRIDE characters from `offset` on (counted from the end, for
+    suffixes): chunk → leaf, bag or level. The literals too short for that are in `bag`."""
+
+    __slots__ = ("offset", "bag")
 
 
 class _Trie:
-    """Literal prefixes (or, reversed, suffixes) of one attribute. Looking up a value walks its
-    characters, so the cost depends on the value's length, never on how many literals there are."""
+    """The literal prefixes (or suffixes) of one attribute.
 
-    __slots__ = ("root", "reverse")
+    While they come in a few lengths they are one bag: looking a value up costs one hash probe
+    per length, with 10 literals or 100,000. A bag with more than BAG_LENGTHS lengths becomes a
+    level keyed by STRIDE characters of the literals, taken where they start to differ (after
+    `photos/`, or before `.jpg`), so that a level tells many literals apart. Looking a value up
+    takes its characters at each level's offset, down to a bag."""
 
-    def __init__(self, reverse: bool):
-        self.root: dict = {}
-        self.reverse = reverse
+    __slots__ = ("root", "suffix")
 
-    def add(self, literal: str, entry: _Entry) -> None:
-        node = self.root
-        for ch in (reversed(literal) if self.reverse else literal):
-            node = node.setdefault(ch, {})
-        node.setdefault(_TERMINAL, {})[entry.sub.id] = entry
+    def __init__(self, suffix: bool):
+        self.root: dict = _bag()
+        self.suffix = suffix
 
-    def remove(self, literal: str, sub_id: str) -> bool:
-        """Remove an entry, pruning empty nodes; True when the trie is empty afterwards."""
-        path = [self.root]
-        for ch in (reversed(literal) if self.reverse else literal):
-            node = path[-1].get(ch)
-            if node is None:
-                return not self.root
-            path.append(node)
-        entries = path[-1].get(_TERMINAL, {})
-        entries.pop(sub_id, None)
-        if not entries:
-            path[-1].pop(_TERMINAL, None)
-        chars = list(reversed(literal) if self.reverse else literal)
-        for depth in range(len(chars), 0, -1):
-            if path[depth]:
-                break
-            del path[depth - 1][chars[depth - 1]]
-        return not self.root
+    def __bool__(self) -> bool:
+        return bool(self.root)
 
-    def lookup(self, value: str) -> Iterator[_Entry]:
-        node = self.root
-        for ch in (reversed(value) if self.reverse else value):
-            node = node.get(ch)
-            if node is None:
-                return
-            found = node.get(_TERMINAL)
-            if found:
-                yield from found.values()
+    def _chunk(self, literal: str, offset: int) -> str:
+        if self.suffix:
+            end = len(literal) - offset
+            return literal[end - STRIDE:end]
+        return literal[offset:offset + STRIDE]
+
+    def set(self, literal: str, found: tuple) -> None:
+        self.root = self._insert(self.root, 0, literal, found)
+
+    def discard(self, literal: str) -> None:
+        self.root = self._remove(self.root, literal) or _bag()
+
+    def _items(self, node: dict) -> Iterator[tuple[str, tuple]]:
+        if type(node) is _Leaf:
+            yield node
+            return
+        if type(node) is _Bag:
+            yield from node.items()
+            return
+        yield from node.bag.items()
+        for child in node.values():
+            yield from self._items(child)
+
+    def _build(self, items: list[tuple[str, tuple]], offset: int) -> dict:
+        """A subtree for these literals, all at least `offset` long."""
+        if len(items) == 1 and offset:
+            return _Leaf(items[0])
+        if len({len(k) for k, _ in items}) <= BAG_LENGTHS:
+            return _bag(items)
+        keys = [k[::-1] if self.suffix else k for k, _ in items]
+        level = _Level()
+        level.offset = offset = max(offset, len(os.path.commonprefix(keys)))
+        short, groups = [], collections.defaultdict(list)
+        for literal, found in items:
+            if len(literal) < offset + STRIDE:
+                short.append((literal, found))
+            else:
+                groups[self._chunk(literal, offset)].append((literal, found))
+        level.bag = _bag(short)
+        for chunk, group in groups.items():
+            level[chunk] = self._build(group, offset + STRIDE)
+        return level
+
+    def _insert(self, node: dict, offset: int, literal: str, found: tuple) -> dict:
+        """Insert into the subtree `node`, whose literals are all at least `offset` long; returns
+        the subtree as it is now."""
+        if type(node) is _Leaf:
+            return _Leaf((literal, found)) if node[0] == literal else self._build([node, (literal, found)], offset)
+        if type(node) is _Bag:
+            node[literal] = found
+            node.lengths = tuple(sorted({*node.lengths, len(literal)}))
+            return node if len(node.lengths) <= BAG_LENGTHS else self._build(list(node.items()), offset)
+        if len(literal) < node.offset:  # shorter than this level was cut for: cut it again
+            return self._build([*self._items(node), (literal, found)], offset)
+        if len(literal) < node.offset + STRIDE:
+            node.bag[literal] = found
+            node.bag.lengths = tuple(sorted({*node.bag.lengths, len(literal)}))
+            return node
+        chunk = self._chunk(literal, node.offset)
+        child = node.get(chunk)
+        node[chunk] = _Leaf((literal, found)) if child is None else self._insert(child, node.offset + STRIDE, literal, found)
+        return node
+
+    def _remove(self, node: dict, literal: str) -> dict | None:
+        """Remove from the subtree `node`; returns it as it is now (None when empty), folded into
+        a bag where a level is no longer needed."""
+        if type(node) is _Leaf:
+            return None if node[0] == literal else node
+        if type(node) is _Bag:
+            if node.pop(literal, None) is not None:
+                node.lengths = tuple(sorted({len(k) for k in node}))
+            return node or None
+        if len(literal) < node.offset + STRIDE:
+            if node.bag.pop(literal, None) is not None:
+                node.bag.lengths = tuple(sorted({len(k) for k in node.bag}))
+        else:
+            chunk = self._chunk(literal, node.offset)
+            child = node.get(chunk)
+            if child is not None:
+                child = self._remove(child, literal)
+                if child is None:
+                    del node[chunk]
+                else:
+                    node[chunk] = child
+        if not node:
+            return node.bag or None
+        if len(node) == 1:
+            (only,) = node.values()
+            if type(only) is not _Level and len({*node.bag.lengths, *_bag(self._items(only)).lengths}) <= BAG_LENGTHS:
+                return _bag([*node.bag.items(), *self._items(only)])
+        return node
 
 
 class _Bucket:
-    """The subscriptions of one source kind."""
+    """The subscriptions of one source kind.
+
+    Each is filed in one cell, under a condition every event it matches meets: an exact attribute
+    value (a hash lookup), a literal prefix or suffix (a _Trie), else each of its event types, else
+    `rest`. A cell holds its candidates ready-made (see _Checked), rebuilt at the next match after
+    a change: loading N subscriptions into one cell costs O(N), not O(N²)."""
 
     def __init__(self) -> None:
-        self.exact: dict[tuple[str, Any], dict[str, _Entry]] = collections.defaultdict(dict)
-        self.exact_attributes: collections.Counter[str] = collections.Counter()
-        self.prefix: dict[str, _Trie] = {}  # attribute → trie of literal prefixes
-        self.suffix: dict[str, _Trie] = {}  # attribute → trie of literal suffixes, reversed
-        self.by_type: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
-        self.rest: dict[str, _Entry] = {}
+        self.members: dict[tuple, dict[str, _Entry]] = {}  # cell → its subscriptions, in put order
+        self.dirty: dict[tuple, None] = {}  # cells whose candidates are stale, in the order they changed
+        self.exact: dict[str, dict[Any, tuple]] = {}  # attribute → _key(value) → candidates
+        self.numeric: collections.Counter[str] = collections.Counter()  # attribute → number-keyed entries
+        self.prefix: dict[str, _Trie] = {}  # attribute → its literal prefixes
+        self.suffix: dict[str, _Trie] = {}  # attribute → its literal suffixes
+        self.by_type: dict[str, tuple] = {}
+        self.rest: tuple = ()
+        # Per attribute the index looks at: (name, exact table, number keys?, prefix trie, suffix
+        # trie), so each attribute of the event is read once.
+        self.plan: tuple = ()
+
+    @staticmethod
+    def cells(slot: tuple) -> list[tuple]:
+        if slot[0] == "types":
+            return [("type", t) for t in slot[1]]
+        return [slot]
 
     def add(self, entry: _Entry) -> None:
-        key = entry.compiled.index_key()
-        sub_id = entry.sub.id
-        if key is not None and key[0] == "eq":
-            slot = ("eq", key[1], _key(key[2]))
-            self.exact[(key[1], slot[2])][sub_id] = entry
-            self.exact_attributes[key[1]] += 1
-        elif key is not None:
-            kind, attribute, literal = key
-            slot = (kind, attribute, literal)
-            tries = self.prefix if kind == "prefix" else self.suffix
-            if attribute not in tries:
-                tries[attribute] = _Trie(reverse=kind == "suffix")
-            tries[attribute].add(literal, entry)
-        elif entry.sub.types:
-            slot = ("types", tuple(entry.sub.types))
-            for type_ in entry.sub.types:
-                self.by_type[type_][sub_id] = entry
-        else:
-            slot = ("rest",)
-            self.rest[sub_id] = entry
-        entry.slot = slot
+        for cell in self.cells(entry.slot):
+            self.members.setdefault(cell, {})[entry.sub.id] = entry
+            self.dirty[cell] = None
+        if entry.slot[0] == "eq" and type(entry.slot[2]) is tuple:
+            self.numeric[entry.slot[1]] += 1
 
     def remove(self, entry: _Entry) -> None:
-        slot = entry.slot
-        sub_id = entry.sub.id
-        if slot[0] == "eq":
-            bucket = self.exact[(slot[1], slot[2])]
-            bucket.pop(sub_id, None)
-            if not bucket:
-                del self.exact[(slot[1], slot[2])]
-            self.exact_attributes[slot[1]] -= 1
-            if not self.exact_attributes[slot[1]]:
-                del self.exact_attributes[slot[1]]
-        elif slot[0] in ("prefix", "suffix"):
-            _, attribute, literal = slot
-            tries = self.prefix if slot[0] == "prefix" else self.suffix
-            if tries[attribute].remove(literal, sub_id):
-                del tries[attribute]
-        elif slot[0] == "types":
-            for type_ in slot[1]:
-                self.by_type[type_].pop(sub_id, None)
-                if not self.by_type[type_]:
-                    del self.by_type[type_]
-        else:
-            self.rest.pop(sub_id, None)
+        for cell in self.cells(entry.slot):
+            members = self.members.get(cell)
+            if members is not None and members.pop(entry.sub.id, None) is not None:
+                if not members:
+                    del self.members[cell]
+                self.dirty[cell] = None
+        if entry.slot[0] == "eq" and type(entry.slot[2]) is tuple:
+            self.numeric[entry.slot[1]] -= 1
+            if not self.numeric[entry.slot[1]]:
+                del self.numeric[entry.slot[1]]
 
-    def candidates(self, event: Event) -> Iterator[_Entry]:
-        for attribute in self.exact_attributes:
-            value = event.attribute(attribute)
-            if value is not None:
-                found = self.exact.get((attribute, _key(value)))
-                if found:
-                    yield from found.values()
-        for tries in (self.prefix, self.suffix):
-            for attribute, trie in tries.items():
-                value = event.attribute(attribute)
-                if isinstance(value, str):
-                    yield from trie.lookup(value)
+    def flush(self) -> None:
+        for cell in self.dirty:
+            members = self.members.get(cell)
+            found = _candidates(members.values(), cell[0] == "type") if members else None
+            kind = cell[0]
+            if kind == "eq":
+                table = self.exact.setdefault(cell[1], {})
+                if found is not None:
+                    table[cell[2]] = found
+                else:
+                    table.pop(cell[2], None)
+                    if not table:
+                        del self.exact[cell[1]]
+            elif kind in ("prefix", "suffix"):
+                tries = self.prefix if kind == "prefix" else self.suffix
+                trie = tries.get(cell[1])
+                if trie is None:
+                    trie = tries[cell[1]] = _Trie(suffix=kind == "suffix")
+                if found is not None:
+                    trie.set(cell[2], found)
+                else:
+                    trie.discard(cell[2])
+                    if not trie:
+                        del tries[cell[1]]
+            elif kind == "type":
+                if found is not None:
+                    self.by_type[cell[1]] = found
+                else:
+                    self.by_type.pop(cell[1], None)
+            else:
+                self.rest = found or ()
+        self.dirty.clear()
+        names = sorted(set(self.exact) | set(self.prefix) | set(self.suffix))
+        self.plan = tuple((name, self.exact.get(name), name in self.numeric, self.prefix.get(name), self.suffix.get(name))
+                          for name in names)
+
+    def match(self, event: Event) -> list[Subscription]:
+        if self.dirty:
+            self.flush()
+        hits = []
+        for name, exact, numeric, prefix, suffix in self.plan:
+            value = event.attribute(name)
+            if value is None:
+                continue
+            if exact is not None:
+                if type(value) is str:
+                    # Strings that are not number-like are filed under themselves: one probe, and
+                    # no float() attempt unless this attribute has number keys.
+                    found = exact.get(value)
+                    if found is None and numeric:
+                        found = exact.get(_key(value))
+                else:
+                    found = exact.get(_key(value))
+                if found is not None:
+                    hits.append(found)
+            if isinstance(value, str):
+                # The suffix walk below mirrors this prefix walk from the other end. Both stay
+                # inline, not in a helper: this loop is the matching hot path, run per event.
+                if prefix is not None:
+                    node, size = prefix.root, len(value)
+                    while type(node) is _Level:
+                        bag = node.bag
+                        for length in bag.lengths:
+                            if length > size:
+                                break
+                            found = bag.get(value[:length])
+                            if found is not None:
+                                hits.append(found)
+                        offset = node.offset
+                        node = node.get(value[offset:offset + STRIDE]) if offset + STRIDE <= size else None
+                    if type(node) is _Leaf:
+                        if value.startswith(node[0]):
+                            hits.append(node[1])
+                    elif node is not None:
+                        for length in node.lengths:
+                            if length > size:
+                                break
+                            found = node.get(value[:length])
+                            if found is not None:
+                                hits.append(found)
+                if suffix is not None:
+                    node, size = suffix.root, len(value)
+                    while type(node) is _Level:
+                        bag = node.bag
+                        for length in bag.lengths:
+                            if length > size:
+                                break
+                            found = bag.get(value[size - length:])
+                            if found is not None:
+                                hits.append(found)
+                        end = size - node.offset
+                        node = node.get(value[end - STRIDE:end]) if end >= STRIDE else None
+                    if type(node) is _Leaf:
+                        if value.endswith(node[0]):
+                            hits.append(node[1])
+                    elif node is not None:
+                        for length in node.lengths:
+                            if length > size:
+                                break
+                            found = node.get(value[size - length:])
+                            if found is not None:
+                                hits.append(found)
         found = self.by_type.get(event.type)
-        if found:
-            yield from found.values()
-        yield from self.rest.values()
+        if found is not None:
+            hits.append(found)
+        if self.rest:
+            hits.append(self.rest)
+        out: list[Subscription] = []
+        for found in hits:
+            if type(found) is tuple:
+                out += found
+                continue
+            event_type = event.type
+            it = iter(found)
+            for sub, types, check in zip(it, it, it):
+                if (not types or event_type in types) and (check is None or check(event)):
+                    out.append(sub)
+        return out
 
 
 class SubscriptionIndex:
@@ -197,6 +386,7 @@ class SubscriptionIndex:
     def __init__(self, subscriptions: Iterable[Subscription] = ()):
         self._entries: dict[str, _Entry] = {}
         self._buckets: dict[str, _Bucket] = collections.defaultdict(_Bucket)
+        self._shared_types: dict[tuple, tuple] = {}
         for sub in subscriptions:
             self.put(sub)
 
@@ -213,14 +403,15 @@ class SubscriptionIndex:
     def put(self, sub: Subscription) -> None:
         """Add or replace a subscription. Its filters were validated when it was created; one that
         no longer compiles (a row edited by hand) raises FilterError."""
-        entry = _Entry(sub, compile_subscription(sub))
+        entry = _file(sub, compile_subscription(sub), self._shared_types)
         self.remove(sub.id)
         self._entries[sub.id] = entry
-        self._buckets[sub.source].add(entry)
+        if entry.slot[0] != "paused":
+            self._buckets[sub.source].add(entry)
 
     def remove(self, subscription_id: str) -> None:
         old = self._entries.pop(subscription_id, None)
-        if old is not None:
+        if old is not None and old.slot[0] != "paused":
             self._buckets[old.sub.source].remove(old)
 
     def replace_all(self, subscriptions: Iterable[Subscription]) -> None:
@@ -230,7 +421,7 @@ class SubscriptionIndex:
                 fresh.put(sub)
             except FilterError as exc:  # one unusable row must not stop the others from routing
                 log.error("subscription left out of the index: %s", exc, extra={"subscription_id": sub.id})
-        self._entries, self._buckets = fresh._entries, fresh._buckets
+        self._entries, self._buckets, self._shared_types = fresh._entries, fresh._buckets, fresh._shared_types
 
     def match_or_target(self, event: Event) -> list[Subscription]:
         """A replay (extension `replayfor`) goes to the one subscription it was replayed for;
@@ -242,16 +433,28 @@ class SubscriptionIndex:
         return self.match(event)
 
     def match(self, event: Event) -> list[Subscription]:
-        kind = source_kind(event)
+        kind = event.extensions.get(SOURCE_KIND_EXTENSION)
         bucket = self._buckets.get(kind) if kind is not None else None
         if bucket is None:
             return []
-        seen: set[str] = set()
-        out = []
-        for entry in bucket.candidates(event):
-            sub_id = entry.sub.id
-            if sub_id not in seen:
-                seen.add(sub_id)
-                if entry.matches(event):
-                    out.append(entry.sub)
-        return out
+        return bucket.match(event)
+
+
+def _file(sub: Subscription, compiled: CompiledFilter, shared: dict[tuple, tuple]) -> _Entry:
+    """Where a subscription is filed, and what an event found there must still pass."""
+    # A paused subscription routes nothing. Cron is the exception: its source decides whether a
+    # tick fires, and a tick already published must still run after its schedule became done.
+    if sub.status != "running" and sub.source != "cron":
+        return _Entry(sub, ("paused",), (), None)
+    types = tuple(sub.types or ())
+    # The subscriptions with the same types share one tuple of interned names: less memory, and
+    # testing an event's type reads objects that stay in cache.
+    types = shared.setdefault(types, tuple(sys.intern(t) if type(t) is str else t for t in types))
+    key = compiled.index_key()
+    if key is not None:
+        slot: tuple = ("eq", key[1], _key(key[2])) if key[0] == "eq" else key
+        return _Entry(sub, slot, types, compiled.residual(key))
+    check = compiled.residual(None)
+    if types:
+        return _Entry(sub, ("types", types), types, check)
+    return _Entry(sub, ("rest",), (), check)
