@@ -72,7 +72,7 @@ async def record_floor(n: int, data_dir: Path) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = [dict(_ROW_DEFAULTS, id=execution_id_for(f"floor-{i}", "s"), project_id="bench", status="success",
                  input={"i": i}, created_at=now, event_id=f"floor-{i}", subscription_id="s") for i in range(n)]
-    params = [tuple(_SqliteWriter._value(c, row[c]) for c in _COLUMNS) for row in rows]  # prepared outside the clock
+    params = [_SqliteWriter._params(row) for row in rows]  # prepared outside the clock
     conn = sqlite3.connect(data_dir / "floor.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")

@@ -112,9 +112,8 @@ class _SourceContext:
                                                                   except_event=except_event)
 
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
-        await self._app.store.dead_letters.add(source=source, reason=reason, payload=payload, event_id=event_id, project_id="default")
-        self._app.metrics.dead_letters.labels(source).inc()
-        log.warning("input dead-lettered", extra={"source": source, "reason": reason, "event_id": event_id})
+        await self._app.executions.delivery.record_dead_letter(source=source, reason=reason, payload=payload,
+                                                               event_id=event_id, project_id="default")
 
 
 class Headwater:

@@ -234,13 +234,9 @@ class DeliveryService:
         """Record a dead letter for (event, subscription) once, however often it is redelivered, and
         publish it to the policy's dead-letter topic. Returns False if it was recorded already."""
         payload = clean(event)
-        letter_id = derived_id("dead-letter", event.id, sub.id)
-        created = True
-        try:
-            await self.store.dead_letters.add(id=letter_id, source=sub.source, reason=reason[:4000], event_id=event.id,
-                                              subscription_id=sub.id, payload=payload, project_id=sub.project_id)
-        except Conflict:
-            created = False
+        created = await self.record_dead_letter(
+            letter_id=derived_id("dead-letter", event.id, sub.id), source=sub.source, reason=reason, payload=payload,
+            event_id=event.id, subscription_id=sub.id, project_id=sub.project_id)
         topic = (policy or self.policy(sub)).dead_letter_topic
         if topic and self.bus is not None:
             letter = Event.from_dict(payload)
@@ -248,7 +244,22 @@ class DeliveryService:
             letter.extensions["deadlettersub"] = sub.id
             # Published on every redelivery too (a consumer of the topic sees at-least-once, by id).
             await self.bus.publish(letter, topic=topic, key=f"{event.id}/{sub.id}")
-        if created:
-            self.metrics.dead_letters.labels(sub.source).inc()
-            log.warning("event dead-lettered", extra={"event_id": event.id, "subscription_id": sub.id, "reason": reason})
         return created
+
+    async def record_dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None,
+                                 project_id: str, subscription_id: str | None = None,
+                                 letter_id: str | None = None) -> bool:
+        """Write one dead-letter record, counted and logged. With `letter_id` (derived from what
+        failed) a second try records nothing and returns False: redeliveries do not multiply it."""
+        try:
+            await self.store.dead_letters.add(**({"id": letter_id} if letter_id else {}), source=source,
+                                              reason=reason[:4000], event_id=event_id, subscription_id=subscription_id,
+                                              payload=payload, project_id=project_id)
+        except Conflict:
+            if letter_id is None:
+                raise
+            return False
+        self.metrics.dead_letters.labels(source).inc()
+        log.warning("dead letter recorded", extra={"event_id": event_id, "subscription_id": subscription_id,
+                                            "source": source, "reason": reason})
+        return True

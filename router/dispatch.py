@@ -12,7 +12,6 @@ from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
 from router.log import current_event_id
 from router.metrics import Metrics
-from router.store import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +69,10 @@ class Dispatcher:
         subscription_id, attempt, _ = retry_marks(event)
         reason = (f"the router could not handle the event on topic {delivery.topic.removesuffix('.dlq')} "
                   f"within the bus's maximum deliveries: {delivery.dead_letter_reason or 'no reason given by the bus'}")
-        try:
-            await self.executions.store.dead_letters.add(
-                id=derived_id("bus-dead-letter", delivery.topic, event.id, str(attempt)), source=kind,
-                reason=reason[:4000], event_id=event.id, subscription_id=subscription_id, payload=clean(event),
-                project_id=event.project_id or "default")
-        except Conflict:
-            return  # recorded by an earlier delivery of this dead letter
-        self.metrics.dead_letters.labels(kind).inc()
-        log.error("event dead-lettered by the bus", extra={"event_id": event.id, "topic": delivery.topic, "reason": reason})
+        await self.executions.delivery.record_dead_letter(
+            letter_id=derived_id("bus-dead-letter", delivery.topic, event.id, str(attempt)), source=kind, reason=reason,
+            payload=clean(event), event_id=event.id, subscription_id=subscription_id,
+            project_id=event.project_id or "default")
 
     async def handle(self, delivery: Delivery) -> None:
         """Returning acks the delivery; raising gives it back to the bus for redelivery. Each

@@ -28,10 +28,8 @@ class TargetCache:
         self._generation += 1  # a load under way when the rows changed must not store its answer
 
     async def remember(self, key: tuple, load) -> Any:
-        """A value derived from the cached rows (e.g. a resolved target), held as long as they are."""
-        return await self._get(key, load)
-
-    async def _get(self, key: tuple, load) -> Any:
+        """The value under `key`, loaded by `load()` when absent or older than the TTL: the rows
+        below, and values derived from them (e.g. a resolved target), held as long as they are."""
         hit = self._entries.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
@@ -55,16 +53,16 @@ class TargetCache:
             del self._loading[key]
 
     async def function(self, function_id: str, project_id: str | None) -> models.Function:
-        row = await self._get(("function", function_id), lambda: self.store.functions.get(function_id))
+        row = await self.remember(("function", function_id), lambda: self.store.functions.get(function_id))
         if project_id is not None and row.project_id != project_id:
             raise NotFound(f"Function not found [id={function_id}]")
         return row
 
     async def runtime(self, runtime_id: str) -> models.Runtime:
-        return await self._get(("runtime", runtime_id), lambda: self.store.runtimes.get(runtime_id))
+        return await self.remember(("runtime", runtime_id), lambda: self.store.runtimes.get(runtime_id))
 
     async def version(self, function_id: str, number: int) -> models.FunctionVersion:
-        return await self._get(("version", function_id, number), lambda: self.store.versions.get_number(function_id, number))
+        return await self.remember(("version", function_id, number), lambda: self.store.versions.get_number(function_id, number))
 
     async def alias(self, name: str, project_id: str | None) -> models.FunctionAlias:
-        return await self._get(("alias", name, project_id), lambda: self.store.aliases.by_name(name, project_id=project_id))
+        return await self.remember(("alias", name, project_id), lambda: self.store.aliases.by_name(name, project_id=project_id))

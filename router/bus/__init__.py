@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -36,6 +37,65 @@ class Delivery(Protocol):
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class SettledOnce:
+    """The part of a Delivery every backend shares: it is settled at most once, and a nack
+    requeues while the event is under `max_deliveries` deliveries, then dead-letters. Backends
+    say how: `_ack`, `_requeue`, `_dead_letter`, and `_max_deliveries`."""
+
+    __slots__ = ("event", "topic", "attempt", "_settled")
+
+    def __init__(self, event: Event, topic: str, attempt: int):
+        self.event = event
+        self.topic = topic
+        self.attempt = attempt
+        self._settled = False
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        return None
+
+    @property
+    def _max_deliveries(self) -> int:
+        raise NotImplementedError
+
+    async def _ack(self) -> None:
+        raise NotImplementedError
+
+    async def _requeue(self) -> None:
+        raise NotImplementedError
+
+    async def _dead_letter(self, reason: str) -> None:
+        raise NotImplementedError
+
+    async def ack(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        await self._ack()
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if requeue and self.attempt < self._max_deliveries:
+            await self._requeue()
+        else:
+            await self._dead_letter(reason or "max deliveries reached")
+
+
+async def settle_by_handler(handler: DeliveryHandler, delivery: SettledOnce, log: logging.Logger, **context) -> None:
+    """Run the handler on a delivery: returning acks it, raising nacks it for redelivery (logged
+    with `context`). Cancellation propagates unsettled; each backend decides what that means."""
+    try:
+        await handler(delivery)
+    except Exception as exc:
+        log.warning("handler failed; event will be redelivered", exc_info=True,
+                    extra={"event_id": delivery.event.id, "attempt": delivery.attempt, **context})
+        await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
+    else:
+        await delivery.ack()
 
 
 class Consumer(Protocol):

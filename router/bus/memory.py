@@ -8,32 +8,37 @@ import collections
 import logging
 from typing import ClassVar
 
-from router.bus import EVENTS_TOPIC, DeliveryHandler, dead_letter_topic
+from router.bus import EVENTS_TOPIC, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
 from router.config import Config
 from router.events import Event
 
 log = logging.getLogger(__name__)
 
 
-class _MemoryDelivery:
-    __slots__ = ("event", "topic", "attempt", "dead_letter_reason", "_group", "_settled")
+class _MemoryDelivery(SettledOnce):
+    __slots__ = ("_reason", "_group")
 
     def __init__(self, event: Event, topic: str, attempt: int, group: _Group, dead_letter_reason: str | None = None):
-        self.event = event
-        self.topic = topic
-        self.attempt = attempt
-        self.dead_letter_reason = dead_letter_reason
+        super().__init__(event, topic, attempt)
+        self._reason = dead_letter_reason
         self._group = group
-        self._settled = False
 
-    async def ack(self) -> None:
-        self._settled = True
+    @property
+    def dead_letter_reason(self) -> str | None:
+        return self._reason
 
-    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
-        if self._settled:
-            return
-        self._settled = True
-        self._group.redeliver(self.event, self.attempt, requeue=requeue, reason=reason)
+    @property
+    def _max_deliveries(self) -> int:
+        return self._group.bus.max_deliveries
+
+    async def _ack(self) -> None:
+        pass
+
+    async def _requeue(self) -> None:
+        self._group.put(self.event, self.attempt + 1)
+
+    async def _dead_letter(self, reason: str) -> None:
+        self._group.dead_letter(self.event, self.attempt, reason)
 
 
 class _Group:
@@ -48,13 +53,10 @@ class _Group:
     def put(self, event: Event, attempt: int = 1, dead_letter_reason: str | None = None) -> None:
         self.queue.put_nowait((event, attempt, dead_letter_reason))
 
-    def redeliver(self, event: Event, attempt: int, *, requeue: bool, reason: str) -> None:
-        if requeue and attempt < self.bus.max_deliveries:
-            self.put(event, attempt + 1)
-            return
+    def dead_letter(self, event: Event, attempt: int, reason: str) -> None:
         log.warning("event dead-lettered", extra={"event_id": event.id, "topic": self.topic, "group": self.name,
-                                                 "attempts": attempt, "reason": reason or "max deliveries reached"})
-        self.bus.publish_nowait(event, dead_letter_topic(self.topic), dead_letter_reason=reason or "max deliveries reached")
+                                                 "attempts": attempt, "reason": reason})
+        self.bus.publish_nowait(event, dead_letter_topic(self.topic), dead_letter_reason=reason)
 
 
 class _MemoryConsumer:
@@ -81,7 +83,7 @@ class _MemoryConsumer:
 
     async def _handle(self, delivery: _MemoryDelivery) -> None:
         try:
-            await self._handler(delivery)
+            await settle_by_handler(self._handler, delivery, log, topic=self._group.topic, group=self._group.name)
         except asyncio.CancelledError:
             # The consumer is going away without an answer: the event goes back, like an unacked
             # message on a broker whose consumer died.
@@ -89,12 +91,6 @@ class _MemoryConsumer:
                 delivery._settled = True
                 self._group.put(delivery.event, delivery.attempt + 1, delivery.dead_letter_reason)
             raise
-        except Exception as exc:  # the handler failed: redeliver (or dead-letter)
-            log.warning("handler failed; event will be redelivered", exc_info=True,
-                        extra={"event_id": delivery.event.id, "attempt": delivery.attempt})
-            await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
-        else:
-            delivery._settled = True
         finally:
             self._slots.release()
 

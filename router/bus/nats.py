@@ -17,7 +17,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, dead_letter_topic
+from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
 from router.config import Config
 from router.events import Event, InvalidEvent
 
@@ -43,41 +43,35 @@ _NOT_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _STREAM_NAME_IN_USE = 10058  # JetStream: stream exists with a different configuration
 
 
-class _NatsDelivery:
-    __slots__ = ("event", "topic", "attempt", "_consumer", "_msg", "_settled")
+class _NatsDelivery(SettledOnce):
+    __slots__ = ("_consumer", "_msg")
+
+    def __init__(self, event: Event, topic: str, attempt: int, consumer: _NatsConsumer, msg: Msg):
+        super().__init__(event, topic, attempt)
+        self._consumer = consumer
+        self._msg = msg
 
     @property
     def dead_letter_reason(self) -> str | None:
         return (self._msg.headers or {}).get(REASON_HEADER)
 
-    def __init__(self, event: Event, topic: str, attempt: int, consumer: _NatsConsumer, msg: Msg):
-        self.event = event
-        self.topic = topic
-        self.attempt = attempt
-        self._consumer = consumer
-        self._msg = msg
-        self._settled = False
+    @property
+    def _max_deliveries(self) -> int:
+        return self._consumer.bus.max_deliveries
 
-    async def ack(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
+    async def _ack(self) -> None:
         try:
             await self._msg.ack()
         except Exception as exc:
             # Lost with the connection: JetStream redelivers after AckWait; at-least-once holds.
             raise BusError(f"ack failed: {exc}") from exc
 
-    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
-        if self._settled:
-            return
-        self._settled = True
-        consumer = self._consumer
-        if requeue and self.attempt < consumer.bus.max_deliveries:
-            # The delay keeps a failing event from spinning hot against a broken dependency.
-            await self._msg.nak(delay=consumer.bus.nak_delay)
-            return
-        await consumer._dead_letter(self._msg, self.event.id, self.attempt, reason or "max deliveries reached")
+    async def _requeue(self) -> None:
+        # The delay keeps a failing event from spinning hot against a broken dependency.
+        await self._msg.nak(delay=self._consumer.bus.nak_delay)
+
+    async def _dead_letter(self, reason: str) -> None:
+        await self._consumer._dead_letter(self._msg, self.event.id, self.attempt, reason)
 
 
 class _Heartbeat:
@@ -193,7 +187,7 @@ class _NatsConsumer:
         # A timer, not a task: most handlers finish long before the first heartbeat is due.
         heartbeat = _Heartbeat(msg, max(self.bus.ack_wait / 2, 0.05))
         try:
-            await self._handler(delivery)
+            await settle_by_handler(self._handler, delivery, log, topic=self.topic, group=self.group)
         except asyncio.CancelledError:
             # Going away without an answer: hand the event back now rather than making the group
             # wait out AckWait (if this nak is lost, AckWait still brings it back). The delay
@@ -204,12 +198,6 @@ class _NatsConsumer:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(msg.nak(delay=self.bus.fetch_timeout + 0.2))
             raise
-        except Exception as exc:
-            log.warning("handler failed; event will be redelivered", exc_info=True,
-                        extra={"event_id": event.id, "attempt": attempt, "topic": self.topic, "group": self.group})
-            await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
-        else:
-            await delivery.ack()
         finally:
             heartbeat.cancel()
 

@@ -12,7 +12,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 from yarl import URL
 
-from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, dead_letter_topic
+from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
 from router.config import Config
 from router.events import Event, InvalidEvent
 
@@ -35,39 +35,32 @@ CONTENT_TYPE = "application/cloudevents+json"
 _URL_OPTIONS = ("prefix", "queue_type", "publish_timeout")
 
 
-class _RabbitDelivery:
-    __slots__ = ("event", "topic", "attempt", "_consumer", "_message", "_settled")
+class _RabbitDelivery(SettledOnce):
+    __slots__ = ("_consumer", "_message")
+
+    def __init__(self, event: Event, topic: str, attempt: int, consumer: _RabbitConsumer,
+                 message: aio_pika.abc.AbstractIncomingMessage):
+        super().__init__(event, topic, attempt)
+        self._consumer = consumer
+        self._message = message
 
     @property
     def dead_letter_reason(self) -> str | None:
         reason = (self._message.headers or {}).get(REASON_HEADER)
         return reason.decode() if isinstance(reason, bytes) else reason
 
-    def __init__(self, event: Event, topic: str, attempt: int, consumer: _RabbitConsumer,
-                 message: aio_pika.abc.AbstractIncomingMessage):
-        self.event = event
-        self.topic = topic
-        self.attempt = attempt
-        self._consumer = consumer
-        self._message = message
-        self._settled = False
+    @property
+    def _max_deliveries(self) -> int:
+        return self._consumer.bus.max_deliveries
 
-    async def ack(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
+    async def _ack(self) -> None:
         await self._consumer._ack(self._message, self.event.id)
 
-    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
-        if self._settled:
-            return
-        self._settled = True
-        consumer = self._consumer
-        if requeue and self.attempt < consumer.bus.max_deliveries:
-            await consumer._requeue(self._message, self.event, self.attempt)
-            return
-        await consumer._dead_letter(self._message, self._message.body, self.event.id, self.attempt,
-                                    reason or "max deliveries reached")
+    async def _requeue(self) -> None:
+        await self._consumer._requeue(self._message, self.event, self.attempt)
+
+    async def _dead_letter(self, reason: str) -> None:
+        await self._consumer._dead_letter(self._message, self._message.body, self.event.id, self.attempt, reason)
 
 
 class _RabbitConsumer:
@@ -139,18 +132,9 @@ class _RabbitConsumer:
                                     "max deliveries reached (consumers stopped while handling it)")
             return
         delivery = _RabbitDelivery(event, self.topic, attempt, self, message)
-        try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            # The consumer is going away without an answer: leave the message unacked, and closing
-            # the channel hands it back to the queue (as when a consumer dies).
-            raise
-        except Exception as exc:
-            log.warning("handler failed; event will be redelivered", exc_info=True,
-                        extra={"event_id": event.id, "attempt": attempt, "topic": self.topic, "group": self.group})
-            await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
-        else:
-            await delivery.ack()
+        # Cancelled (the consumer is going away) it stays unacked, and closing the channel hands it
+        # back to the queue, as when a consumer dies.
+        await settle_by_handler(self._handler, delivery, log, topic=self.topic, group=self.group)
 
     async def _ack(self, message: aio_pika.abc.AbstractIncomingMessage, event_id: str | None) -> None:
         try:

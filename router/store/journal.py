@@ -94,14 +94,6 @@ class _SqliteWriter:
         return _naive_utc(value).isoformat(" ", "microseconds")
 
     @classmethod
-    def _value(cls, name: str, value: Any) -> Any:
-        if name in _JSON_COLUMNS:
-            return _json(value)
-        if name in _TIME_COLUMNS:
-            return cls._time(value)
-        return value
-
-    @classmethod
     def _params(cls, row: dict[str, Any]) -> list[Any]:
         """One row's values in column order, converted for SQLite (the plain ones as they are)."""
         return [_json(row[name]) if name in _JSON_COLUMNS else cls._time(row[name]) if name in _TIME_COLUMNS
@@ -221,34 +213,24 @@ class _PostgresWriter:
 
 
 class ExecutionJournal:
-    # SQLite has one writer at a time, so one is all it can use; PostgreSQL commits batches from
-    # several connections in parallel, which keeps its per-batch round trips off the critical path.
-    POSTGRES_WRITERS = 3
-
     def __init__(self, db: Database):
         self.db = db
-        if db.is_sqlite:
-            self._writers: list = [_SqliteWriter(db.url.database)]
-        else:
-            self._writers = [_PostgresWriter(db) for _ in range(self.POSTGRES_WRITERS)]
+        self._writer = _SqliteWriter(db.url.database) if db.is_sqlite else _PostgresWriter(db)
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
+        self._task: asyncio.Task | None = None
         self.batches = 0
         self.writes = 0
 
     async def start(self) -> None:
-        if not self._tasks:
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._run(writer), name=f"execution-journal-{i}")
-                           for i, writer in enumerate(self._writers)]
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="execution-journal")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        for writer in self._writers:
-            await writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._writer.close()
 
     async def start_execution(self, values: dict[str, Any]) -> tuple[ExecutionRecord, bool]:
         """Insert the execution unless one with its id exists: (row, created)."""
@@ -260,18 +242,18 @@ class ExecutionJournal:
                                              "reason": reason, "updated_at": updated_at or models.utcnow()}))
 
     async def _submit(self, write: _Write):
-        if not self._tasks:
+        if self._task is None:
             raise RuntimeError("the execution journal is not started")
         self._queue.put_nowait(write)
         return await write.future
 
-    async def _run(self, writer) -> None:
+    async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await self._write(writer, batch)
+                results = await self._write(batch)
             except asyncio.CancelledError:
                 for write in batch:
                     if not write.future.done():
@@ -280,25 +262,25 @@ class ExecutionJournal:
             except Exception as exc:
                 # One bad write must not fail the others: retry each alone, so only it fails.
                 log.warning("journal batch of %d failed (%s); retrying one by one", len(batch), exc)
-                await writer.reset()
+                await self._writer.reset()
                 for write in batch:
                     try:
-                        (result,) = await self._write(writer, [write])
+                        (result,) = await self._write([write])
                         write.future.set_result(result)
                     except Exception as single:
-                        await writer.reset()
+                        await self._writer.reset()
                         write.future.set_exception(single)
                 continue
             for write, result in zip(batch, results):
                 if not write.future.done():
                     write.future.set_result(result)
 
-    async def _write(self, writer, batch: list[_Write]) -> list[Any]:
+    async def _write(self, batch: list[_Write]) -> list[Any]:
         """Write a batch in one transaction: a multi-row insert that says which rows it created,
         and the finishes."""
         rows = [self._full_row(w.values) for w in batch if w.kind == "start"]
         finishes = [w.values for w in batch if w.kind == "finish"]
-        created = await writer.write(rows, finishes)
+        created = await self._writer.write(rows, finishes)
         self.batches += 1
         self.writes += len(batch)
         others = {r["id"] for r in rows if r["id"] not in created}

@@ -122,16 +122,12 @@ class Cli:
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     python = osc_python()
-    server = Server(tmp_path_factory.mktemp("headwater-cli"))
     workdir = tmp_path_factory.mktemp("cli-work")
-    try:
-        server.wait_ready()
+    with Server(tmp_path_factory.mktemp("headwater-cli")) as server:
         client = Cli(python, server.url, workdir)
         client.server = server
         yield client
         client.close()
-    finally:
-        server.stop()
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2):

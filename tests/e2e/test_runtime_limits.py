@@ -93,12 +93,8 @@ RUNTIMES = {
 def server(tmp_path_factory):
     if shutil.which("node") is None:
         pytest.fail("node is needed for the nodejs runtime tests", pytrace=False)
-    srv = Server(tmp_path_factory.mktemp("runtime-limits"))
-    try:
-        srv.wait_ready()
+    with Server(tmp_path_factory.mktemp("runtime-limits")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,8 @@ def main(**kwargs):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("headwater"))
-    try:
-        srv.wait_ready()
+    with Server(tmp_path_factory.mktemp("headwater")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import re
 import uuid
-import zipfile
 
 import pytest
 import pytest_asyncio
@@ -17,15 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from router.app import Headwater
 from router.config import Config
+from tests.e2e.server import make_zip
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def zip_bytes(text: str = "def main(**kw):\n    return kw\n") -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("main.py", text)
-    return buf.getvalue()
+    return make_zip({"main.py": text})
 
 
 class Form:

@@ -123,9 +123,7 @@ async def test_real_answers_match_the_document(hw):
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("openapi-fuzz"), config_text="[engine]\nbackend = null\n")
-    try:
-        srv.wait_ready()
+    with Server(tmp_path_factory.mktemp("openapi-fuzz"), config_text="[engine]\nbackend = null\n") as srv:
         # Something to find: lists and id lookups then see real objects, not only 404s.
         runtime = srv.request("POST", "/v1/runtimes", {"image": "python3"}).json()
         fn = srv.multipart("/v1/functions", {"runtime_id": runtime["id"], "code": json.dumps({"source": "package"})},
@@ -133,8 +131,6 @@ def live_server(tmp_path_factory):
         srv.request("POST", "/v1/aliases", {"name": "fuzz", "function_id": fn["id"]})
         srv.request("POST", "/v1/webhooks", {"function_id": fn["id"]})
         yield srv
-    finally:
-        srv.stop()
 
 
 # Loaded from the document in the code (the served one is the same, checked above), so the operations

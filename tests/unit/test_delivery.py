@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as _dt
-import json
 import random
 
 import pytest
-from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.app import Headwater
@@ -18,7 +16,7 @@ from router.config import Config
 from router.delivery import DeliveryPolicy, validate_delivery_policy
 from router.events import Event, execution_id_for
 from router.plugins import ExecutionRequest, ExecutionResult
-from tests.unit.test_router_flow import zip_bytes
+from tests.unit.test_router_flow import make_function
 
 
 # -- the policy itself -------------------------------------------------------------------------
@@ -142,13 +140,7 @@ async def hw(tmp_path):
 
 
 async def subscribe(hw, delivery: dict | None = None, types=("com.example.work",)) -> str:
-    resp = await hw.client.post("/v1/runtimes", json={"image": "python3"})
-    runtime_id = (await resp.json())["id"]
-    form = FormData()
-    form.add_field("runtime_id", runtime_id)
-    form.add_field("code", json.dumps({"source": "package"}))
-    form.add_field("package", zip_bytes({"main.py": "def main(**kw):\n    return kw\n"}), filename="p.zip")
-    function_id = (await (await hw.client.post("/v1/functions", data=form)).json())["id"]
+    function_id = await make_function(hw)
     body = {"source": "http", "types": list(types), "function_id": function_id}
     if delivery is not None:
         body["options"] = {"delivery": delivery}

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
 
 import pytest
 
 from engine.packages import MAX_PACKAGE_SIZE, FilesystemPackageStore
 from router.config import Config
 from router.plugins import PackageInvalid, PackageRef, PackageStore
-
-
-def zip_bytes(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return buf.getvalue()
+from tests.e2e.server import make_zip
 
 
 @pytest.fixture
@@ -38,7 +29,7 @@ async def test_not_a_zip_is_refused(store):
 
 async def test_md5_mismatch_is_refused(store):
     with pytest.raises(PackageInvalid, match="Package md5 mismatch."):
-        await store.put("p", "f", 0, zip_bytes({"main.py": "x = 1"}), md5sum="0" * 32)
+        await store.put("p", "f", 0, make_zip({"main.py": "x = 1"}), md5sum="0" * 32)
 
 
 async def test_too_large_is_refused(store):
@@ -48,11 +39,11 @@ async def test_too_large_is_refused(store):
 
 async def test_path_traversal_is_refused(store):
     with pytest.raises(ValueError):
-        await store.put("..", "f", 0, zip_bytes({"main.py": ""}))
+        await store.put("..", "f", 0, make_zip({"main.py": ""}))
 
 
 async def test_round_trip(store, tmp_path):
-    data = zip_bytes({"main.py": "def main():\n    return 1\n"})
+    data = make_zip({"main.py": "def main():\n    return 1\n"})
     md5 = await store.put("proj", "fn", 0, data, md5sum=hashlib.md5(data).hexdigest().upper())
     assert md5 == hashlib.md5(data).hexdigest()
     ref = PackageRef("proj", "fn", 0, md5)

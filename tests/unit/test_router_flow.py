@@ -4,22 +4,13 @@ idempotent redelivery, dead letters, and the subscription API's validation."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import zipfile
 
 import pytest
 from aiohttp import FormData
 
 from router.events import Event, execution_id_for
-
-
-def zip_bytes(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return buf.getvalue()
+from tests.e2e.server import make_zip
 
 
 @pytest.fixture
@@ -33,7 +24,7 @@ async def make_function(hw) -> str:
     form = FormData()
     form.add_field("runtime_id", runtime_id)
     form.add_field("code", json.dumps({"source": "package"}))
-    form.add_field("package", zip_bytes({"main.py": "def main(**kw):\n    return kw\n"}), filename="p.zip")
+    form.add_field("package", make_zip({"main.py": "def main(**kw):\n    return kw\n"}), filename="p.zip")
     resp = await hw.client.post("/v1/functions", data=form)
     assert resp.status == 201, await resp.text()
     return (await resp.json())["id"]
