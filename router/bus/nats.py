@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import itertools
+import json
 import logging
+import math
 import re
 import time
 from typing import ClassVar
@@ -34,6 +38,12 @@ ATTEMPTS_HEADER = "Headwater-Attempts"
 DUE_HEADER = "Headwater-Due"  # a delayed event's due time, Unix seconds
 KEY_HEADER = "Headwater-Key"  # a delayed event's de-duplication key on its topic
 
+MSG_ID_HEADER = "Nats-Msg-Id"
+STATUS_HEADER = "Status"  # how nats-py hands over a server status message (no payload)
+PENDING_HEADER = "Nats-Pending-Messages"  # on the end of a pull request: how much of its batch went unused
+NO_RESPONDERS = "503"
+IDLE_HEARTBEAT = "100"
+
 # Options this backend reads from the URL query (stripped before nats-py sees the URL).
 _URL_OPTIONS = ("stream", "subject_prefix", "ack_wait")
 
@@ -41,6 +51,263 @@ _BAD_TOPIC = re.compile(r"[\s*>]|^\.|\.$|\.\.")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 _STREAM_NAME_IN_USE = 10058  # JetStream: stream exists with a different configuration
+_PUBLISH_ATTEMPT = 2.0  # seconds one publish attempt waits for its PubAck before sending it again
+
+
+class _PubAcks:
+    """Publishes that wait for JetStream's PubAck, any number in flight over one connection: one
+    wildcard reply subscription, a reply subject per publish from a counter, one timer for all
+    their deadlines, and a full JSON parse only for an answer that is not a plain PubAck.
+    (`js.publish` pays for a random inbox token, a wait_for timer and a JSON parse per publish.)"""
+
+    def __init__(self, nc: nats.NATS, stream: str):
+        self._nc = nc
+        # Which stream stored it, as the PubAck says: checked here rather than sent as a
+        # Nats-Expected-Stream header, which the stream would store and every delivery carry.
+        # (JetStream refuses streams with overlapping subjects, so this is a guard, not a filter.)
+        self._stored_in = f'"stream":{json.dumps(stream)}'.encode()
+        self._prefix = f"{nc.new_inbox()}."
+        self._numbers = itertools.count()
+        self._waiting: dict[str, tuple[asyncio.Future, float]] = {}  # reply subject → (answer, deadline)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    async def start(self) -> None:
+        # Like every subscription, nats-py subscribes it again after a reconnect.
+        await self._nc.subscribe(f"{self._prefix}*", cb=self._on_answer)
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> None:
+        """Return once the stream has stored the message. Raises nats.errors.TimeoutError without an
+        answer within `timeout`, NoStreamResponseError when no stream took it, APIError when the
+        stream refused it, BusError on any other answer, and what nats-py raises when sending."""
+        loop = asyncio.get_running_loop()
+        reply = f"{self._prefix}{next(self._numbers)}"
+        answer = loop.create_future()
+        deadline = loop.time() + timeout
+        self._waiting[reply] = (answer, deadline)
+        if deadline < self._timer_at:
+            self._expire_at(deadline)
+        try:
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            msg = await answer
+        finally:
+            del self._waiting[reply]
+        if msg is None:
+            raise nats.errors.TimeoutError
+        data = msg.data
+        if b'"seq"' in data and b'"error"' not in data:
+            if self._stored_in not in data:
+                raise BusError(f"published to {subject!r} but stored by another stream: {data[:200]!r}")
+            return  # {"stream": …, "seq": …[, "duplicate": true]}
+        if not data and (msg.headers or {}).get(STATUS_HEADER) == NO_RESPONDERS:
+            raise nats.js.errors.NoStreamResponseError
+        try:
+            error = json.loads(data).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if error:
+            raise nats.js.errors.APIError.from_error(error)
+        raise BusError(f"unexpected answer to a publish: {data[:200]!r} {msg.headers}")
+
+    async def _on_answer(self, msg: Msg) -> None:
+        waiting = self._waiting.get(msg.subject)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(msg)
+
+    def _expire_at(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+        self._timer_at = when
+
+    def _expire(self) -> None:
+        """Answer None to every publish past its deadline; wake again at the next deadline."""
+        self._timer, self._timer_at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        nearest = math.inf
+        for answer, deadline in self._waiting.values():
+            if answer.done():
+                continue
+            if deadline <= now:
+                answer.set_result(None)
+            elif deadline < nearest:
+                nearest = deadline
+        if nearest < math.inf:
+            self._expire_at(nearest)
+
+
+class _Held:
+    """A delivered message not yet settled, and when JetStream last heard of it (its delivery, or
+    our last in-progress for it)."""
+
+    __slots__ = ("msg", "since")
+
+    def __init__(self, msg: Msg, since: float):
+        self.msg = msg
+        self.since = since
+
+
+class _PullConsumer:
+    """One member of a durable pull consumer that asks for messages itself: pull requests answered
+    on its own inbox, whose messages go straight to a task each (nats-py's `fetch` awaits every
+    message with a timeout of its own). At most `prefetch` messages are handled at once; it asks
+    for more once a quarter of that is free, and keeps count of what its open requests may still
+    bring so that it never asks for more than there is room for."""
+
+    def __init__(self, bus: NatsBus, subject: str, config: api.ConsumerConfig, prefetch: int):
+        self.bus = bus
+        self._subject = subject
+        self._config = config
+        self._durable = config.durable_name
+        self._prefetch = prefetch
+        # Ask again once this much room is free, not at every finished message: under load a pull
+        # per message would cost a request per message.
+        self._refill = max(1, prefetch // 4)
+        self._expires = bus.fetch_timeout  # how long a pull request waits on the server for messages
+        # Long-running handlers tell JetStream they are still at it (functions can run for minutes,
+        # and the event must not go to another member meanwhile): each sweep sends an in-progress
+        # for every message JetStream has not heard of for `_beat_after`, so none goes AckWait/2
+        # without one. One sweep over all of them, not a timer per message.
+        self._beat_after = max(bus.ack_wait / 4, 0.05)
+        self._sweep_every = min(self._beat_after, bus.fetch_timeout)
+        self._running: dict[asyncio.Task, _Held] = {}  # handler task → its message
+        # Delivered beyond prefetch: a pull request sent before a reconnect may still be served after
+        # the next one was sent. These wait their turn rather than exceed the bound.
+        self._queued: collections.deque[_Held] = collections.deque()
+        self._asked = 0  # messages our open pull requests may still bring
+        self._asked_at = 0.0
+        self._wake = asyncio.Event()  # set when there may be room to ask for more
+        self._nc: nats.NATS | None = None
+        self._sub = None
+        self._inbox = ""
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus.stream}.{self._durable}"
+        self._task: asyncio.Task | None = None
+        self._cancelled = False
+
+    async def start(self) -> None:
+        bus = self.bus
+        try:
+            await bus._js.consumer_info(bus.stream, self._durable)
+        except nats.js.errors.NotFoundError:
+            await bus._js.add_consumer(bus.stream, self._config)
+        self._nc = bus._nc
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._wake.set()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"nats-consumer-{self._durable}")
+
+    async def _handle(self, msg: Msg) -> None:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sweep_at = loop.time() + self._sweep_every
+        # Not `while True`: nats-py swallows a cancellation that lands while it sends.
+        while not self._cancelled:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, sweep_at - loop.time()))
+            self._wake.clear()
+            if loop.time() >= sweep_at:
+                await self._sweep()
+                sweep_at = loop.time() + self._sweep_every
+            await self._pull()
+
+    async def _pull(self) -> None:
+        want = self._prefetch - len(self._running) - len(self._queued) - self._asked
+        if want < self._refill or not self._nc.is_connected:
+            return  # on reconnect, `reconnected` wakes us
+        self._asked += want
+        self._asked_at = asyncio.get_running_loop().time()
+        request = b'{"batch":%d,"expires":%d}' % (want, int(self._expires * 1e9))
+        try:
+            await self._nc.publish(self._next_subject, request, reply=self._inbox)
+        except Exception as exc:
+            self._asked = max(0, self._asked - want)
+            log.info("pull request failed; retrying", extra={"subject": self._subject, "reason": repr(exc)})
+
+    async def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._asked and now > self._asked_at + self._expires + 1.0:
+            # Every request sent has expired on the server by now: an end we did not hear of (lost
+            # with a connection) must not hold back the next request.
+            self._asked = 0
+        due = now - self._beat_after
+        for held in [*self._running.values(), *self._queued]:
+            if held.since <= due:
+                held.since = now
+                with contextlib.suppress(Exception):
+                    await held.msg.in_progress()
+
+    async def _on_message(self, msg: Msg) -> None:
+        if not msg.data and msg.headers and STATUS_HEADER in msg.headers:
+            self._on_status(msg.headers)
+            return
+        if self._asked:
+            self._asked -= 1
+        held = _Held(msg, asyncio.get_running_loop().time())
+        if len(self._running) < self._prefetch:
+            self._start(held)
+        else:
+            self._queued.append(held)
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers[STATUS_HEADER]
+        unused = headers.get(PENDING_HEADER)
+        if unused is not None:
+            # A pull request ended (expired: 408) with this much of its batch unused.
+            self._asked = max(0, self._asked - int(unused))
+            self._wake.set()
+        elif status != IDLE_HEARTBEAT:
+            # The server dropped our requests (no responders, leadership change, consumer deleted…):
+            # forget them; the next sweep asks again.
+            log.info("pull request ended by the server; asking again shortly",
+                     extra={"subject": self._subject, "reason": f"{status} {headers.get('Description', '')}"})
+            self._asked = 0
+
+    def _start(self, held: _Held) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(held.msg))
+        self._running[task] = held
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        del self._running[task]
+        if self._cancelled:
+            return
+        if self._queued:
+            self._start(self._queued.popleft())
+        elif self._prefetch - len(self._running) - self._asked >= self._refill:
+            self._wake.set()
+
+    def reconnected(self) -> None:
+        """Requests sent on the lost connection are gone or expire soon: ask afresh at once (the few
+        an old request may still bring wait in `_queued`)."""
+        self._asked = 0
+        self._wake.set()
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._task is not None:
+            self._task.cancel()
+        if self._sub is not None:
+            # Only our inbox subscription goes; the durable consumer (the group) stays on the server.
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        queued = [held.msg for held in self._queued]
+        self._queued.clear()
+        tasks = list(self._running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*(t for t in [self._task, *tasks] if t is not None), *map(self._give_back, queued),
+                             return_exceptions=True)
+
+    async def _give_back(self, msg: Msg) -> None:
+        # Hand an event back now rather than making the group wait out AckWait (if this nak is
+        # lost, AckWait still brings it back). The delay outlasts our last pull request, which the
+        # server would otherwise still serve, to an inbox nobody reads any more.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(msg.nak(delay=self._expires + 0.2))
 
 
 class _NatsDelivery(SettledOnce):
@@ -74,90 +341,14 @@ class _NatsDelivery(SettledOnce):
         await self._consumer._dead_letter(self._msg, self.event.id, self.attempt, reason)
 
 
-class _Heartbeat:
-    """Tells JetStream every `interval` seconds that a message is still being worked on: a handler
-    may run longer than AckWait (functions can run for minutes), and the event must not go to
-    another member meanwhile."""
-
-    __slots__ = ("_msg", "_interval", "_timer", "_sending")
-
-    def __init__(self, msg: Msg, interval: float):
-        self._msg = msg
-        self._interval = interval
-        self._sending: asyncio.Task | None = None
-        self._timer = asyncio.get_running_loop().call_later(interval, self._beat)
-
-    def _beat(self) -> None:
-        if self._sending is None or self._sending.done():
-            self._sending = asyncio.get_running_loop().create_task(self._send())
-        self._timer = asyncio.get_running_loop().call_later(self._interval, self._beat)
-
-    async def _send(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._msg.in_progress()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-        if self._sending is not None:
-            self._sending.cancel()
-
-
-class _NatsConsumer:
-    """One member of a consumer group: a fetch loop on the group's durable pull consumer."""
+class _NatsConsumer(_PullConsumer):
+    """One member of a consumer group: its events go to the handler, one delivery each."""
 
     def __init__(self, bus: NatsBus, topic: str, group: str, handler: DeliveryHandler, prefetch: int):
-        self.bus = bus
+        super().__init__(bus, bus.subject(topic), bus.consumer_config(topic, group), prefetch)
         self.topic = topic
         self.group = group
         self._handler = handler
-        self._prefetch = prefetch
-        self._psub = None
-        self._inflight: set[asyncio.Task] = set()
-        self._room = asyncio.Event()
-        self._room.set()
-        # Fetch again once this much room is free, not at every finished message: under load a
-        # pull per message would cost a server round trip per message.
-        self._refill = max(1, prefetch // 4)
-        self._loop_task: asyncio.Task | None = None
-        self._cancelled = False
-
-    async def start(self) -> None:
-        bus = self.bus
-        durable = bus.durable_name(self.topic, self.group)
-        config = bus.consumer_config(self.topic, self.group)
-        self._psub = await bus._js.pull_subscribe(bus.subject(self.topic), durable=durable, stream=bus.stream,
-                                                  config=config)
-        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"nats-consumer-{durable}")
-
-    async def _run(self) -> None:
-        while not self._cancelled:
-            await self._room.wait()
-            want = self._prefetch - len(self._inflight)
-            if want < self._refill:
-                self._room.clear()
-                continue
-            try:
-                msgs = await self._psub.fetch(batch=want, timeout=self.bus.fetch_timeout)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Disconnected or reconnecting: nats-py restores the subscription; wait and retry.
-                log.info("fetch failed; retrying", extra={"topic": self.topic, "group": self.group, "reason": repr(exc)})
-                await asyncio.sleep(self.bus.reconnect_time_wait)
-                continue
-            for msg in msgs:
-                task = asyncio.get_running_loop().create_task(self._handle(msg))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
-            if self._prefetch - len(self._inflight) < self._refill:
-                self._room.clear()
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._inflight.discard(task)
-        if self._prefetch - len(self._inflight) >= self._refill:
-            self._room.set()
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -171,7 +362,7 @@ class _NatsConsumer:
                           extra={"event_id": _msg_event_id(msg), "topic": self.topic, "group": self.group})
 
     async def _process(self, msg: Msg) -> None:
-        attempt = msg.metadata.num_delivered
+        attempt = _num_delivered(msg.reply)
         try:
             event = Event.from_json(msg.data)
         except InvalidEvent as exc:
@@ -184,22 +375,14 @@ class _NatsConsumer:
             await self._dead_letter(msg, event.id, attempt - 1, "max deliveries reached (consumers stopped while handling it)")
             return
         delivery = _NatsDelivery(event, self.topic, attempt, self, msg)
-        # A timer, not a task: most handlers finish long before the first heartbeat is due.
-        heartbeat = _Heartbeat(msg, max(self.bus.ack_wait / 2, 0.05))
         try:
             await settle_by_handler(self._handler, delivery, log, topic=self.topic, group=self.group)
         except asyncio.CancelledError:
-            # Going away without an answer: hand the event back now rather than making the group
-            # wait out AckWait (if this nak is lost, AckWait still brings it back). The delay
-            # outlasts our last pull request, which the server would otherwise still serve, to
-            # an inbox nobody reads any more.
+            # Going away without an answer: hand the event back.
             if not delivery._settled:
                 delivery._settled = True
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(msg.nak(delay=self.bus.fetch_timeout + 0.2))
+                await self._give_back(msg)
             raise
-        finally:
-            heartbeat.cancel()
 
     async def _dead_letter(self, msg: Msg, event_id: str | None, attempt: int, reason: str) -> None:
         target = dead_letter_topic(self.topic)
@@ -214,58 +397,25 @@ class _NatsConsumer:
         await msg.term()
 
     async def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        tasks = list(self._inflight)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*(t for t in [self._loop_task, *tasks] if t is not None), return_exceptions=True)
-        if self._psub is not None:
-            # Only our inbox subscription goes; the durable consumer (the group) stays on the server.
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
+        await super().cancel()
         self.bus._consumers.discard(self)
 
 
-class _DelayMover:
+class _DelayMover(_PullConsumer):
     """Moves delayed events of one topic onto the topic once they are due. Delayed events wait in
     the stream under `<prefix>._delayed.<topic>`; a durable consumer shared by every process of the
     bus takes each one, and hands back one not yet due with a nak delayed until its due time, which
     holds no consumer slot meanwhile. A crash loses nothing: an unacked event comes back."""
 
     def __init__(self, bus: NatsBus, topic: str):
-        self.bus = bus
+        subject = bus.subject(delayed_topic(topic))
+        config = api.ConsumerConfig(durable_name=bus.durable_name(delayed_topic(topic), "mover"),
+                                    ack_policy=api.AckPolicy.EXPLICIT, ack_wait=bus.ack_wait, max_deliver=-1,
+                                    deliver_policy=api.DeliverPolicy.ALL, filter_subject=subject)
+        super().__init__(bus, subject, config, prefetch=256)
         self.topic = topic
-        self._psub = None
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        bus = self.bus
-        subject = bus.subject(delayed_topic(self.topic))
-        durable = bus.durable_name(delayed_topic(self.topic), "mover")
-        config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=bus.ack_wait,
-                                    max_deliver=-1, deliver_policy=api.DeliverPolicy.ALL, filter_subject=subject)
-        self._psub = await bus._js.pull_subscribe(subject, durable=durable, stream=bus.stream, config=config)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"nats-delay-{durable}")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                msgs = await self._psub.fetch(batch=256, timeout=self.bus.fetch_timeout)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.info("delayed fetch failed; retrying", extra={"topic": self.topic, "reason": repr(exc)})
-                await asyncio.sleep(self.bus.reconnect_time_wait)
-                continue
-            await asyncio.gather(*(self._move(msg) for msg in msgs), return_exceptions=True)
-
-    async def _move(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         try:
             due = float(headers.get(DUE_HEADER, 0))
@@ -284,22 +434,21 @@ class _DelayMover:
             log.warning("could not move a delayed event; it comes back after AckWait", exc_info=True,
                         extra={"topic": self.topic})
 
-    async def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._psub is not None:
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
-
 
 def delayed_topic(topic: str) -> str:
     return f"_delayed.{topic}"
 
 
+def _num_delivered(reply: str) -> int:
+    # The ack subject is $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
+    # with <domain>.<account hash> after ACK on newer servers (Msg.metadata parses all of it).
+    tokens = reply.split(".")
+    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+
+
 def _msg_event_id(msg: Msg) -> str | None:
     # Our publishes set Nats-Msg-Id to "<topic>:<event id>"; fall back to the whole header.
-    msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+    msg_id = (msg.headers or {}).get(MSG_ID_HEADER)
     return msg_id.split(":", 1)[-1] if msg_id else None
 
 
@@ -331,6 +480,7 @@ class NatsBus:
         self.default_prefetch = prefetch or (config.bus.prefetch if config else 256)
         self._nc: nats.NATS | None = None
         self._js = None
+        self._acks: _PubAcks | None = None
         self._consumers: set[_NatsConsumer] = set()
         self._movers: dict[str, _DelayMover] = {}
         self._closing = False
@@ -357,6 +507,8 @@ class NatsBus:
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")
+            for consumer in [*self._consumers, *self._movers.values()]:
+                consumer.reconnected()
 
         self._closing = False
         self._nc = nats.NATS()
@@ -379,6 +531,9 @@ class NatsBus:
                 if exc.err_code != _STREAM_NAME_IN_USE:
                     raise
                 await self._js.update_stream(config)
+            acks = _PubAcks(self._nc, self.stream)
+            await acks.start()
+            self._acks = acks
         except Exception as exc:
             await self.close()
             raise BusError(f"cannot start the NATS bus at {self.url}: {type(exc).__name__}: {exc}") from exc
@@ -397,21 +552,22 @@ class NatsBus:
                 await asyncio.wait_for(self._nc.drain(), 5)
             with contextlib.suppress(Exception):
                 await self._nc.close()
-        self._nc = self._js = None
+        self._nc = self._js = self._acks = None
 
     async def _send(self, topic: str, payload: bytes, msg_id: str, headers: dict[str, str] | None = None) -> None:
         """Publish and wait for the PubAck; retry across a reconnect with the same Nats-Msg-Id, so a
         retry of a publish that did land is de-duplicated by the stream."""
-        if self._js is None:
+        acks = self._acks
+        if acks is None:
             raise BusError("the nats bus is not started")
         subject = self.subject(topic)
+        headers = {**(headers or {}), MSG_ID_HEADER: msg_id}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         last: Exception | None = None
         while (remaining := deadline - loop.time()) > 0:
             try:
-                await self._js.publish(subject, payload, timeout=min(remaining, 2.0), stream=self.stream,
-                                       headers={**(headers or {}), "Nats-Msg-Id": msg_id})
+                await acks.publish(subject, payload, headers, min(remaining, _PUBLISH_ATTEMPT))
                 return
             except nats.js.errors.APIError as exc:
                 raise BusError(f"JetStream refused the event for {topic!r}: {exc}") from exc
