@@ -110,10 +110,10 @@ class Dispatcher:
         if not matches and self.refresh_index is not None and event.time is not None and await self.refresh_index(event.time):
             matches = self.index.match_or_target(event)
         if not matches:
-            self.metrics.events_unmatched.labels(kind).inc()
+            self.metrics.child(self.metrics.events_unmatched, kind).inc()
             log.debug("event matched no subscription")
             return
-        self.metrics.events_routed.labels(kind).inc(len(matches))
+        self.metrics.child(self.metrics.events_routed, kind).inc(len(matches))
         if len(matches) == 1:
             await self.executions.run_for_event(event, matches[0])
             return

@@ -58,6 +58,9 @@ def render_input(value: Any) -> str | None:
 CANCEL_POLL_SECONDS = 1.0
 CANCEL_POLL_BATCH = 500
 
+# How an event execution's description names what created it (Qinling's wording for jobs and webhooks).
+_KIND_LABELS = {"job": "Job", "webhook": "Webhook"}
+
 
 class _EngineCall:
     """One engine call of an event execution, cancellable by subscription."""
@@ -89,13 +92,16 @@ class ExecutionService:
         self._pending_counts: collections.Counter[tuple[str, int]] = collections.Counter()
         self._count_flusher: asyncio.Task | None = None
         # Event executions this process is handling now: a duplicate delivery waits instead of re-running.
-        self._in_flight: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, asyncio.Future | None] = {}
         # Engine calls of event executions running here, by execution id: what cancel_for_subscription
         # stops (cron overlap=replace); the watcher stops those another replica cancelled.
         self._engine_calls: dict[str, _EngineCall] = {}
         self._cancel_watcher: asyncio.Task | None = None
         # Retries and dead letters; the dispatcher hands it the bus it consumes from.
         self.delivery = DeliveryService(config, store, metrics)
+        # Executions in progress here, read by the gauge when scraped (not written twice per run).
+        self._running = 0
+        metrics.executions_running.set_function(lambda: self._running)
         self.lease_margin = getattr(getattr(config, "delivery", None), "lease_margin", LEASE_MARGIN_SECONDS)
 
     # -- targets ------------------------------------------------------------------------------
@@ -104,9 +110,9 @@ class ExecutionService:
                       alias: str | None) -> tuple[models.Function, int]:
         """The function and version an execution runs; aliases resolve at use time (the answer is
         cached as long as the rows it comes from)."""
-        return await self.targets.remember(
-            ("target", project_id, function_id, version, alias),
-            lambda: self._resolve(project_id=project_id, function_id=function_id, version=version, alias=alias))
+        key = ("target", project_id, function_id, version, alias)
+        return self.targets.peek(key) or await self.targets.remember(
+            key, lambda: self._resolve(project_id=project_id, function_id=function_id, version=version, alias=alias))
 
     async def _resolve(self, *, project_id: str | None, function_id: str | None, version: int | None,
                        alias: str | None) -> tuple[models.Function, int]:
@@ -132,7 +138,8 @@ class ExecutionService:
         return await self._spec(function, version)
 
     async def _spec(self, function: models.Function, version: int) -> FunctionSpec:
-        return await self.targets.remember(("spec", function.id, version), lambda: self._build_spec(function, version))
+        key = ("spec", function.id, version)
+        return self.targets.peek(key) or await self.targets.remember(key, lambda: self._build_spec(function, version))
 
     async def _build_spec(self, function: models.Function, version: int) -> FunctionSpec:
         runtime_image = None
@@ -179,7 +186,7 @@ class ExecutionService:
                       event_id: str | None = None, cancellable: bool = False) -> ExecutionResult:
         """Run a recorded execution on the engine; the caller records the outcome."""
         token = current_execution_id.set(row.id)
-        self.metrics.executions_running.inc()
+        self._running += 1
         started = time.perf_counter()
         try:
             try:
@@ -196,11 +203,12 @@ class ExecutionService:
                 log.exception("engine raised instead of returning a result")
                 result = ExecutionResult.platform_error(f"Internal service error: {type(exc).__name__}")
             self.metrics.execution_seconds.observe(time.perf_counter() - started)
-            log.info("execution finished", extra={"status": result.status, "reason": result.reason,
-                                                  "duration": result.duration, "function_id": function.id})
+            if log.isEnabledFor(logging.INFO):
+                log.info("execution finished", extra={"status": result.status, "reason": result.reason,
+                                                      "duration": result.duration, "function_id": function.id})
             return result
         finally:
-            self.metrics.executions_running.dec()
+            self._running -= 1
             current_execution_id.reset(token)
 
     async def record(self, row: models.Execution, result: ExecutionResult, *, status: str | None = None) -> None:
@@ -214,16 +222,16 @@ class ExecutionService:
         row.updated_at = finished_at  # what the journal wrote, for callers that show the row
         if status == RETRYING:
             return
-        self.metrics.executions.labels(result.status, result.reason).inc()
+        metrics = self.metrics
+        metrics.child(metrics.executions, result.status, result.reason).inc()
         if result.status != "success":
-            self.metrics.executions_failed.labels(result.reason).inc()
+            metrics.child(metrics.executions_failed, result.reason).inc()
 
     # -- event executions ---------------------------------------------------------------------
 
 
     def _description(self, sub: Subscription) -> str:
-        label = {"job": "Job", "webhook": "Webhook"}.get(sub.kind, "Subscription")
-        return f"Created by {label} {sub.id}"
+        return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}"
 
     async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False,
                                 execution_id: str | None = None) -> tuple[ExecutionRecord, models.Function, int, bool]:
@@ -269,10 +277,15 @@ class ExecutionService:
         takes over if its lease runs out, i.e. it died). `attempt` > 1 is a retry the delivery
         policy scheduled (the event came back on the retry topic)."""
         execution_id = execution_id_for(event.id, sub.id)
-        while (running_here := self._in_flight.get(execution_id)) is not None:
-            await asyncio.shield(running_here)  # a duplicate delivery to this process: wait for the first
-        done = asyncio.get_running_loop().create_future()
-        self._in_flight[execution_id] = done
+        in_flight = self._in_flight
+        while execution_id in in_flight:
+            # A duplicate delivery to this process: wait for the first (whose future is made only
+            # now, as duplicates are rare and every event passes here).
+            running_here = in_flight[execution_id]
+            if running_here is None:
+                running_here = in_flight[execution_id] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(running_here)
+        in_flight[execution_id] = None
         try:
             if self.limits.limited(sub):
                 # The subscription's limits (concurrency, rate, order by key) admit it first: an event
@@ -282,8 +295,9 @@ class ExecutionService:
             else:
                 await self._run_for_event(event, sub, execution_id, attempt, last_status)
         finally:
-            del self._in_flight[execution_id]
-            done.set_result(None)
+            waiting = in_flight.pop(execution_id)
+            if waiting is not None:
+                waiting.set_result(None)
 
     async def _run_for_event(self, event: Event, sub: Subscription, execution_id: str, attempt: int,
                              last_status: str | None) -> None:
@@ -334,7 +348,8 @@ class ExecutionService:
         """Record the outcome of attempt `number`, or schedule the next attempt, or dead-letter."""
         if result.status == "success" or not policy.retries(result):
             await self.record(row, result)
-            await self._deliver_result(event, sub, policy, row, result)
+            if sub.options and sub.options.get("sinks"):
+                await self._deliver_result(event, sub, policy, row, result)
             return
         outcome = f"last outcome {result.status} ({result.reason}): {str(result.output)[:500]}"
         if number < policy.max_attempts:

@@ -24,5 +24,17 @@ class Metrics:
         self.execution_seconds = Histogram("headwater_execution_duration_seconds", "Engine time per execution", buckets=_LATENCY_BUCKETS, registry=r)
         self.route_seconds = Histogram("headwater_route_latency_seconds", "Event time to execution recorded", buckets=_LATENCY_BUCKETS, registry=r)
 
+        # Labelled children by (metric, label values): prometheus_client's labels() validates and
+        # locks on every call, which the routing path would pay several times per event.
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *values: str):
+        """metric.labels(*values), looked up once."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

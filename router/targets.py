@@ -27,6 +27,14 @@ class TargetCache:
         self._entries.clear()
         self._generation += 1  # a load under way when the rows changed must not store its answer
 
+    def peek(self, key: tuple) -> Any:
+        """The value under `key` if it is held and fresh, else None (no load: the routing path
+        tries this first and awaits `remember` only on a miss)."""
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
     async def remember(self, key: tuple, load) -> Any:
         """The value under `key`, loaded by `load()` when absent or older than the TTL: the rows
         below, and values derived from them (e.g. a resolved target), held as long as they are."""

@@ -141,8 +141,9 @@ class _SqliteWriter:
 
 
 class _PostgresWriter:
-    """One statement per kind of write, rows passed as arrays (unnest), on a driver connection
-    held from the engine's pool: no per-row statement or parameter processing."""
+    """One statement per kind of write, the rows passed as one JSON document that the server
+    unpacks (json_to_recordset), on a driver connection held from the engine's pool: encoding a
+    batch is one orjson call here, and the per-value work happens in the database's process."""
 
     _PG_TYPES = {sa.String: "text", sa.Text: "text", sa.Integer: "integer", sa.Boolean: "boolean"}
 
@@ -151,28 +152,43 @@ class _PostgresWriter:
         self._conn = None  # the SQLAlchemy connection that keeps the driver connection checked out
         self._driver = None
         table = models.Execution.__table__
-        types = []
+        fields = []
         for column in table.columns:
             if column.name in _TIME_COLUMNS:
-                types.append("timestamp")
+                kind = "timestamptz"  # written with their UTC offset, stored as naive UTC below
             elif column.name in _JSON_COLUMNS:
-                types.append("text")
+                kind = "text"  # JSON text, so that None stays the JSON null SQLAlchemy stores
             else:
-                types.append(next(t for k, t in self._PG_TYPES.items() if isinstance(column.type, k)))
-        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
-        picks = ", ".join(f"u.{n}::json" if n in _JSON_COLUMNS else f"u.{n}" for n in _COLUMNS)
-        self._insert_sql = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) SELECT {picks} FROM unnest({arrays}) "
-                            f"AS u({', '.join(_COLUMNS)}) ON CONFLICT (id) DO NOTHING RETURNING id")
+                kind = next(t for k, t in self._PG_TYPES.items() if isinstance(column.type, k))
+            fields.append(f"{column.name} {kind}")
+        picks = ", ".join(f"u.{n}::json" if n in _JSON_COLUMNS else f"u.{n} AT TIME ZONE 'UTC'" if n in _TIME_COLUMNS
+                          else f"u.{n}" for n in _COLUMNS)
+        self._insert_sql = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) SELECT {picks} "
+                            f"FROM json_to_recordset($1::json) AS u({', '.join(fields)}) "
+                            "ON CONFLICT (id) DO NOTHING RETURNING id")
         self._finish_sql = ("UPDATE executions AS e SET status = u.status, result = u.result::json, logs = u.logs, "
-                            "reason = u.reason, updated_at = u.updated_at, lease_until = NULL "
-                            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamp[]) "
-                            "AS u(id, status, result, logs, reason, updated_at) WHERE e.id = u.id")
+                            "reason = u.reason, updated_at = u.updated_at AT TIME ZONE 'UTC', lease_until = NULL "
+                            "FROM json_to_recordset($1::json) "
+                            "AS u(id text, status text, result text, logs text, reason text, updated_at timestamptz) "
+                            "WHERE e.id = u.id")
 
     async def _driver_connection(self):
         if self._driver is None:
             self._conn = await self.db.engine.connect()
             self._driver = (await self._conn.get_raw_connection()).driver_connection
         return self._driver
+
+    @staticmethod
+    def _document(rows: list[dict[str, Any]], json_columns) -> str:
+        """The rows as one JSON array; JSON columns as their JSON text, datetimes with their offset
+        (naive ones are UTC)."""
+        encoded = []
+        for row in rows:
+            row = dict(row)
+            for name in json_columns:
+                row[name] = _json(row[name])
+            encoded.append(row)
+        return orjson.dumps(encoded, option=orjson.OPT_NAIVE_UTC).decode()
 
     async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
         conn = await self._driver_connection()
@@ -181,21 +197,12 @@ class _PostgresWriter:
         # trip each, worth saving on the common batches that hold one kind only).
         async with conn.transaction() if rows and finishes else contextlib.nullcontext():
             if rows:
-                arrays = []
-                for name in _COLUMNS:
-                    if name in _JSON_COLUMNS:
-                        arrays.append([_json(row[name]) for row in rows])
-                    elif name in _TIME_COLUMNS:
-                        arrays.append([_naive_utc(row[name]) for row in rows])
-                    else:
-                        arrays.append([row[name] for row in rows])
-                created.update(r[0] for r in await conn.fetch(self._insert_sql, *arrays))
+                document = self._document(rows, _JSON_COLUMNS)
+                created.update(r[0] for r in await conn.fetch(self._insert_sql, document))
             if finishes:
                 # The last finish of an execution wins (an UPDATE … FROM joins each row once).
-                last = {f["id"]: f for f in finishes}.values()
-                await conn.execute(self._finish_sql, [f["id"] for f in last], [f["status"] for f in last],
-                                   [_json(f["result"]) for f in last], [f["logs"] for f in last],
-                                   [f["reason"] for f in last], [_naive_utc(f["updated_at"]) for f in last])
+                last = list({f["id"]: f for f in finishes}.values())
+                await conn.execute(self._finish_sql, self._document(last, ("result",)))
         return created
 
     async def reset(self) -> None:
@@ -232,20 +239,22 @@ class ExecutionJournal:
             self._task = None
         await self._writer.close()
 
-    async def start_execution(self, values: dict[str, Any]) -> tuple[ExecutionRecord, bool]:
+    # Both return the write's future (await it): plain functions, as they run for every event.
+
+    def start_execution(self, values: dict[str, Any]) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
         """Insert the execution unless one with its id exists: (row, created)."""
-        return await self._submit(_Write("start", values))
+        return self._submit(_Write("start", values))
 
-    async def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
-                     updated_at=None) -> None:
-        await self._submit(_Write("finish", {"id": execution_id, "status": status, "result": result, "logs": logs,
-                                             "reason": reason, "updated_at": updated_at or models.utcnow()}))
+    def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
+               updated_at=None) -> asyncio.Future[None]:
+        return self._submit(_Write("finish", {"id": execution_id, "status": status, "result": result, "logs": logs,
+                                              "reason": reason, "updated_at": updated_at or models.utcnow()}))
 
-    async def _submit(self, write: _Write):
+    def _submit(self, write: _Write) -> asyncio.Future:
         if self._task is None:
             raise RuntimeError("the execution journal is not started")
         self._queue.put_nowait(write)
-        return await write.future
+        return write.future
 
     async def _run(self) -> None:
         while True:
@@ -266,10 +275,13 @@ class ExecutionJournal:
                 for write in batch:
                     try:
                         (result,) = await self._write([write])
-                        write.future.set_result(result)
                     except Exception as single:
                         await self._writer.reset()
-                        write.future.set_exception(single)
+                        if not write.future.done():  # its caller may have been cancelled meanwhile
+                            write.future.set_exception(single)
+                    else:
+                        if not write.future.done():
+                            write.future.set_result(result)
                 continue
             for write, result in zip(batch, results):
                 if not write.future.done():
@@ -315,5 +327,8 @@ class ExecutionJournal:
         """Every column present (one shape for the whole insert), with the model's defaults."""
         row = dict(_ROW_DEFAULTS)
         row["created_at"] = models.utcnow()
-        row.update((k, v) for k, v in values.items() if k in _ROW_DEFAULTS)
+        if values.keys() <= _ROW_DEFAULTS.keys():
+            row.update(values)
+        else:
+            row.update((k, v) for k, v in values.items() if k in _ROW_DEFAULTS)
         return row
