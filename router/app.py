@@ -16,6 +16,7 @@ from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
+from router.gctuning import tune_for_server
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
@@ -80,7 +81,7 @@ class _SourceContext:
         settled = self._app.dispatcher.settled(event.id) if settle else None
         await self._app.bus.publish(event)
         self._app.history.record(event)
-        self._app.metrics.events_in.labels(self._kind).inc()
+        self._app.metrics.child(self._app.metrics.events_in, self._kind).inc()
         if settled is not None:
             await settled
         return execution_ids
@@ -245,6 +246,7 @@ async def serve(app: Headwater) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.api.host, config.api.port)
     await site.start()
+    tune_for_server()
     log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
     try:
         await asyncio.Event().wait()
