@@ -406,7 +406,10 @@ async def test_delayed_publish_and_groups_made_ahead_of_their_consumer(backend):
         await bus.publish(Event(id="early", source="/t", type="t", time=now))  # before anyone consumes
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        await bus.publish(Event(id="later", source="/t", type="t", time=now), delay=1.0, key="later-1")
+        # 1.5 s, not 1.0: a redelivery due at the very instant a NATS pull request expires (the
+        # consumer's first one expires after 1 s) can be counted as sent by nats-server 2.9 yet never
+        # arrive, and it then comes back only after AckWait. A server race, noted, not ours to fix.
+        await bus.publish(Event(id="later", source="/t", type="t", time=now), delay=1.5, key="later-1")
         await bus.publish(Event(id="sooner", source="/t", type="t", time=now), delay=0.3, key="sooner-1")
         arrived: dict[str, float] = {}
         all_in = loop.create_future()
@@ -420,7 +423,7 @@ async def test_delayed_publish_and_groups_made_ahead_of_their_consumer(backend):
         await asyncio.wait_for(all_in, 15)
         await consumer.cancel()
         assert list(arrived) == ["early", "sooner", "later"], arrived
-        assert arrived["early"] < 0.3 and 0.28 <= arrived["sooner"] < 1.0 and 0.95 <= arrived["later"] < 3.0, arrived
+        assert arrived["early"] < 0.3 and 0.28 <= arrived["sooner"] < 1.0 and 1.45 <= arrived["later"] < 3.5, arrived
     finally:
         await bus.close()
         if place is not None:
