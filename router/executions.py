@@ -229,7 +229,6 @@ class ExecutionService:
 
     # -- event executions ---------------------------------------------------------------------
 
-
     def _description(self, sub: Subscription) -> str:
         return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}"
 

@@ -38,10 +38,10 @@ class TargetCache:
     async def remember(self, key: tuple, load) -> Any:
         """The value under `key`, loaded by `load()` when absent or older than the TTL: the rows
         below, and values derived from them (e.g. a resolved target), held as long as they are."""
-        hit = self._entries.get(key)
+        value = self.peek(key)
+        if value is not None:
+            return value
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
         # One load per key at a time: when an entry runs out under load, hundreds of deliveries
         # in flight would otherwise each query the database for the same row. The load runs as a
         # task of its own, so a caller that is cancelled does not cancel it for the others.

@@ -154,9 +154,9 @@ class _PullConsumer:
     for more once a quarter of that is free, and keeps count of what its open requests may still
     bring so that it never asks for more than there is room for."""
 
-    def __init__(self, bus: NatsBus, subject: str, config: api.ConsumerConfig, prefetch: int):
+    def __init__(self, bus: NatsBus, config: api.ConsumerConfig, prefetch: int):
         self.bus = bus
-        self._subject = subject
+        self._subject = config.filter_subject
         self._config = config
         self._durable = config.durable_name
         self._prefetch = prefetch
@@ -345,7 +345,7 @@ class _NatsConsumer(_PullConsumer):
     """One member of a consumer group: its events go to the handler, one delivery each."""
 
     def __init__(self, bus: NatsBus, topic: str, group: str, handler: DeliveryHandler, prefetch: int):
-        super().__init__(bus, bus.subject(topic), bus.consumer_config(topic, group), prefetch)
+        super().__init__(bus, bus.consumer_config(topic, group), prefetch)
         self.topic = topic
         self.group = group
         self._handler = handler
@@ -412,7 +412,7 @@ class _DelayMover(_PullConsumer):
         config = api.ConsumerConfig(durable_name=bus.durable_name(delayed_topic(topic), "mover"),
                                     ack_policy=api.AckPolicy.EXPLICIT, ack_wait=bus.ack_wait, max_deliver=-1,
                                     deliver_policy=api.DeliverPolicy.ALL, filter_subject=subject)
-        super().__init__(bus, subject, config, prefetch=256)
+        super().__init__(bus, config, prefetch=256)
         self.topic = topic
 
     async def _handle(self, msg: Msg) -> None:
