@@ -5,7 +5,6 @@ driver, and each caller resumes when its own write is committed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -166,11 +165,20 @@ class _PostgresWriter:
         self._insert_sql = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) SELECT {picks} "
                             f"FROM json_to_recordset($1::json) AS u({', '.join(fields)}) "
                             "ON CONFLICT (id) DO NOTHING RETURNING id")
-        self._finish_sql = ("UPDATE executions AS e SET status = u.status, result = u.result::json, logs = u.logs, "
-                            "reason = u.reason, updated_at = u.updated_at AT TIME ZONE 'UTC', lease_until = NULL "
-                            "FROM json_to_recordset($1::json) "
-                            "AS u(id text, status text, result text, logs text, reason text, updated_at timestamptz) "
-                            "WHERE e.id = u.id")
+        self._finish_sql = self._finish_statement("$1")
+        # A batch of both kinds is one statement too: the finishes as a data-modifying WITH. One
+        # round trip commits it, instead of four (BEGIN, insert, update, COMMIT). The two parts
+        # never touch the same row's columns: a finish is sent only once its start has committed,
+        # and a repeated start of a row is an insert that does nothing.
+        self._both_sql = f"WITH finished AS ({self._finish_statement('$2')}) {self._insert_sql}"
+
+    @staticmethod
+    def _finish_statement(parameter: str) -> str:
+        return ("UPDATE executions AS e SET status = u.status, result = u.result::json, logs = u.logs, "
+                "reason = u.reason, updated_at = u.updated_at AT TIME ZONE 'UTC', lease_until = NULL "
+                f"FROM json_to_recordset({parameter}::json) "
+                "AS u(id text, status text, result text, logs text, reason text, updated_at timestamptz) "
+                "WHERE e.id = u.id")
 
     async def _driver_connection(self):
         if self._driver is None:
@@ -192,18 +200,17 @@ class _PostgresWriter:
 
     async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
         conn = await self._driver_connection()
-        created: set[str] = set()
-        # One statement commits on its own; two share a transaction (BEGIN and COMMIT cost a round
-        # trip each, worth saving on the common batches that hold one kind only).
-        async with conn.transaction() if rows and finishes else contextlib.nullcontext():
-            if rows:
-                document = self._document(rows, _JSON_COLUMNS)
-                created.update(r[0] for r in await conn.fetch(self._insert_sql, document))
-            if finishes:
-                # The last finish of an execution wins (an UPDATE … FROM joins each row once).
-                last = list({f["id"]: f for f in finishes}.values())
-                await conn.execute(self._finish_sql, self._document(last, ("result",)))
-        return created
+        # Each batch is one statement, which commits on its own.
+        if finishes:
+            # The last finish of an execution wins (an UPDATE … FROM joins each row once).
+            finished = self._document(list({f["id"]: f for f in finishes}.values()), ("result",))
+            if not rows:
+                await conn.execute(self._finish_sql, finished)
+                return set()
+            inserted = await conn.fetch(self._both_sql, self._document(rows, _JSON_COLUMNS), finished)
+        else:
+            inserted = await conn.fetch(self._insert_sql, self._document(rows, _JSON_COLUMNS))
+        return {r[0] for r in inserted}
 
     async def reset(self) -> None:
         if self._conn is not None:

@@ -57,6 +57,26 @@ async def test_a_second_start_finds_the_first_row(store, journal):
     assert not created and row.status == "failed" and row.input == "plain text"
 
 
+async def test_a_batch_of_starts_and_finishes_together(store, journal):
+    """Starts and finishes queued together go in one batch (on PostgreSQL one statement): new rows
+    are created, finishes land, and a repeated start of a row finished in the same batch creates
+    nothing and reads the row back as it is after the batch."""
+    function = await _function(store)
+    values = dict(function_id=function.id, status="running", project_id="p", input={"k": 1})
+    await journal.start_execution(dict(values, id="both-old"))
+    batches = journal.batches
+    finish, again, fresh = await asyncio.gather(
+        journal.finish("both-old", status="success", result={"output": 1}, logs="", reason=None),
+        journal.start_execution(dict(values, id="both-old")),
+        journal.start_execution(dict(values, id="both-new")))
+    assert journal.batches == batches + 1
+    assert finish is None
+    assert again[1] is False and again[0].status == "success" and again[0].result == {"output": 1}
+    assert fresh[1] is True and fresh[0].status == "running"
+    assert (await store.executions.get("both-old")).status == "success"
+    assert (await store.executions.get("both-new")).status == "running"
+
+
 async def test_many_writes_in_few_batches(store, journal):
     function = await _function(store)
     results = await asyncio.gather(*(journal.start_execution(dict(id=f"m{i}", function_id=function.id, status="running",
