@@ -113,7 +113,7 @@ async def raw_rabbitmq(n: int) -> dict:
             if len(latencies) == n and not done.done():
                 done.set_result(None)
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         started = time.perf_counter()
 
         async def publish(i):
@@ -124,6 +124,7 @@ async def raw_rabbitmq(n: int) -> dict:
         await windowed(n, publish)
         await done
         result = summary(n, time.perf_counter() - started, latencies)
+        await queue.cancel(tag)  # before the delete, which would cancel it from the broker's side (logged)
         await queue.delete(if_unused=False, if_empty=False)
         return result
     finally:
