@@ -35,7 +35,7 @@ class _MemoryDelivery(SettledOnce):
         pass
 
     async def _requeue(self) -> None:
-        self._group.put(self.event, self.attempt + 1)
+        self._group.put(self.event, self.attempt + 1, self._reason)
 
     async def _dead_letter(self, reason: str) -> None:
         self._group.dead_letter(self.event, self.attempt, reason)

@@ -32,6 +32,7 @@ REASON_HEADER = "x-headwater-dead-letter-reason"
 ORIGIN_TOPIC_HEADER = "x-headwater-original-topic"
 ORIGIN_GROUP_HEADER = "x-headwater-group"
 ATTEMPTS_HEADER = "x-headwater-attempts"
+_OWN_HEADERS = "x-headwater-"
 
 CONTENT_TYPE = "application/cloudevents+json"
 PERSISTENT = 2  # AMQP delivery mode: written to disk
@@ -165,7 +166,10 @@ class _RabbitConsumer:
     async def _consume(self) -> None:
         underlay = await self._channel.get_underlay_channel()
         if self._tag not in underlay.consumers:
-            self._acks = _Acks(underlay)  # delivery tags count per channel
+            if self._acks is None or self._acks.channel is not underlay:
+                # Delivery tags count per channel: a new channel, a new count. On the same channel
+                # (the broker cancelled the consumer) deliveries still in hand keep their place.
+                self._acks = _Acks(underlay)
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             await underlay.basic_consume(self._queue.name, self._on_message, consumer_tag=self._tag)
         self._underlay = underlay
@@ -264,7 +268,11 @@ class _RabbitConsumer:
         # original: exact attempt counts on any queue type, other groups untouched, and the event
         # waits behind the rest like the memory bus does. A crash between the two duplicates the
         # event, never loses it.
-        properties = self.bus._properties(message.header.properties.message_id or event.id, {ATTEMPT_HEADER: attempt + 1})
+        # Our own headers go along (a dead letter keeps its reason); the broker's own do not, so
+        # that x-delivery-count starts afresh rather than counting this attempt twice.
+        headers = {k: v for k, v in (message.header.properties.headers or {}).items() if k.startswith(_OWN_HEADERS)}
+        headers[ATTEMPT_HEADER] = attempt + 1
+        properties = self.bus._properties(message.header.properties.message_id or event.id, headers)
         await self.bus._send("", self._queue.name, message.body, properties)
         self._acks.ack(message)
 

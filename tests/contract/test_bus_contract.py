@@ -286,6 +286,31 @@ async def test_nack_without_requeue_dead_letters_at_once(harness: Harness):
     assert "schema mismatch" in dead.dead_letter_reasons[0]
 
 
+async def test_a_dead_letter_redelivered_keeps_its_reason(harness: Harness):
+    """The dead-letter reader fails once (its database is down, say): the redelivery still says
+    why the event was dead-lettered."""
+    topic = harness.topic()
+
+    async def reject(delivery: Delivery) -> None:
+        await delivery.nack(requeue=False, reason="schema mismatch")
+
+    failed_once: set[str] = set()
+
+    async def fail_once(delivery: Delivery) -> None:
+        if delivery.event.id not in failed_once:
+            failed_once.add(delivery.event.id)
+            raise RuntimeError("dead-letter store unavailable")
+
+    dead = Recorder(fail_once)
+    await harness.bus.consume(topic, "router", Recorder(reject))
+    await harness.bus.consume(dead_letter_topic(topic), "dlq", dead)
+    event = make_event()
+    await harness.bus.publish(event, topic=topic)
+    await dead.wait_count(2)
+    assert dead.attempts(event.id) == [1, 2]
+    assert all("schema mismatch" in (reason or "") for reason in dead.dead_letter_reasons), dead.dead_letter_reasons
+
+
 async def test_many_concurrent_events_none_lost_none_duplicated(harness: Harness):
     topic = harness.topic()
 
