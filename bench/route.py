@@ -64,6 +64,7 @@ async def record_floor(n: int, data_dir: Path) -> dict:
     import datetime
     import sqlite3
 
+    from router.store.db import sqlite_pragmas
     from router.store.journal import _COLUMNS, _ROW_DEFAULTS, _SqliteWriter
 
     db = Database(f"sqlite+aiosqlite:///{data_dir / 'floor.db'}")
@@ -74,8 +75,7 @@ async def record_floor(n: int, data_dir: Path) -> dict:
                  input={"i": i}, created_at=now, event_id=f"floor-{i}", subscription_id="s") for i in range(n)]
     params = [_SqliteWriter._params(row) for row in rows]  # prepared outside the clock
     conn = sqlite3.connect(data_dir / "floor.db", isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    sqlite_pragmas(conn, None)  # the settings the journal writes with
     sql = f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
     started = time.perf_counter()
     conn.execute("BEGIN")

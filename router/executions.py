@@ -303,7 +303,7 @@ class ExecutionService:
         policy = self.delivery.policy(sub)
         retry = attempt > 1
         if policy.expired(event):
-            await self._expire(event, sub, policy, last_status)
+            await self._expire(event, sub, policy, execution_id, last_status)
             return
         try:
             # A retry's record exists already (status retrying): it is claimed below, not created.
@@ -386,12 +386,13 @@ class ExecutionService:
             log.warning("result could not be delivered", extra={"event_id": event.id, "subscription_id": sub.id})
             await self.delivery.dead_letter(event, sub, f"result sink failed: {type(exc).__name__}: {exc}", policy=policy)
 
-    async def _expire(self, event: Event, sub: Subscription, policy: DeliveryPolicy, last_status: str | None) -> None:
+    async def _expire(self, event: Event, sub: Subscription, policy: DeliveryPolicy, execution_id: str,
+                      last_status: str | None) -> None:
         age = (models.utcnow() - event.time).total_seconds() if event.time else 0.0
         await self.delivery.dead_letter(event, sub, f"expired: event is {age:.1f}s old, max_age {policy.max_age:g}s",
                                         policy=policy)
         # An execution recorded for it already (a webhook's, or one waiting for its retry) ends here.
-        await self._close_open(execution_id_for(event.id, sub.id), last_status or "error", "expired")
+        await self._close_open(execution_id, last_status or "error", "expired")
 
     async def _claim_retry(self, execution_id: str, attempt: int, lease_seconds: float) -> bool:
         """Compare-and-set a waiting execution to running for attempt `attempt`: of two deliveries
@@ -437,12 +438,9 @@ class ExecutionService:
 
     async def _engine_call(self, row: models.Execution, request: ExecutionRequest,
                            event_id: str | None) -> ExecutionResult:
-        """The engine's execute, run as a task that cancel_for_subscription can stop. Only event
-        executions are tracked: a direct API execution belongs to no subscription."""
-        subscription_id = getattr(row, "subscription_id", None)
-        if not subscription_id:
-            return await self.engine.execute(request)
-        call = _EngineCall(asyncio.ensure_future(self.engine.execute(request)), subscription_id, event_id)
+        """The engine's execute, run as a task that cancel_for_subscription can stop (event
+        executions only, so `row` names its subscription)."""
+        call = _EngineCall(asyncio.ensure_future(self.engine.execute(request)), row.subscription_id, event_id)
         self._engine_calls[row.id] = call
         self._watch_cancels()
         try:

@@ -131,7 +131,10 @@ class SourceContext(Protocol):
         the one of event `except_event`, and record each as failed with `reason` (machine-readable,
         never retried) and `message` (its output and log). Runs on this replica are cancelled at
         once; a run on another replica stops when that replica sees the record (within
-        router.executions.CANCEL_POLL_SECONDS). Returns how many were stopped."""
+        router.executions.CANCEL_POLL_SECONDS). Only subscriptions whose options say
+        `"overlap": "replace"` have their runs tracked for this (tracking costs a task per run):
+        for any other, the records are finished but the functions run on. Returns how many were
+        stopped."""
 
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         """Record input that could not become an event, with the reason."""

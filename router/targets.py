@@ -25,7 +25,10 @@ class TargetCache:
 
     def clear(self) -> None:
         self._entries.clear()
-        self._generation += 1  # a load under way when the rows changed must not store its answer
+        # A load under way when the rows changed must neither store its answer nor be joined by
+        # callers that come after the change: they start a load of their own.
+        self._loading.clear()
+        self._generation += 1
 
     def peek(self, key: tuple) -> Any:
         """The value under `key` if it is held and fresh, else None (no load: the routing path
@@ -47,18 +50,21 @@ class TargetCache:
         # task of its own, so a caller that is cancelled does not cancel it for the others.
         loading = self._loading.get(key)
         if loading is None:
-            loading = self._loading[key] = asyncio.get_running_loop().create_task(self._load(key, load, now))
+            # The generation as of now, not as of when the task first runs: a clear() in between
+            # must count against it.
+            loading = self._loading[key] = asyncio.get_running_loop().create_task(
+                self._load(key, load, now, self._generation))
         return await asyncio.shield(loading)
 
-    async def _load(self, key: tuple, load, now: float) -> Any:
-        generation = self._generation
+    async def _load(self, key: tuple, load, now: float, generation: int) -> Any:
         try:
             value = await load()
             if generation == self._generation:
                 self._entries[key] = (now + self.ttl, value)
             return value
         finally:
-            del self._loading[key]
+            if self._loading.get(key) is asyncio.current_task():  # not a newer load, after a clear
+                del self._loading[key]
 
     async def function(self, function_id: str, project_id: str | None) -> models.Function:
         row = await self.remember(("function", function_id), lambda: self.store.functions.get(function_id))

@@ -23,7 +23,7 @@ class Conflict(ValueError):
     """A uniqueness or state conflict (the API answers 400 or 409 as Qinling does)."""
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run while one writer commits; busy_timeout makes writers wait instead of
     # failing with "database is locked"; foreign keys are off by default in SQLite.
@@ -54,7 +54,7 @@ class Database:
         self.schema = schema
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
-            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine.sync_engine, "connect", sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
 
     async def migrate(self) -> str:

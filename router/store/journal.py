@@ -17,7 +17,7 @@ import orjson
 import sqlalchemy as sa
 
 from router.store import models
-from router.store.db import Database
+from router.store.db import Database, sqlite_pragmas
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ _JSON_COLUMNS = frozenset(c.name for c in models.Execution.__table__.columns if 
 _TIME_COLUMNS = frozenset(c.name for c in models.Execution.__table__.columns if isinstance(c.type, models.UTCDateTime))
 _ROW_DEFAULTS: dict[str, Any] = {name: None for name in _COLUMNS}
 _ROW_DEFAULTS.update(function_version=0, sync=True, attempts=0)
-_FINISH_COLUMNS = ("id", "status", "result", "logs", "reason", "updated_at")
 
 
 class ExecutionRecord(SimpleNamespace):
@@ -54,12 +53,6 @@ def _json(value: Any) -> str:
         return json.dumps(value, default=str)
 
 
-def _naive_utc(value: _dt.datetime | None) -> _dt.datetime | None:
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-
-
 class _SqliteWriter:
     """Writes on a connection of its own in a thread of its own: one hop per batch, and SQLite's
     C loop does the rows (the same file, WAL and pragmas as the engine's connections)."""
@@ -79,10 +72,7 @@ class _SqliteWriter:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        conn.execute("PRAGMA foreign_keys=ON")
+        sqlite_pragmas(conn, None)
         return conn
 
     @staticmethod
@@ -90,7 +80,7 @@ class _SqliteWriter:
         if value is None:
             return None
         # SQLAlchemy's SQLite DATETIME text form, so both read the column the same way.
-        return _naive_utc(value).isoformat(" ", "microseconds")
+        return models.naive_utc(value).isoformat(" ", "microseconds")
 
     @classmethod
     def _params(cls, row: dict[str, Any]) -> list[Any]:
@@ -233,7 +223,6 @@ class ExecutionJournal:
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.batches = 0
-        self.writes = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -284,26 +273,37 @@ class ExecutionJournal:
                         (result,) = await self._write([write])
                     except Exception as single:
                         await self._writer.reset()
-                        if not write.future.done():  # its caller may have been cancelled meanwhile
-                            write.future.set_exception(single)
-                    else:
-                        if not write.future.done():
-                            write.future.set_result(result)
+                        result = single
+                    self._answer(write, result)
                 continue
             for write, result in zip(batch, results):
-                if not write.future.done():
-                    write.future.set_result(result)
+                self._answer(write, result)
+
+    @staticmethod
+    def _answer(write: _Write, result: Any) -> None:
+        if write.future.done():  # its caller may have been cancelled meanwhile
+            return
+        if isinstance(result, Exception):
+            write.future.set_exception(result)
+        else:
+            write.future.set_result(result)
 
     async def _write(self, batch: list[_Write]) -> list[Any]:
         """Write a batch in one transaction: a multi-row insert that says which rows it created,
-        and the finishes."""
+        and the finishes. Raises only if the transaction failed; a start whose row existed already
+        and could not be read back gets that error as its result (the batch is committed, and must
+        not be written again: its new rows would then look like someone else's)."""
         rows = [self._full_row(w.values) for w in batch if w.kind == "start"]
         finishes = [w.values for w in batch if w.kind == "finish"]
         created = await self._writer.write(rows, finishes)
         self.batches += 1
-        self.writes += len(batch)
         others = {r["id"] for r in rows if r["id"] not in created}
-        existing = await self._existing(others) if others else {}
+        unread: Exception | None = None
+        try:
+            existing = await self._existing(others) if others else {}
+        except Exception as exc:
+            log.warning("could not read back %d existing execution(s) after a journal batch (%s)", len(others), exc)
+            existing, unread = {}, exc
         results: list[Any] = []
         seen: set[str] = set()
         starts = iter(rows)
@@ -318,6 +318,8 @@ class ExecutionJournal:
                 results.append((ExecutionRecord(**row), True))
             elif id_ in existing:
                 results.append((existing[id_], False))
+            elif unread is not None and id_ in others:
+                results.append(unread)
             else:  # created by an earlier write of this batch
                 results.append((ExecutionRecord(**row), False))
         return results

@@ -19,6 +19,13 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+def naive_utc(value: _dt.datetime | None) -> _dt.datetime | None:
+    """How the database holds a datetime: naive UTC (a naive one is taken as UTC already)."""
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+
+
 class UTCDateTime(TypeDecorator):
     """Aware UTC datetimes in Python, naive UTC in the database (the same on SQLite and PostgreSQL)."""
 
@@ -26,11 +33,7 @@ class UTCDateTime(TypeDecorator):
     cache_ok = True
 
     def process_bind_param(self, value: _dt.datetime | None, dialect) -> _dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value
-        return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return naive_utc(value)
 
     def process_result_value(self, value: _dt.datetime | None, dialect) -> _dt.datetime | None:
         if value is None:

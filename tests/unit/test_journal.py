@@ -100,6 +100,26 @@ async def test_a_bad_write_fails_alone(store, journal):
     assert (await store.executions.get("g1")).status == "running"
 
 
+async def test_a_failed_read_back_fails_only_the_starts_that_needed_it(store, journal, monkeypatch):
+    """The batch is committed before rows that existed already are read back: if that read fails,
+    only those starts fail. The batch is not written again, so the rows it created are still
+    reported as created (written again, they would look like another worker's)."""
+    function = await _function(store)
+    values = dict(function_id=function.id, status="running", project_id="p")
+    await journal.start_execution(dict(values, id="rb-old"))
+
+    async def unreadable(ids):
+        raise ConnectionError("connection lost")
+
+    monkeypatch.setattr(journal, "_existing", unreadable)
+    batches = journal.batches
+    old, new = await asyncio.gather(journal.start_execution(dict(values, id="rb-old")),
+                                    journal.start_execution(dict(values, id="rb-new")), return_exceptions=True)
+    assert isinstance(old, ConnectionError)
+    assert new[1] is True and new[0].id == "rb-new"
+    assert journal.batches == batches + 1  # one write, no one-by-one retry
+
+
 def test_in_memory_sqlite_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="in-memory SQLite"):
         ExecutionJournal(Database("sqlite+aiosqlite:///:memory:"))
