@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
+from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
 from router.config import Config
 from router.plugins import ExecutionRequest, ExecutionResult, PackageRef, PackageStore
 
@@ -28,7 +29,6 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime 
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
-CANCEL_TIMEOUT = 5.0  # seconds for a runtime to acknowledge POST /cancel
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -241,19 +241,10 @@ class LocalEngine:
     def _cancel_remote(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
         if not worker.alive or self._session is None:
             return
-        task = asyncio.get_running_loop().create_task(self._send_cancel(worker, execution_id, log_extra))
+        task = asyncio.get_running_loop().create_task(
+            post_cancel(self._session, worker.url, execution_id, worker=worker.name, extra=log_extra))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
-
-    async def _send_cancel(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
-        session = self._ensure_session()
-        try:
-            async with session.post(worker.url + "/cancel", data=orjson.dumps({"execution_id": execution_id}), headers=_JSON,
-                                    timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            # Best effort: the closed connection has usually stopped the function already.
-            LOG.debug("cancel of execution %s on %s not delivered: %r", execution_id, worker.name, exc, extra=log_extra)
 
     async def _package_path(self, ref: PackageRef) -> str:
         path = self.packages.path(ref)

@@ -27,6 +27,7 @@ from engine.kubernetes.client import api_client
 from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_FUNCTION, L_POOL, L_RUNTIME, L_VERSION,
                                          L_WORKER, label_value)
 from engine.kubernetes.resolvers import NodePortResolver, PodIPResolver, Resolver
+from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
 from router import download_tokens
 from router.config import Config
 from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, PackageStore
@@ -34,7 +35,6 @@ from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, Pack
 LOG = logging.getLogger(__name__)
 
 HTTP_MARGIN = 30.0  # beyond the function's timeout: package download + import on a cold pod
-CANCEL_TIMEOUT = 5.0  # seconds for a runtime pod to acknowledge POST /cancel
 WORKER_CACHE_SECONDS = 1.0  # how long a function's worker list read from coordination is reused
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -119,6 +119,7 @@ class KubernetesEngine:
         self._updating: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self._cleanups: set[asyncio.Task] = set()
 
     # -----------------------------------------------------------------------------------------
     # Lifecycle
@@ -138,9 +139,11 @@ class KubernetesEngine:
         LOG.info("kubernetes engine %s started in namespace %s", self.engine_id, self.namespace)
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._background):
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=CANCEL_TIMEOUT)
+        for task in self._tasks + list(self._background) + list(self._cleanups):
             task.cancel()
-        for task in self._tasks + list(self._background):
+        for task in self._tasks + list(self._background) + list(self._cleanups):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -240,7 +243,7 @@ class KubernetesEngine:
             # The caller gave up on this execution (a newer cron tick replaced it, the router is
             # stopping). The runtime kills the function when this connection closes; the explicit
             # cancel covers a close that does not reach the pod (a proxy in between keeps its side open).
-            self._spawn(self._send_cancel(worker, body["execution_id"], extra))
+            self._spawn_cleanup(post_cancel(self._session, worker.url, body["execution_id"], worker=worker.pod, extra=extra))
             raise
         except TypeError as exc:
             return ExecutionResult.platform_error(f"Execution input is not JSON serialisable: {exc}")
@@ -262,17 +265,6 @@ class KubernetesEngine:
         return ExecutionResult(status="success" if ok else "failed", output=reply.get("output"),
                                duration=float(reply.get("duration") or 0.0), logs=reply.get("logs") or "",
                                reason=reply.get("reason") or ("ok" if ok else "error"))
-
-    async def _send_cancel(self, worker: Worker, execution_id: str, extra: dict) -> None:
-        if self._session is None:
-            return
-        try:
-            async with self._session.post(worker.url + "/cancel", data=orjson.dumps({"execution_id": execution_id}), headers=_JSON,
-                                          timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            # Best effort: the closed connection has usually stopped the function already.
-            LOG.debug("cancel of execution %s on %s not delivered: %r", execution_id, worker.pod, exc, extra=extra)
 
     # -----------------------------------------------------------------------------------------
     # Workers: the function → worker map, scale up, scale down, release
@@ -600,6 +592,13 @@ class KubernetesEngine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _spawn_cleanup(self, coro) -> None:
+        """Background work that must not be dropped at stop (pod deletes, cancels): stop() waits
+        for it, up to CANCEL_TIMEOUT, before cancelling the rest."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     # -----------------------------------------------------------------------------------------
     # Image functions: a pod per execution
 
@@ -619,7 +618,7 @@ class KubernetesEngine:
                 return ExecutionResult.platform_error(f"Cannot create the pod of image function {fn.id}: {exc.reason}")
             pod = await self.core.read_namespaced_pod(name, self.namespace)  # a retried execution: follow its pod
         except asyncio.CancelledError:
-            self._spawn(self._delete_pod(name, grace=0))  # the create may have gone through before the cancel
+            self._spawn_cleanup(self._delete_pod(name, grace=0))  # the create may have gone through before the cancel
             raise
         cancelled = False
         try:
@@ -630,7 +629,7 @@ class KubernetesEngine:
             # Cancelled (a newer cron tick replaced it): the pod must stop. Deleted in the background,
             # so the cancel completes at once and a second cancel cannot interrupt the delete.
             cancelled = True
-            self._spawn(self._delete_pod(name, grace=0))
+            self._spawn_cleanup(self._delete_pod(name, grace=0))
             raise
         finally:
             if not cancelled:

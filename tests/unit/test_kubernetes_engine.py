@@ -361,6 +361,21 @@ async def test_image_function_timeout_kills_and_deletes_the_pod(env, image_fn):
     assert env.fake.get("pods", env.cluster.namespace, name) is None
 
 
+async def test_an_image_pod_cancelled_just_before_stop_is_still_deleted(env, image_fn):
+    """A cancelled run's pod is deleted in the background; stopping the engine right after waits
+    for that delete rather than dropping it (nothing else would ever remove the pod)."""
+    engine = await env.engine(replicas=0)
+    request = req(image_fn(timeout=30), {"sleep": 30})
+    running = asyncio.ensure_future(engine.execute(request))
+    name = manifests.dns_name("hw-exec", request.execution_id, limit=63)
+    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, name) is not None)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await engine.stop()
+    assert env.fake.get("pods", env.cluster.namespace, name) is None
+
+
 async def test_image_function_failure_is_seen_at_once(env, image_fn):
     engine = await env.engine(replicas=0)
     started = time.monotonic()
