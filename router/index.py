@@ -78,14 +78,33 @@ BAG_LENGTHS = 4  # distinct literal lengths a bag holds before it becomes a leve
 
 
 class _Bag(dict):
-    """Literals → candidates, looked up whole: one probe per distinct length (`lengths`)."""
+    """Literals → candidates, looked up whole: one probe per distinct length (`lengths`). `counts`
+    keeps how many literals have each length, so that adding or removing one is O(1)."""
 
-    __slots__ = ("lengths",)
+    __slots__ = ("lengths", "counts")
+
+    def put(self, literal: str, found: tuple) -> None:
+        if literal not in self:
+            n = len(literal)
+            self.counts[n] += 1
+            if self.counts[n] == 1:
+                self.lengths = tuple(sorted(self.counts))
+        self[literal] = found
+
+    def drop(self, literal: str) -> None:
+        if literal in self:
+            del self[literal]
+            n = len(literal)
+            self.counts[n] -= 1
+            if not self.counts[n]:
+                del self.counts[n]
+                self.lengths = tuple(sorted(self.counts))
 
 
 def _bag(items: Iterable[tuple[str, tuple]] = ()) -> _Bag:
     bag = _Bag(items)
-    bag.lengths = tuple(sorted({len(k) for k in bag}))
+    bag.counts = collections.Counter(len(k) for k in bag)
+    bag.lengths = tuple(sorted(bag.counts))
     return bag
 
 
@@ -170,14 +189,12 @@ class _Trie:
         if type(node) is _Leaf:
             return _Leaf((literal, found)) if node[0] == literal else self._build([node, (literal, found)], offset)
         if type(node) is _Bag:
-            node[literal] = found
-            node.lengths = tuple(sorted({*node.lengths, len(literal)}))
+            node.put(literal, found)
             return node if len(node.lengths) <= BAG_LENGTHS else self._build(list(node.items()), offset)
         if len(literal) < node.offset:  # shorter than this level was cut for: cut it again
             return self._build([*self._items(node), (literal, found)], offset)
         if len(literal) < node.offset + STRIDE:
-            node.bag[literal] = found
-            node.bag.lengths = tuple(sorted({*node.bag.lengths, len(literal)}))
+            node.bag.put(literal, found)
             return node
         chunk = self._chunk(literal, node.offset)
         child = node.get(chunk)
@@ -190,12 +207,10 @@ class _Trie:
         if type(node) is _Leaf:
             return None if node[0] == literal else node
         if type(node) is _Bag:
-            if node.pop(literal, None) is not None:
-                node.lengths = tuple(sorted({len(k) for k in node}))
+            node.drop(literal)
             return node or None
         if len(literal) < node.offset + STRIDE:
-            if node.bag.pop(literal, None) is not None:
-                node.bag.lengths = tuple(sorted({len(k) for k in node.bag}))
+            node.bag.drop(literal)
         else:
             chunk = self._chunk(literal, node.offset)
             child = node.get(chunk)
@@ -209,7 +224,7 @@ class _Trie:
             return node.bag or None
         if len(node) == 1:
             (only,) = node.values()
-            if type(only) is not _Level and len({*node.bag.lengths, *_bag(self._items(only)).lengths}) <= BAG_LENGTHS:
+            if type(only) is not _Level and len({*node.bag.lengths, *(len(k) for k, _ in self._items(only))}) <= BAG_LENGTHS:
                 return _bag([*node.bag.items(), *self._items(only)])
         return node
 
@@ -220,7 +235,9 @@ class _Bucket:
     Each is filed in one cell, under a condition every event it matches meets: an exact attribute
     value (a hash lookup), a literal prefix or suffix (a _Trie), else each of its event types, else
     `rest`. A cell holds its candidates ready-made (see _Checked), rebuilt at the next match after
-    a change: loading N subscriptions into one cell costs O(N), not O(N²)."""
+    a change: loading N subscriptions into one cell costs O(N), not O(N²). The price is that a
+    change to a cell of N costs O(N) once, at the next match; cells stay small when subscriptions
+    are filed by something that tells them apart (a container, a cron job's subject)."""
 
     def __init__(self) -> None:
         self.members: dict[tuple, dict[str, _Entry]] = {}  # cell → its subscriptions, in put order

@@ -174,3 +174,20 @@ def test_matches_what_each_filter_alone_matches():
                         and compile_subscription(s).matches(event)]
             got = [s.id for s in index.match(event)]
             assert sorted(got) == sorted(expected), (step, event.subject)
+
+
+def test_a_bag_keeps_its_lengths_through_repeated_puts_and_drops():
+    """A bag probes one length per distinct literal length; adding a literal twice or dropping one
+    that is not there must not unbalance the count kept per length."""
+    from router.index import _bag
+
+    bag = _bag([("ab", ("s1",)), ("abcd", ("s2",))])
+    bag.put("ab", ("s1", "s3"))  # the same literal again: still one literal of length 2
+    bag.put("xy", ("s4",))
+    assert bag.lengths == (2, 4)
+    bag.drop("ab")
+    bag.drop("ab")  # not there any more
+    bag.drop("zz")  # never there
+    assert bag.lengths == (2, 4)  # "xy" is still of length 2
+    bag.drop("xy")
+    assert bag.lengths == (4,) and dict(bag) == {"abcd": ("s2",)}
