@@ -49,9 +49,6 @@ class Condition:
     op: str
     value: Any
 
-    def getter(self) -> Callable[[Event], Any]:
-        return attribute_getter(self.attribute)
-
     def index_key(self) -> tuple[str, str, Any] | None:
         """How the index can find subscriptions with this condition without testing them all:
         (kind, attribute, key) for exact values, literal prefixes and literal suffixes."""
@@ -116,12 +113,12 @@ def _number(value: Any) -> float | None:
 def _compile_condition(cond: Condition) -> Predicate:
     if isinstance(cond.value, list):
         return _build_condition(cond.attribute, cond.op, cond.value)
-    # The type is part of the key: 1, 1.0 and True are equal as keys but not as filter values.
-    return _shared_condition(cond.attribute, cond.op, type(cond.value), cond.value)
+    return _shared_condition(cond.attribute, cond.op, cond.value)
 
 
-@functools.lru_cache(maxsize=4096)
-def _shared_condition(attribute: str, op: str, _type: type, value: Any) -> Predicate:
+# typed: 1, 1.0 and True are equal as keys but not as filter values.
+@functools.lru_cache(maxsize=4096, typed=True)
+def _shared_condition(attribute: str, op: str, value: Any) -> Predicate:
     """One predicate for every subscription with the same condition (say `data.size > 10`): less
     memory, and the matching path keeps touching the same few objects."""
     return _build_condition(attribute, op, value)
@@ -432,19 +429,8 @@ class CompiledFilter:
     # Conditions that must hold for any event to match (the top-level `all`): candidates for the
     # index key. An `any`/`not` contributes none.
     required: tuple[Condition, ...]
-    # True when the filter is nothing but one condition: then an index that found the subscription
-    # through that very condition has checked it already.
-    single: bool = False
     # The filter as a conjunction (nested top-level `all`s flattened): what residual() takes from.
     conjuncts: tuple[Node, ...] = ()
-
-    def decided_by_index(self) -> bool:
-        """Whether finding the subscription through index_key() already proves the filter holds:
-        one exact string (not number-like: the index compares numbers loosely), prefix or suffix."""
-        if not self.single:
-            return False
-        (cond,) = self.required
-        return _decided_by_lookup(cond)
 
     def residual(self, key: tuple[str, str, Any] | None) -> Predicate | None:
         """What is left to test of an event the index found through `key` (an index_key() of this
@@ -494,8 +480,7 @@ def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilte
     if not nodes:
         return CompiledFilter(lambda e: True, ())
     predicate = _compile_node(("all", nodes)) if len(nodes) > 1 else _compile_node(nodes[0])
-    single = len(nodes) == 1 and isinstance(nodes[0], Condition)
-    return CompiledFilter(predicate, tuple(required), single, tuple(_conjuncts(("all", nodes))))
+    return CompiledFilter(predicate, tuple(required), tuple(_conjuncts(("all", nodes))))
 
 
 def _conjuncts(node: Node) -> list[Node]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 import time
 import uuid
 import zipfile
@@ -15,7 +14,7 @@ import pytest
 
 from router.config import Config
 from router.plugins import Engine, ExecutionRequest, FunctionSpec, PackageRef, load
-from tests.processes import gone
+from tests.processes import gone, pid_path
 
 MAIN_PY = '''
 import os, subprocess, sys, time
@@ -205,10 +204,7 @@ async def test_dead_worker_is_an_error_then_replaced(env, tmp_path):
 
 async def test_cancelling_execute_stops_the_function_and_the_engine_serves_next(env):
     engine, ref, _ = env
-    # A directory the function can write even as a sandbox uid (the tests' tmp dirs are root's).
-    folder = tempfile.mkdtemp(prefix="headwater-cancel-", dir="/tmp")
-    os.chmod(folder, 0o777)
-    path = os.path.join(folder, "pid")
+    path = pid_path()
     running = asyncio.ensure_future(engine.execute(req(spec(ref, "main.nap_pid", timeout=60), {"path": path, "seconds": 30})))
     for _ in range(400):
         if os.path.exists(path) and open(path).read().strip():

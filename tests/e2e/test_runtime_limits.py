@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.e2e.server import Server, make_zip
+from tests.processes import wait_gone
 
 MiB = 1024 * 1024
 
@@ -133,20 +134,6 @@ def execute(server, function_id, input=None, timeout=60):
     return execution
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pids, seconds=3.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
-
 
 def sandbox_processes() -> int:
     """Processes now running under sandbox uids (the runtimes give every child one when run as root)."""
@@ -191,7 +178,7 @@ def test_sleep_past_the_timeout_is_killed_with_its_children(server, runtimes):
             assert execution["status"] == "success", (lang, execution)
             assert execution["result"]["output"] == "slept 7"
         # killed with the timed-out child, or with the child recycled for leaving it behind
-        assert wait_gone(children) == [], (lang, timeout)
+        assert [p for p in children if not wait_gone(p)] == [], (lang, timeout)
 
 
 @pytest.mark.parametrize("memory, status, reason", [(32 * MiB, "failed", "memory"), (96 * MiB, "success", "ok")])

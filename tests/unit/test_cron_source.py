@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import zipfile
 from zoneinfo import ZoneInfo
@@ -23,7 +22,7 @@ from router.config import Config
 from router.events import Event, derived_id
 from router.plugins import Source, Subscription, SubscriptionInvalid
 from sources.cron import EVENT_TYPE, CronSource, next_fire_time
-from tests.processes import gone as process_gone
+from tests.processes import gone as process_gone, pid_path
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2024, 1, 15, 12, 0, 0, tzinfo=UTC)  # a Monday, in winter (Paris is UTC+1)
@@ -221,6 +220,7 @@ class FakeContext:
         self.fail_publishes = 0
         self.publish_delay = 0.0
         self.cancels: list[tuple[str, str, str, str | None]] = []  # cancel_executions calls
+        self.running: dict[str, int] = {}  # subscription id → executions still running
 
     def add(self, sub: Subscription) -> None:
         self.subs[sub.id] = sub
@@ -274,8 +274,6 @@ class FakeContext:
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         raise AssertionError("the cron source dead-letters nothing")
 
-    running: dict[str, int] = {}
-
     async def active_executions(self, subscription_id: str) -> int:
         return self.running.get(subscription_id, 0)
 
@@ -289,7 +287,8 @@ class FakeContext:
         return [a for a in self.advances if a[3]]
 
 
-def schedule(sub_id: str = "job-1", *, pattern: str | None = "* * * * *", next_time: dt.datetime = NOW, count: int | None = None, status: str = "running", timezone: str | None = None) -> Subscription:
+def schedule(sub_id: str = "job-1", *, pattern: str | None = "* * * * *", next_time: dt.datetime = NOW, count: int | None = None, status: str = "running", timezone: str | None = None,
+             options: dict[str, Any] | None = None) -> Subscription:
     return Subscription(
         id=sub_id,
         project_id="project-a",
@@ -300,7 +299,7 @@ def schedule(sub_id: str = "job-1", *, pattern: str | None = "* * * * *", next_t
         next_execution_time=next_time,
         count=count,
         status=status,
-        options={"timezone": timezone} if timezone else {},
+        options={**({"timezone": timezone} if timezone else {}), **(options or {})},
     )
 
 
@@ -626,7 +625,7 @@ async def test_catch_up_policies_after_downtime(harness, policy, limit, expected
 async def test_overlap_forbid_skips_a_tick_while_the_previous_run_runs(harness) -> None:
     ctx, clock, start = harness
     ctx.running = {"job-1": 1}
-    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "forbid"}))
+    ctx.add(schedule(options={"overlap": "forbid"}))
     await start()
     clock.now = NOW + dt.timedelta(seconds=1)
     await spin()
@@ -649,7 +648,7 @@ async def test_overlap_allow_is_the_default(harness) -> None:
 
 async def test_jitter_is_stable_and_delays_within_the_bound(harness) -> None:
     ctx, clock, start = harness
-    sub = dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"jitter": 30})
+    sub = schedule(options={"jitter": 30})
     ctx.add(sub)
     from sources.cron import _jitter
     offset = _jitter(sub, NOW)
@@ -705,8 +704,7 @@ def test_overlap_replace_is_accepted_top_level_or_in_options(source: CronSource,
 
 async def test_overlap_replace_with_nothing_running_just_fires(harness) -> None:
     ctx, clock, start = harness
-    ctx.running = {}
-    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    ctx.add(schedule(options={"overlap": "replace"}))
     await start()
     clock.now = NOW + dt.timedelta(seconds=1)
     await until(lambda: len(ctx.published) == 1)
@@ -719,7 +717,7 @@ async def test_overlap_replace_with_nothing_running_just_fires(harness) -> None:
 async def test_overlap_replace_cancels_the_previous_run_and_fires_the_tick(harness) -> None:
     ctx, clock, start = harness
     ctx.running = {"job-1": 1}
-    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    ctx.add(schedule(options={"overlap": "replace"}))
     await start()
     clock.now = NOW + dt.timedelta(seconds=1)
     await until(lambda: len(ctx.cancels) == 1)
@@ -733,7 +731,7 @@ async def test_overlap_replace_cancels_the_previous_run_and_fires_the_tick(harne
 async def test_overlap_replace_cancels_nothing_for_a_tick_another_replica_advanced(harness) -> None:
     ctx, clock, start = harness
     ctx.running = {"job-1": 1}
-    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    ctx.add(schedule(options={"overlap": "replace"}))
 
     class LosingRace(FakeContext):
         async def advance_schedule(self, *args: Any, **kwargs: Any) -> bool:
@@ -751,7 +749,7 @@ async def test_overlap_replace_cancels_nothing_for_a_tick_another_replica_advanc
 async def test_overlap_replace_catching_up_cancels_once_with_the_newest_tick(harness) -> None:
     ctx, clock, start = harness
     ctx.running = {"job-1": 1}
-    ctx.add(dataclasses.replace(schedule(pattern="* * * * *", next_time=NOW), options={"overlap": "replace"}))
+    ctx.add(schedule(options={"overlap": "replace"}))
     clock.now = NOW + dt.timedelta(minutes=3, seconds=1)  # down for three minutes: four ticks due
     await start()
     await until(lambda: len(ctx.published) == 4)
@@ -837,9 +835,7 @@ async def router(tmp_path):
     client = TestClient(TestServer(app.web))
     await client.start_server()
     try:
-        folder = tempfile.mkdtemp(prefix="headwater-replace-", dir="/tmp")
-        os.chmod(folder, 0o777)  # the function may run as a sandbox uid of its own
-        marker = os.path.join(folder, "first-run-pid")
+        marker = pid_path()  # written by the first run's function, which may run as a sandbox uid
         runtime = await (await client.post("/v1/runtimes", json={"image": "python3"})).json()
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
