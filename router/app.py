@@ -243,12 +243,12 @@ async def serve(app: Headwater) -> None:
     config = app.config
     await app.start()
     runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.api.host, config.api.port)
-    await site.start()
-    tune_for_server()
-    log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
     try:
+        # Inside the try: a port already in use must still stop what app.start() started.
+        await runner.setup()
+        await web.TCPSite(runner, config.api.host, config.api.port).start()
+        tune_for_server()
+        log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
