@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
+from engine.packages import write_atomic
 from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
 from router.config import Config
 from router.plugins import ExecutionRequest, ExecutionResult, PackageRef, PackageStore
@@ -250,11 +251,15 @@ class LocalEngine:
         path = self.packages.path(ref)
         if path:
             return path
-        # A store without local files (Swift): keep a local copy for the runtimes to read.
+        # A store whose local copy is a cache (Swift) has the file once it has been read.
+        data = await self.packages.get(ref)
+        path = self.packages.path(ref)
+        if path:
+            return path
+        # A store without local files: keep a local copy for the runtimes to read.
         cached = Path(self.config.data_dir) / "engine-cache" / ref.project_id / f"{ref.function_id}_{ref.version}_{ref.md5sum}.zip"
         if not cached.is_file():
-            data = await self.packages.get(ref)
-            await asyncio.to_thread(_write_atomic, cached, data)
+            await asyncio.to_thread(write_atomic, cached, data)
         return str(cached)
 
     # -----------------------------------------------------------------------------------------
@@ -394,10 +399,3 @@ async def _forward(stream: asyncio.StreamReader | None, name: str, level: int) -
     with contextlib.suppress(asyncio.CancelledError, ConnectionError):
         async for line in stream:
             LOG.log(level, "[%s] %s", name, line.decode("utf-8", "replace").rstrip())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

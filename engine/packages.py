@@ -124,6 +124,17 @@ class FilesystemPackageStore:
         path = self._file(ref.project_id, ref.function_id, ref.version, ref.md5sum)
         await asyncio.to_thread(_unlink, path)
 
+    async def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the target and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     if not src.is_file():

@@ -180,6 +180,7 @@ class Headwater:
         await self.results.close()
         await self.bus.close()
         await self.engine.stop()
+        await self.packages.close()
         await self.db.dispose()
 
     # -- the index follows the table -----------------------------------------------------------

@@ -102,8 +102,11 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("prefix", "str", "/headwater/", "Key prefix of everything Headwater keeps in etcd."),
     ],
     "storage": [
-        _opt("provider", "str", "filesystem", "Package store, by plugin name."),
-        _opt("file_system_dir", "path", None, "Package root. Default: <data_dir>/packages."),
+        _opt("provider", "str", "filesystem", "Package store, by plugin name: 'filesystem' (one machine, or a volume every replica mounts) or 'swift' (a Swift container every replica shares; file_system_dir is then each replica's cache)."),
+        _opt("file_system_dir", "path", None, "Package root (with provider = swift: this replica's cache). Default: <data_dir>/packages."),
+        _opt("swift_store_url", "str", None, "With provider = swift: the storage URL of the Swift account that keeps packages, e.g. http://swift:8080/v1/AUTH_headwater."),
+        _opt("swift_store_container", "str", "headwater-packages", "With provider = swift: the container packages are kept in (created when missing)."),
+        _opt("swift_store_token", "str", None, "With provider = swift: X-Auth-Token for the package account (unset: none, for a Swift without auth)."),
         _opt("swift_url", "str", None, "Swift storage URL for functions whose code is a Swift object; {project_id} is replaced by the function's project, e.g. http://swift:8080/v1/AUTH_{project_id}. Unset: such functions are refused."),
         _opt("swift_token", "str", None, "X-Auth-Token sent to Swift when fetching function code (unset: none, for Swift without auth)."),
     ],

@@ -249,6 +249,10 @@ class PackageInvalid(ValueError):
     """An uploaded package that cannot be stored (not a zip, md5 mismatch, too large)."""
 
 
+class PackageStoreUnavailable(RuntimeError):
+    """The package store could not be reached or refused a request (the API answers 503)."""
+
+
 @runtime_checkable
 class PackageStore(Protocol):
     def __init__(self, config: Config) -> None: ...
@@ -264,6 +268,9 @@ class PackageStore(Protocol):
     async def copy(self, ref: PackageRef, version: int) -> PackageRef: ...
 
     async def delete(self, ref: PackageRef) -> None: ...
+
+    async def close(self) -> None:
+        """Release connections; called once when Headwater stops."""
 
     swift_enabled: bool
     """Whether functions may take their code from Swift objects."""

@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from router.executions import InvalidTarget, TargetUnavailable
-from router.plugins import PackageInvalid, SubscriptionInvalid
+from router.plugins import PackageInvalid, PackageStoreUnavailable, SubscriptionInvalid
 from router.store import Conflict, NotFound
 from router.store.repositories import InvalidFilter, VersionLimit
 
@@ -46,6 +46,7 @@ _STATUS_BY_TYPE: list[tuple[type[BaseException], int]] = [
     (Conflict, 400),  # Qinling maps DBError (duplicates) to 400
     (InvalidTarget, 400),
     (PackageInvalid, 400),
+    (PackageStoreUnavailable, 503),
     (SubscriptionInvalid, 400),
     (InvalidFilter, 400),
     (VersionLimit, 403),
