@@ -1,0 +1,305 @@
+"""Front-door benchmark: HTTP requests to a real `headwater serve` (SQLite default and PostgreSQL),
+side by side with a trivial aiohttp server in the same run as the floor. Sync executions
+(sequential, 16 and 64 concurrent), webhook invokes (202/s and invoke → success), CloudEvents
+ingress and list endpoints (keep-alive and a new connection per request). Prints a table, writes JSON."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named http.py: drop bench/ from the import path so `import http` finds the stdlib.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import textwrap
+import time
+import uuid
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.server import Server, free_port, make_zip  # noqa: E402
+
+POSTGRES_ADMIN = os.environ.get("HEADWATER_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+FUNCTION = "def main(*args, **kwargs):\n    return 'ok'\n"
+
+# The floor: the least an aiohttp server can do for each request shape — parse the JSON body and
+# answer with JSON, or answer a precomputed body of a given size.
+FLOOR_APP = textwrap.dedent("""
+    import json, sys
+    from aiohttp import web
+    bodies = {}
+    async def echo(request):
+        body = await request.json()
+        return web.json_response({"id": "0" * 36, "status": "success", "result": json.dumps(body)}, status=201)
+    async def accepted(request):
+        await request.read()
+        return web.json_response({"execution_id": "0" * 36}, status=202)
+    async def sized(request):
+        size = int(request.match_info["size"])
+        if size not in bodies:
+            bodies[size] = b"[" + b" " * (size - 2) + b"]"
+        return web.Response(body=bodies[size], content_type="application/json")
+    app = web.Application()
+    app.router.add_post("/sync", echo)
+    app.router.add_post("/accepted", accepted)
+    app.router.add_get("/sized/{size}", sized)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+""")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def summary(latencies_ms: list[float], elapsed: float) -> dict:
+    return {"requests": len(latencies_ms), "req_per_s": round(len(latencies_ms) / elapsed, 1),
+            "p50_ms": round(percentile(latencies_ms, 50), 3), "p99_ms": round(percentile(latencies_ms, 99), 3)}
+
+
+async def load(session: aiohttp.ClientSession, method: str, url: str, *, n: int, concurrency: int,
+               body=None, expect: int, new_connection: bool = False) -> dict:
+    """`n` requests from `concurrency` clients; latency per request, throughput over the whole run."""
+    latencies: list[float] = []
+    remaining = iter(range(n))
+    failures: list[str] = []
+
+    async def client() -> None:
+        own = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) if new_connection else None
+        try:
+            for _ in remaining:
+                started = time.perf_counter()
+                async with (own or session).request(method, url, json=body) as resp:
+                    payload = await resp.read()
+                    if resp.status != expect:
+                        failures.append(f"{resp.status}: {payload[:200]!r}")
+                latencies.append((time.perf_counter() - started) * 1000)
+        finally:
+            if own is not None:
+                await own.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {n} requests to {url} failed, e.g. {failures[0]}")
+    return summary(latencies, elapsed)
+
+
+class Floor:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(self.port)])
+
+    async def ready(self, session: aiohttp.ClientSession) -> None:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{self.url}/sized/2") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("floor server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A database of its own for one Headwater, dropped afterwards."""
+    import asyncpg
+
+    name = f"hw_bench_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def set_up(server: Server, functions: int) -> dict:
+    runtime = server.request("POST", "/v1/runtimes", {"image": "python3", "name": "python3"}).json()["id"]
+    package = make_zip({"main.py": FUNCTION})
+    ids = []
+    for i in range(functions):
+        resp = server.multipart("/v1/functions", {"runtime_id": runtime, "entry": "main.main", "name": f"bench-{i}",
+                                                   "code": json.dumps({"source": "package"})}, {"package": package})
+        if resp.status != 201:
+            raise RuntimeError(f"function create failed: {resp.status} {resp.text}")
+        ids.append(resp.json()["id"])
+    # The webhook's function is not the sync rows' function, so its executions can be counted apart.
+    hook = server.request("POST", "/v1/webhooks", {"function_id": ids[1]}).json()
+    # Warm both functions' runtime workers so that every row measures the warm path.
+    for function_id in ids[:2]:
+        warm = server.request("POST", "/v1/executions", {"function_id": function_id, "input": "warm"})
+        if warm.status != 201 or warm.json()["status"] != "success":
+            raise RuntimeError(f"warm-up execution failed: {warm.status} {warm.text}")
+    return {"function_id": ids[0], "webhook_function_id": ids[1], "webhook_url": hook["webhook_url"]}
+
+
+async def invoke_to_success(session: aiohttp.ClientSession, server: Server, url: str, n: int) -> dict:
+    """One webhook at a time: invoke, then poll its execution until it is done."""
+    latencies = []
+    started_all = time.perf_counter()
+    for i in range(n):
+        started = time.perf_counter()
+        async with session.post(url, json={"i": i}) as resp:
+            execution_id = (await resp.json())["execution_id"]
+        while True:
+            async with session.get(f"{server.url}/v1/executions/{execution_id}") as resp:
+                status = (await resp.json())["status"]
+            if status == "success":
+                break
+            if status not in ("running", "retrying"):
+                raise RuntimeError(f"webhook execution ended {status}")
+            await asyncio.sleep(0.0005)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return summary(latencies, time.perf_counter() - started_all)
+
+
+async def backlog_drain(session: aiohttp.ClientSession, server: Server, function_id: str, accepted: int,
+                        burst_started: float, accept_seconds: float) -> dict:
+    """After a burst of webhook 202s: the rate their executions completed at (from the burst's
+    start to the last success), against the rate the 202s arrived at."""
+    deadline = time.perf_counter() + 120
+    while True:
+        async with session.get(f"{server.url}/v1/executions", params={"function_id": function_id, "status": "success"}) as resp:
+            done = len((await resp.json())["executions"]) - 1  # less the warm-up run
+        if done >= accepted or time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    total = time.perf_counter() - burst_started
+    return {"accepted": accepted, "completed": done, "completed_per_s": round(done / total, 1),
+            "accepted_per_s": round(accepted / accept_seconds, 1)}
+
+
+async def measure_headwater(server: Server, ids: dict, floor: Floor, args) -> dict:
+    rows: dict[str, dict] = {}
+    sync_body = {"function_id": ids["function_id"], "input": "bench"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await floor.ready(session)
+        n = args.requests
+        rows["sync, sequential"] = {
+            "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=1, body=sync_body, expect=201),
+            "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=1, body=sync_body, expect=201)}
+        for c in (16, 64):
+            rows[f"sync, {c} concurrent"] = {
+                "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=c, body=sync_body, expect=201),
+                "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=c, body=sync_body, expect=201)}
+        started = time.perf_counter()
+        webhook = await load(session, "POST", ids["webhook_url"], n=n, concurrency=16, body={"k": "v"}, expect=202)
+        accept_seconds = time.perf_counter() - started
+        rows["webhook backlog drain"] = {"headwater": await backlog_drain(session, server, ids["webhook_function_id"], n,
+                                                                          started, accept_seconds)}
+        # The floor runs after the drain, so it does not compete with the backlog for the CPU.
+        rows["webhook → 202, 16 concurrent"] = {
+            "headwater": webhook,
+            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body={"k": "v"}, expect=202)}
+        rows["webhook → success, one at a time"] = {"headwater": await invoke_to_success(session, server, ids["webhook_url"], args.latency)}
+        event = {"specversion": "1.0", "type": "org.example.bench", "source": "/bench", "id": "x", "data": {"k": "v"}}
+        rows["CloudEvent ingress, 16 concurrent"] = {
+            "headwater": await load_events(session, server, event, n),
+            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
+        for path in ("/v1/functions", "/v1/runtimes"):
+            async with session.get(server.url + path) as resp:
+                size = len(await resp.read())
+            for mode, fresh in (("keep-alive", False), ("new connection", True)):
+                rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = {
+                    "headwater": await load(session, "GET", server.url + path, n=n, concurrency=16, expect=200, new_connection=fresh),
+                    "floor": await load(session, "GET", f"{floor.url}/sized/{size}", n=n, concurrency=16, expect=200, new_connection=fresh)}
+    return rows
+
+
+async def load_events(session: aiohttp.ClientSession, server: Server, event: dict, n: int) -> dict:
+    """CloudEvents with distinct ids (a repeated id is a duplicate, not new work)."""
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def client() -> None:
+        for i in counter:
+            started = time.perf_counter()
+            async with session.post(f"{server.url}/v1/events", json={**event, "id": f"bench-{uuid.uuid4().hex}-{i}"}) as resp:
+                await resp.read()
+                if resp.status >= 300:
+                    raise RuntimeError(f"event ingress answered {resp.status}")
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(16)))
+    return summary(latencies, time.perf_counter() - started)
+
+
+def run_database(database: str, args, floor: Floor) -> dict:
+    with tempfile.TemporaryDirectory(prefix="hw-bench-http-") as tmp, contextlib.ExitStack() as stack:
+        config = ""
+        if database == "postgresql":
+            url = stack.enter_context(postgres_database())
+            config = f"[database]\nconnection = {url}\n"
+        server = stack.enter_context(Server(Path(tmp), config))
+        ids = set_up(server, args.functions)
+        return asyncio.run(measure_headwater(server, ids, floor, args))
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'database':<11}{'row':<56}{'headwater':>22}{'floor':>22}{'ratio':>8}")
+    for database, rows in results.items():
+        for name, row in rows.items():
+            hw, fl = row["headwater"], row.get("floor")
+            if "req_per_s" in hw:
+                hw_text = f"{hw['req_per_s']:,.0f}/s p50 {hw['p50_ms']:.2f}"
+                fl_text = f"{fl['req_per_s']:,.0f}/s p50 {fl['p50_ms']:.2f}" if fl else ""
+                ratio = f"{hw['req_per_s'] / fl['req_per_s']:.2f}" if fl else ""
+                row["ratio"] = float(ratio) if ratio else None
+            else:
+                hw_text = f"{hw['completed_per_s']:,.0f}/s done"
+                fl_text = f"{hw['accepted_per_s']:,.0f}/s 202"  # the ratio here: completions to 202s
+                ratio = f"{hw['completed_per_s'] / hw['accepted_per_s']:.2f}"
+                row["ratio"] = float(ratio)
+            print(f"{database:<11}{name:<56}{hw_text:>22}{fl_text:>22}{ratio:>8}")
+            if "p99_ms" in hw:
+                print(f"{'':<11}{'':<56}{'p99 %.2f ms' % hw['p99_ms']:>22}{('p99 %.2f ms' % fl['p99_ms']) if fl else '':>22}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per row")
+    parser.add_argument("--latency", type=int, default=200, help="webhooks timed one at a time to success")
+    parser.add_argument("--functions", type=int, default=50, help="functions listed by GET /v1/functions")
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "http.json"))
+    args = parser.parse_args()
+    floor = Floor()
+    try:
+        results = {database: run_database(database, args, floor) for database in args.databases.split(",")}
+    finally:
+        floor.stop()
+    print_table(results)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
+                                           "load_average": os.getloadavg(), "args": vars(args), "results": results}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
