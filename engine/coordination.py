@@ -347,13 +347,23 @@ def _client_class(aetcd):
     return Client
 
 
+def memory_coordination(config: Config, engine_id: str) -> MemoryCoordinator:
+    """The `memory` coordination plugin: one process, no other replicas."""
+    return MemoryCoordinator(engine_id)
+
+
+def etcd_coordination(config: Config, engine_id: str) -> EtcdCoordinator:
+    """The `etcd` coordination plugin, from the [etcd] options."""
+    etcd = config.etcd
+    return EtcdCoordinator(engine_id, host=etcd.host, port=etcd.port, protocol=etcd.protocol,
+                           ca_cert=str(etcd.ca_cert) if etcd.ca_cert else None,
+                           cert_file=str(etcd.cert_file) if etcd.cert_file else None,
+                           cert_key=str(etcd.cert_key) if etcd.cert_key else None,
+                           lease_ttl=etcd.lease_ttl, prefix=etcd.prefix)
+
+
 def coordinator_from_config(config: Config, engine_id: str | None = None) -> Coordinator:
     engine_id = engine_id or f"engine-{uuid.uuid4().hex[:12]}"
     if config.engine.coordination == "etcd":
-        etcd = config.etcd
-        return EtcdCoordinator(engine_id, host=etcd.host, port=etcd.port, protocol=etcd.protocol,
-                               ca_cert=str(etcd.ca_cert) if etcd.ca_cert else None,
-                               cert_file=str(etcd.cert_file) if etcd.cert_file else None,
-                               cert_key=str(etcd.cert_key) if etcd.cert_key else None,
-                               lease_ttl=etcd.lease_ttl, prefix=etcd.prefix)
-    return MemoryCoordinator(engine_id)
+        return etcd_coordination(config, engine_id)
+    return memory_coordination(config, engine_id)

@@ -21,7 +21,7 @@ import orjson
 from engine.packages import write_atomic
 from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
 from router.config import Config
-from router.plugins import ExecutionRequest, ExecutionResult, PackageRef, PackageStore
+from router.plugins import Coordination, ExecutionRequest, ExecutionResult, PackageRef, PackageStore
 
 LOG = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Worker:
 class LocalEngine:
     name: ClassVar[str] = "local"
 
-    def __init__(self, config: Config, packages: PackageStore) -> None:
+    def __init__(self, config: Config, packages: PackageStore, *, coordinator: Coordination | None = None) -> None:
         self.config = config
         self.packages = packages
         self.runtime_map: list[tuple[str, str]] = []

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from router.config import Config
-from router.plugins import ExecutionRequest, ExecutionResult, PackageStore
+from router.plugins import Coordination, ExecutionRequest, ExecutionResult, PackageStore
 
 
 class NullEngine:
     name: ClassVar[str] = "null"
 
-    def __init__(self, config: Config, packages: PackageStore) -> None:
+    def __init__(self, config: Config, packages: PackageStore, *, coordinator: Coordination | None = None) -> None:
         self.config = config
         self.packages = packages
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import logging
+import os
+import re
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +41,12 @@ def _plugin(kind: str, name: str, option: str) -> type:
         raise ConfigError(f"{option} = {name!r}: {exc}") from None
     except ImportError as exc:  # e.g. the rabbitmq extra is not installed
         raise ConfigError(f"{option} = {name!r} cannot be loaded: {exc}") from None
+
+
+def process_id() -> str:
+    """This process's name among the replicas: host, pid and a random part (pids repeat across restarts)."""
+    host = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower())[:30].strip("-") or "headwater"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def subscription_view(row: models.Subscription) -> plugins.Subscription:
@@ -98,6 +108,10 @@ class _SourceContext:
     def add_route(self, method: str, path: str, handler) -> None:
         self._app.web.router.add_route(method, path, handler)
 
+    @property
+    def coordination(self) -> plugins.Coordination:
+        return self._app.coordination
+
     async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
                                *, fired: bool = True) -> bool:
         advanced = await self._app.store.subscriptions.advance_schedule(subscription_id, scheduled, next_time, count_down=fired)
@@ -128,7 +142,11 @@ class Headwater:
         self.index = SubscriptionIndex()
         self.change_listeners: list[Callable[[], None]] = []
         self.packages: plugins.PackageStore = _plugin("storage", config.storage.provider, "[storage] provider")(config)
-        self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(config, self.packages)
+        # One coordination per process, shared by the engine (workers, locks) and the sources (leaders).
+        self.coordination: plugins.Coordination = _plugin("coordination", config.engine.coordination,
+                                                          "[engine] coordination")(config, process_id())
+        self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(
+            config, self.packages, coordinator=self.coordination)
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
@@ -153,6 +171,7 @@ class Headwater:
     async def start(self) -> None:
         revision = await self.db.migrate()
         await self.reload_subscriptions()
+        await self.coordination.start()
         await self.engine.start()
         await self.executions.start()
         await self.history.start()
@@ -180,6 +199,7 @@ class Headwater:
         await self.results.close()
         await self.bus.close()
         await self.engine.stop()
+        await self.coordination.stop()
         await self.packages.close()
         await self.db.dispose()
 

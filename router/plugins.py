@@ -1,11 +1,12 @@
-"""The contracts every plugin kind implements (Source, Sink, Engine, PackageStore) and the registry
-that finds plugins by name through Python entry points."""
+"""The contracts every plugin kind implements (Source, Sink, Engine, PackageStore, Coordination)
+and the registry that finds plugins by name through Python entry points."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -21,6 +22,7 @@ GROUPS = {
     "sink": "headwater.sinks",
     "engine": "headwater.engines",
     "storage": "headwater.storage",
+    "coordination": "headwater.coordination",
 }
 
 
@@ -33,7 +35,8 @@ def available(kind: str) -> list[str]:
 
 
 def load(kind: str, name: str) -> type:
-    """The plugin class registered under `name` for `kind` (bus, source, sink, engine, storage)."""
+    """The plugin class registered under `name` for `kind` (bus, source, sink, engine, storage,
+    coordination: for coordination, a factory `(config, process_id) -> Coordination`)."""
     matches = [ep for ep in entry_points(group=GROUPS[kind]) if ep.name == name]
     if not matches:
         raise PluginNotFound(f"no {kind} plugin named {name!r}; installed: {', '.join(available(kind)) or 'none'}")
@@ -139,6 +142,10 @@ class SourceContext(Protocol):
     async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
         """Record input that could not become an event, with the reason."""
 
+    coordination: Coordination
+    """This process's coordination with the other replicas: a pull source elects a leader per
+    queue with it, so that exactly one replica polls each queue."""
+
 
 @runtime_checkable
 class Source(Protocol):
@@ -215,6 +222,47 @@ class ExecutionResult:
         return cls(status="error", output=message, reason=reason)
 
 
+# ---------------------------------------------------------------------------------------------
+# Coordination between replicas
+
+
+@runtime_checkable
+class Coordination(Protocol):
+    """What the replicas of one Headwater share (etcd, or in-process for one replica): leaders,
+    locks, and the map of which worker serves which function. One per process, shared by the
+    engine and the sources; everything a process holds ends with it (an etcd lease)."""
+
+    engine_id: str
+    """This process's identity among the replicas."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Give up every leadership, lock and claim this process holds."""
+
+    async def campaign(self, name: str) -> bool:
+        """Try (without waiting) to become or stay the leader of `name`; True while this process
+        leads. Call it again at least every lease period to keep leading."""
+
+    async def resign(self, name: str) -> None: ...
+
+    async def wait_leader(self, name: str, poll: float = 1.0) -> None:
+        """Block until this process leads `name`."""
+
+    def lock(self, name: str, timeout: float = 30.0) -> AbstractAsyncContextManager[None]:
+        """A mutual-exclusion lock shared by every replica; raises after `timeout` seconds."""
+
+    async def claim(self, pod: str, function_id: str, version: int, info: dict[str, Any]) -> bool:
+        """Record that `pod` serves the function version, atomically: False if already claimed."""
+
+    async def unclaim(self, pod: str) -> None: ...
+
+    async def workers(self, function_id: str, version: int) -> dict[str, dict[str, Any]]:
+        """pod → claim info of the workers of a function version (any replica's)."""
+
+    async def claims(self) -> dict[str, dict[str, Any]]: ...
+
+
 class EngineBusy(RuntimeError):
     """The engine cannot take more work right now; the caller should back off and retry."""
 
@@ -223,7 +271,9 @@ class EngineBusy(RuntimeError):
 class Engine(Protocol):
     name: ClassVar[str]
 
-    def __init__(self, config: Config, packages: PackageStore) -> None: ...
+    def __init__(self, config: Config, packages: PackageStore, *, coordinator: Coordination | None = None) -> None:
+        """`coordinator`: the process's shared Coordination (started and stopped by the caller);
+        None for an engine used on its own, which then needs none or makes its own."""
 
     async def start(self) -> None: ...
 

@@ -102,6 +102,8 @@ class KubernetesEngine:
         self.concurrency = config.engine.function_concurrency
         self.expiration = config.engine.function_service_expiration
         self.engine_id = coordinator.engine_id if coordinator else _engine_id()
+        # A coordinator handed in is the process's (Headwater starts and stops it); else our own.
+        self._own_coordinator = coordinator is None
         self.coordinator = coordinator or coordinator_from_config(config, self.engine_id)
         self.api: client.ApiClient | None = None
         self.core: Any = None
@@ -133,7 +135,8 @@ class KubernetesEngine:
         else:
             self.resolver = PodIPResolver(self.port)
         await self._ensure_namespace()
-        await self.coordinator.start()
+        if self._own_coordinator:
+            await self.coordinator.start()
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))
         self._tasks = [asyncio.create_task(self._reap(), name="kubernetes-engine-reaper")]
         LOG.info("kubernetes engine %s started in namespace %s", self.engine_id, self.namespace)
@@ -151,8 +154,9 @@ class KubernetesEngine:
         owned = list(self._owned)
         if owned and self.core is not None:
             await asyncio.gather(*(self._drop_worker(pod, reason="engine stopping") for pod in owned), return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.coordinator.stop()
+        if self._own_coordinator:
+            with contextlib.suppress(Exception):
+                await self.coordinator.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -238,3 +238,21 @@ async def test_two_engine_processes_never_share_a_pod_and_a_dead_ones_claims_are
                 other.kill()
                 await other.wait()
             await engine.stop()
+
+
+async def test_sources_and_the_engine_of_a_replica_share_one_coordination(etcd, make_headwater):
+    """The coordination port: each replica builds one Coordination from [engine] coordination and hands
+    it to its engine and to its sources, so a pull source can elect one replica per queue."""
+    from router.app import _SourceContext
+
+    section = {"etcd": {"port": etcd, "lease_ttl": 2, "prefix": f"/t-{etcd}-sources/"}}
+    first = await make_headwater("null", engine={"coordination": "etcd"}, **section)
+    second = await make_headwater("null", engine={"coordination": "etcd"}, **section)
+    assert first.coordination.engine_id != second.coordination.engine_id
+    a, b = _SourceContext(first, "zaqar"), _SourceContext(second, "zaqar")
+    assert a.coordination is first.coordination
+    assert await a.coordination.campaign("zaqar-queue-orders") is True
+    assert await b.coordination.campaign("zaqar-queue-orders") is False
+    assert await b.coordination.campaign("zaqar-queue-invoices") is True  # one leader per queue, not per replica
+    await first.coordination.stop()  # what a stopping replica does last: its lease is revoked
+    assert await b.coordination.campaign("zaqar-queue-orders") is True
