@@ -29,7 +29,7 @@ from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_FUNCTION, L_P
 from engine.kubernetes.resolvers import NodePortResolver, PodIPResolver, Resolver
 from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
 from router import download_tokens
-from router.config import Config
+from router.config import Config, ConfigError
 from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, PackageStore
 
 LOG = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ LOG = logging.getLogger(__name__)
 HTTP_MARGIN = 30.0  # beyond the function's timeout: package download + import on a cold pod
 WORKER_CACHE_SECONDS = 1.0  # how long a function's worker list read from coordination is reused
 PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
-                 "CreateContainerError")
+                 "CreateContainerError", "RunContainerError")
+# A container whose command cannot be run (no such executable, bad entrypoint): no restart will help.
+START_FAILURES = ("StartError", "ContainerCannotRun")
 # Context keys a runtime may see. Never the caller's token or a service credential (Qinling sent both).
 CONTEXT_KEYS = ("execution_id", "function_id", "function_version", "project_id", "event_id")
 _JSON = {"Content-Type": "application/json"}
@@ -83,10 +85,19 @@ def _ready(pod: Any) -> bool:
 
 
 def _waiting_problem(pod: Any) -> str | None:
+    """Why a pod's container cannot run, when the kubelet says it cannot (pull or start failures,
+    a crash loop), with the failure behind it; None while it is merely starting."""
     for status in pod.status.container_statuses or []:
-        waiting = status.state.waiting if status.state else None
+        state, last = status.state, status.last_state
+        waiting = state.waiting if state else None
+        terminated = (state.terminated if state else None) or (last.terminated if last else None)
         if waiting is not None and waiting.reason in PULL_FAILURES:
             return f"{waiting.reason}: {waiting.message or ''}".strip()
+        if terminated is not None and terminated.reason in START_FAILURES:
+            return f"{terminated.reason}: {terminated.message or f'exit code {terminated.exit_code}'}"
+        if waiting is not None and waiting.reason == "CrashLoopBackOff":
+            cause = f" after {terminated.reason} (exit code {terminated.exit_code})" if terminated else ""
+            return f"CrashLoopBackOff: the runtime server keeps exiting{cause}"
     return None
 
 
@@ -134,7 +145,18 @@ class KubernetesEngine:
             self.resolver = NodePortResolver(self.core, self.namespace, self.port, self.options.node_address)
         else:
             self.resolver = PodIPResolver(self.port)
-        await self._ensure_namespace()
+        try:
+            await self._ensure_namespace()
+        except BaseException as exc:
+            host = self.api.configuration.host
+            await self.api.close()  # nothing else holds the client: close it, or its session leaks
+            self.api = None
+            if isinstance(exc, ApiException) and exc.status == 401:
+                raise ConfigError(f"the Kubernetes API at {host} refused Headwater's credentials (401 Unauthorized): "
+                                  "check [kubernetes] cert_file and key_file, kubeconfig, or the pod's service account") from None
+            if isinstance(exc, (aiohttp.ClientError, OSError)):
+                raise ConfigError(f"the Kubernetes API at {host} cannot be reached: {exc}") from None
+            raise
         if self._own_coordinator:
             await self.coordinator.start()
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))

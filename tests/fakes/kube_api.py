@@ -1108,6 +1108,7 @@ class FakeKubernetes:
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 return
             restarts += 1
+            self._back_off(rt, restarts)
             await asyncio.sleep(self.restart_backoff)
 
     async def _run_container(self, rt: PodRuntime, pod: dict, container: dict, image: FakeImage, restarts: int,
@@ -1138,6 +1139,9 @@ class FakeKubernetes:
 
         if not argv:
             return await self._container_failed(rt, container, 128, "no command")
+        if argv[0] not in image.binaries and not argv[0].startswith("/"):
+            # Only the image's own programs are on its PATH (never the host's), as in a real container.
+            return await self._container_failed(rt, container, 128, f'exec: "{argv[0]}": executable file not found in $PATH')
         argv = [image.binaries.get(argv[0], host_path(argv[0]))] + [host_path(a) for a in argv[1:]]
         cwd = host_path(container.get("workingDir") or image.workdir)
         os.makedirs(cwd, exist_ok=True)
@@ -1188,11 +1192,30 @@ class FakeKubernetes:
         return exit_code
 
     async def _container_failed(self, rt: PodRuntime, container: dict, code: int, message: str) -> int:
-        self._pod_status(rt, phase="Failed", containerStatuses=[{
+        """The container's command could not be started (containerd's StartError)."""
+        pod = self.get("pods", rt.namespace, rt.name)
+        policy = pod["spec"].get("restartPolicy", "Always") if pod else "Always"
+        # With a restart policy the kubelet keeps trying: the pod stays Pending, never Failed.
+        self._pod_status(rt, phase="Failed" if policy == "Never" else "Pending", containerStatuses=[{
             "name": container["name"], "image": container["image"], "imageID": _image_id(container["image"]), "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": code, "reason": "StartError", "message": message,
-                                     "startedAt": now_iso(), "finishedAt": now_iso()}}}])
+            "started": False, "state": {"terminated": {"exitCode": code, "reason": "StartError", "message": message,
+                                                       "startedAt": now_iso(), "finishedAt": now_iso()}}}])
         return code
+
+    def _back_off(self, rt: PodRuntime, restarts: int) -> None:
+        """Between restarts of a failed container the kubelet reports CrashLoopBackOff, with the
+        failure that caused it as lastState."""
+        pod = self.get("pods", rt.namespace, rt.name)
+        if pod is None:
+            return
+        statuses = copy.deepcopy(pod["status"].get("containerStatuses") or [])
+        for status in statuses:
+            last = status.get("state", {}).get("terminated")
+            status.update(restartCount=restarts, ready=False, started=False,
+                          state={"waiting": {"reason": "CrashLoopBackOff",
+                                             "message": f"back-off restarting failed container {status['name']} in pod {rt.name}"}},
+                          lastState={"terminated": last} if last else status.get("lastState", {}))
+        self._pod_status(rt, containerStatuses=statuses)
 
     def _container_env(self, pod: dict, container: dict, rt: PodRuntime) -> dict[str, str]:
         env: dict[str, str] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 import uuid
 import zipfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.kubernetes import KubernetesEngine, manifests
+from engine.kubernetes.engine import PoolBroken
 from engine.packages import FilesystemPackageStore
 from router import download_tokens
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
@@ -241,6 +243,25 @@ async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("image,reason", [
+    # The pool's command names an executable the image does not have: containerd's StartError.
+    (FakeImage(binaries={}), "StartError"),
+    # The executable exists but the server exits at once (its file is missing): a crash loop.
+    (FakeImage(binaries={"python": sys.executable}), "CrashLoopBackOff"),
+], ids=["start-error", "crash-loop"])
+async def test_a_pool_whose_server_cannot_start_is_broken_with_the_reason(env, image, reason):
+    env.fake.images["example/broken-runtime"] = image
+    engine = await env.engine(replicas=2)
+    await engine.create_pool("broken", "example/broken-runtime:1")
+    # The generous timeout is only a cap: PoolBroken comes as soon as every pod shows the failure,
+    # long before the rollout timeout (300 s by default) that used to be the only way out.
+    with pytest.raises(PoolBroken, match=reason):
+        await engine.wait_pool_ready("broken", "example/broken-runtime:1", timeout=120)
+    fn = await env.function(engine)
+    result = await engine.execute(req(dataclasses.replace(fn, runtime_id="broken", runtime_image="example/broken-runtime:1")))
+    assert result.status == "error" and reason in result.output, result.output
+
+
 async def test_pool_update_rolls_out_and_a_bad_image_rolls_back(env):
     env.fake.images["headwater/python3-runtime-next"] = env.fake.images["headwater/python3-runtime"]
     engine = await env.engine(replicas=2, rollout_timeout=4)
@@ -392,3 +413,44 @@ async def test_image_function_with_unpullable_image_is_an_error(env, image_fn):
     assert result.status == "error" and "ErrImagePull" in result.output
     name = _created_pod(env, request.execution_id)["metadata"]["name"]
     await eventually(lambda: env.fake.get("pods", env.cluster.namespace, name) is None)
+
+
+@pytest.mark.parametrize("answer", [401, None], ids=["credentials-refused", "unreachable"])
+async def test_start_up_that_kubernetes_refuses_is_one_clear_configuration_error(tmp_path, answer):
+    """A rejected client certificate (or no API server) stops start-up with a message naming the options,
+    and leaves no client session open (no "Unclosed client session" at exit)."""
+    import gc
+    import warnings
+
+    from aiohttp import web
+
+    from router.config import Config, ConfigError
+    from tests.e2e.server import free_port
+
+    async def refuse(request):
+        return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"}, status=401)
+
+    port = free_port()
+    runner = None
+    if answer is not None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", refuse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "kubernetes"},
+                                    "kubernetes": {"kube_host": f"http://127.0.0.1:{port}"}})
+    engine = KubernetesEngine(config, FilesystemPackageStore(config))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ConfigError) as raised:
+                await engine.start()
+            gc.collect()
+        assert f"127.0.0.1:{port}" in str(raised.value)
+        assert ("401 Unauthorized" in str(raised.value) and "cert_file" in str(raised.value)) if answer else "cannot be reached" in str(raised.value)
+        assert engine.api is None
+        assert not [w for w in caught if "Unclosed" in str(w.message)]
+    finally:
+        if runner is not None:
+            await runner.cleanup()
