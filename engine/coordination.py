@@ -70,6 +70,15 @@ class Coordinator(abc.ABC):
         while not await self.campaign(name):
             await asyncio.sleep(poll)
 
+    @abc.abstractmethod
+    async def report_load(self, function_id: str, version: int, running: int) -> None:
+        """Publish how many executions of the function version this process runs now (its last
+        report stands until the next one, or until the process is gone)."""
+
+    @abc.abstractmethod
+    async def loads(self, function_id: str, version: int) -> dict[str, int]:
+        """engine id → running executions of the function version, as each process last reported."""
+
 
 # ---------------------------------------------------------------------------------------------
 # In-process
@@ -82,6 +91,7 @@ class MemoryState:
         self.pods: dict[str, dict[str, Any]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.leaders: dict[str, str] = {}
+        self.loads: dict[tuple[str, int], dict[str, int]] = {}
 
 
 class MemoryCoordinator(Coordinator):
@@ -99,6 +109,8 @@ class MemoryCoordinator(Coordinator):
         for name, holder in list(self.state.leaders.items()):
             if holder == self.engine_id:
                 self.state.leaders.pop(name, None)
+        for reports in self.state.loads.values():
+            reports.pop(self.engine_id, None)
 
     async def claim(self, pod: str, function_id: str, version: int, info: dict[str, Any]) -> bool:
         if pod in self.state.pods:
@@ -135,6 +147,12 @@ class MemoryCoordinator(Coordinator):
         if self.state.leaders.get(name) == self.engine_id:
             del self.state.leaders[name]
 
+    async def report_load(self, function_id: str, version: int, running: int) -> None:
+        self.state.loads.setdefault((function_id, version), {})[self.engine_id] = running
+
+    async def loads(self, function_id: str, version: int) -> dict[str, int]:
+        return dict(self.state.loads.get((function_id, version), {}))
+
 
 # ---------------------------------------------------------------------------------------------
 # etcd
@@ -147,7 +165,9 @@ class EtcdCoordinator(Coordinator):
       created only if absent, so one pod is never claimed twice;
     * ``workers/<function_id>/<version>/<pod>`` → the same JSON (the per-function index), same lease;
     * ``locks/<name>``  → holder token, under the lease (a dead holder's locks expire);
-    * ``leaders/<name>`` → engine id, under the lease.
+    * ``leaders/<name>`` → engine id, under the lease;
+    * ``loads/<function_id>/<version>/<engine id>`` → running executions there, under the lease (so a
+      dead engine's load disappears with it).
     """
 
     def __init__(self, engine_id: str, *, host: str = "127.0.0.1", port: int = 2379, protocol: str = "http",
@@ -304,6 +324,17 @@ class EtcdCoordinator(Coordinator):
         tx = self.client.transactions
         key = self._k("leaders", name)
         await self._guard(self.client.transaction(compare=[tx.value(key) == self.engine_id.encode()], success=[tx.delete(key)], failure=[]))
+
+    async def report_load(self, function_id: str, version: int, running: int) -> None:
+        key = self._k("loads", function_id, str(version), self.engine_id)
+        if running:
+            await self._guard(self.client.put(key, str(running).encode(), lease=self.lease))
+        else:
+            await self._guard(self.client.delete(key))
+
+    async def loads(self, function_id: str, version: int) -> dict[str, int]:
+        found = await self._guard(self.client.get_prefix(self._k("loads", function_id, str(version)) + b"/"))
+        return {kv.key.decode().rsplit("/", 1)[1]: int(kv.value) for kv in found}
 
     async def _guard(self, awaitable):
         if self.client is None:

@@ -262,6 +262,13 @@ class Coordination(Protocol):
 
     async def claims(self) -> dict[str, dict[str, Any]]: ...
 
+    async def report_load(self, function_id: str, version: int, running: int) -> None:
+        """Publish how many executions of the function version this process runs now."""
+
+    async def loads(self, function_id: str, version: int) -> dict[str, int]:
+        """engine id → running executions of the function version, as each process last reported:
+        what scale-up decisions count, so that they see every replica's load."""
+
 
 class EngineBusy(RuntimeError):
     """The engine cannot take more work right now; the caller should back off and retry."""

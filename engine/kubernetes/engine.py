@@ -127,6 +127,9 @@ class KubernetesEngine:
         self._last_used: dict[str, float] = {}  # pod → monotonic time this engine last used it
         self._owned: dict[str, tuple[str, int]] = {}  # pods this engine claimed → (function, version)
         self._cache: dict[tuple[str, int], tuple[float, dict[str, Worker]]] = {}
+        self._others_cache: dict[tuple[str, int], tuple[float, int]] = {}
+        self._reported: dict[tuple[str, int], int] = {}  # what the other engines last heard of our load
+        self._publishers: dict[tuple[str, int], asyncio.Task] = {}
         self._pools: dict[str, str] = {}  # runtime id → image the pool runs, as far as this engine knows
         self._pool_locks: dict[str, asyncio.Lock] = {}
         self._updating: set[tuple[str, str]] = set()
@@ -166,9 +169,10 @@ class KubernetesEngine:
     async def stop(self) -> None:
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=CANCEL_TIMEOUT)
-        for task in self._tasks + list(self._background) + list(self._cleanups):
+        pending = self._tasks + list(self._background) + list(self._cleanups) + list(self._publishers.values())
+        for task in pending:
             task.cancel()
-        for task in self._tasks + list(self._background) + list(self._cleanups):
+        for task in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -213,6 +217,7 @@ class KubernetesEngine:
         key = (fn.id, fn.version)
         load = self._loads.setdefault(key, Load())
         load.running += 1
+        self._load_changed(key)
         try:
             for attempt in (1, 2):
                 try:
@@ -234,6 +239,7 @@ class KubernetesEngine:
             raise AssertionError("unreachable")
         finally:
             load.running -= 1
+            self._load_changed(key)
 
     def _body(self, request: ExecutionRequest) -> dict[str, Any]:
         fn = request.function
@@ -307,18 +313,46 @@ class KubernetesEngine:
     def _least_busy(self, workers: dict[str, Worker]) -> Worker:
         return min(workers.values(), key=lambda w: (self._inflight.get(w.pod, 0), random.random()))
 
-    def _overloaded(self, load: Load, workers: dict[str, Worker]) -> bool:
-        # Qinling's rule: running executions (this one included) per worker above function_concurrency → +1 worker.
-        return not workers or load.running / len(workers) > self.concurrency
+    def _overloaded(self, load: Load, others: int, workers: dict[str, Worker]) -> bool:
+        # Qinling's rule: running executions (this one included, every engine's) per worker above
+        # function_concurrency → +1 worker.
+        return not workers or (load.running + others) / len(workers) > self.concurrency
+
+    def _load_changed(self, key: tuple[str, int]) -> None:
+        """Let the other engines see this one's running count (one publisher per function at a time:
+        a burst of changes costs one write per round trip, not one per execution)."""
+        if key not in self._publishers:
+            self._publishers[key] = asyncio.get_running_loop().create_task(self._publish_load(key))
+
+    async def _publish_load(self, key: tuple[str, int]) -> None:
+        try:
+            # No await between the last check and the finally: a change after it starts a new publisher.
+            while (running := self._loads[key].running) != self._reported.get(key, 0):
+                await self.coordinator.report_load(*key, running)
+                self._reported[key] = running
+        except Exception as exc:  # noqa: BLE001 - scale-up then counts this engine's load only, as before
+            LOG.warning("cannot publish the load of function %s: %s", key[0], exc)
+        finally:
+            del self._publishers[key]
+
+    async def _others_load(self, key: tuple[str, int], fresh: bool = False) -> int:
+        """Running executions of the function version on the other engines (reused for a second)."""
+        cached = self._others_cache.get(key)
+        if cached and not fresh and time.monotonic() - cached[0] < WORKER_CACHE_SECONDS:
+            return cached[1]
+        loads = await self.coordinator.loads(*key)
+        others = sum(n for engine, n in loads.items() if engine != self.engine_id)
+        self._others_cache[key] = (time.monotonic(), others)
+        return others
 
     async def _acquire(self, fn: FunctionSpec, load: Load) -> Worker:
         key = (fn.id, fn.version)
         workers = await self._workers(key)
-        if not self._overloaded(load, workers):
+        if not self._overloaded(load, await self._others_load(key), workers):
             return self._least_busy(workers)
         async with self.coordinator.lock(f"function_worker_{fn.id}_{fn.version}", timeout=self.options.worker_wait):
             workers = await self._workers(key, fresh=True)
-            if self._overloaded(load, workers):
+            if self._overloaded(load, await self._others_load(key, fresh=True), workers):
                 try:
                     await self._claim(fn, 1)
                 except (NoWorkers, PoolBroken):

@@ -256,3 +256,61 @@ async def test_sources_and_the_engine_of_a_replica_share_one_coordination(etcd, 
     assert await b.coordination.campaign("zaqar-queue-invoices") is True  # one leader per queue, not per replica
     await first.coordination.stop()  # what a stopping replica does last: its lease is revoked
     assert await b.coordination.campaign("zaqar-queue-orders") is True
+
+
+async def test_scale_up_counts_the_running_executions_of_every_engine(etcd, tmp_path):
+    """Qinling's rule across replicas: 12 running executions with function_concurrency 3 need 4 workers,
+    however they are spread over the engines (each engine alone sees 6: 2 workers)."""
+    from engine.kubernetes import KubernetesEngine
+    from engine.packages import FilesystemPackageStore
+    from router.config import Config
+    from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
+    from tests.e2e.server import make_zip
+    from tests.fakes.kube_cluster import kube_cluster
+
+    async with kube_cluster(tmp_path) as cluster:
+        overrides = cluster.overrides(tmp_path, replicas=4, worker_wait=60)
+        overrides.update({"engine": {"backend": "kubernetes", "coordination": "etcd", "function_concurrency": 3},
+                          "etcd": {"port": etcd, "lease_ttl": 5, "prefix": f"/t-{etcd}-load/"}})
+        config = Config.load(overrides=overrides)
+        engines = [KubernetesEngine(config, FilesystemPackageStore(config)) for _ in range(2)]
+        for engine in engines:
+            await engine.start()
+        function_id = f"f-{uuid.uuid4().hex[:8]}"
+        md5 = await engines[0].packages.put("proj", function_id, 0, make_zip({"main.py": "import time\ndef wait(**kw):\n    time.sleep(60)\n"}))
+        fn = FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1",
+                          code={"source": "package"}, entry="main.wait", cpu=100, memory_size=64 * 1024 * 1024, timeout=90,
+                          package=PackageRef("proj", function_id, 0, md5), project_id="proj")
+
+        def start(engine, n):
+            return [asyncio.create_task(engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input=None)))
+                    for _ in range(n)]
+
+        async def until(probe, what: str, timeout: float = 60):
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not await probe():
+                assert asyncio.get_running_loop().time() < deadline, what
+                await asyncio.sleep(0.05)
+
+        async def posted(engine, n):  # executions handed to a worker
+            return sum(engine._inflight.values()) == n
+
+        first, second = engines
+        tasks = start(first, 6)
+        try:
+            await until(lambda: posted(first, 6), "the first engine's 6 executions never reached a worker")
+            await until(lambda: _total(second, fn, 6), "the first engine's load never reached etcd")
+            assert len(await first.workers(fn.id, 0)) == 2  # 6 running / 3 per worker, as one engine sees it
+            tasks += start(second, 6)
+            await until(lambda: posted(second, 6), "the second engine's 6 executions never reached a worker")
+            assert len(await second.workers(fn.id, 0)) == 4  # 12 running / 3 per worker
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for engine in engines:
+                await engine.stop()
+
+
+async def _total(engine, fn, expected: int) -> bool:
+    return sum((await engine.coordinator.loads(fn.id, fn.version)).values()) == expected
