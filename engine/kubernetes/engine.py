@@ -285,6 +285,16 @@ class KubernetesEngine:
             LOG.error("worker %s did not answer in %.0f s; dropping it", worker.pod, timeout + HTTP_MARGIN, extra=extra)
             await self._drop_worker(worker.pod, reason="stuck")
             return ExecutionResult.platform_error(f"Runtime worker {worker.pod} did not answer in time.")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            # The request reached the worker, then the connection died: the pod was killed, evicted or
+            # OOM-killed mid-run. Whether the function had started cannot be known, so it is not
+            # re-run here (the delivery policy decides); the worker is replaced for the next execution.
+            why = await self._pod_end(worker.pod)
+            LOG.error("worker %s lost during an execution (%s%s); replacing it", worker.pod, exc or type(exc).__name__, why, extra=extra)
+            await self._drop_worker(worker.pod, reason="lost mid-request")
+            return ExecutionResult.platform_error(
+                f"Runtime worker {worker.pod} was lost during the execution{why}; the function may have run in part. "
+                "The worker has been replaced.", reason="worker_lost")
         except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
             LOG.error("worker %s failed: %r", worker.pod, exc, extra=extra)
             return ExecutionResult.platform_error(f"Runtime worker {worker.pod} failed: {exc or type(exc).__name__}")
@@ -470,6 +480,23 @@ class KubernetesEngine:
         finally:
             w.stop()
             await w.close()
+
+    async def _pod_end(self, pod: str) -> str:
+        """Why a pod's runtime stopped, as the kubelet tells it (" (OOMKilled)", " (pod deleted)"), or ""."""
+        try:
+            async with asyncio.timeout(2):
+                found = await self.core.read_namespaced_pod(pod, self.namespace)
+        except ApiException as exc:
+            return " (pod deleted)" if exc.status == 404 else ""
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            return ""
+        if found.metadata.deletion_timestamp is not None:
+            return " (pod deleted)"
+        for status in found.status.container_statuses or []:
+            ended = (status.state.terminated if status.state else None) or (status.last_state.terminated if status.last_state else None)
+            if ended is not None:
+                return f" ({ended.reason or 'terminated'}, exit code {ended.exit_code})"
+        return ""
 
     async def _drop_worker(self, pod: str, *, reason: str) -> None:
         owned = self._owned.pop(pod, None)

@@ -232,6 +232,23 @@ async def test_worker_deleted_behind_the_engines_back_is_replaced(env):
     assert await engine.workers(fn.id, 0) != [worker]
 
 
+async def test_a_worker_killed_mid_request_is_reported_and_replaced(env):
+    engine = await env.engine(replicas=2)
+    fn = await env.function(engine, entry="main.sleep", timeout=60)
+    running = asyncio.create_task(engine.execute(req(fn, {"seconds": 60})))
+    await eventually(lambda: sum(engine._inflight.values()) == 1, timeout=60)
+    (worker,) = await engine.workers(fn.id, 0)
+    env.fake._delete("pods", env.cluster.namespace, worker, grace=0)
+    result = await asyncio.wait_for(running, 60)
+    assert (result.status, result.reason) == ("error", "worker_lost"), result
+    assert worker in result.output and "may have run in part" in result.output
+    assert worker not in await engine.workers(fn.id, 0)
+    hello = dataclasses.replace(fn, entry="main.hello")
+    after = await engine.execute(req(dataclasses.replace(hello, id=fn.id), "again"))
+    assert (after.status, after.output) == ("success", "Hello, again")
+    assert await engine.workers(fn.id, 0) not in ([], [worker])
+
+
 async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
     engine = await env.engine(replicas=1)
     fn = await env.function(engine)
