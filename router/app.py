@@ -267,7 +267,8 @@ async def serve(app: Headwater) -> None:
     try:
         # Inside the try: a port already in use must still stop what app.start() started.
         await runner.setup()
-        await web.TCPSite(runner, config.api.host, config.api.port).start()
+        # Several worker processes share the port: the kernel spreads connections over them.
+        await web.TCPSite(runner, config.api.host, config.api.port, reuse_port=config.api.workers > 1).start()
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()

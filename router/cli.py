@@ -9,6 +9,7 @@ import signal
 import sys
 
 from router import __version__
+from router import workers
 from router.config import Config, ConfigError, render_sample
 
 log = logging.getLogger("headwater")
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override [api] host")
     serve.add_argument("--port", help="override [api] port")
     serve.add_argument("--data-dir", help="override [DEFAULT] data_dir")
+    serve.add_argument("--workers", help="override [api] workers: server processes sharing the port and the bus")
 
     commands.add_parser("config-sample", help="print the documented sample configuration (every option at its default)")
 
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    overrides = {"api": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+    overrides = {"api": {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                         "workers": getattr(args, "workers", None)},
                  "DEFAULT": {"data_dir": getattr(args, "data_dir", None)}}
     return Config.load(args.config_file, overrides)
 
@@ -53,12 +56,12 @@ async def _serve(config: Config) -> None:
         log.info("headwater stopped")
 
 
-async def _db_upgrade(config: Config) -> None:
+async def _db_upgrade(config: Config) -> str:
     from router.store import Database
 
     db = Database(config.database.connection)
     try:
-        print(await db.migrate())
+        return await db.migrate()
     finally:
         await db.dispose()
 
@@ -80,8 +83,16 @@ def main(argv: list[str] | None = None) -> int:
 
     logsetup.setup(config.default.log_level, config.default.log_format)
     if args.command == "db-upgrade":
-        asyncio.run(_db_upgrade(config))
+        print(asyncio.run(_db_upgrade(config)))
         return 0
+    if config.api.workers > 1 and not workers.is_worker():
+        try:
+            workers.check(config, config.api.workers)
+            asyncio.run(_db_upgrade(config))  # once, here: N workers migrating at once would race
+        except ConfigError as exc:
+            print(f"headwater: configuration error: {exc}", file=sys.stderr)
+            return 2
+        return workers.run(sys.argv[1:] if argv is None else argv, config, config.api.workers)
     log.info("starting headwater %s", __version__, extra={"config_files": list(config.files) or "embedded defaults",
                                                         "config": config.summary()})
     try:

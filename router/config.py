@@ -41,6 +41,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("host", "str", "127.0.0.1", "Address the API listens on."),
         _opt("port", "int", 7070, "Port the API listens on.", minimum=0, maximum=65535),
         _opt("public_url", "str", None, "Base URL clients use to reach the API (webhook_url, package download_url). Default: http://<host>:<port>."),
+        _opt("workers", "int", 1, "Server processes sharing the API port (SO_REUSEPORT) and the bus, to use every core; more than 1 needs a bus processes share (rabbitmq, nats, sqlite).", minimum=1),
         _opt("max_request_size", "int", 52428800, "Largest request body accepted, in bytes (packages up to 50 MiB).", minimum=1024),
     ],
     "database": [

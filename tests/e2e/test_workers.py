@@ -1,0 +1,95 @@
+"""`headwater serve --workers N`: N processes on one port and one bus, a dead one restarted, all of
+them stopped with the supervisor; refused where the bus cannot be shared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from router import cli
+from tests.e2e.server import Server, make_zip
+from tests.services import NATS_URL, require_service
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid …: comm may hold spaces, so split after its closing parenthesis.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def wait_for(probe, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_workers_refuse_a_bus_that_lives_in_one_process(tmp_path, capsys):
+    assert cli.main(["serve", "--data-dir", str(tmp_path), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "[api] workers = 2" in err and "[bus] backend = memory" in err
+
+
+@pytest.fixture
+def nats_stream():
+    require_service("NATS", "127.0.0.1", 4222)
+    tag = uuid.uuid4().hex[:8]
+    yield f"{NATS_URL}?stream=HWW_{tag}&subject_prefix=hww{tag}"
+
+    async def delete():
+        import nats
+
+        nc = await nats.connect(NATS_URL)
+        try:
+            await nc.jetstream().delete_stream(f"HWW_{tag}")
+        except Exception:  # noqa: BLE001 - never created
+            pass
+        await nc.close()
+
+    asyncio.run(delete())
+
+
+def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, nats_stream):
+    config = f"[bus]\nbackend = nats\nurl = {nats_stream}\n"
+    with Server(tmp_path, config, extra_args=("--workers", "2")) as server:
+        first = wait_for(lambda: len(children(server.proc.pid)) == 2 and children(server.proc.pid), "two workers never started")
+        runtime = server.request("POST", "/v1/runtimes", {"image": "python3"}).json()["id"]
+        created = server.multipart("/v1/functions", {"runtime_id": runtime, "entry": "main.main",
+                                                      "code": json.dumps({"source": "package"})},
+                                   {"package": make_zip({"main.py": "def main(**kw):\n    return 'ok'\n"})})
+        assert created.status == 201, created.text
+        function_id = created.json()["id"]
+
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        # The other worker keeps serving meanwhile, and the supervisor starts a replacement.
+        ran = server.request("POST", "/v1/executions", {"function_id": function_id, "input": {}})
+        assert ran.status == 201 and ran.json()["status"] == "success", ran.text
+        after = wait_for(lambda: len(children(server.proc.pid)) == 2 and victim not in children(server.proc.pid)
+                         and children(server.proc.pid), "the dead worker was never replaced")
+        assert len(after & first) == 1
+        for _ in range(20):  # new connections land on either process; every one is answered
+            assert server.request("GET", f"/v1/functions/{function_id}").status == 200
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in after), "workers outlived the supervisor")
+    assert "worker 0" in server.log() or "worker 1" in server.log()
