@@ -7,13 +7,14 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from router import cli
 from tests.e2e.server import Server, make_zip
 from tests.services import NATS_URL, require_service
 
@@ -42,10 +43,12 @@ def wait_for(probe, what: str, timeout: float = 60):
         time.sleep(0.05)
 
 
-def test_workers_refuse_a_bus_that_lives_in_one_process(tmp_path, capsys):
-    assert cli.main(["serve", "--data-dir", str(tmp_path), "--workers", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "[api] workers = 2" in err and "[bus] backend = memory" in err
+def test_workers_refuse_a_bus_that_lives_in_one_process(tmp_path):
+    # A process of its own: the command sets up logging, which a test must not do to the others.
+    done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--data-dir", str(tmp_path), "--workers", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "[api] workers = 2" in done.stderr and "[bus] backend = memory" in done.stderr
 
 
 @pytest.fixture
