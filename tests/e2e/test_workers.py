@@ -83,7 +83,10 @@ def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, nats
 
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
-        # The other worker keeps serving meanwhile, and the supervisor starts a replacement.
+        # Once the dead worker is gone (its listening socket closes as it exits; a connection the
+        # kernel had queued on it is reset, as with any SO_REUSEPORT server), the other one serves
+        # alone until the supervisor's replacement starts.
+        wait_for(lambda: victim not in children(server.proc.pid), "the killed worker never went away")
         ran = server.request("POST", "/v1/executions", {"function_id": function_id, "input": {}})
         assert ran.status == 201 and ran.json()["status"] == "success", ran.text
         after = wait_for(lambda: len(children(server.proc.pid)) == 2 and victim not in children(server.proc.pid)
