@@ -241,7 +241,7 @@ class ExecutionService:
         # Created already claimed (lease and first attempt) when `claim` is set: one transaction, not two.
         lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
         row, created = await self.journal.start_execution(dict(
-            id=execution_id or execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
+            id=execution_id or execution_id_for(event.source, event.id, sub.id), function_id=function.id, function_version=version,
             function_alias=sub.function_alias, status="running", sync=False, input=mapping.event_input(event, sub),
             description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
             **lease))
@@ -275,7 +275,7 @@ class ExecutionService:
         does nothing; one whose execution another worker is running waits for that worker (and
         takes over if its lease runs out, i.e. it died). `attempt` > 1 is a retry the delivery
         policy scheduled (the event came back on the retry topic)."""
-        execution_id = execution_id_for(event.id, sub.id)
+        execution_id = execution_id_for(event.source, event.id, sub.id)
         in_flight = self._in_flight
         while execution_id in in_flight:
             # A duplicate delivery to this process: wait for the first (whose future is made only
