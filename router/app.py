@@ -105,7 +105,8 @@ class _SourceContext:
         return advanced
 
     async def active_executions(self, subscription_id: str) -> int:
-        return await self._app.store.executions.count(subscription_id=subscription_id, status="running")
+        # A run waiting for its retry is still unfinished: overlap=forbid must count it too.
+        return await self._app.store.executions.count(subscription_id=subscription_id, status=("running", "retrying"))
 
     async def cancel_executions(self, subscription_id: str, reason: str, *, message: str = "",
                                 except_event: str | None = None) -> int:

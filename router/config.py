@@ -62,6 +62,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("max_event_age", "float", 0, "Seconds after an event's time beyond which it is dead-lettered instead of run again (0: no limit).", minimum=0),
         _opt("retry_on", "list", ["error", "timeout"], "Outcomes that are retried: error (platform), timeout, failed (any function failure)."),
         _opt("dead_letter_topic", "str", None, "Bus topic dead letters are also published to (besides the dead_letters table)."),
+        _opt("dead_letter_payload_max", "int", 65536, "Bytes of a dead letter's payload that are kept (as JSON); a larger payload is cut to this and the record says so (truncated, original size).", minimum=256),
         _opt("lease_margin", "float", 30.0, "Seconds beyond a function's timeout before another worker may take over an execution whose worker went silent.", minimum=0.1),
     ],
     "engine": [
