@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,30 @@ SCHEMA: dict[str, list[Option]] = {
     ],
     "aodh": [
         _opt("path", "str", "/v1/aodh/alarms", "Path of the endpoint Aodh alarm actions POST to (the alarm action is <public_url><path>)."),
-        _opt("token", "str", None, "When set, an alarm action must carry ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it."),
+        _opt("token", "str", None, "Token an alarm action must carry as ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it. Default: a random token kept in <data_dir>/aodh-token.key, so the endpoint never takes unauthenticated alarms."),
         _opt("endpoint", "str", "http://127.0.0.1:8042", "Aodh API, for registering alarms (python -m sources.aodh register)."),
         _opt("project_id", "str", "default", "Project of alarm events whose action URL names none (register puts ?project_id= in the URL)."),
     ],
 }
+
+
+def persistent_secret(config: "Config", filename: str) -> str:
+    """A random secret kept in <data_dir>/<filename> (created once, mode 0600), so that processes
+    sharing a data_dir agree on it without configuration: the secure default for a token option."""
+    path = Path(config.data_dir) / filename
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
 
 
 def default_data_dir() -> Path:
