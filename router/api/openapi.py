@@ -83,7 +83,7 @@ SCHEMAS: dict[str, Any] = {
                    "additionalProperties": True},
     "EventRecord": {"type": "object", "properties": {"id": STR, "event": {"type": "object"}}, "required": ["id"],
                     "additionalProperties": True},
-    "Replayed": {"type": "object", "properties": {"replayed": INT}, "additionalProperties": True},
+    "Replayed": {"type": "object", "properties": {"replayed": INT, "skipped": INT}, "additionalProperties": True},
     "Invoked": _obj({"execution_id": STR, "event_id": STR}, required=("execution_id",)),
     "EventAccepted": _obj({"event_id": STR}),
     "Health": {"type": "object", "properties": {"status": STR, "version": STR}, "required": ["status"],
