@@ -4,11 +4,13 @@ against real Zaqar, Swift + ceilometermiddleware and Aodh started by harness/ope
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import pytest
 
 from router.events import derived_id
@@ -65,6 +67,75 @@ async def test_swift_upload_runs_the_function_for_photos_jpg_only(router, tmp_pa
         await asyncio.sleep(0.5)
         assert len(await hw.executions(done=False)) == 1
         print(f"swift: upload → execution recorded in {took:.2f}s")
+    finally:
+        await delete_amqp_queue(queue)
+
+
+async def swift_cli(tmp_path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(DIR / "venv-swift/bin/swift"), "--os-storage-url", f"{SWIFT_URL}/v1/AUTH_test", "--os-auth-token", "unused",
+        *args, "-H", f"X-Project-Id: {PROJECT}", cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_a_refused_swift_put_runs_nothing_and_a_stored_object_event_has_etag_and_type(router, tmp_path):
+    """Done-when 3. Regression: an anonymous PUT that Swift answered 401 ran the photos/*.jpg function."""
+    queue = unique("headwater-test-swift")
+    try:
+        # prefetch 1: notifications are handled one after another, so the refused PUT's is done
+        # before the stored object's execution exists.
+        hw = await router(["swift"], swift={"queue": queue, "prefetch": "1"})
+        function_id = await hw.make_function()
+        await hw.subscribe("swift", function_id, types=["org.openstack.swift.object.put"],
+                           filters={"container": "photos", "objectsuffix": "jpg"})
+        await swift_cli(tmp_path, "post", "photos")  # the container exists: the 401 below is the refusal
+        async with aiohttp.ClientSession() as session:
+            # An expired temp URL: Swift's tempurl middleware answers 401 Unauthorized.
+            async with session.put(f"{SWIFT_URL}/v1/AUTH_test/photos/forged.jpg",
+                                   params={"temp_url_sig": "0" * 40, "temp_url_expires": "1"}, data=b"forged",
+                                   headers={"X-Headwater-Status": "201"}) as resp:  # a forged status is dropped too
+                assert resp.status == 401, resp.status
+        (tmp_path / "cat.jpg").write_bytes(b"meow")
+        await swift_cli(tmp_path, "upload", "photos", "cat.jpg", "-H", "Content-Type: image/jpeg")
+        (execution,) = await eventually(hw.executions)
+        assert execution.input["object"] == "cat.jpg" and execution.input["size"] == 4
+        assert execution.input["etag"] == hashlib.md5(b"meow").hexdigest()
+        assert execution.input["content_type"] == "image/jpeg"
+        assert len(await hw.executions(done=False)) == 1
+        assert await hw.app.history.query(project_id=None, subject="photos/forged.jpg") == []
+    finally:
+        await delete_amqp_queue(queue)
+
+
+async def test_swift_copy_and_large_object_uploads_are_one_event_each(router, tmp_path):
+    queue = unique("headwater-test-swift")
+    container = unique("media")
+    try:
+        hw = await router(["swift"], swift={"queue": queue})
+        function_id = await hw.make_function()
+        await hw.subscribe("swift", function_id, filters={"container": container})
+        (tmp_path / "film.bin").write_bytes(b"0123456789" * 3)
+        # --use-slo -S 10: three segments in <container>_segments, then one SLO manifest PUT.
+        await swift_cli(tmp_path, "upload", container, "film.bin", "--use-slo", "-S", "10")
+        (manifest,) = await eventually(hw.executions)
+        assert manifest.input["object"] == "film.bin" and manifest.input["large_object"] == "slo"
+        # `swift copy` (COPY + Destination) and a PUT with X-Copy-From: each one copy event for the
+        # object it creates.
+        await swift_cli(tmp_path, "copy", container, "film.bin", "-d", f"/{container}/copy.bin")
+        async with aiohttp.ClientSession() as session:
+            async with session.put(f"{SWIFT_URL}/v1/AUTH_test/{container}/again.bin", data=b"",
+                                   headers={"X-Copy-From": f"{container}/film.bin", "X-Project-Id": PROJECT}) as resp:
+                assert resp.status == 201, resp.status
+
+        async def three():
+            rows = await hw.executions()
+            return {r.input["object"]: r for r in rows} if len(rows) == 3 else None
+        rows = await eventually(three)
+        assert rows["copy.bin"].input["method"] == "COPY" and rows["copy.bin"].input["copy_from"] == f"{container}/film.bin"
+        assert rows["again.bin"].input["method"] == "COPY" and rows["again.bin"].input["copy_from"] == f"{container}/film.bin"
     finally:
         await delete_amqp_queue(queue)
 
