@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
 import logging
 from collections.abc import Callable, Sequence
@@ -91,6 +92,10 @@ class _SourceContext:
 
     def subscription(self, subscription_id: str) -> plugins.Subscription | None:
         return self._app.index.get(subscription_id)
+
+    def matching(self, event: Event) -> list[plugins.Subscription]:
+        probe = dataclasses.replace(event, extensions={**event.extensions, SOURCE_KIND_EXTENSION: self._kind})
+        return self._app.index.match_or_target(probe)
 
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self._app.change_listeners.append(callback)

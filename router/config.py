@@ -145,7 +145,8 @@ SCHEMA: dict[str, list[Option]] = {
     ],
     "zaqar": [
         _opt("url", "str", "http://127.0.0.1:8888", "Zaqar API endpoint (without /v2)."),
-        _opt("queues", "list", [], "Queues the source claims messages from, one consumer per queue."),
+        _opt("queues", "list", [], "Optional allow-list of queues. The source consumes the queues its subscriptions name (filters {\"queue\": …}), starting when the first subscription on a queue is created and stopping when the last is deleted; when this is set, subscriptions on other queues are refused and subscriptions naming no queue take all of these."),
+        _opt("max_in_flight", "int", 20, "Messages of one queue processed at once (claimed and not yet deleted).", minimum=1, maximum=1000),
         _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set."),
         _opt("client_id", "str", None, "Client-ID (a UUID) Headwater identifies itself with. Default: a stable UUID derived from the host name."),
         _opt("claim_ttl", "int", 300, "Seconds a claim holds its messages; an unfinished message is claimed again after this (Zaqar allows 60..43200).", minimum=60, maximum=43200),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime as _dt
 import json
 from pathlib import Path
@@ -24,8 +25,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 class FakeContext:
     """A SourceContext that records what a source publishes and dead-letters."""
 
-    def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None):
+    def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None,
+                 subscriptions: list[Subscription] = (), kind: str = "zaqar"):
         self.config = config
+        self.kind = kind
+        self.index = SubscriptionIndex(list(subscriptions))
+        self.listeners: list = []
         self.durable = durable
         self.fail = fail
         self.published: list[tuple[Event, bool]] = []
@@ -55,13 +60,27 @@ class FakeContext:
         return app
 
     def subscriptions(self, source: str):
-        return []
+        return self.index.of_source(source)
 
     def subscription(self, subscription_id: str):
-        return None
+        return self.index.get(subscription_id)
+
+    def matching(self, event: Event):
+        return self.index.match(dataclasses.replace(event, extensions={**event.extensions, "sourcekind": self.kind}))
 
     def on_subscriptions_changed(self, callback) -> None:
-        pass
+        self.listeners.append(callback)
+
+    def put(self, sub: Subscription) -> None:
+        """A subscription created (or changed) through the API."""
+        self.index.put(sub)
+        for callback in self.listeners:
+            callback()
+
+    def remove(self, subscription_id: str) -> None:
+        self.index.remove(subscription_id)
+        for callback in self.listeners:
+            callback()
 
 
 def captures(status: str | None = "200") -> list[dict[str, Any]]:

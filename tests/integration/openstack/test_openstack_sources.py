@@ -7,16 +7,18 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from pathlib import Path
 
 import aio_pika
 import aiohttp
 import pytest
 
+from engine.null import NullEngine
 from router.events import derived_id
 from sources.aodh import action_url, aodh_client, build_alarm
 
-from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_URL, eventually, unique, zaqar
+from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, eventually, unique, zaqar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -204,9 +206,9 @@ async def _queue_empty(queue: str):
 
 
 async def test_zaqar_router_killed_between_claim_and_record_processes_after_restart_once(router, tmp_path):
-    """Two messages in one claim. A is recorded but the router dies before deleting it; B is claimed
-    and never reaches the router. After the claim expires (60 s, Zaqar's minimum), a new router
-    processes both: B runs, A is recognised by its id and does not run again."""
+    """Two messages in one claim, processed side by side: both are recorded, and the router dies
+    before deleting either. After the claim expires (60 s, Zaqar's minimum) a new router gets both
+    again and recognises each by its id: nothing runs twice."""
     queue = unique("hwtest")
     options = {"url": ZAQAR_URL, "queues": queue, "project_id": PROJECT, "poll_interval": "0.5",
                "claim_ttl": "60", "claim_grace": "60", "claim_limit": "10"}
@@ -225,22 +227,111 @@ async def test_zaqar_router_killed_between_claim_and_record_processes_after_rest
                             json={"messages": [{"ttl": 600, "body": {"m": "A"}}, {"ttl": 600, "body": {"m": "B"}}]})
     assert status == 201
     await asyncio.wait_for(dying.wait(), 20)
-    (a,) = await first.executions()
-    assert a.input == {"m": "A"}
+    await eventually(lambda: _at_least(first.executions, 2))
     killed_at = time.monotonic()
     await first.stop()  # cancels the claim loop mid-message: no delete, no claim release
     status, stats = await zaqar("GET", f"/v2/queues/{queue}/stats")
     assert stats["messages"]["claimed"] == 2
 
     second = await router(["zaqar"], zaqar=options)  # same data dir: same store, function, subscription
-    await eventually(lambda: _at_least(second.executions, 2), timeout=150, interval=0.5)
-    await eventually(lambda: _queue_empty(queue), timeout=30)
+    await eventually(lambda: _queue_empty(queue), timeout=150, interval=0.5)
     took = time.monotonic() - killed_at
     rows = await second.executions(done=False)
     assert sorted(r.input["m"] for r in rows) == ["A", "B"]
     assert all(r.attempts == 1 for r in rows), [(r.input, r.attempts) for r in rows]
-    assert second.app.metrics.duplicates._value.get() == 1  # A came again and was recognised
+    assert second.app.metrics.duplicates._value.get() == 2  # both came again and were recognised
     print(f"zaqar: kill → redelivered after claim expiry and processed in {took:.1f}s")
+
+
+class HoldingEngine(NullEngine):
+    """The null engine, but each execution takes `seconds`; counts calls and how many run at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls, self.running, self.most = seconds, 0, 0, 0
+
+    async def execute(self, request):
+        self.calls += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.running -= 1
+        return await super().execute(request)
+
+
+def hold(hw, seconds: float) -> HoldingEngine:
+    engine = HoldingEngine(seconds)
+    hw.app.engine = hw.app.executions.engine = engine
+    return engine
+
+
+async def post_messages(queue: str, *bodies) -> list[str]:
+    status, posted = await zaqar("POST", f"/v2/queues/{queue}/messages",
+                                 json={"messages": [{"ttl": 600, "body": b} for b in bodies]})
+    assert status == 201, posted
+    return [href.rsplit("/", 1)[-1] for href in posted["resources"]]
+
+
+async def test_a_subscription_on_a_new_queue_starts_consuming_it_without_a_restart(router):
+    """Done-when 2: no [zaqar] queues, no restart; the subscription is what makes Headwater consume."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2"})
+    source = hw.app.sources["zaqar"]
+    assert queue not in source.queues
+    function_id = await hw.make_function()
+    (message_id,) = await post_messages(queue, {"order": 7})  # waiting before anyone subscribed
+    sub = await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    assert queue in source.queues
+    (execution,) = await eventually(hw.executions)
+    assert execution.event_id == message_id and execution.input == {"order": 7}
+    await eventually(lambda: _queue_empty(queue))
+    assert (await hw.client.delete(f"/v1/subscriptions/{sub['id']}")).status == 204
+    assert queue not in source.queues  # the last subscription gone: no longer consumed
+    (later,) = await post_messages(queue, {"order": 8})
+    # Headwater holds no claim on it: another consumer gets it.
+    status, claimed = await zaqar("POST", f"/v2/queues/{queue}/claims", json={"ttl": 60, "grace": 60})
+    assert status == 201 and [m["id"] for m in claimed["messages"]] == [later]
+
+
+async def test_messages_of_one_queue_run_at_the_same_time(router):
+    """#16's observation: five messages for a 2 s function ran one after another on the memory bus."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2"})
+    engine = hold(hw, 2.0)
+    function_id = await hw.make_function()
+    await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    await post_messages(queue, *({"n": i} for i in range(5)))
+    await eventually(lambda: asyncio.sleep(0, engine.most == 5))
+    rows = await eventually(lambda: _at_least(hw.executions, 5))
+    assert sorted(r.input["n"] for r in rows) == [0, 1, 2, 3, 4] and engine.calls == 5
+
+
+async def test_a_function_longer_than_the_claim_keeps_its_message(router):
+    """Done-when 2, on a real Zaqar, whose shortest claim is 60 s (MIN_CLAIM_TTL): a 75 s run holds
+    its message through the claim's renewals, while another consumer keeps trying to claim it; the
+    function runs once and the message is deleted after."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2",
+                                        "claim_ttl": "60", "claim_grace": "60"})
+    engine = hold(hw, 75.0)
+    function_id = await hw.make_function()
+    await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    (message_id,) = await post_messages(queue, {"long": True})
+    await eventually(lambda: asyncio.sleep(0, engine.calls == 1))
+    stolen = []
+    other = {**ZAQAR_HEADERS, "Client-ID": str(uuid.uuid4())}  # another replica
+    async with aiohttp.ClientSession() as session:
+        while engine.running:
+            async with session.post(f"{ZAQAR_URL}/v2/queues/{queue}/claims", json={"ttl": 60, "grace": 60},
+                                    headers=other) as resp:
+                if resp.status == 201:
+                    stolen.extend(m["id"] for m in (await resp.json())["messages"])
+            await asyncio.sleep(2)
+    assert stolen == [], "the claim ran out while the function ran"
+    (execution,) = await eventually(hw.executions)
+    assert execution.event_id == message_id and execution.status == "success" and engine.calls == 1
+    await eventually(lambda: _queue_empty(queue))
 
 
 async def test_malformed_zaqar_messages_are_dead_lettered_and_consuming_goes_on(router):
