@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from router.batching import ITEM_FAILED
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.events import Event, derived_id, utcnow
@@ -69,6 +70,8 @@ class DeliveryPolicy:
             # Stopped on purpose (a newer cron tick replaced the run, overlap=replace), not a
             # failure: another attempt would undo the replacement, whatever retry_on says.
             return False
+        if result.reason == ITEM_FAILED:
+            return True  # the function itself named this event of its batch as failed: it asks for a retry
         if result.reason == "timeout":
             return "timeout" in self.retry_on or "failed" in self.retry_on
         return result.status in self.retry_on

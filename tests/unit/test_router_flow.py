@@ -171,7 +171,7 @@ async def test_event_for_a_deleted_function_is_dead_lettered(hw):
     ({"source": "http", "function_id": "F", "filters": {"x": {"around": 1}}}, 400, "unknown operator 'around'"),
     ({"source": "http", "function_id": "F", "filter": "subject LIKE"}, 400, "filter: expected value, found the end"),
     ({"source": "http", "function_id": "F", "filters": {"Bad-Name": "x"}}, 400, "is not an attribute name"),
-    ({"source": "http", "function_id": "F", "filters": {"x": {"nested": 1, "two": 2}}}, 400, "a condition is a value or an object with one operator"),
+    ({"source": "http", "function_id": "F", "filters": {"x": {"nested": 1, "two": 2}}}, 400, "filters.x.nested: unknown operator 'nested'"),
     ({"source": "http", "function_id": "F", "types": [1]}, 400, "types must be a list"),
     ({"source": "http", "function_id": "F", "pattern": "* * * * *"}, 400, "pattern is a cron option"),
     ({"source": "cron", "function_id": "F", "pattern": "61 * * * *"}, 400, "The specified pattern is not valid"),

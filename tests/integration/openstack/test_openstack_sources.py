@@ -334,6 +334,32 @@ async def test_a_function_longer_than_the_claim_keeps_its_message(router):
     await eventually(lambda: _queue_empty(queue))
 
 
+async def test_a_batch_subscription_gets_ten_messages_in_one_run_and_retries_only_the_failed(router):
+    """Done-when 2: batch size 10 on a real Zaqar queue; the function reports two of the ten failed."""
+    from tests.unit.test_batching import BatchEngine
+
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2",
+                                        "claim_limit": "10"})
+    function_id = await hw.make_function()
+    sub = await hw.subscribe("zaqar", function_id, filters={"queue": queue}, batch={"size": 10, "window": 2},
+                             options={"delivery": {"backoff_initial": 0.1, "jitter": 0}})
+    engine = BatchEngine()
+    hw.app.engine = hw.app.executions.engine = engine
+    ids = await post_messages(queue, *({"n": i} for i in range(10)))
+    engine.fail_once = {ids[2], ids[7]}
+
+    async def all_done():
+        rows = [r for r in await hw.executions() if r.subscription_id == sub["id"]]
+        return rows if len(rows) == 10 and all(r.status == "success" for r in rows) else None
+    # The first ten fill the batch at once; the two retries run together when the 2 s window closes.
+    rows = {r.event_id: r for r in await eventually(all_done)}
+    assert sorted(engine.runs[0]) == sorted(ids)  # one invocation with all ten
+    assert sorted(i for run in engine.runs[1:] for i in run) == sorted([ids[2], ids[7]])
+    assert {i for i, r in rows.items() if r.attempts == 2} == {ids[2], ids[7]}
+    await eventually(lambda: _queue_empty(queue))
+
+
 async def test_malformed_zaqar_messages_are_dead_lettered_and_consuming_goes_on(router):
     queue = unique("hwtest")
     hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "queues": queue, "project_id": PROJECT, "poll_interval": "0.2"})
