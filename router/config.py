@@ -146,6 +146,7 @@ SCHEMA: dict[str, list[Option]] = {
     "zaqar": [
         _opt("url", "str", "http://127.0.0.1:8888", "Zaqar API endpoint (without /v2)."),
         _opt("queues", "list", [], "Optional allow-list of queues. The source consumes the queues its subscriptions name (filters {\"queue\": …}), starting when the first subscription on a queue is created and stopping when the last is deleted; when this is set, subscriptions on other queues are refused and subscriptions naming no queue take all of these."),
+        _opt("claim", "bool", True, "Claim messages from the queues subscriptions name. False: push only (Zaqar push subscriptions to /v1/zaqar/push), so a pushed message, which stays in its queue, is not also claimed and run twice."),
         _opt("max_in_flight", "int", 20, "Messages of one queue processed at once (claimed and not yet deleted).", minimum=1, maximum=1000),
         _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set."),
         _opt("client_id", "str", None, "Client-ID (a UUID) Headwater identifies itself with. Default: a stable UUID derived from the host name."),

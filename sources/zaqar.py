@@ -200,6 +200,7 @@ class ZaqarSource:
         self.claim_ttl, self.claim_grace, self.claim_limit = section.claim_ttl, section.claim_grace, section.claim_limit
         self.poll_interval = float(section.poll_interval)
         self.max_in_flight = section.max_in_flight
+        self.claiming = bool(section.claim)
         # Renew a claim well before it runs out: a third of its ttl leaves two renewals of slack.
         self.renew_interval = self.claim_ttl / 3
         self.client = ZaqarClient(config)
@@ -237,6 +238,8 @@ class ZaqarSource:
         names none takes every allowed queue."""
         assert self._ctx is not None
         wanted: set[str] = set()
+        if not self.claiming:
+            return wanted  # push only
         for sub in self._ctx.subscriptions(KIND):
             named = _named_queues(sub.filters or {})
             if named is None:

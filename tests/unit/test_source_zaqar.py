@@ -233,6 +233,17 @@ async def test_queues_come_from_subscriptions_without_a_restart(tmp_path):
             await source.stop()
 
 
+async def test_push_only_claims_nothing(tmp_path):
+    async with FakeZaqar() as zaqar:
+        config = zaqar_config(tmp_path, zaqar.url, claim="false")
+        source = ZaqarSource(config)
+        await source.start(FakeContext(config, subscriptions=JOBS))
+        try:
+            assert source.queues == []
+        finally:
+            await source.stop()
+
+
 def test_the_allow_list_refuses_subscriptions_on_other_queues(tmp_path):
     # Regression: a subscription on a queue the source did not consume was accepted with a log line.
     import datetime as dt
