@@ -71,7 +71,7 @@ async def record_floor(n: int, data_dir: Path) -> dict:
     await db.migrate()
     await db.dispose()
     now = datetime.datetime.now(datetime.timezone.utc)
-    rows = [dict(_ROW_DEFAULTS, id=execution_id_for(f"floor-{i}", "s"), project_id="bench", status="success",
+    rows = [dict(_ROW_DEFAULTS, id=execution_id_for("/bench", f"floor-{i}", "s"), project_id="bench", status="success",
                  input={"i": i}, created_at=now, event_id=f"floor-{i}", subscription_id="s") for i in range(n)]
     params = [_SqliteWriter._params(row) for row in rows]  # prepared outside the clock
     conn = sqlite3.connect(data_dir / "floor.db", isolation_level=None)
@@ -149,7 +149,7 @@ class Rig:
         router would rightly treat a reused id as a duplicate and not run it again)."""
         sent: dict[str, float] = {}
         all_done = asyncio.get_running_loop().create_future()
-        expected = {execution_id_for(f"bench-{i}", self.subscription_id) for i in range(offset, offset + n)}
+        expected = {execution_id_for("/bench", f"bench-{i}", self.subscription_id) for i in range(offset, offset + n)}
         original = self.executions.record
 
         async def record(row, result):
@@ -162,7 +162,7 @@ class Rig:
         started = time.perf_counter()
         for i in range(offset, offset + n):
             event = self.event(i)
-            sent[execution_id_for(event.id, self.subscription_id)] = time.perf_counter()
+            sent[execution_id_for(event.source, event.id, self.subscription_id)] = time.perf_counter()
             await self.bus.publish(event)
         await all_done
         elapsed = time.perf_counter() - started
@@ -176,7 +176,7 @@ class Rig:
         latencies = []
         for i in range(offset, offset + n):
             event = self.event(i)
-            execution_id = execution_id_for(event.id, self.subscription_id)
+            execution_id = execution_id_for(event.source, event.id, self.subscription_id)
             waiter = asyncio.get_running_loop().create_future()
             self.waiters[execution_id] = waiter
             started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -102,6 +103,10 @@ class _SourceContext:
     def subscription(self, subscription_id: str) -> plugins.Subscription | None:
         return self._app.index.get(subscription_id)
 
+    def matching(self, event: Event) -> list[plugins.Subscription]:
+        probe = dataclasses.replace(event, extensions={**event.extensions, SOURCE_KIND_EXTENSION: self._kind})
+        return self._app.index.match_or_target(probe)
+
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self._app.change_listeners.append(callback)
 
@@ -119,7 +124,8 @@ class _SourceContext:
         return advanced
 
     async def active_executions(self, subscription_id: str) -> int:
-        return await self._app.store.executions.count(subscription_id=subscription_id, status="running")
+        # A run waiting for its retry is still unfinished: overlap=forbid must count it too.
+        return await self._app.store.executions.count(subscription_id=subscription_id, status=("running", "retrying"))
 
     async def cancel_executions(self, subscription_id: str, reason: str, *, message: str = "",
                                 except_event: str | None = None) -> int:

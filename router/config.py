@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("max_event_age", "float", 0, "Seconds after an event's time beyond which it is dead-lettered instead of run again (0: no limit).", minimum=0),
         _opt("retry_on", "list", ["error", "timeout"], "Outcomes that are retried: error (platform), timeout, failed (any function failure)."),
         _opt("dead_letter_topic", "str", None, "Bus topic dead letters are also published to (besides the dead_letters table)."),
+        _opt("dead_letter_payload_max", "int", 65536, "Bytes of a dead letter's payload that are kept (as JSON); a larger payload is cut to this and the record says so (truncated, original size).", minimum=256),
         _opt("lease_margin", "float", 30.0, "Seconds beyond a function's timeout before another worker may take over an execution whose worker went silent.", minimum=0.1),
     ],
     "engine": [
@@ -140,13 +142,16 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("exchange_durable", "bool", False, "Whether that exchange is durable: must match how oslo.messaging declared it ([oslo_messaging_rabbit] amqp_durable_queues)."),
         _opt("routing_key", "str", "notifications.info", "Routing key to bind: the filter's `topic` + '.info'."),
         _opt("queue", "str", "headwater-swift", "Headwater's own durable queue bound to the exchange (never the shared `notifications.info`, which ceilometer consumes)."),
-        _opt("methods", "list", ["PUT", "POST", "DELETE", "COPY"], "Object requests that become events, by HTTP method; add GET, HEAD to also trigger on reads."),
+        _opt("methods", "list", ["PUT", "POST", "DELETE", "COPY"], "Object requests that become events, by HTTP method; add GET, HEAD to also trigger on reads. COPY events (for the Destination object) need `copy` after the headwater filter in the proxy pipeline."),
+        _opt("require_status", "bool", True, "Publish only notifications that carry Swift's answer (X-Headwater-Status, from the sources.swift_middleware proxy filter), and of those only 2xx. False: also publish notifications without it (any request the proxy saw, refused ones included)."),
         _opt("container_events", "bool", False, "Also publish container-level requests (no object name) as org.openstack.swift.container.<method> events."),
         _opt("prefetch", "int", 32, "Notifications held unacknowledged at once.", minimum=1),
     ],
     "zaqar": [
         _opt("url", "str", "http://127.0.0.1:8888", "Zaqar API endpoint (without /v2)."),
-        _opt("queues", "list", [], "Queues the source claims messages from, one consumer per queue."),
+        _opt("queues", "list", [], "Optional allow-list of queues. The source consumes the queues its subscriptions name (filters {\"queue\": …}), starting when the first subscription on a queue is created and stopping when the last is deleted; when this is set, subscriptions on other queues are refused and subscriptions naming no queue take all of these."),
+        _opt("claim", "bool", True, "Claim messages from the queues subscriptions name. False: push only (Zaqar push subscriptions to /v1/zaqar/push), so a pushed message, which stays in its queue, is not also claimed and run twice."),
+        _opt("max_in_flight", "int", 20, "Messages of one queue processed at once (claimed and not yet deleted).", minimum=1, maximum=1000),
         _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set."),
         _opt("client_id", "str", None, "Client-ID (a UUID) Headwater identifies itself with. Default: a stable UUID derived from the host name."),
         _opt("claim_ttl", "int", 300, "Seconds a claim holds its messages; an unfinished message is claimed again after this (Zaqar allows 60..43200).", minimum=60, maximum=43200),
@@ -164,11 +169,30 @@ SCHEMA: dict[str, list[Option]] = {
     ],
     "aodh": [
         _opt("path", "str", "/v1/aodh/alarms", "Path of the endpoint Aodh alarm actions POST to (the alarm action is <public_url><path>)."),
-        _opt("token", "str", None, "When set, an alarm action must carry ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it."),
+        _opt("token", "str", None, "Token an alarm action must carry as ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it. Default: a random token kept in <data_dir>/aodh-token.key, so the endpoint never takes unauthenticated alarms."),
         _opt("endpoint", "str", "http://127.0.0.1:8042", "Aodh API, for registering alarms (python -m sources.aodh register)."),
         _opt("project_id", "str", "default", "Project of alarm events whose action URL names none (register puts ?project_id= in the URL)."),
     ],
 }
+
+
+def persistent_secret(config: "Config", filename: str) -> str:
+    """A random secret kept in <data_dir>/<filename> (created once, mode 0600), so that processes
+    sharing a data_dir agree on it without configuration: the secure default for a token option."""
+    path = Path(config.data_dir) / filename
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
 
 
 def default_data_dir() -> Path:

@@ -10,6 +10,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
+from router.batching import ITEM_FAILED
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.events import Event, derived_id, utcnow
@@ -67,6 +70,8 @@ class DeliveryPolicy:
             # Stopped on purpose (a newer cron tick replaced the run, overlap=replace), not a
             # failure: another attempt would undo the replacement, whatever retry_on says.
             return False
+        if result.reason == ITEM_FAILED:
+            return True  # the function itself named this event of its batch as failed: it asks for a retry
         if result.reason == "timeout":
             return "timeout" in self.retry_on or "failed" in self.retry_on
         return result.status in self.retry_on
@@ -158,6 +163,21 @@ def default_policy(config: Config) -> DeliveryPolicy:
                           dead_letter_topic=d.dead_letter_topic)
 
 
+def cap_payload(payload: Any, limit: int) -> tuple[Any, str | None]:
+    """A dead letter's payload as kept: whole when its JSON is at most `limit` bytes, else a marked
+    cut (`{"truncated": true, "size": n, "head": first bytes as text}`) and a note for the reason.
+    A junk notification of megabytes must not become a row (and a list response) of megabytes."""
+    try:
+        encoded = orjson.dumps(payload, default=str)
+    except TypeError:
+        encoded = repr(payload).encode()
+    if len(encoded) <= limit:
+        return payload, None
+    head = encoded[:limit].decode("utf-8", "ignore")
+    note = f"payload of {len(encoded)} bytes truncated to {limit} ([delivery] dead_letter_payload_max)"
+    return {"truncated": True, "size": len(encoded), "head": head}, note
+
+
 def retry_copy(event: Event, subscription_id: str, attempt: int, last_status: str) -> Event:
     """The event as it travels to its next attempt: same id (same execution record), marked for
     one subscription and numbered."""
@@ -198,6 +218,7 @@ class DeliveryService:
         # replaced on reload, so identity of the options dict tells whether the policy is current.
         self._policies: dict[str, tuple[dict, DeliveryPolicy]] = {}
         self.rng = random.Random()
+        self.payload_max = getattr(getattr(config, "delivery", None), "dead_letter_payload_max", 65536)
 
     def policy(self, sub: Subscription) -> DeliveryPolicy:
         cached = self._policies.get(sub.id)
@@ -251,6 +272,9 @@ class DeliveryService:
                                  letter_id: str | None = None) -> bool:
         """Write one dead-letter record, counted and logged. With `letter_id` (derived from what
         failed) a second try records nothing and returns False: redeliveries do not multiply it."""
+        payload, note = cap_payload(payload, self.payload_max)
+        if note:
+            reason = f"{reason[:3800]} [{note}]"
         try:
             await self.store.dead_letters.add(**({"id": letter_id} if letter_id else {}), source=source,
                                               reason=reason[:4000], event_id=event_id, subscription_id=subscription_id,

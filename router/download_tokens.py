@@ -7,11 +7,9 @@ import base64
 import hashlib
 import hmac
 import os
-import secrets
 import time
-from pathlib import Path
 
-from router.config import Config
+from router.config import Config, persistent_secret
 
 KEY_FILE = "download-token.key"
 
@@ -22,20 +20,7 @@ def secret_from_config(config: Config) -> bytes:
     configured = os.environ.get("HEADWATER_DOWNLOAD_TOKEN_SECRET") or config.engine.download_token_secret
     if configured:
         return configured.encode()
-    path = Path(config.data_dir) / KEY_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-    return key
+    return persistent_secret(config, KEY_FILE).encode()
 
 
 def _mac(secret: bytes, function_id: str, version: int, expires: int) -> str:

@@ -44,9 +44,10 @@ def derived_id(*parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def execution_id_for(event_id: str, subscription_id: str) -> str:
-    """The execution id of (event, subscription): what makes redelivery recognisable."""
-    return derived_id("execution", event_id, subscription_id)
+def execution_id_for(source: str, event_id: str, subscription_id: str) -> str:
+    """The execution id of (event, subscription): what makes redelivery recognisable. An event is
+    its `source` and `id` together (CloudEvents identity): two producers may both send id 1001."""
+    return derived_id("execution", source, event_id, subscription_id)
 
 
 @dataclasses.dataclass(slots=True)

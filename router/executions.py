@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from router import mapping
 from router.config import Config
 from router.delivery import DeliveryPolicy, DeliveryService
-from router.events import Event, execution_id_for
+from router.batching import Batcher, batch_of
+from router.events import Event, derived_id, execution_id_for
 from router.log import current_execution_id
 from router.metrics import Metrics
 from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
@@ -103,6 +104,7 @@ class ExecutionService:
         self._running = 0
         metrics.executions_running.set_function(lambda: self._running)
         self.lease_margin = getattr(getattr(config, "delivery", None), "lease_margin", LEASE_MARGIN_SECONDS)
+        self.batcher = Batcher(self._run_batch)
 
     # -- targets ------------------------------------------------------------------------------
 
@@ -241,7 +243,7 @@ class ExecutionService:
         # Created already claimed (lease and first attempt) when `claim` is set: one transaction, not two.
         lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
         row, created = await self.journal.start_execution(dict(
-            id=execution_id or execution_id_for(event.id, sub.id), function_id=function.id, function_version=version,
+            id=execution_id or execution_id_for(event.source, event.id, sub.id), function_id=function.id, function_version=version,
             function_alias=sub.function_alias, status="running", sync=False, input=mapping.event_input(event, sub),
             description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
             **lease))
@@ -275,7 +277,7 @@ class ExecutionService:
         does nothing; one whose execution another worker is running waits for that worker (and
         takes over if its lease runs out, i.e. it died). `attempt` > 1 is a retry the delivery
         policy scheduled (the event came back on the retry topic)."""
-        execution_id = execution_id_for(event.id, sub.id)
+        execution_id = execution_id_for(event.source, event.id, sub.id)
         in_flight = self._in_flight
         while execution_id in in_flight:
             # A duplicate delivery to this process: wait for the first (whose future is made only
@@ -337,10 +339,23 @@ class ExecutionService:
         # Only runs that a later tick may replace are tracked for cancelling: the others skip the
         # extra task and the watcher.
         replaceable = (sub.options or {}).get("overlap") == "replace"
-        result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable)
+        if batch_of(sub):
+            # Joins its subscription's next batch: one run for many events, an outcome for each.
+            result = await self.batcher.submit(sub, event, row.input)
+        else:
+            result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable)
         await self._settle(event, sub, policy, row, result, number)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
+
+    async def _run_batch(self, sub: Subscription, events: list[Event], batch_input: dict[str, Any]) -> ExecutionResult:
+        """One engine run for a batch of a subscription's events (router.batching)."""
+        function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                               version=sub.function_version, alias=sub.function_alias)
+        batch_id = derived_id("batch", sub.id, *sorted(f"{e.source}\x1f{e.id}" for e in events))
+        run = ExecutionRecord(id=batch_id, input=batch_input, project_id=sub.project_id, subscription_id=sub.id)
+        log.info("batch run", extra={"subscription_id": sub.id, "execution_id": batch_id, "size": len(events)})
+        return await self.execute(run, function, version, event_id=events[0].id)
 
     async def _settle(self, event: Event, sub: Subscription, policy: DeliveryPolicy, row: models.Execution,
                       result: ExecutionResult, number: int) -> None:
@@ -425,6 +440,7 @@ class ExecutionService:
         await self.journal.start()
 
     async def stop(self) -> None:
+        await self.batcher.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

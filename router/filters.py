@@ -5,8 +5,10 @@ Two spellings, one meaning:
 
 * `filters` (object): attribute → condition, all must hold. An attribute is a CloudEvents attribute
   or extension (`subject`, `type`, `container`) or a field of the event's data (`data.size`,
-  `data.object.name`). A condition is a value (exact match) or one operator object:
-  `{"prefix": "photos/"}`, `{"suffix": ".jpg"}`, `{"glob": "photos/*.jpg"}`, `{"gt": 10}`,
+  `data.object.name`). A condition is a value (exact match) or an object of operators, all of
+  which must hold (`{"gte": 1, "lt": 9}`):
+  `{"prefix": "photos/"}`, `{"suffix": ".jpg"}`, `{"glob": "photos/*.jpg"}` (`*` stays within a
+  path segment, `**` crosses `/`), `{"gt": 10}`,
   `{"gte": 10}`, `{"lt": 10}`, `{"lte": 10}`, `{"exists": true}`, `{"in": ["a", "b"]}`,
   `{"ne": "x"}`, `{"eq": "x"}`.
 * `filter`: a composition `{"all": [...]}`, `{"any": [...]}`, `{"not": ...}` whose leaves are
@@ -19,7 +21,6 @@ Two spellings, one meaning:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import re
 from collections.abc import Callable
@@ -139,15 +140,15 @@ def _build_condition(attribute: str, op: str, expected: Any) -> Predicate:
     if op == "suffix":
         return lambda e: isinstance(v := get(e), str) and v.endswith(expected)
     if op == "glob":
-        pattern = re.compile(fnmatch.translate(expected))
+        pattern = glob_regex(expected)
         return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
     if op == "glob-after":  # only after the index proved the literal the pattern starts with
         start, rest = expected
-        pattern = re.compile(fnmatch.translate(rest))
+        pattern = glob_regex(rest)
         return lambda e: isinstance(v := get(e), str) and pattern.match(v, start) is not None
     if op == "glob-before":  # only after the index proved the literal the pattern ends with
         length, rest = expected
-        pattern = re.compile(fnmatch.translate(rest))
+        pattern = glob_regex(rest)
         return lambda e: isinstance(v := get(e), str) and pattern.match(v, 0, len(v) - length) is not None
     if op == "like":
         pattern = _like_regex(expected)
@@ -155,6 +156,39 @@ def _build_condition(attribute: str, op: str, expected: Any) -> Predicate:
     compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
     bound = float(expected)
     return lambda e: (n := _number(get(e))) is not None and compare(n, bound)
+
+
+@functools.lru_cache(maxsize=4096)
+def glob_regex(pattern: str) -> re.Pattern:
+    """A path glob as object stores and .gitignore read it: `*` is any run of characters within one
+    path segment (it never crosses `/`), `**` any run across segments (`a/**/b` also matches
+    `a/b`), `?` one character other than `/`, `[abc]` / `[!abc]` one character of (not of) a set."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        elif ch == "[" and (end := pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)) != -1:
+            body = pattern[i + 1:end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            escaped = "".join("\\" + c if c in "\\^]" else c for c in body)
+            out.append(f"[^/{escaped}]" if negate else f"(?!/)[{escaped}]")
+            i = end + 1
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def _equal(actual: Any, expected: Any) -> bool:
@@ -195,15 +229,19 @@ def parse_conditions(filters: Any, where: str = "filters") -> list[Condition]:
     conditions = []
     for name, spec in filters.items():
         _check_name(name, where)
-        conditions.append(_parse_condition(name, spec, f"{where}.{name}"))
+        if isinstance(spec, dict) and len(spec) > 1:
+            # Several operators on one attribute all hold: {"gte": 1, "lt": 9} is 1 <= x < 9.
+            conditions.extend(_parse_condition(name, {op: value}, f"{where}.{name}.{op}") for op, value in spec.items())
+        else:
+            conditions.append(_parse_condition(name, spec, f"{where}.{name}"))
     return conditions
 
 
 def _parse_condition(name: str, spec: Any, where: str) -> Condition:
     if isinstance(spec, (str, int, float, bool)):
         return Condition(name, "eq", spec)
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise FilterError(f"{where}: a condition is a value or an object with one operator ({', '.join(_OPERATORS)})")
+    if not isinstance(spec, dict) or not spec:
+        raise FilterError(f"{where}: a condition is a value or an object of operators ({', '.join(_OPERATORS)})")
     ((op, value),) = spec.items()
     if op not in _OPERATORS:
         raise FilterError(f"{where}: unknown operator {op!r}; known: {', '.join(_OPERATORS)}")

@@ -138,6 +138,34 @@ class EventLog:
         async with self.store.db.sessions() as session:
             return list((await session.execute(stmt)).scalars())
 
+    async def received_by(self, *, subscription_id: str, project_id: str, source_kind: str, since: _dt.datetime,
+                          until: _dt.datetime | None = None, limit: int = 1000) -> list[models.EventRecord]:
+        """The events a replay to one subscription chooses from, oldest first: those of its project,
+        and those it received (an execution of it names the event) whatever project the source
+        stamped on them: an OpenStack source's events carry the Swift account's or Zaqar queue's
+        project, which need not be the subscription's."""
+        table = models.EventRecord
+        executions = models.Execution
+        received = sa.select(executions.event_id).where(executions.subscription_id == subscription_id,
+                                                        executions.event_id.is_not(None))
+        stmt = sa.select(table).where(table.source_kind == source_kind, table.received_at >= since,
+                                      sa.or_(table.project_id == project_id, table.id.in_(received)))
+        if until:
+            stmt = stmt.where(table.received_at < until)
+        stmt = stmt.order_by(table.received_at.asc(), table.id).limit(limit)
+        async with self.store.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+    async def executed(self, execution_ids: list[str]) -> set[str]:
+        """Which of these executions are recorded already (a replay that ran before runs nothing)."""
+        table = models.Execution
+        found: set[str] = set()
+        async with self.store.db.sessions() as session:
+            for i in range(0, len(execution_ids), 500):
+                stmt = sa.select(table.id).where(table.id.in_(execution_ids[i:i + 500]))
+                found.update((await session.execute(stmt)).scalars())
+        return found
+
     async def get(self, event_id: str, project_id: str | None) -> models.EventRecord | None:
         async with self.store.db.sessions() as session:
             row = await session.get(models.EventRecord, event_id)

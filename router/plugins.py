@@ -114,6 +114,10 @@ class SourceContext(Protocol):
 
     def subscription(self, subscription_id: str) -> Subscription | None: ...
 
+    def matching(self, event: Event) -> Sequence[Subscription]:
+        """The subscriptions of this source that the event would go to now (none: it would be
+        dropped unmatched), so a source can keep such input visible instead of consuming it silently."""
+
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None: ...
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:

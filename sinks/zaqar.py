@@ -76,7 +76,9 @@ class ZaqarSink:
                 resources = (await resp.json(content_type=None)).get("resources", [])
         except aiohttp.ClientError as exc:
             raise SinkFailed(f"zaqar at {self.url} unreachable: {exc}") from exc
-        log.info("result posted to zaqar", extra={"event_id": event.id, "queue": target["queue"], "message": resources[:1]})
+        # "message" is a reserved LogRecord attribute: naming an extra so raises KeyError after the post.
+        log.info("result posted to zaqar", extra={"event_id": event.id, "queue": target["queue"],
+                                                  "message_href": resources[0] if resources else None})
 
     async def close(self) -> None:
         if self._session is not None:

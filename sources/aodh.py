@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from router.config import Config
+from router.config import Config, persistent_secret
 from router.events import Event, derived_id, utcnow
 from router.plugins import SourceContext, SubscriptionInvalid
 
@@ -97,6 +97,9 @@ def alarm_event(body: Any, *, project_id: str, request_id: str | None = None) ->
     )
 
 
+TOKEN_FILE = "aodh-token.key"
+
+
 class AodhSource:
     """The endpoint alarm actions point at: POST <[aodh] path>[?project_id=…&token=…]."""
 
@@ -121,6 +124,7 @@ class AodhSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
+        self.token = endpoint_token(self.config)
         ctx.add_route("POST", self.config.aodh.path, self.receive)
 
     async def stop(self) -> None:
@@ -131,8 +135,7 @@ class AodhSource:
         answers as soon as the event is on the bus."""
         assert self._ctx is not None
         ctx = self._ctx
-        token = self.config.aodh.token
-        if token and not hmac.compare_digest(request.query.get("token", ""), token):
+        if not hmac.compare_digest(request.query.get("token", ""), self.token):
             log.warning("aodh alarm action refused: missing or wrong token")
             return web.json_response({"error": "missing or wrong token"}, status=401)
         raw = await request.read()
@@ -155,14 +158,19 @@ class AodhSource:
 # Registering alarms whose action targets Headwater (aodhclient, the `openstack` extra)
 
 
+def endpoint_token(config: Config) -> str:
+    """The token alarm actions must carry: [aodh] token, else one generated once per data_dir.
+    Never none: without it anyone could POST a forged alarm and run functions."""
+    return config.aodh.token or persistent_secret(config, TOKEN_FILE)
+
+
 def action_url(config: Config, project_id: str | None = None) -> str:
     """The alarm action URL for this Headwater: public URL + [aodh] path, with the project and the
     shared token in the query (Aodh POSTs to the URL as stored, query included)."""
     query = {}
     if project_id:
         query["project_id"] = project_id
-    if config.aodh.token:
-        query["token"] = config.aodh.token
+    query["token"] = endpoint_token(config)
     return f"{config.api.public_url}{config.aodh.path}" + (f"?{urlencode(query)}" if query else "")
 
 

@@ -25,6 +25,8 @@ NOTIFICATION_EVENT_TYPE = "objectstore.http.request"
 EXTENSIONS = ("projectid", "account", "container", "object", "objectsuffix", "objectdir", "method", "partitionkey")
 _CORE = ("id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "specversion", "sourcekind")
 _RESELLER_PREFIX = "AUTH_"
+# ceilometermiddleware's name for the X-Headwater-* request headers the proxy filter sets.
+_HEADER = "http_header_x_headwater_"
 # Wait before taking a notification back after the router refused it, so a router outage is not a hot loop.
 _REQUEUE_DELAY = 1.0
 
@@ -81,7 +83,27 @@ def object_suffix(name: str) -> str | None:
     return ext.lower() if dot and stem and ext else None
 
 
-def to_event(notification: dict[str, Any], *, methods: frozenset[str], container_events: bool) -> Event | None:
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+_warned_no_status = False
+
+
+def _warn_no_status() -> None:
+    global _warned_no_status
+    if not _warned_no_status:
+        _warned_no_status = True
+        log.error("swift notifications carry no X-Headwater-Status: put the headwater filter "
+                  "(sources.swift_middleware) after ceilometer in the proxy pipeline and name its headers in "
+                  "ceilometer's metadata_headers; until then no swift events are published ([swift] require_status)")
+
+
+def to_event(notification: dict[str, Any], *, methods: frozenset[str], container_events: bool,
+             require_status: bool = True) -> Event | None:
     """The event for one notification, None when it is not one Headwater publishes (a read, an
     account request, a request that failed inside Swift). Raises MalformedNotification."""
     event_type = notification.get("event_type")
@@ -110,8 +132,33 @@ def to_event(notification: dict[str, Any], *, methods: frozenset[str], container
     if payload.get("outcome") not in (None, "success"):
         log.info("swift request did not succeed; no event", extra={"event_id": message_id, "outcome": payload.get("outcome")})
         return None
+    # What Swift answered, from Headwater's proxy filter (sources.swift_middleware): only a 2xx is
+    # an event, as in S3. Without the filter the outcome is unknown (ceilometermiddleware says
+    # `success` for a 401 too), and `require_status` decides.
+    status = metadata.get(_HEADER + "status")
+    if status is None:
+        if require_status:
+            _warn_no_status()
+            return None
+    elif not (isinstance(status, str) and status.startswith("2")):
+        log.info("swift refused the request (%s); no event", status, extra={"event_id": message_id})
+        return None
+    source_path = metadata.get(_HEADER + "copy_from") or None
+    if source_path and method == "PUT":
+        method = "COPY"  # a server-side copy (COPY, or PUT + X-Copy-From) of source_path to this path
     if method not in methods or not container or (not obj and not container_events):
         return None
+    destination = metadata.get(_HEADER + "destination")
+    if method == "COPY" and not source_path:
+        # A COPY seen before Swift's copy middleware names its source in the path and the object it
+        # creates in the Destination header.
+        dest = destination.strip("/").split("/", 2) if isinstance(destination, str) else []
+        if len(dest) < 3 or not all(dest):  # <account>/<container>/<object>
+            log.info("swift COPY without a destination in the notification; no event", extra={"event_id": message_id})
+            return None
+        source_path = f"{container}/{obj}"
+        path = "v1/" + "/".join(dest)
+        container, obj = dest[1], dest[2]
 
     # path = "v1/AUTH_test/photos/cat.jpg"; the account keeps its reseller prefix there.
     parts = path.split("/", 3)
@@ -135,11 +182,24 @@ def to_event(notification: dict[str, Any], *, methods: frozenset[str], container
             extensions["objectsuffix"] = suffix
         if "/" in obj:
             extensions["objectdir"] = obj.split("/", 1)[0]
-        # Only the request's headers reach the notification, and only those named in the filter's
-        # metadata_headers (ETag, Content-Type): the stored object's etag is otherwise unknown.
-        data["etag"] = (metadata.get("http_header_etag") or "").strip('"') or None
-        data["content_type"] = metadata.get("http_header_content_type")
-        data["size"] = _measure(payload, "storage.objects.incoming.bytes") if method in ("PUT", "POST") else None
+        # The stored object's etag, type and size come from Headwater's proxy filter; without it
+        # only request headers named in metadata_headers (ETag, Content-Type) can stand in.
+        data["etag"] = (metadata.get(_HEADER + "etag") or metadata.get("http_header_etag") or "").strip('"') or None
+        data["content_type"] = metadata.get(_HEADER + "content_type") or metadata.get("http_header_content_type")
+        large = metadata.get(_HEADER + "large_object")
+        if large in ("slo", "dlo"):
+            # One event for the manifest: the object users see. Its size is the segments' sum, which
+            # the manifest request does not tell.
+            data["large_object"] = large
+            data["size"] = None
+        elif method == "PUT":
+            data["size"] = _int(metadata.get(_HEADER + "size")) or _measure(payload, "storage.objects.incoming.bytes")
+        elif method == "COPY":
+            data["size"] = None  # the request had no body; the copy is as large as its source
+        else:
+            data["size"] = None
+        if source_path:
+            data["copy_from"] = source_path
         subject = f"{container}/{obj}"
         type_ = OBJECT_TYPE + verb
     else:
@@ -182,11 +242,9 @@ class SwiftSource:
     """Consumes ceilometermiddleware's `objectstore.http.request` notifications from Headwater's own
     queue bound to the `swift` exchange, and publishes one event per object request.
 
-    The middleware reports `success` for every request the proxy answered, 404s and 4xx
-    included (it never sees the status). Headwater therefore publishes a request, not a proven
-    change: a DELETE of a missing object or a rejected PUT can still trigger. Functions that must
-    only act on objects that exist should HEAD the object; the event's etag/size say what the
-    client sent, not what Swift stored."""
+    ceilometermiddleware reports `success` for every request the proxy answered, 401s and 404s
+    included; Headwater's proxy filter (sources.swift_middleware) adds Swift's status, the stored
+    object's etag, content type and size, so only requests Swift carried out become events."""
 
     kind: ClassVar[str] = KIND
 
@@ -195,6 +253,7 @@ class SwiftSource:
         section = config.swift
         self.methods = frozenset(m.upper() for m in section.methods)
         self.container_events = bool(section.container_events)
+        self.require_status = bool(section.require_status)
         self._connection: Any = None
         self._ctx: SourceContext | None = None
 
@@ -249,7 +308,8 @@ class SwiftSource:
         ctx = self._ctx
         try:
             notification = unwrap(body)
-            event = to_event(notification, methods=self.methods, container_events=self.container_events)
+            event = to_event(notification, methods=self.methods, container_events=self.container_events,
+                             require_status=self.require_status)
         except MalformedNotification as exc:
             await ctx.dead_letter(source=KIND, reason=f"malformed swift notification: {exc}", payload=_printable(body))
             return None

@@ -6,6 +6,7 @@ import asyncio
 import datetime as _dt
 import json
 import logging
+import re
 import socket
 import uuid
 from typing import Any, ClassVar
@@ -27,6 +28,23 @@ TOKEN_HEADER = "X-Headwater-Token"
 EXTENSIONS = ("projectid", "queue", "partitionkey", "messageage")
 _CORE = ("id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "specversion", "sourcekind")
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+# Zaqar's own rule for queue names.
+_QUEUE_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _named_queues(filters: dict[str, Any]) -> list[Any] | None:
+    """The queues a subscription's filters name: `"queue": "q"` or `"queue": {"in": [...]}`; None
+    when they do not restrict the queue."""
+    condition = filters.get("queue")
+    if condition is None:
+        return None
+    if isinstance(condition, dict) and isinstance(condition.get("in"), list) and len(condition) == 1:
+        return list(condition["in"])
+    if isinstance(condition, dict):
+        return None  # a prefix or glob: matches pushed messages; claim loops need names
+    return [condition]
 
 
 class MalformedMessage(ValueError):
@@ -107,6 +125,13 @@ class ZaqarClient:
                 return False
             raise ZaqarError(f"delete of {message_id} in {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
 
+    async def renew(self, queue: str, claim_id: str, *, ttl: int, grace: int) -> None:
+        """Extend a claim: its ttl counts again from now (Zaqar's PATCH on the claim)."""
+        async with self._http().patch(f"{self._queue_url(queue)}/claims/{quote(claim_id, safe='')}",
+                                      json={"ttl": ttl, "grace": grace}, headers=await self._headers()) as resp:
+            if resp.status != 204:
+                raise ZaqarError(f"renewal of claim {claim_id} on {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
+
     async def release(self, queue: str, claim_id: str) -> None:
         """Give a claim's undeleted messages back at once instead of after the claim ttl."""
         async with self._http().delete(f"{self._queue_url(queue)}/claims/{quote(claim_id, safe='')}",
@@ -159,42 +184,88 @@ def message_event(*, queue: str, project_id: str, message_id: str, body: Any, ag
 
 
 class ZaqarSource:
-    """One claim loop per configured queue (claim → publish → delete with the claim id), plus the
-    receiver for Zaqar push subscriptions at POST /v1/zaqar/push."""
+    """Consumes the Zaqar queues its subscriptions name (`filters: {"queue": …}`): a claim loop per
+    queue, started when the first subscription on a queue appears and stopped when the last goes,
+    without a restart. `[zaqar] queues`, when set, is an allow-list. Claimed messages are processed
+    concurrently (up to `[zaqar] max_in_flight` per queue) and their claim is renewed while they
+    run, so a long function keeps its message from being claimed again by another replica.
+    Also the receiver for Zaqar push subscriptions at POST /v1/zaqar/push."""
 
     kind: ClassVar[str] = KIND
 
     def __init__(self, config: Config):
         self.config = config
         section = config.zaqar
-        self.queues = list(section.queues)
+        self.allowed = frozenset(section.queues)
         self.claim_ttl, self.claim_grace, self.claim_limit = section.claim_ttl, section.claim_grace, section.claim_limit
         self.poll_interval = float(section.poll_interval)
+        self.max_in_flight = section.max_in_flight
+        self.claiming = bool(section.claim)
+        # Renew a claim well before it runs out: a third of its ttl leaves two renewals of slack.
+        self.renew_interval = self.claim_ttl / 3
         self.client = ZaqarClient(config)
         self._ctx: SourceContext | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._work: set[asyncio.Task[Any]] = set()
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues being consumed now."""
+        return sorted(self._consumers)
 
     def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
         for field in ("pattern", "first_execution_time", "count"):
             if params.get(field) is not None:
                 raise SubscriptionInvalid(f"{field} is a cron option; zaqar subscriptions take types and filters.")
         filters = params.get("filters") or {}
-        if isinstance(filters, dict):
-            queue = filters.get("queue")
-            if queue is not None and queue not in self.queues:
-                # Pushed messages can arrive from any queue, so this is advice in the log, not a 400.
-                log.warning("subscription filters on zaqar queue %r, which [zaqar] queues does not consume", queue)
+        for queue in _named_queues(filters if isinstance(filters, dict) else {}):
+            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+                raise SubscriptionInvalid(f"filters.queue must be a Zaqar queue name (1-64 letters, digits, '_' or '-'), not {queue!r}.")
+            if self.allowed and queue not in self.allowed:
+                raise SubscriptionInvalid(f"zaqar queue {queue!r} is not in [zaqar] queues (the allow-list: "
+                                          f"{', '.join(sorted(self.allowed))}).")
         return {}
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
         ctx.add_route("POST", PUSH_PATH, self.receive_push)
-        for queue in self.queues:
-            self._tasks.append(asyncio.create_task(self._consume(ctx, queue), name=f"headwater-zaqar-{queue}"))
+        ctx.on_subscriptions_changed(self.reconcile)
+        self.reconcile()
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})
 
+    def wanted_queues(self) -> set[str]:
+        """The queues the current subscriptions name (within the allow-list); a subscription that
+        names none takes every allowed queue."""
+        assert self._ctx is not None
+        wanted: set[str] = set()
+        if not self.claiming:
+            return wanted  # push only
+        for sub in self._ctx.subscriptions(KIND):
+            named = _named_queues(sub.filters or {})
+            if named is None:
+                wanted |= self.allowed
+            else:
+                wanted |= {q for q in named if isinstance(q, str) and (not self.allowed or q in self.allowed)}
+        return wanted
+
+    def reconcile(self) -> None:
+        """Start a claim loop for each newly wanted queue; stop those no subscription names any more
+        (their claimed messages finish; the claim loop just stops taking new ones)."""
+        if self._ctx is None:
+            return
+        wanted = self.wanted_queues()
+        for queue in wanted - set(self._consumers):
+            self._consumers[queue] = asyncio.get_running_loop().create_task(
+                self._consume(self._ctx, queue), name=f"headwater-zaqar-{queue}")
+            log.info("zaqar queue consumed", extra={"queue": queue})
+        for queue in set(self._consumers) - wanted:
+            self._consumers.pop(queue).cancel()
+            log.info("zaqar queue no longer consumed: no subscription names it", extra={"queue": queue})
+
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks = [*self._consumers.values(), *self._work]
+        self._consumers = {}
+        self._ctx = None
         for task in tasks:
             task.cancel()
         # Claimed but unfinished messages are not released: like a crash, they come back when the
@@ -205,9 +276,22 @@ class ZaqarSource:
     # -- claim loop ----------------------------------------------------------------------------
 
     async def _consume(self, ctx: SourceContext, queue: str) -> None:
+        in_flight = 0
+        room = asyncio.Condition()
+
+        async def finished(n: int) -> None:
+            nonlocal in_flight
+            async with room:
+                in_flight -= n
+                room.notify_all()
+
         while True:
+            async with room:
+                await room.wait_for(lambda: in_flight < self.max_in_flight)
+                free = self.max_in_flight - in_flight
             try:
-                claimed = await self.client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace, limit=self.claim_limit)
+                claimed = await self.client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace,
+                                                  limit=min(self.claim_limit, free))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -218,15 +302,43 @@ class ZaqarSource:
                 await asyncio.sleep(self.poll_interval)
                 continue
             claim_id, messages = claimed
-            for message in messages:
-                if not await self.process(ctx, queue, claim_id, message):
-                    # The router refused: hand the rest back now rather than after the claim ttl.
-                    try:
-                        await self.client.release(queue, claim_id)
-                    except Exception:
-                        log.warning("zaqar claim release failed; messages return at claim expiry", extra={"queue": queue})
-                    await asyncio.sleep(self.poll_interval)
-                    break
+            in_flight += len(messages)
+            task = asyncio.get_running_loop().create_task(self._handle_claim(ctx, queue, claim_id, messages, finished))
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
+
+    async def _handle_claim(self, ctx: SourceContext, queue: str, claim_id: str, messages: list[Any], finished) -> None:
+        """Process one claim's messages side by side, renewing the claim until all are done."""
+        renewer = asyncio.get_running_loop().create_task(self._renew(queue, claim_id))
+        try:
+            async def one(message: Any) -> bool:
+                try:
+                    return await self.process(ctx, queue, claim_id, message)
+                finally:
+                    await finished(1)
+            results = await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        if not all(r is True for r in results):
+            # The router refused some: hand them back now rather than after the claim ttl.
+            try:
+                await self.client.release(queue, claim_id)
+            except Exception:
+                log.warning("zaqar claim release failed; messages return at claim expiry", extra={"queue": queue})
+            await asyncio.sleep(self.poll_interval)
+
+    async def _renew(self, queue: str, claim_id: str) -> None:
+        """The visibility-timeout heartbeat: extend the claim every renew_interval while its messages run."""
+        while True:
+            await asyncio.sleep(self.renew_interval)
+            try:
+                await self.client.renew(queue, claim_id, ttl=self.claim_ttl, grace=self.claim_grace)
+                log.debug("zaqar claim renewed", extra={"queue": queue, "claim_id": claim_id})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("zaqar claim renewal failed; will try again", extra={"queue": queue, "claim_id": claim_id})
 
     async def process(self, ctx: SourceContext, queue: str, claim_id: str | None, message: Any) -> bool:
         """Publish one claimed message, then delete it with its claim id. False when the router did
@@ -247,6 +359,14 @@ class ZaqarSource:
                 await self._delete(queue, message_id, claim_id, message_id)
             return True
         extra = {"event_id": event.id, "queue": queue, "message_id": message_id}
+        if not ctx.matching(event):
+            # Consumed from the queue but wanted by no subscription (their types or filters say no):
+            # kept as a dead letter an operator can list, not deleted without a trace.
+            await ctx.dead_letter(source=KIND, reason=f"zaqar message in queue {queue!r} matched no subscription "
+                                  "(their types or filters exclude it); removed from the queue", payload=message,
+                                  event_id=event.id)
+            await self._delete(queue, message_id, claim_id, event.id)
+            return True
         try:
             # Only once this returns is the message safe elsewhere: on the bus, or (memory bus)
             # its executions recorded. Deleting earlier would lose it in a crash.

@@ -51,6 +51,16 @@ def format_time(value: _dt.datetime | None) -> str | None:
     return value.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def format_time_ms(value: _dt.datetime | None) -> str | None:
+    """RFC 3339 UTC with milliseconds (`2026-12-04T15:35:37.123Z`): Headwater's own fields, where
+    retries, backoff and overlap happen within a second. Qinling's fields keep format_time."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
+    return value.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def parse_bool(value: Any, name: str, default: bool = False) -> bool:
     if value is None or value == "":
         return default

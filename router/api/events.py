@@ -10,7 +10,7 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, parse_bool, parse_int
 from router.api.errors import BadRequest, json_body
-from router.events import Event
+from router.events import Event, execution_id_for
 from router.filters import FilterError, compile_filter
 from router.index import REPLAY_FOR_EXTENSION as REPLAY_FOR, compile_subscription
 from router.store import NotFound
@@ -63,7 +63,7 @@ async def replay(request: web.Request) -> web.Response:
     publish again, for that subscription only, the past events it matches (and `filter` picks),
     optionally only those whose execution for it ended with `execution_status` (e.g. failed).
     A replay is recorded as its own execution (event id `<id>:replay`), so replaying twice runs
-    nothing the second time unless `force` is set."""
+    nothing the second time unless `force` is set: the answer counts those as `skipped`."""
     app = hw(request)
     body = await json_body(request)
     sub_id = body.get("subscription_id")
@@ -91,8 +91,8 @@ async def replay(request: web.Request) -> web.Response:
     if statuses is not None and (not isinstance(statuses, list) or not set(statuses) <= {"success", "failed", "error", "running"}):
         raise BadRequest("execution_status must be one or more of success, failed, error, running.")
 
-    rows = await app.history.query(project_id=sub.project_id, source_kind=sub.source, since=since, until=until,
-                                   limit=limit, ascending=True)
+    rows = await app.history.received_by(subscription_id=sub.id, project_id=sub.project_id, source_kind=sub.source,
+                                         since=since, until=until, limit=limit)
     own = compile_subscription(sub)
     wanted: list[Event] = []
     for row in rows:
@@ -109,15 +109,25 @@ async def replay(request: web.Request) -> web.Response:
         chosen = {e.event_id for e in executions}
         wanted = [e for e in wanted if e.id in chosen]
     nonce = uuid.uuid4().hex[:12] if force else None
-    replayed = []
+    copies = []
     for event in wanted:
         copy = Event.from_dict(event.to_dict())
         copy.id = f"{event.id}:replay" + (f":{nonce}" if nonce else "")
         copy.extensions[REPLAY_OF] = event.id
         copy.extensions[REPLAY_FOR] = sub.id
+        copies.append(copy)
+    # A replay recorded already would be de-duplicated by the router: it is not published, and the
+    # answer counts it as skipped rather than replayed (nothing runs for it).
+    done = await app.history.executed([execution_id_for(c.source, c.id, sub.id) for c in copies]) if not force else set()
+    replayed, skipped = [], []
+    for copy in copies:
+        if execution_id_for(copy.source, copy.id, sub.id) in done:
+            skipped.append(copy.id)
+            continue
         await app.bus.publish(copy)
         replayed.append(copy.id)
-    return web.json_response({"subscription_id": sub.id, "replayed": len(replayed), "events": replayed}, status=202)
+    return web.json_response({"subscription_id": sub.id, "replayed": len(replayed), "events": replayed,
+                              "skipped": len(skipped)}, status=202)
 
 
 def routes(app: web.Application) -> None:

@@ -6,9 +6,9 @@ import json
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_bool, parse_int
+from router.api.common import ctx, format_time, format_time_ms, hw, list_filters, parse_bool, parse_int
 from router.api.errors import BadRequest, json_body
-from router.executions import render_input
+from router.executions import FINISHED, render_input
 from router.mapping import parse_qinling_input
 
 
@@ -20,7 +20,10 @@ def serialize(row) -> dict:
             "result": json.dumps(row.result) if row.result is not None else None,
             "reason": row.reason, "event_id": row.event_id, "subscription_id": row.subscription_id,
             "project_id": row.project_id, "created_at": format_time(row.created_at),
-            "updated_at": format_time(row.updated_at)}
+            "updated_at": format_time(row.updated_at),
+            # Headwater's additions: how many attempts ran (retries), and when, to the millisecond.
+            "attempts": row.attempts, "started_at": format_time_ms(row.created_at),
+            "finished_at": format_time_ms(row.updated_at) if row.status in FINISHED else None}
 
 
 async def create(request: web.Request) -> web.Response:

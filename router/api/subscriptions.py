@@ -9,6 +9,7 @@ from aiohttp import web
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
+from router.batching import BatchError, validate_batch
 from router.delivery import validate_delivery_policy
 from router import mapping
 from router.events import Event, InvalidEvent, utcnow
@@ -27,6 +28,7 @@ def serialize(row) -> dict:
             "types": list(row.types or ()), "filters": row.filters or {},
             "filter": (row.options or {}).get("filter"), "input_mapping": (row.options or {}).get("input_mapping"),
             "limits": (row.options or {}).get("limits") or {},
+            "batch": (row.options or {}).get("batch"),
             "sinks": _public_sinks((row.options or {}).get("sinks") or []),
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
@@ -72,7 +74,8 @@ def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
     try:
         mapping.validate(body.get("input_mapping"))
         validate_limits(body.get("limits"))
-    except (mapping.MappingError, LimitError) as exc:
+        validate_batch(body.get("batch"))
+    except (mapping.MappingError, LimitError, BatchError) as exc:
         raise BadRequest(str(exc)) from None
     return types, filters, expression
 
@@ -98,6 +101,8 @@ async def create(request: web.Request) -> web.Response:
         options["input_mapping"] = body["input_mapping"]
     if body.get("limits"):
         options["limits"] = validate_limits(body["limits"])
+    if body.get("batch"):
+        options["batch"] = validate_batch(body["batch"])
     if body.get("sinks"):
         try:
             options["sinks"] = app.results.validate(body["sinks"])

@@ -145,7 +145,8 @@ class Repository(Generic[M]):
     async def count(self, **where: Any) -> int:
         stmt = sa.select(sa.func.count()).select_from(self.model)
         for name, value in where.items():
-            stmt = stmt.where(getattr(self.model, name) == value)
+            column = getattr(self.model, name)
+            stmt = stmt.where(column.in_(value) if isinstance(value, (list, tuple)) else column == value)
         async with self.db.sessions() as session:
             return (await session.execute(stmt)).scalar_one()
 

@@ -466,8 +466,8 @@ async def test_retries_and_dead_letters_through_a_real_broker(backend, tmp_path)
             await asyncio.sleep(0.05)
         assert rows["flaky"].status == "success" and rows["flaky"].attempts == 3
         assert rows["broken"].status == "error" and rows["broken"].attempts == 3
-        assert app.engine.calls[execution_id_for("flaky", row.id)] == 3
-        times = app.engine.times[execution_id_for("broken", row.id)]
+        assert app.engine.calls[execution_id_for("/t", "flaky", row.id)] == 3
+        times = app.engine.times[execution_id_for("/t", "broken", row.id)]
         assert [round(b - a, 1) for a, b in zip(times, times[1:])] in ([0.2, 0.4], [0.2, 0.5], [0.3, 0.4], [0.3, 0.5])
         (letter,) = await app.store.dead_letters.list()
         assert letter.event_id == "broken" and "3 attempt(s) failed" in letter.reason

@@ -173,7 +173,7 @@ FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "jitter": 0.1}
 async def test_platform_errors_are_retried_with_backoff_until_success(hw):
     sub = await subscribe(hw, {**FAST, "max_attempts": 4, "backoff_multiplier": 2.0, "jitter": 0.0})
     await post_event(hw, "e1", {"fail": 2})
-    row = await settled(hw, execution_id_for("e1", sub))
+    row = await settled(hw, execution_id_for("/test", "e1", sub))
     assert row.status == "success" and row.attempts == 3
     assert hw.engine.calls[row.id] == 3
     times = hw.engine.times[row.id]
@@ -192,7 +192,7 @@ async def test_exhausted_attempts_dead_letter_the_event_visible_through_the_api(
 
     await hw.bus.consume("dead.work", "test", collect)
     await post_event(hw, "e2", {"fail": 99})
-    row = await settled(hw, execution_id_for("e2", sub))
+    row = await settled(hw, execution_id_for("/test", "e2", sub))
     assert row.status == "error" and row.attempts == 3 and hw.engine.calls[row.id] == 3
     listed = (await (await hw.client.get(f"/v1/deadletters?subscription_id={sub}")).json())["deadletters"]
     assert len(listed) == 1
@@ -224,7 +224,7 @@ async def test_deadletter_api_unhappy_paths(hw):
 async def test_function_failures_are_not_retried_unless_asked(hw):
     plain = await subscribe(hw, FAST)
     await post_event(hw, "e3", {"fail": 1, "status": "failed", "reason": "error"})
-    row = await settled(hw, execution_id_for("e3", plain))
+    row = await settled(hw, execution_id_for("/test", "e3", plain))
     assert row.status == "failed" and row.attempts == 1 and hw.engine.calls[row.id] == 1
     assert await hw.store.dead_letters.list() == []  # the function ran and failed: delivered, not dead
 
@@ -232,14 +232,14 @@ async def test_function_failures_are_not_retried_unless_asked(hw):
 async def test_function_failures_are_retried_when_the_policy_says_so(hw):
     sub = await subscribe(hw, {**FAST, "retry_on": ["failed"]})
     await post_event(hw, "e4", {"fail": 1, "status": "failed", "reason": "error"})
-    row = await settled(hw, execution_id_for("e4", sub))
+    row = await settled(hw, execution_id_for("/test", "e4", sub))
     assert row.status == "success" and row.attempts == 2
 
 
 async def test_timeouts_are_retried_by_default(hw):
     sub = await subscribe(hw, FAST)
     await post_event(hw, "e5", {"fail": 1, "status": "failed", "reason": "timeout"})
-    row = await settled(hw, execution_id_for("e5", sub))
+    row = await settled(hw, execution_id_for("/test", "e5", sub))
     assert row.status == "success" and row.attempts == 2
 
 
@@ -253,14 +253,14 @@ async def test_an_event_older_than_max_age_is_dead_lettered_without_running(hw):
             break
         await asyncio.sleep(0.01)
     assert len(letters) == 1 and letters[0].reason.startswith("expired: event is 36") and "max_age 60s" in letters[0].reason
-    assert await hw.store.executions.find(execution_id_for("e6", sub)) is None
+    assert await hw.store.executions.find(execution_id_for("/test", "e6", sub)) is None
     assert sum(hw.engine.calls.values()) == 0
 
 
 async def test_retries_stop_when_max_age_would_pass_first(hw):
     sub = await subscribe(hw, {"backoff_initial": 0.3, "jitter": 0, "max_attempts": 5, "max_age": 0.5})
     await post_event(hw, "e7", {"fail": 99})
-    row = await settled(hw, execution_id_for("e7", sub))
+    row = await settled(hw, execution_id_for("/test", "e7", sub))
     # attempt 1 at ~0, attempt 2 at ~0.3; attempt 3 would come at ~0.9 > 0.5: dead letter after 2
     assert row.status == "error" and row.attempts == 2
     (letter,) = await hw.store.dead_letters.list()
@@ -276,17 +276,17 @@ async def test_a_waiting_retry_does_not_hold_up_other_events(hw):
     for i in range(40):
         await post_event(hw, f"quick-{i}", {})
     for i in range(40):
-        await settled(hw, execution_id_for(f"quick-{i}", sub))
+        await settled(hw, execution_id_for("/test", f"quick-{i}", sub))
     assert asyncio.get_running_loop().time() - started < 1.5
-    assert {(await hw.store.executions.get(execution_id_for(f"slow-{i}", sub))).status for i in range(4)} == {"retrying"}
+    assert {(await hw.store.executions.get(execution_id_for("/test", f"slow-{i}", sub))).status for i in range(4)} == {"retrying"}
     for i in range(4):
-        assert (await settled(hw, execution_id_for(f"slow-{i}", sub))).attempts == 2
+        assert (await settled(hw, execution_id_for("/test", f"slow-{i}", sub))).attempts == 2
 
 
 async def test_redelivery_while_a_retry_waits_does_not_run_it_again(hw):
     sub_id = await subscribe(hw, {"backoff_initial": 0.5, "jitter": 0})
     await post_event(hw, "e8", {"fail": 1})
-    execution_id = execution_id_for("e8", sub_id)
+    execution_id = execution_id_for("/test", "e8", sub_id)
     for _ in range(200):
         row = await hw.store.executions.find(execution_id)
         if row is not None and row.status == "retrying":

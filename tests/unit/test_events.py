@@ -43,7 +43,8 @@ def test_ids_are_deterministic_and_distinct():
     assert derived_id("cron", "s1", "t") != derived_id("cron", "s2", "t")
     # parts are separated, so ("ab", "c") and ("a", "bc") differ
     assert derived_id("ab", "c") != derived_id("a", "bc")
-    assert execution_id_for("e", "s") == execution_id_for("e", "s") != execution_id_for("e", "s2")
+    assert execution_id_for("/a", "e", "s") == execution_id_for("/a", "e", "s") != execution_id_for("/a", "e", "s2")
+    assert execution_id_for("/a", "e", "s") != execution_id_for("/b", "e", "s")
 
 
 @pytest.mark.parametrize("parts", [("execution", "e", "s"), ("cron", "sub", "2026-03-29T02:30:00+01:00"),

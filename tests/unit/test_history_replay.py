@@ -95,7 +95,8 @@ async def test_replay_failed_events_after_a_fix(hw, tmp_path):
 
     # Again without force: already recorded, nothing runs.
     resp = await hw.client.post("/v1/events/replay", json={"subscription_id": sub["id"], "since": since})
-    assert (await resp.json())["replayed"] == 3  # published again, but de-duplicated per (event, subscription)
+    # Regression: this answered replayed 3 though nothing ran (the copies were de-duplicated).
+    assert await resp.json() == {"subscription_id": sub["id"], "replayed": 0, "events": [], "skipped": 3}
     await asyncio.sleep(0.5)
     assert len(await hw.store.executions.list(filters={"subscription_id": sub["id"]})) == 6
 
@@ -108,6 +109,32 @@ async def test_replay_failed_events_after_a_fix(hw, tmp_path):
         rows = await hw.store.executions.list(filters={"subscription_id": sub["id"]})
         return rows if len(rows) == 8 else None
     await wait_for(forced)
+
+
+async def test_replay_finds_the_events_its_subscription_received_from_another_project(make_headwater):
+    # Regression: OpenStack sources stamp the Swift account's / Zaqar queue's project on their events,
+    # while an API-made subscription lives in `default`; replay looked in `default` only: replayed 0.
+    from router.app import _SourceContext
+    from router.events import Event
+
+    hw = await make_headwater("null")
+    runtime = await hw.store.runtimes.add(image="python3", status="available", project_id="default")
+    function = {"id": (await hw.store.functions.add(runtime_id=runtime.id, code={"source": "package"}, entry="m.main",
+                                                     cpu=100, memory_size=33554432, timeout=5, project_id="default")).id}
+    sub = await (await hw.client.post("/v1/subscriptions", json={
+        "source": "swift", "types": ["org.openstack.swift.object.put"], "function_id": function["id"]})).json()
+    ctx = _SourceContext(hw, "swift")
+    for i in range(2):
+        await ctx.publish(Event(id=f"n-{i}", source="/swift/AUTH_acct/photos", type="org.openstack.swift.object.put",
+                                subject=f"photos/{i}.jpg", data={"i": i}, extensions={"projectid": "acct"}), settle=True)
+    # Another project's event that this subscription never received stays out of its replays.
+    await hw.history.flush()
+    hw.history.record(Event(id="other", source="/swift/AUTH_x/c", type="org.openstack.swift.object.put",
+                            subject="c/o", data={}, extensions={"projectid": "x", "sourcekind": "swift"}))
+    await hw.history.flush()
+    since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).isoformat()
+    body = await (await hw.client.post("/v1/events/replay", json={"subscription_id": sub["id"], "since": since})).json()
+    assert body["replayed"] == 2 and sorted(body["events"]) == ["n-0:replay", "n-1:replay"], body
 
 
 @pytest.mark.parametrize("body, status, fault", [

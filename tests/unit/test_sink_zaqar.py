@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from router.config import Config
@@ -60,3 +62,18 @@ async def test_send_raises_when_zaqar_is_away(tmp_path):
             await sink.send(result_event(), {"queue": "results"})
     finally:
         await sink.close()
+
+
+async def test_send_logs_without_raising_after_the_post(tmp_path, caplog):
+    # Regression: the log line named an extra "message" (a reserved LogRecord attribute), so with
+    # INFO logging on, send() raised KeyError after Zaqar had taken the result: a false dead letter.
+    async with FakeZaqar() as zaqar:
+        sink = ZaqarSink(sink_config(tmp_path, zaqar.url))
+        try:
+            with caplog.at_level(logging.INFO, logger="sinks.zaqar"):
+                await sink.send(result_event(), {"queue": "results"})
+        finally:
+            await sink.close()
+    assert len(zaqar.messages) == 1
+    record = next(r for r in caplog.records if r.getMessage() == "result posted to zaqar")
+    assert record.message_href.startswith("/v2/queues/results/messages/")

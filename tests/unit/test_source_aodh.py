@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -24,18 +26,26 @@ def captured(name: str) -> dict:
     return post
 
 
-@pytest.fixture
-async def aodh(tmp_path):
-    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "aodh": {"token": "t0k"}})
+@contextlib.asynccontextmanager
+async def endpoint(config: Config):
+    """The aodh source's endpoint on a test client; `client.ctx` records what it publishes."""
     ctx = FakeContext(config)
     source = AodhSource(config)
     await source.start(ctx)
     client = TestClient(TestServer(ctx.app()))
     await client.start_server()
     client.ctx = ctx
-    yield client
-    await client.close()
-    await source.stop()
+    try:
+        yield client
+    finally:
+        await client.close()
+        await source.stop()
+
+
+@pytest.fixture
+async def aodh(tmp_path):
+    async with endpoint(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "aodh": {"token": "t0k"}})) as client:
+        yield client
 
 
 async def test_full_chain_capture_becomes_an_alarm_event(aodh):
@@ -102,6 +112,26 @@ async def test_wrong_token_is_refused(aodh):
     assert (await aodh.post("/v1/aodh/alarms", data=body)).status == 401
     assert (await aodh.post("/v1/aodh/alarms?token=nope", data=body)).status == 401
     assert aodh.ctx.published == []
+
+
+async def test_without_a_configured_token_the_endpoint_still_wants_one(tmp_path):
+    # Regression: with [aodh] token unset (the default) anyone could POST a forged alarm and run
+    # functions. Now a token is generated once per data_dir, and `register` puts it in the action URL.
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "api": {"public_url": "http://hw.example:7070"}})
+    async with endpoint(config) as client:
+        ctx = client.ctx
+        body = captured("sample-aodh-rest-notifier-post.jsonl")["body"]
+        assert (await client.post("/v1/aodh/alarms", data=body)).status == 401
+        assert (await client.post("/v1/aodh/alarms?token=", data=body)).status == 401
+        assert ctx.published == []
+        url = action_url(config)
+        token = parse_qs(urlsplit(url).query)["token"][0]
+        assert len(token) == 64 and token == (tmp_path / "aodh-token.key").read_text()
+        assert (tmp_path / "aodh-token.key").stat().st_mode & 0o077 == 0
+        resp = await client.post(f"/v1/aodh/alarms?token={token}", data=body, headers={"content-type": "application/json"})
+        assert resp.status == 202 and len(ctx.published) == 1
+        # A second process on the same data_dir (`python -m sources.aodh register`) agrees on it.
+        assert action_url(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}})).endswith(f"token={token}")
 
 
 def test_register_builds_an_event_alarm_aimed_at_headwater(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime as _dt
 import json
 from pathlib import Path
@@ -24,8 +25,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 class FakeContext:
     """A SourceContext that records what a source publishes and dead-letters."""
 
-    def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None):
+    def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None,
+                 subscriptions: list[Subscription] = (), kind: str = "zaqar"):
         self.config = config
+        self.kind = kind
+        self.index = SubscriptionIndex(list(subscriptions))
+        self.listeners: list = []
         self.durable = durable
         self.fail = fail
         self.published: list[tuple[Event, bool]] = []
@@ -55,17 +60,37 @@ class FakeContext:
         return app
 
     def subscriptions(self, source: str):
-        return []
+        return self.index.of_source(source)
 
     def subscription(self, subscription_id: str):
-        return None
+        return self.index.get(subscription_id)
+
+    def matching(self, event: Event):
+        return self.index.match(dataclasses.replace(event, extensions={**event.extensions, "sourcekind": self.kind}))
 
     def on_subscriptions_changed(self, callback) -> None:
-        pass
+        self.listeners.append(callback)
+
+    def put(self, sub: Subscription) -> None:
+        """A subscription created (or changed) through the API."""
+        self.index.put(sub)
+        for callback in self.listeners:
+            callback()
+
+    def remove(self, subscription_id: str) -> None:
+        self.index.remove(subscription_id)
+        for callback in self.listeners:
+            callback()
 
 
-def captures() -> list[dict[str, Any]]:
-    return [record["message"] for record in json.loads((FIXTURES / "sample-swift-notifications.json").read_text())]
+def captures(status: str | None = "200") -> list[dict[str, Any]]:
+    """Real ceilometermiddleware notifications. They were captured before the headwater proxy filter
+    existed; `status` adds the X-Headwater-Status it would have set (None: as captured, without it)."""
+    out = [record["message"] for record in json.loads((FIXTURES / "sample-swift-notifications.json").read_text())]
+    if status is not None:
+        for notification in out:
+            notification["payload"]["target"]["metadata"]["http_header_x_headwater_status"] = status
+    return out
 
 
 def amqp_body(notification: dict[str, Any]) -> bytes:
@@ -73,8 +98,8 @@ def amqp_body(notification: dict[str, Any]) -> bytes:
     return json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(notification)}).encode()
 
 
-def by_path_and_action(path: str, action: str) -> dict[str, Any]:
-    return next(n for n in captures() if n["payload"]["target"]["metadata"]["path"] == path and n["payload"]["target"]["action"] == action)
+def by_path_and_action(path: str, action: str, status: str | None = "201") -> dict[str, Any]:
+    return next(n for n in captures(status) if n["payload"]["target"]["metadata"]["path"] == path and n["payload"]["target"]["action"] == action)
 
 
 ALL_METHODS = frozenset({"PUT", "POST", "DELETE", "COPY", "GET", "HEAD"})
@@ -135,6 +160,68 @@ def test_failed_request_is_not_an_event():
     notification = copy.deepcopy(by_path_and_action("v1/AUTH_test/demo/hello.txt", "put"))
     notification["payload"]["outcome"] = "failure"
     assert to_event(notification, methods=ALL_METHODS, container_events=False) is None
+
+
+@pytest.mark.parametrize("action, status", [("put", "401"), ("put", "404"), ("put", "503"), ("delete", "404"),
+                                            ("put", "413"), ("put", "")])
+def test_a_request_swift_refused_is_not_an_event(action, status):
+    # Regression: ceilometermiddleware says `success` for a 401; an anonymous PUT answered 401 ran
+    # the photos/*.jpg function for an object that does not exist. Only 2xx answers are events.
+    notification = by_path_and_action("v1/AUTH_test/demo/hello.txt", action, status=status)
+    assert to_event(notification, methods=ALL_METHODS, container_events=False) is None
+    ok = by_path_and_action("v1/AUTH_test/demo/hello.txt", action, status="204" if action == "delete" else "201")
+    assert to_event(ok, methods=ALL_METHODS, container_events=False) is not None
+
+
+def test_without_the_proxy_filter_nothing_is_published_unless_require_status_is_off():
+    notification = by_path_and_action("v1/AUTH_test/demo/hello.txt", "put", status=None)
+    assert to_event(notification, methods=ALL_METHODS, container_events=False) is None
+    event = to_event(notification, methods=ALL_METHODS, container_events=False, require_status=False)
+    assert event is not None and event.subject == "demo/hello.txt"
+
+
+def filtered(path: str, action: str, **headers: str) -> dict[str, Any]:
+    notification = copy.deepcopy(by_path_and_action("v1/AUTH_test/demo/hello.txt", "put"))
+    target = notification["payload"]["target"]
+    target["action"] = action
+    _version, _account, container, obj = path.split("/", 3)
+    target["metadata"].update(path=path, container=container, object=obj)
+    target["metadata"].update({f"http_header_x_headwater_{k}": v for k, v in headers.items()})
+    return notification
+
+
+def test_the_proxy_filter_headers_give_etag_content_type_and_size():
+    event = to_event(filtered("v1/AUTH_test/photos/cat.jpg", "put", status="201", etag="d41d8cd98f00b204e9800998ecf8427e",
+                              content_type="image/jpeg", size="5120"), methods=ALL_METHODS, container_events=False)
+    assert (event.data["etag"], event.data["content_type"], event.data["size"]) == (
+        "d41d8cd98f00b204e9800998ecf8427e", "image/jpeg", 5120)
+
+
+def test_a_large_object_manifest_is_one_event_marked_as_such():
+    event = to_event(filtered("v1/AUTH_test/videos/film.mp4", "put", status="201", large_object="slo", etag="abc"),
+                     methods=ALL_METHODS, container_events=False)
+    assert event.subject == "videos/film.mp4" and event.data["large_object"] == "slo" and event.data["size"] is None
+
+
+def test_copy_is_an_event_for_the_destination_object():
+    event = to_event(filtered("v1/AUTH_test/photos/cat.jpg", "copy", status="201", destination="AUTH_test/archive/2026/cat.jpg"),
+                     methods=ALL_METHODS, container_events=False)
+    assert event.type == "org.openstack.swift.object.copy" and event.subject == "archive/2026/cat.jpg"
+    assert event.extensions["container"] == "archive" and event.extensions["object"] == "2026/cat.jpg"
+    assert event.data["copy_from"] == "photos/cat.jpg" and event.data["path"] == "v1/AUTH_test/archive/2026/cat.jpg"
+    other_account = to_event(filtered("v1/AUTH_test/photos/cat.jpg", "copy", status="201", destination="AUTH_b/archive/cat.jpg"),
+                             methods=ALL_METHODS, container_events=False)
+    assert other_account.data["path"] == "v1/AUTH_b/archive/cat.jpg" and other_account.subject == "archive/cat.jpg"
+    # After Swift's copy middleware (the documented pipeline) a COPY arrives as a PUT of the destination.
+    event = to_event(filtered("v1/AUTH_test/archive/cat.jpg", "put", status="201", copy_from="photos/cat.jpg"),
+                     methods=ALL_METHODS, container_events=False)
+    assert (event.type, event.subject, event.data["copy_from"], event.data["size"]) == (
+        "org.openstack.swift.object.copy", "archive/cat.jpg", "photos/cat.jpg", None)
+    assert to_event(filtered("v1/AUTH_test/archive/cat.jpg", "put", status="201", copy_from="photos/cat.jpg"),
+                    methods=frozenset({"PUT"}), container_events=False) is None
+    for bad in ({}, {"destination": "AUTH_test/archive"}, {"destination": "AUTH_test//x"}):
+        assert to_event(filtered("v1/AUTH_test/photos/cat.jpg", "copy", status="201", **bad), methods=ALL_METHODS,
+                        container_events=False) is None
 
 
 @pytest.mark.parametrize("name, suffix", [("cat.jpg", "jpg"), ("a/b/Cat.JPG", "jpg"), ("notes", None), (".hidden", None),
@@ -223,3 +310,37 @@ def test_subscription_validation(config, filters, fault):
     with pytest.raises(SubscriptionInvalid, match=fault.replace("*", r"\*").replace(".", r"\.")):
         SwiftSource(config).validate_subscription({"source": "swift", "filters": filters}, _dt.datetime.now(_dt.timezone.utc))
     assert SwiftSource(config).validate_subscription({"filters": {"container": "photos", "objectsuffix": "jpg", "type": "x"}}, None) == {}
+
+
+# -- the proxy filter (sources.swift_middleware), as a WSGI app around a stand-in proxy ---------
+
+
+def run_filter(env_extra: dict[str, str], status: str, headers: list[tuple[str, str]]) -> dict[str, Any]:
+    from sources.swift_middleware import filter_factory
+
+    def proxy(env, start_response):
+        start_response(status, headers)
+        return [b""]
+
+    env = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/v1/AUTH_test/photos/cat.jpg", "QUERY_STRING": "", **env_extra}
+    seen = []
+    body = filter_factory({})(proxy)(env, lambda s, h, exc_info=None: seen.append(s))
+    list(body)
+    assert seen == [status]
+    return {k[len("HTTP_X_HEADWATER_"):].lower(): v for k, v in env.items() if k.startswith("HTTP_X_HEADWATER_")}
+
+
+def test_filter_reports_the_answer_and_drops_what_the_client_claimed():
+    assert run_filter({"HTTP_X_HEADWATER_STATUS": "201", "HTTP_X_HEADWATER_ETAG": "forged"}, "401 Unauthorized", []) == {"status": "401"}
+    assert run_filter({"CONTENT_TYPE": "image/jpeg", "CONTENT_LENGTH": "4"}, "201 Created",
+                      [("Etag", '"abcd"'), ("Content-Type", "text/html")]) == {
+        "status": "201", "etag": "abcd", "content_type": "image/jpeg", "size": "4"}
+    assert run_filter({"QUERY_STRING": "multipart-manifest=put", "CONTENT_LENGTH": "300"}, "201 Created",
+                      [("Etag", '"m"')]) == {"status": "201", "etag": "m", "large_object": "slo"}
+    assert run_filter({"HTTP_X_OBJECT_MANIFEST": "segs/film"}, "201 Created", [])["large_object"] == "dlo"
+    assert run_filter({"HTTP_X_COPY_FROM": "/photos/cat.jpg", "CONTENT_LENGTH": "0"}, "201 Created", []) == {
+        "status": "201", "copy_from": "photos/cat.jpg"}
+    assert run_filter({"REQUEST_METHOD": "COPY", "HTTP_DESTINATION": "/archive/cat.jpg"}, "201 Created", [])["destination"] == \
+        "AUTH_test/archive/cat.jpg"
+    assert run_filter({"REQUEST_METHOD": "COPY", "HTTP_DESTINATION": "archive/cat.jpg", "HTTP_DESTINATION_ACCOUNT": "AUTH_b"},
+                      "201 Created", [])["destination"] == "AUTH_b/archive/cat.jpg"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.config import Config
+from router.plugins import Subscription
 from sources.zaqar import PUSH_PATH, ZaqarClient, ZaqarSource, message_event
 from tests.unit.test_source_swift import FakeContext
 
@@ -30,6 +32,8 @@ class FakeZaqar:
         app = web.Application()
         app.router.add_post("/v2/queues/{q}/claims", self.claim)
         app.router.add_delete("/v2/queues/{q}/claims/{cid}", self.release)
+        app.router.add_patch("/v2/queues/{q}/claims/{cid}", self.renew)
+        self.renewals: list[tuple[str, dict]] = []
         app.router.add_delete("/v2/queues/{q}/messages/{mid}", self.delete)
         app.router.add_post("/v2/queues/{q}/messages", self.post)
         self.server = TestServer(app)
@@ -69,6 +73,10 @@ class FakeZaqar:
         self.log.append(f"claim {cid}")
         return web.json_response({"messages": out}, status=201, headers={"Location": f"/v2/queues/{queue}/claims/{cid}"})
 
+    async def renew(self, request: web.Request) -> web.Response:
+        self.renewals.append((request.match_info["cid"], await request.json()))
+        return web.Response(status=204)
+
     async def release(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         for m in self.messages.values():
@@ -95,6 +103,13 @@ class FakeZaqar:
         return web.json_response({"resources": [f"/v2/queues/{request.match_info['q']}/messages/{i}" for i in ids]}, status=201)
 
 
+def on_queue(queue: str, sub_id: str = "s-jobs", **fields) -> Subscription:
+    return Subscription(id=sub_id, project_id="demo", source="zaqar", filters={"queue": queue}, **fields)
+
+
+JOBS = [on_queue("jobs")]
+
+
 def zaqar_config(tmp_path, url: str, **zaqar) -> Config:
     return Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)},
                                   "zaqar": {"url": url, "queues": "jobs", "poll_interval": "0.05", "project_id": "demo", **zaqar}})
@@ -113,7 +128,7 @@ async def test_claimed_message_is_published_then_deleted_with_its_claim_id(tmp_p
     async with FakeZaqar(order) as zaqar:
         mid = zaqar.add("jobs", {"image": "cat.jpg"})
         config = zaqar_config(tmp_path, zaqar.url)
-        ctx = FakeContext(config)
+        ctx = FakeContext(config, subscriptions=JOBS)
         ctx.log = order
         source = ZaqarSource(config)
         await source.start(ctx)
@@ -134,7 +149,7 @@ async def test_refused_publish_leaves_the_message_and_releases_the_claim(tmp_pat
     async with FakeZaqar() as zaqar:
         mid = zaqar.add("jobs", {"n": 1})
         config = zaqar_config(tmp_path, zaqar.url)
-        ctx = FakeContext(config, fail=RuntimeError("router down"))
+        ctx = FakeContext(config, fail=RuntimeError("router down"), subscriptions=JOBS)
         source = ZaqarSource(config)
         await source.start(ctx)
         try:
@@ -148,7 +163,7 @@ async def test_durable_bus_does_not_wait_for_settlement(tmp_path):
     async with FakeZaqar() as zaqar:
         zaqar.add("jobs", "plain text body")
         config = zaqar_config(tmp_path, zaqar.url)
-        ctx = FakeContext(config, durable=True)
+        ctx = FakeContext(config, durable=True, subscriptions=JOBS)
         source = ZaqarSource(config)
         await source.start(ctx)
         try:
@@ -165,7 +180,7 @@ async def test_malformed_messages_are_dead_lettered_deleted_and_consuming_goes_o
         no_body = zaqar.add("jobs", None, nobody=True)
         good = zaqar.add("jobs", {"ok": True})
         config = zaqar_config(tmp_path, zaqar.url)
-        ctx = FakeContext(config)
+        ctx = FakeContext(config, subscriptions=JOBS)
         source = ZaqarSource(config)
         await source.start(ctx)
         try:
@@ -175,6 +190,165 @@ async def test_malformed_messages_are_dead_lettered_deleted_and_consuming_goes_o
     assert [e.id for e, _ in ctx.published] == [good]
     reasons = {d["event_id"]: d["reason"] for d in ctx.dead}
     assert "claims to be a CloudEvent" in reasons[bad_ce] and "no body" in reasons[no_body]
+
+
+async def run_source(tmp_path, zaqar: FakeZaqar, ctx_factory, until, **zaqar_options):
+    """Start a source on the fake Zaqar, wait for `until()`, stop it; returns (source, ctx)."""
+    config = zaqar_config(tmp_path, zaqar.url, **zaqar_options)
+    ctx = ctx_factory(config)
+    source = ZaqarSource(config)
+    await source.start(ctx)
+    try:
+        await wait_for(lambda: until(source, ctx))
+    finally:
+        await source.stop()
+    return source, ctx
+
+
+async def test_queues_come_from_subscriptions_without_a_restart(tmp_path):
+    async with FakeZaqar() as zaqar:
+        config = zaqar_config(tmp_path, zaqar.url, queues="")
+        ctx = FakeContext(config)
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            assert source.queues == []
+            first = zaqar.add("orders", {"n": 1})
+            ctx.put(on_queue("orders", "s-orders"))  # created through the API: consumed from now on
+            assert source.queues == ["orders"]
+            await wait_for(lambda: not zaqar.messages)
+            assert [e.id for e, _ in ctx.published] == [first]
+            ctx.put(on_queue("orders", "s-orders-2"))
+            ctx.remove("s-orders")
+            assert source.queues == ["orders"]  # one subscription still names it
+            ctx.remove("s-orders-2")
+            assert source.queues == []  # the last one gone: no longer consumed
+            later = zaqar.add("orders", {"n": 2})
+            claims = sum(line.startswith("claim") for line in zaqar.log)
+            ctx.put(on_queue("other", "s-other"))
+            other = zaqar.add("other", {"n": 3})
+            await wait_for(lambda: other not in zaqar.messages)
+            assert later in zaqar.messages and sum(line.startswith("claim") for line in zaqar.log) == claims + 1
+        finally:
+            await source.stop()
+
+
+async def test_push_only_claims_nothing(tmp_path):
+    async with FakeZaqar() as zaqar:
+        config = zaqar_config(tmp_path, zaqar.url, claim="false")
+        source = ZaqarSource(config)
+        await source.start(FakeContext(config, subscriptions=JOBS))
+        try:
+            assert source.queues == []
+        finally:
+            await source.stop()
+
+
+def test_the_allow_list_refuses_subscriptions_on_other_queues(tmp_path):
+    # Regression: a subscription on a queue the source did not consume was accepted with a log line.
+    import datetime as dt
+
+    from router.plugins import SubscriptionInvalid
+
+    now = dt.datetime.now(dt.timezone.utc)
+    allowed = ZaqarSource(zaqar_config(tmp_path, "http://x", queues="jobs,orders"))
+    assert allowed.validate_subscription({"filters": {"queue": "orders"}}, now) == {}
+    with pytest.raises(SubscriptionInvalid, match=r"'billing' is not in \[zaqar\] queues"):
+        allowed.validate_subscription({"filters": {"queue": "billing"}}, now)
+    with pytest.raises(SubscriptionInvalid, match="not in"):
+        allowed.validate_subscription({"filters": {"queue": {"in": ["jobs", "billing"]}}}, now)
+    anything = ZaqarSource(zaqar_config(tmp_path, "http://x", queues=""))
+    assert anything.validate_subscription({"filters": {"queue": "billing"}}, now) == {}
+    with pytest.raises(SubscriptionInvalid, match="must be a Zaqar queue name"):
+        anything.validate_subscription({"filters": {"queue": "no spaces"}}, now)
+
+
+async def test_a_message_no_subscription_wants_is_dead_lettered_not_deleted_silently(tmp_path):
+    # Regression: a message on a consumed queue that matched no subscription was claimed and deleted without a trace.
+    async with FakeZaqar() as zaqar:
+        wanted = zaqar.add("jobs", {"kind": "resize"})
+        unwanted = zaqar.add("jobs", {"kind": "other"})
+        sub = Subscription(id="s", project_id="demo", source="zaqar", filters={"queue": "jobs", "data.kind": "resize"})
+        _, ctx = await run_source(tmp_path, zaqar, lambda c: FakeContext(c, subscriptions=[sub]), lambda s, c: not zaqar.messages)
+    assert [e.id for e, _ in ctx.published] == [wanted]
+    (letter,) = ctx.dead
+    assert letter["event_id"] == unwanted and "matched no subscription" in letter["reason"]
+    assert letter["payload"]["body"] == {"kind": "other"}
+
+
+@contextlib.asynccontextmanager
+async def holding_source(tmp_path, zaqar: FakeZaqar, **zaqar_options):
+    """A source on the fake Zaqar whose publishes wait for `ctx.release`; yields (source, ctx)."""
+    config = zaqar_config(tmp_path, zaqar.url, **zaqar_options)
+    ctx = HoldingContext(config, subscriptions=JOBS)
+    source = ZaqarSource(config)
+    await source.start(ctx)
+    try:
+        yield source, ctx
+    finally:
+        await source.stop()
+
+
+class HoldingContext(FakeContext):
+    """Holds every publish until `release` is set (what a long function does on the memory bus)."""
+
+    def __init__(self, config, **kw):
+        super().__init__(config, **kw)
+        self.holding = 0
+        self.release = asyncio.Event()
+
+    async def publish(self, event, *, expect=(), settle=False):
+        self.holding += 1
+        await self.release.wait()
+        return await super().publish(event, expect=expect, settle=settle)
+
+
+async def test_messages_of_one_queue_run_side_by_side(tmp_path):
+    # Regression (#16's observation): five messages for a 2 s function ran one after another.
+    async with FakeZaqar() as zaqar:
+        ids = [zaqar.add("jobs", {"n": i}) for i in range(5)]
+        async with holding_source(tmp_path, zaqar, claim_limit="2") as (source, ctx):
+            # All five are being published at once (over three claims), none finished.
+            await wait_for(lambda: ctx.holding == 5)
+            assert zaqar.messages.keys() == set(ids)
+            ctx.release.set()
+            await wait_for(lambda: not zaqar.messages)
+    assert sorted(e.id for e, _ in ctx.published) == sorted(ids)
+
+
+async def test_in_flight_messages_are_bounded(tmp_path):
+    async with FakeZaqar() as zaqar:
+        for i in range(6):
+            zaqar.add("jobs", {"n": i})
+        async with holding_source(tmp_path, zaqar, max_in_flight="4") as (source, ctx):
+            await wait_for(lambda: ctx.holding == 4)
+            claims = sum(line.startswith("claim") for line in zaqar.log)
+            free = [m for m in zaqar.messages.values() if m["claim"] is None]
+            assert len(free) == 2  # not claimed while four run
+            ctx.release.set()
+            await wait_for(lambda: not zaqar.messages)
+            assert sum(line.startswith("claim") for line in zaqar.log) > claims
+
+
+async def test_the_claim_is_renewed_while_its_message_runs(tmp_path):
+    async with FakeZaqar() as zaqar:
+        zaqar.add("jobs", {"n": 1})
+        config = zaqar_config(tmp_path, zaqar.url, claim_ttl="60", claim_grace="60")
+        ctx = HoldingContext(config, subscriptions=JOBS)
+        source = ZaqarSource(config)
+        assert source.renew_interval == 20  # a third of the claim ttl
+        source.renew_interval = 0.02
+        await source.start(ctx)
+        try:
+            await wait_for(lambda: len(zaqar.renewals) >= 2)
+            ctx.release.set()
+            await wait_for(lambda: not zaqar.messages)
+            renewed = len(zaqar.renewals)
+        finally:
+            await source.stop()
+    (claim_id,) = {cid for cid, _ in zaqar.renewals}
+    assert f"claim {claim_id}" in zaqar.log and zaqar.renewals[0][1] == {"ttl": 60, "grace": 60}
+    assert len(zaqar.renewals) == renewed  # no renewal after the message was done
 
 
 def test_cloudevent_body_keeps_its_attributes():
@@ -187,7 +361,7 @@ def test_cloudevent_body_keeps_its_attributes():
 
 async def test_push_receiver_takes_zaqar_notifications(tmp_path):
     config = zaqar_config(tmp_path, "http://127.0.0.1:1", queues="", push_token="s3cret")
-    ctx = FakeContext(config)
+    ctx = FakeContext(config, subscriptions=JOBS)
     source = ZaqarSource(config)
     await source.start(ctx)
     client = TestClient(TestServer(ctx.app()))

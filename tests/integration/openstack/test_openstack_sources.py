@@ -4,17 +4,21 @@ against real Zaqar, Swift + ceilometermiddleware and Aodh started by harness/ope
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
+import uuid
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import pytest
 
+from engine.null import NullEngine
 from router.events import derived_id
 from sources.aodh import action_url, aodh_client, build_alarm
 
-from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_URL, eventually, unique, zaqar
+from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, eventually, unique, zaqar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -65,6 +69,75 @@ async def test_swift_upload_runs_the_function_for_photos_jpg_only(router, tmp_pa
         await asyncio.sleep(0.5)
         assert len(await hw.executions(done=False)) == 1
         print(f"swift: upload → execution recorded in {took:.2f}s")
+    finally:
+        await delete_amqp_queue(queue)
+
+
+async def swift_cli(tmp_path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(DIR / "venv-swift/bin/swift"), "--os-storage-url", f"{SWIFT_URL}/v1/AUTH_test", "--os-auth-token", "unused",
+        *args, "-H", f"X-Project-Id: {PROJECT}", cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_a_refused_swift_put_runs_nothing_and_a_stored_object_event_has_etag_and_type(router, tmp_path):
+    """Done-when 3. Regression: an anonymous PUT that Swift answered 401 ran the photos/*.jpg function."""
+    queue = unique("headwater-test-swift")
+    try:
+        # prefetch 1: notifications are handled one after another, so the refused PUT's is done
+        # before the stored object's execution exists.
+        hw = await router(["swift"], swift={"queue": queue, "prefetch": "1"})
+        function_id = await hw.make_function()
+        await hw.subscribe("swift", function_id, types=["org.openstack.swift.object.put"],
+                           filters={"container": "photos", "objectsuffix": "jpg"})
+        await swift_cli(tmp_path, "post", "photos")  # the container exists: the 401 below is the refusal
+        async with aiohttp.ClientSession() as session:
+            # An expired temp URL: Swift's tempurl middleware answers 401 Unauthorized.
+            async with session.put(f"{SWIFT_URL}/v1/AUTH_test/photos/forged.jpg",
+                                   params={"temp_url_sig": "0" * 40, "temp_url_expires": "1"}, data=b"forged",
+                                   headers={"X-Headwater-Status": "201"}) as resp:  # a forged status is dropped too
+                assert resp.status == 401, resp.status
+        (tmp_path / "cat.jpg").write_bytes(b"meow")
+        await swift_cli(tmp_path, "upload", "photos", "cat.jpg", "-H", "Content-Type: image/jpeg")
+        (execution,) = await eventually(hw.executions)
+        assert execution.input["object"] == "cat.jpg" and execution.input["size"] == 4
+        assert execution.input["etag"] == hashlib.md5(b"meow").hexdigest()
+        assert execution.input["content_type"] == "image/jpeg"
+        assert len(await hw.executions(done=False)) == 1
+        assert await hw.app.history.query(project_id=None, subject="photos/forged.jpg") == []
+    finally:
+        await delete_amqp_queue(queue)
+
+
+async def test_swift_copy_and_large_object_uploads_are_one_event_each(router, tmp_path):
+    queue = unique("headwater-test-swift")
+    container = unique("media")
+    try:
+        hw = await router(["swift"], swift={"queue": queue})
+        function_id = await hw.make_function()
+        await hw.subscribe("swift", function_id, filters={"container": container})
+        (tmp_path / "film.bin").write_bytes(b"0123456789" * 3)
+        # --use-slo -S 10: three segments in <container>_segments, then one SLO manifest PUT.
+        await swift_cli(tmp_path, "upload", container, "film.bin", "--use-slo", "-S", "10")
+        (manifest,) = await eventually(hw.executions)
+        assert manifest.input["object"] == "film.bin" and manifest.input["large_object"] == "slo"
+        # `swift copy` (COPY + Destination) and a PUT with X-Copy-From: each one copy event for the
+        # object it creates.
+        await swift_cli(tmp_path, "copy", container, "film.bin", "-d", f"/{container}/copy.bin")
+        async with aiohttp.ClientSession() as session:
+            async with session.put(f"{SWIFT_URL}/v1/AUTH_test/{container}/again.bin", data=b"",
+                                   headers={"X-Copy-From": f"{container}/film.bin", "X-Project-Id": PROJECT}) as resp:
+                assert resp.status == 201, resp.status
+
+        async def three():
+            rows = await hw.executions()
+            return {r.input["object"]: r for r in rows} if len(rows) == 3 else None
+        rows = await eventually(three)
+        assert rows["copy.bin"].input["method"] == "COPY" and rows["copy.bin"].input["copy_from"] == f"{container}/film.bin"
+        assert rows["again.bin"].input["method"] == "COPY" and rows["again.bin"].input["copy_from"] == f"{container}/film.bin"
     finally:
         await delete_amqp_queue(queue)
 
@@ -133,9 +206,9 @@ async def _queue_empty(queue: str):
 
 
 async def test_zaqar_router_killed_between_claim_and_record_processes_after_restart_once(router, tmp_path):
-    """Two messages in one claim. A is recorded but the router dies before deleting it; B is claimed
-    and never reaches the router. After the claim expires (60 s, Zaqar's minimum), a new router
-    processes both: B runs, A is recognised by its id and does not run again."""
+    """Two messages in one claim, processed side by side: both are recorded, and the router dies
+    before deleting either. After the claim expires (60 s, Zaqar's minimum) a new router gets both
+    again and recognises each by its id: nothing runs twice."""
     queue = unique("hwtest")
     options = {"url": ZAQAR_URL, "queues": queue, "project_id": PROJECT, "poll_interval": "0.5",
                "claim_ttl": "60", "claim_grace": "60", "claim_limit": "10"}
@@ -154,22 +227,137 @@ async def test_zaqar_router_killed_between_claim_and_record_processes_after_rest
                             json={"messages": [{"ttl": 600, "body": {"m": "A"}}, {"ttl": 600, "body": {"m": "B"}}]})
     assert status == 201
     await asyncio.wait_for(dying.wait(), 20)
-    (a,) = await first.executions()
-    assert a.input == {"m": "A"}
+    await eventually(lambda: _at_least(first.executions, 2))
     killed_at = time.monotonic()
     await first.stop()  # cancels the claim loop mid-message: no delete, no claim release
     status, stats = await zaqar("GET", f"/v2/queues/{queue}/stats")
     assert stats["messages"]["claimed"] == 2
 
     second = await router(["zaqar"], zaqar=options)  # same data dir: same store, function, subscription
-    await eventually(lambda: _at_least(second.executions, 2), timeout=150, interval=0.5)
-    await eventually(lambda: _queue_empty(queue), timeout=30)
+    await eventually(lambda: _queue_empty(queue), timeout=150, interval=0.5)
     took = time.monotonic() - killed_at
     rows = await second.executions(done=False)
     assert sorted(r.input["m"] for r in rows) == ["A", "B"]
     assert all(r.attempts == 1 for r in rows), [(r.input, r.attempts) for r in rows]
-    assert second.app.metrics.duplicates._value.get() == 1  # A came again and was recognised
+    assert second.app.metrics.duplicates._value.get() == 2  # both came again and were recognised
     print(f"zaqar: kill → redelivered after claim expiry and processed in {took:.1f}s")
+
+
+class HoldingEngine(NullEngine):
+    """The null engine, but each execution takes `seconds`; counts calls and how many run at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls, self.running, self.most = seconds, 0, 0, 0
+
+    async def execute(self, request):
+        self.calls += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.running -= 1
+        return await super().execute(request)
+
+
+def hold(hw, seconds: float) -> HoldingEngine:
+    engine = HoldingEngine(seconds)
+    hw.app.engine = hw.app.executions.engine = engine
+    return engine
+
+
+async def post_messages(queue: str, *bodies) -> list[str]:
+    status, posted = await zaqar("POST", f"/v2/queues/{queue}/messages",
+                                 json={"messages": [{"ttl": 600, "body": b} for b in bodies]})
+    assert status == 201, posted
+    return [href.rsplit("/", 1)[-1] for href in posted["resources"]]
+
+
+async def test_a_subscription_on_a_new_queue_starts_consuming_it_without_a_restart(router):
+    """Done-when 2: no [zaqar] queues, no restart; the subscription is what makes Headwater consume."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2"})
+    source = hw.app.sources["zaqar"]
+    assert queue not in source.queues
+    function_id = await hw.make_function()
+    (message_id,) = await post_messages(queue, {"order": 7})  # waiting before anyone subscribed
+    sub = await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    assert queue in source.queues
+    (execution,) = await eventually(hw.executions)
+    assert execution.event_id == message_id and execution.input == {"order": 7}
+    await eventually(lambda: _queue_empty(queue))
+    assert (await hw.client.delete(f"/v1/subscriptions/{sub['id']}")).status == 204
+    assert queue not in source.queues  # the last subscription gone: no longer consumed
+    (later,) = await post_messages(queue, {"order": 8})
+    # Headwater holds no claim on it: another consumer gets it.
+    status, claimed = await zaqar("POST", f"/v2/queues/{queue}/claims", json={"ttl": 60, "grace": 60})
+    assert status == 201 and [m["id"] for m in claimed["messages"]] == [later]
+
+
+async def test_messages_of_one_queue_run_at_the_same_time(router):
+    """#16's observation: five messages for a 2 s function ran one after another on the memory bus."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2"})
+    engine = hold(hw, 2.0)
+    function_id = await hw.make_function()
+    await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    await post_messages(queue, *({"n": i} for i in range(5)))
+    await eventually(lambda: asyncio.sleep(0, engine.most == 5))
+    rows = await eventually(lambda: _at_least(hw.executions, 5))
+    assert sorted(r.input["n"] for r in rows) == [0, 1, 2, 3, 4] and engine.calls == 5
+
+
+async def test_a_function_longer_than_the_claim_keeps_its_message(router):
+    """Done-when 2, on a real Zaqar, whose shortest claim is 60 s (MIN_CLAIM_TTL): a 75 s run holds
+    its message through the claim's renewals, while another consumer keeps trying to claim it; the
+    function runs once and the message is deleted after."""
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2",
+                                        "claim_ttl": "60", "claim_grace": "60"})
+    engine = hold(hw, 75.0)
+    function_id = await hw.make_function()
+    await hw.subscribe("zaqar", function_id, filters={"queue": queue})
+    (message_id,) = await post_messages(queue, {"long": True})
+    await eventually(lambda: asyncio.sleep(0, engine.calls == 1))
+    stolen = []
+    other = {**ZAQAR_HEADERS, "Client-ID": str(uuid.uuid4())}  # another replica
+    async with aiohttp.ClientSession() as session:
+        while engine.running:
+            async with session.post(f"{ZAQAR_URL}/v2/queues/{queue}/claims", json={"ttl": 60, "grace": 60},
+                                    headers=other) as resp:
+                if resp.status == 201:
+                    stolen.extend(m["id"] for m in (await resp.json())["messages"])
+            await asyncio.sleep(2)
+    assert stolen == [], "the claim ran out while the function ran"
+    (execution,) = await eventually(hw.executions)
+    assert execution.event_id == message_id and execution.status == "success" and engine.calls == 1
+    await eventually(lambda: _queue_empty(queue))
+
+
+async def test_a_batch_subscription_gets_ten_messages_in_one_run_and_retries_only_the_failed(router):
+    """Done-when 2: batch size 10 on a real Zaqar queue; the function reports two of the ten failed."""
+    from tests.unit.test_batching import BatchEngine
+
+    queue = unique("hwtest")
+    hw = await router(["zaqar"], zaqar={"url": ZAQAR_URL, "project_id": PROJECT, "poll_interval": "0.2",
+                                        "claim_limit": "10"})
+    function_id = await hw.make_function()
+    sub = await hw.subscribe("zaqar", function_id, filters={"queue": queue}, batch={"size": 10, "window": 2},
+                             options={"delivery": {"backoff_initial": 0.1, "jitter": 0}})
+    engine = BatchEngine()
+    hw.app.engine = hw.app.executions.engine = engine
+    ids = await post_messages(queue, *({"n": i} for i in range(10)))
+    engine.fail_once = {ids[2], ids[7]}
+
+    async def all_done():
+        rows = [r for r in await hw.executions() if r.subscription_id == sub["id"]]
+        return rows if len(rows) == 10 and all(r.status == "success" for r in rows) else None
+    # The first ten fill the batch at once; the two retries run together when the 2 s window closes.
+    rows = {r.event_id: r for r in await eventually(all_done)}
+    assert sorted(engine.runs[0]) == sorted(ids)  # one invocation with all ten
+    assert sorted(i for run in engine.runs[1:] for i in run) == sorted([ids[2], ids[7]])
+    assert {i for i, r in rows.items() if r.attempts == 2} == {ids[2], ids[7]}
+    await eventually(lambda: _queue_empty(queue))
 
 
 async def test_malformed_zaqar_messages_are_dead_lettered_and_consuming_goes_on(router):

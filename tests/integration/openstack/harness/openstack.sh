@@ -13,6 +13,7 @@
 set -euo pipefail
 
 DIR=${HEADWATER_OPENSTACK_DIR:-/var/tmp/headwater-openstack}
+REPO=$(cd "$(dirname "$0")/../../../.." && pwd)
 PY=${HEADWATER_OPENSTACK_PYTHON:-python3}
 RABBIT_URL=${HEADWATER_OPENSTACK_RABBIT:-rabbit://guest:guest@127.0.0.1:5672/}
 REDIS_URI=${HEADWATER_OPENSTACK_REDIS:-redis://127.0.0.1:6379?dbid=7}  # own db: Redis is shared
@@ -155,7 +156,10 @@ swift_dir = $etc
 log_name = proxy-server
 
 [pipeline:main]
-pipeline = catch_errors proxy-logging ceilometer proxy-logging proxy-server
+# headwater (sources/swift_middleware.py) tells ceilometer what Swift answered; tempurl gives the
+# tests a real 401 (an expired temp URL) without an auth system; copy/slo/dlo sit after the filter
+# so that COPY and large-object manifests are seen as the client sent them.
+pipeline = catch_errors proxy-logging ceilometer headwater tempurl copy slo dlo proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
@@ -168,6 +172,21 @@ use = egg:swift#catch_errors
 [filter:proxy-logging]
 use = egg:swift#proxy_logging
 
+[filter:headwater]
+paste.filter_factory = sources.swift_middleware:filter_factory
+
+[filter:tempurl]
+use = egg:swift#tempurl
+
+[filter:copy]
+use = egg:swift#copy
+
+[filter:slo]
+use = egg:swift#slo
+
+[filter:dlo]
+use = egg:swift#dlo
+
 [filter:ceilometer]
 paste.filter_factory = ceilometermiddleware.swift:filter_factory
 url = $RABBIT_URL
@@ -176,6 +195,7 @@ topic = notifications
 control_exchange = swift
 swift_conf_file = $etc/swift.conf
 nonblocking_notify = False
+metadata_headers = X-Headwater-Status, X-Headwater-Etag, X-Headwater-Content-Type, X-Headwater-Size, X-Headwater-Large-Object, X-Headwater-Destination, X-Headwater-Copy-From
 CONF
   local v=$DIR/venv-swift r p
   for kind in account:$ACCT_PORT container:$CONT_PORT object:$OBJ_PORT; do
@@ -224,9 +244,11 @@ cmd_start() {
   if port_open "$SWIFT_PORT"; then log "swift already up"; else
     write_swift_conf
     local n
-    for n in account container object proxy; do
+    for n in account container object; do
       spawn "swift-$n" "$DIR/venv-swift/bin/swift-$n-server" "$DIR/swift/etc/$n-server.conf" -v
     done
+    # The proxy imports Headwater's filter from this checkout (sources/swift_middleware.py, stdlib only).
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" spawn swift-proxy "$DIR/venv-swift/bin/swift-proxy-server" "$DIR/swift/etc/proxy-server.conf" -v
   fi
   if port_open "$AODH_PORT"; then log "aodh already up"; else
     write_aodh_conf
