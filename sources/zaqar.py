@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -28,6 +29,7 @@ TOKEN_HEADER = "X-Headwater-Token"
 EXTENSIONS = ("projectid", "queue", "partitionkey", "messageage")
 _CORE = ("id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "specversion", "sourcekind")
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
+LEADER_CHECK_SECONDS = 1.0  # how often the replica polling a queue confirms it still leads it
 
 
 # Zaqar's own rule for queue names.
@@ -206,12 +208,18 @@ class ZaqarSource:
         self.client = ZaqarClient(config)
         self._ctx: SourceContext | None = None
         self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._leading: set[str] = set()
         self._work: set[asyncio.Task[Any]] = set()
 
     @property
     def queues(self) -> list[str]:
-        """The queues being consumed now."""
+        """The queues this replica's subscriptions want consumed (each polled by one replica at a time)."""
         return sorted(self._consumers)
+
+    @property
+    def leading(self) -> list[str]:
+        """The queues this replica polls now: those whose leadership it holds among the replicas."""
+        return sorted(self._leading)
 
     def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
         for field in ("pattern", "first_execution_time", "count"):
@@ -285,27 +293,57 @@ class ZaqarSource:
                 in_flight -= n
                 room.notify_all()
 
-        while True:
-            async with room:
-                await room.wait_for(lambda: in_flight < self.max_in_flight)
-                free = self.max_in_flight - in_flight
-            try:
-                claimed = await self.client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace,
-                                                  limit=min(self.claim_limit, free))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("zaqar claim failed; retrying", extra={"queue": queue})
-                await asyncio.sleep(self.poll_interval)
-                continue
-            if claimed is None:
-                await asyncio.sleep(self.poll_interval)
-                continue
-            claim_id, messages = claimed
-            in_flight += len(messages)
-            task = asyncio.get_running_loop().create_task(self._handle_claim(ctx, queue, claim_id, messages, finished))
-            self._work.add(task)
-            task.add_done_callback(self._work.discard)
+        leadership = f"zaqar-queue-{self.client.project_id or 'token'}-{queue}"
+        loop = asyncio.get_running_loop()
+        checked_at = loop.time()
+        try:
+            while True:
+                # One replica polls each queue; the others stand by and take over when it dies (its
+                # leadership ends with its coordination lease). A leader re-checks once a second.
+                if queue not in self._leading or loop.time() - checked_at >= LEADER_CHECK_SECONDS:
+                    checked_at = loop.time()
+                    if not await self._lead(ctx, leadership, queue):
+                        await asyncio.sleep(self.poll_interval)
+                        continue
+                async with room:
+                    await room.wait_for(lambda: in_flight < self.max_in_flight)
+                    free = self.max_in_flight - in_flight
+                try:
+                    claimed = await self.client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace,
+                                                      limit=min(self.claim_limit, free))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("zaqar claim failed; retrying", extra={"queue": queue})
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                if claimed is None:
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                claim_id, messages = claimed
+                in_flight += len(messages)
+                task = loop.create_task(self._handle_claim(ctx, queue, claim_id, messages, finished))
+                self._work.add(task)
+                task.add_done_callback(self._work.discard)
+        finally:
+            self._leading.discard(queue)
+            with contextlib.suppress(Exception):
+                await ctx.coordination.resign(leadership)
+
+    async def _lead(self, ctx: SourceContext, leadership: str, queue: str) -> bool:
+        """Whether this replica polls the queue now (and log when that changes)."""
+        try:
+            leads = await ctx.coordination.campaign(leadership)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("zaqar: coordination did not answer; not polling the queue until it does", extra={"queue": queue})
+            leads = False
+        if leads != (queue in self._leading):
+            (self._leading.add if leads else self._leading.discard)(queue)
+            log.info("zaqar: this replica polls the queue" if leads else "zaqar: another replica polls the queue",
+                     extra={"queue": queue})
+        return leads
 
     async def _handle_claim(self, ctx: SourceContext, queue: str, claim_id: str, messages: list[Any], finished) -> None:
         """Process one claim's messages side by side, renewing the claim until all are done."""

@@ -128,13 +128,14 @@ async def main(port):
     c = EtcdCoordinator("victim", port=port, lease_ttl=2, prefix=f"/t-{port}/")
     await c.start()
     await c.claim("pod-victim", "fv", 0, {"url": "u"})
+    assert await c.campaign("zaqar-queue-demo-jobs")  # as the replica polling a Zaqar queue
     print("CLAIMED", flush=True)
     await asyncio.sleep(3600)
 asyncio.run(main(int(sys.argv[1])))
 """
 
 
-async def test_a_killed_process_loses_its_claims_when_its_lease_expires(etcd):
+async def test_a_killed_process_loses_its_claims_and_leaderships_when_its_lease_expires(etcd):
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CLAIMER, str(etcd), cwd=REPO, stdout=asyncio.subprocess.PIPE,
                                                 env={**os.environ, "PYTHONPATH": str(REPO)})
     watcher = await coordinator(etcd)
@@ -143,6 +144,7 @@ async def test_a_killed_process_loses_its_claims_when_its_lease_expires(etcd):
         assert "pod-victim" in await watcher.claims()
         await asyncio.sleep(3)  # longer than the TTL: the keep-alive holds it
         assert "pod-victim" in await watcher.claims()
+        assert await watcher.campaign("zaqar-queue-demo-jobs") is False
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         killed = time.monotonic()
@@ -150,6 +152,8 @@ async def test_a_killed_process_loses_its_claims_when_its_lease_expires(etcd):
             assert time.monotonic() - killed < 6, "claim outlived its lease"
             await asyncio.sleep(0.1)
         assert await watcher.claim("pod-victim", "fw", 0, {"url": "u"}) is True
+        # The queue's leadership went with the lease: this process polls the queue now.
+        assert await watcher.campaign("zaqar-queue-demo-jobs") is True
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -26,8 +26,12 @@ class FakeContext:
     """A SourceContext that records what a source publishes and dead-letters."""
 
     def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None,
-                 subscriptions: list[Subscription] = (), kind: str = "zaqar"):
+                 subscriptions: list[Subscription] = (), kind: str = "zaqar", coordination=None):
+        from engine.coordination import MemoryCoordinator
+
         self.config = config
+        # One replica on its own unless a test shares a coordination between several contexts.
+        self.coordination = coordination or MemoryCoordinator("this-replica")
         self.kind = kind
         self.index = SubscriptionIndex(list(subscriptions))
         self.listeners: list = []

@@ -233,6 +233,38 @@ async def test_queues_come_from_subscriptions_without_a_restart(tmp_path):
             await source.stop()
 
 
+async def test_one_replica_polls_a_queue_and_another_takes_over_when_it_stops(tmp_path):
+    """Two replicas with one coordination (as etcd would give them): only the leader claims; when it
+    goes, its leadership goes with it and the other replica polls the queue."""
+    from engine.coordination import MemoryCoordinator, MemoryState
+
+    state = MemoryState()
+    async with FakeZaqar() as zaqar:
+        config = zaqar_config(tmp_path, zaqar.url)
+        replicas = []
+        for name in ("replica-a", "replica-b"):
+            ctx = FakeContext(config, subscriptions=JOBS, coordination=MemoryCoordinator(name, state))
+            source = ZaqarSource(config)
+            await source.start(ctx)
+            replicas.append((ctx, source))
+        (ctx_a, a), (ctx_b, b) = replicas
+        try:
+            await wait_for(lambda: a.leading or b.leading)
+            leader, (standby_ctx, standby) = (a, replicas[1]) if a.leading else (b, replicas[0])
+            assert leader.leading == ["jobs"] and standby.leading == [] and standby.queues == ["jobs"]
+            first = zaqar.add("jobs", {"n": 1})
+            await wait_for(lambda: first not in zaqar.messages)
+            assert [e.id for e, _ in standby_ctx.published] == []  # the standby claimed nothing
+            await leader.stop()  # its claim loop ends and gives the queue up
+            await wait_for(lambda: standby.leading == ["jobs"])
+            second = zaqar.add("jobs", {"n": 2})
+            await wait_for(lambda: second not in zaqar.messages)
+            assert [e.id for e, _ in standby_ctx.published] == [second]
+        finally:
+            for _, source in replicas:
+                await source.stop()
+
+
 async def test_push_only_claims_nothing(tmp_path):
     async with FakeZaqar() as zaqar:
         config = zaqar_config(tmp_path, zaqar.url, claim="false")
