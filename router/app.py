@@ -17,6 +17,7 @@ from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
+from router.dashboard.feed import EventFeed
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
@@ -81,6 +82,7 @@ class _SourceContext:
         settled = self._app.dispatcher.settled(event.id) if settle else None
         await self._app.bus.publish(event)
         self._app.history.record(event)
+        self._app.feed.offer(event)
         self._app.metrics.child(self._app.metrics.events_in, self._kind).inc()
         if settled is not None:
             await settled
@@ -132,6 +134,7 @@ class Headwater:
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
+        self.feed = EventFeed()  # the live tail (dashboard, `headwater events tail`)
         self.download_secret = download_tokens.secret_from_config(config)
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results

@@ -7,6 +7,7 @@ from aiohttp import web
 from router.api import aliases, deadletters, events, executions, functions, jobs, openapi, root, runtimes, subscriptions, versions, webhooks
 from router.api.common import APP_KEY, CTX_KEY, RequestContext
 from router.api.errors import error_middleware
+from router.dashboard import web as dashboard
 
 
 @web.middleware
@@ -32,6 +33,6 @@ def build_api(headwater) -> web.Application:
     app = web.Application(middlewares=[error_middleware, context_middleware, target_cache_middleware],
                           client_max_size=headwater.config.api.max_request_size)
     app[APP_KEY] = headwater
-    for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi):
+    for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi, dashboard):
         module.routes(app)
     return app
