@@ -269,7 +269,8 @@ async function subscriptions(selected) {
     const types = String(data.get("types") || "").split(",").map((t) => t.trim()).filter(Boolean);
     if (types.length) body.types = types;
     const attempts = data.get("max_attempts");
-    if (attempts) body.options = { delivery: { max_attempts: Number(attempts), backoff_initial: 0 } };
+    // Any failure counts as an attempt here (the service default retries errors and timeouts only).
+    if (attempts) body.options = { delivery: { max_attempts: Number(attempts), retry_on: ["error", "timeout", "failed"] } };
     const created = await guarded(() => api("POST", "/v1/subscriptions", { json: body }));
     if (created) { say(`Subscription ${created.name || created.id} created.`); render(); }
   } },
@@ -281,7 +282,7 @@ async function subscriptions(selected) {
     field("Filters (JSON object)", filtersBox, "attribute → value or {prefix|suffix|glob|gt|gte|lt|lte|exists|in|ne|eq: …}"),
     field("Filter expression", expressionBox, "subject LIKE 'photos/%' AND data.size > 1000"),
     verdict,
-    field("Attempts before dead letter", h("input", { name: "max_attempts", type: "number", min: 1, max: 20 }), "empty: the service default"),
+    field("Attempts before dead letter", h("input", { name: "max_attempts", type: "number", min: 1, max: 20 }), "a failed run counts; empty: the service default"),
     h("button", { type: "submit", class: "primary" }, "Create subscription"),
     h("h4", {}, "Test this filter"),
     field("Event (CloudEvent JSON; empty: the most recent event)", eventBox),
