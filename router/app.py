@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router import __version__, download_tokens, plugins
+from router import __version__, download_tokens, plugins, tracing
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
@@ -80,7 +80,10 @@ class _SourceContext:
                 raise plugins.PublishRefused(400, str(exc)) from None
             execution_ids[subscription_id] = row.id
         settled = self._app.dispatcher.settled(event.id) if settle else None
-        await self._app.bus.publish(event)
+        with tracing.span(f"publish {event.type}", event=event, kind="producer",
+                          attributes={"cloudevents.event_id": event.id, "headwater.source": self._kind}):
+            tracing.stamp(event)  # the router's span is this one's child
+            await self._app.bus.publish(event)
         self._app.history.record(event)
         self._app.feed.offer(event)
         self._app.metrics.child(self._app.metrics.events_in, self._kind).inc()
@@ -124,6 +127,7 @@ class Headwater:
 
     def __init__(self, config: Config):
         self.config = config
+        tracing.configure(config)  # before anything that makes spans; a ConfigError without the extra
         self.metrics = Metrics()
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
@@ -184,6 +188,7 @@ class Headwater:
         await self.bus.close()
         await self.engine.stop()
         await self.db.dispose()
+        tracing.shutdown()
 
     # -- the index follows the table -----------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from router import mapping
+from router import mapping, tracing
 from router.config import Config
 from router.delivery import DeliveryPolicy, DeliveryService
 from router.events import Event, execution_id_for
@@ -190,15 +190,19 @@ class ExecutionService:
         started = time.perf_counter()
         try:
             try:
-                spec = await self._spec(function, version)
-                request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
-                                           context={"execution_id": row.id, "function_id": function.id,
-                                                    "function_version": version, "project_id": row.project_id,
-                                                    "event_id": event_id})
-                if cancellable:
-                    result = await self._engine_call(row, request, event_id)
-                else:
-                    result = await self.engine.execute(request)
+                with tracing.span(f"engine execute {function.name or function.id}", attributes={
+                        "headwater.execution_id": row.id, "headwater.function_id": function.id}):
+                    spec = await self._spec(function, version)
+                    context = {"execution_id": row.id, "function_id": function.id, "function_version": version,
+                               "project_id": row.project_id, "event_id": event_id}
+                    if tracing.enabled:  # the runtime's and the function's own spans join this trace
+                        context["traceparent"] = tracing.traceparent()
+                    request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
+                                               context=context)
+                    if cancellable:
+                        result = await self._engine_call(row, request, event_id)
+                    else:
+                        result = await self.engine.execute(request)
             except Exception as exc:  # the engine promises not to raise; if it does, it's ours
                 log.exception("engine raised instead of returning a result")
                 result = ExecutionResult.platform_error(f"Internal service error: {type(exc).__name__}")
