@@ -29,7 +29,7 @@ class Watcher:
     def __init__(self, project_id: str | None, matcher: CompiledFilter | None):
         self.project_id = project_id
         self.matcher = matcher
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
         self.missed = 0
 
     def offer(self, event: Event) -> None:
@@ -66,3 +66,14 @@ class EventFeed:
 
     def unwatch(self, watcher: Watcher) -> None:
         self._watchers = [w for w in self._watchers if w is not watcher]
+
+    def close(self) -> None:
+        """End every watch (the server is stopping): each watcher's next item is None."""
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            while True:
+                try:
+                    watcher.queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:  # make room: the end matters more than what it held
+                    watcher.queue.get_nowait()

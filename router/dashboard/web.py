@@ -78,6 +78,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 await response.write(b": keepalive\n\n")
                 continue
+            if item is None:
+                break  # the server is stopping
             if watcher.missed != missed:
                 await response.write(_sse("missed", {"count": watcher.missed - missed}))
                 missed = watcher.missed
@@ -119,9 +121,16 @@ async def _stop_series(app: web.Application) -> None:
     await app[MINUTES_KEY].stop()
 
 
+async def _end_streams(app: web.Application) -> None:
+    # Before the server waits for open requests to finish: a tail would otherwise hold it for its
+    # whole shutdown timeout.
+    app[APP_KEY].feed.close()
+
+
 def routes(app: web.Application) -> None:
     app[MINUTES_KEY] = MinuteSeries(app[APP_KEY].metrics)
     app.on_startup.append(_start_series)
+    app.on_shutdown.append(_end_streams)
     app.on_cleanup.append(_stop_series)
     app.router.add_get(PREFIX, page)
     app.router.add_get(PREFIX + "/", page)

@@ -201,3 +201,26 @@ async def test_pages_are_served_from_the_package_with_a_strict_policy(hw):
     assert (await hw.client.get("/dashboard/static/nothing.js")).status == 404
     minutes = await (await hw.client.get("/dashboard/api/minutes")).json()
     assert minutes["minutes"] and set(minutes["minutes"][-1]) == {"minute", "in", "routed", "executed", "failed", "dead_lettered"}
+
+
+async def test_open_tails_end_when_the_server_shuts_down(hw):
+    """Regression: an open tail held `headwater serve` for aiohttp's whole shutdown timeout (two
+    minutes) after SIGTERM."""
+    import asyncio
+
+    resp = await hw.client.get("/dashboard/api/stream")
+    assert await wait_for(lambda: _true(len(hw.feed) == 1))
+    await hw.web.shutdown()  # what serve's runner.cleanup() runs first
+    rest = await asyncio.wait_for(resp.content.read(), 60)  # the old code never ended the stream
+    assert rest == b": headwater event tail\n\n"
+    assert len(hw.feed) == 0
+
+
+def test_closing_the_feed_reaches_a_watcher_whose_queue_is_full():
+    feed = EventFeed()
+    watcher = feed.watch(None)
+    for i in range(QUEUE_SIZE):
+        feed.offer(Event.from_dict(_event(f"f{i}")))
+    feed.close()
+    items = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
+    assert items[-1] is None and len(feed) == 0
