@@ -14,6 +14,11 @@ from router.index import source_kind
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1000  # events a slow watcher may fall behind by before it misses some
+MAX_WATCHERS = 100  # open tails per process: each holds a connection and up to QUEUE_SIZE events
+
+
+class TooManyWatchers(RuntimeError):
+    """MAX_WATCHERS tails are open already."""
 
 
 def summary(event: Event) -> dict[str, Any]:
@@ -60,6 +65,8 @@ class EventFeed:
                 log.exception("event feed watcher failed", extra={"event_id": event.id})
 
     def watch(self, project_id: str | None, matcher: CompiledFilter | None = None) -> Watcher:
+        if len(self._watchers) >= MAX_WATCHERS:
+            raise TooManyWatchers(f"{MAX_WATCHERS} event tails are open on this server already; try again later")
         watcher = Watcher(project_id, matcher)
         self._watchers = [*self._watchers, watcher]  # copied: offer() may be iterating the old list
         return watcher

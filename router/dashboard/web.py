@@ -12,6 +12,7 @@ from aiohttp import web
 
 from router.api.common import APP_KEY, ctx, hw
 from router.api.errors import ApiError, BadRequest, json_body
+from router.dashboard.feed import TooManyWatchers
 from router.dashboard.series import MinuteSeries
 from router.events import Event, InvalidEvent
 from router.filters import FilterError, compile_filter, explain
@@ -65,7 +66,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except FilterError as exc:
         raise BadRequest(str(exc)) from None
     feed = hw(request).feed
-    watcher = feed.watch(ctx(request).list_scope(request), matcher)
+    try:
+        watcher = feed.watch(ctx(request).list_scope(request), matcher)
+    except TooManyWatchers as exc:
+        raise ApiError(str(exc), status=503) from None
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     try:

@@ -224,3 +224,14 @@ def test_closing_the_feed_reaches_a_watcher_whose_queue_is_full():
     feed.close()
     items = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
     assert items[-1] is None and len(feed) == 0
+
+
+async def test_a_server_refuses_more_tails_than_it_holds(hw, monkeypatch):
+    from router.dashboard import feed as feed_module
+
+    monkeypatch.setattr(feed_module, "MAX_WATCHERS", 1)
+    first = await hw.client.get("/dashboard/api/stream")
+    assert first.status == 200
+    second = await hw.client.get("/dashboard/api/stream")
+    assert second.status == 503 and "1 event tails are open" in (await second.json())["faultstring"]
+    first.close()
