@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from router import plugins  # noqa: E402
 from router.bus.memory import MemoryBus  # noqa: E402
+from router import tracing  # noqa: E402
 from router.config import Config  # noqa: E402
 from router.dashboard.feed import EventFeed  # noqa: E402
 from router.dashboard.series import MinuteSeries  # noqa: E402
@@ -317,8 +318,18 @@ async def dashboard_cost(data_dir: Path, args) -> dict:
     feed, event = EventFeed(), rig.event(0)
     offer_ns = min(timeit.repeat(lambda: feed.offer(event), number=100_000, repeat=5)) / 100_000 * 1e9
     print(f"EventFeed.offer with no watcher: {offer_ns:.0f} ns per event")
+
+    def untraced() -> None:  # what each event pays for tracing when [tracing] is off: three flag tests
+        for _ in range(3):
+            if tracing.enabled:
+                raise AssertionError("tracing is on")
+
+    span_ns = min(timeit.repeat(untraced, number=100_000, repeat=5)) / 100_000 * 1e9
+    print(f"tracing off: {span_ns:.0f} ns per event (publish, route and execute each test one flag)")
     return {"EventFeed.offer, no watcher": {"events": 100_000, "seconds": offer_ns * 1e-4, "events_per_s": 1e9 / offer_ns,
                                             "p50_ms": offer_ns / 1e6, "p99_ms": float("nan")},
+            "tracing off, per event": {"events": 100_000, "seconds": span_ns * 1e-4, "events_per_s": 1e9 / span_ns,
+                                       "p50_ms": span_ns / 1e6, "p99_ms": float("nan")},
             "route, null engine, no dashboard (median)": median_row(runs["without"]),
             "route, null engine, dashboard, no watcher (median)": median_row(runs["with"])}
 

@@ -1,7 +1,7 @@
 """Distributed tracing: W3C trace context carried on each event (`traceparent`, the CloudEvents
 distributed tracing extension) from the API through the bus and the router to the function, and
-OpenTelemetry spans exported over OTLP when [tracing] otlp_endpoint is set. When it is not, every
-call here is a test of one flag: OpenTelemetry is not even imported."""
+OpenTelemetry spans exported over OTLP when [tracing] otlp_endpoint is set. When it is not, the
+routing path tests `enabled` once per step and OpenTelemetry is not even imported."""
 
 from __future__ import annotations
 
