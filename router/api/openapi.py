@@ -342,6 +342,9 @@ PATHS: dict[str, Any] = {
         errors=(400, 404, 409), params=ID, tag="headwater")},
     "/v1/subscriptions/{id}": {
         "get": _op("Show a subscription", 200, "Subscription", errors=(404,), params=ID, tag="headwater"),
+        "put": _op("Edit a subscription's name, description, types, filters, filter or status", 200, "Subscription",
+                   errors=(400, 404), params=ID, tag="headwater",
+                   request={"required": True, "content": {JSON: {"schema": {"type": "object"}}}}),
         "delete": _op("Delete a subscription", 204, errors=(404,), params=ID, tag="headwater"),
     },
 }

@@ -131,6 +131,18 @@ def test_operator_journey_through_the_dashboard(server, page, artifacts):
     expect(page.get_by_role("link", name="big-orders")).to_be_visible()
     _shot(page, artifacts, "subscriptions")
 
+    # Edit it: the filter is checked as it is typed here too, and saved.
+    page.get_by_role("link", name="big-orders").click()
+    edit = page.locator("#subscription-edit")
+    expect(edit.get_by_label("Filter expression")).to_have_value("data.total > 100")
+    edit.get_by_label("Filter expression").fill("data.total > 100 AND subject LIKE")
+    expect(page.locator("#edit-verdict")).to_have_class("invalid")
+    edit.get_by_label("Filter expression").fill("data.total > 100 AND subject LIKE 'orders/%'")
+    expect(page.locator("#edit-verdict")).to_have_text("Filter is valid.")
+    edit.get_by_role("button", name="Save").click()
+    expect(page.locator("#status")).to_have_text(re.compile("Subscription big-orders saved"))
+    _shot(page, artifacts, "subscription-edit")
+
     # An event arrives: the live tail shows it and the chart counts it.
     _open(page, "#/overview")
     expect(page.locator("#tail-state")).to_have_text("Live: waiting for events.")

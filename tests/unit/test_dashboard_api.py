@@ -235,3 +235,37 @@ async def test_a_server_refuses_more_tails_than_it_holds(hw, monkeypatch):
     second = await hw.client.get("/dashboard/api/stream")
     assert second.status == 503 and "1 event tails are open" in (await second.json())["faultstring"]
     first.close()
+
+
+async def test_editing_a_subscription_changes_what_it_matches(hw):
+    fn = await _function(hw)
+    sub = await (await hw.client.post("/v1/subscriptions", json={
+        "source": "http", "name": "orders", "function_id": fn, "filter": "data.total > 100"})).json()
+    resp = await hw.client.put(f"/v1/subscriptions/{sub['id']}", json={"filter": "data.total >", "name": "x"})
+    assert resp.status == 400 and "filter" in (await resp.json())["faultstring"]
+    resp = await hw.client.put(f"/v1/subscriptions/{sub['id']}", json={"function_id": fn})
+    assert resp.status == 400 and "Cannot change function_id" in (await resp.json())["faultstring"]
+    assert (await hw.client.put(f"/v1/subscriptions/{sub['id']}", json={"status": "done"})).status == 400
+
+    resp = await hw.client.put(f"/v1/subscriptions/{sub['id']}", json={"filter": "data.total > 10", "name": "small",
+                                                                     "types": ["order.created"]})
+    assert resp.status == 200, await resp.text()
+    edited = await resp.json()
+    assert edited["filter"] == "data.total > 10" and edited["name"] == "small" and edited["types"] == ["order.created"]
+    await hw.client.post("/v1/events", json=_event("edit-1", data={"total": 50}))
+    body = await _recorded(hw, "edit-1", f"?subscription_id={sub['id']}")
+    assert body["routing"]["subscription"]["matched"] is True
+
+    paused = await (await hw.client.put(f"/v1/subscriptions/{sub['id']}", json={"status": "paused", "filter": None})).json()
+    assert paused["status"] == "paused" and paused["filter"] is None
+    body = await _recorded(hw, "edit-1", f"?subscription_id={sub['id']}")
+    assert body["routing"]["subscription"]["reasons"] == ["status: the subscription is paused"]
+
+
+async def test_a_cron_subscriptions_filters_are_not_editable(hw):
+    fn = await _function(hw)
+    job = await (await hw.client.post("/v1/subscriptions", json={"source": "cron", "pattern": "0 0 1 1 *",
+                                                                 "function_id": fn})).json()
+    resp = await hw.client.put(f"/v1/subscriptions/{job['id']}", json={"filters": {}})
+    assert resp.status == 400 and "schedule" in (await resp.json())["faultstring"]
+    assert (await hw.client.put(f"/v1/subscriptions/{job['id']}", json={"name": "nightly"})).status == 200

@@ -209,29 +209,31 @@ function executionTable(rows) {
 // ---------------------------------------------------------------------------------------------
 // Subscriptions: list, create with the filter checked as it is typed, "test this filter"
 
-async function subscriptions(selected) {
-  const [{ subscriptions: subs }, { functions: fns }] = await Promise.all([
-    api("GET", scoped("/v1/subscriptions")), api("GET", scoped("/v1/functions"))]);
+// The filter fields of a subscription form, checked by the server as they are typed.
+function filterFields(prefix, initial = {}) {
   const filtersBox = h("textarea", { name: "filters", placeholder: '{"subject": {"prefix": "orders/"}}' });
+  filtersBox.value = initial.filters && Object.keys(initial.filters).length ? JSON.stringify(initial.filters) : "";
   const expressionBox = h("input", { name: "filter", placeholder: "data.total > 100 AND type = 'order.created'" });
-  const verdict = h("p", { id: "filter-verdict", role: "status", "aria-live": "polite" }, "");
-  const eventBox = h("textarea", { name: "event", placeholder: '{"specversion": "1.0", "id": "1", "source": "/shop", "type": "order.created", "data": {"total": 120}}' });
-  const testVerdict = h("div", { id: "filter-test", role: "status", "aria-live": "polite" });
+  expressionBox.value = typeof initial.filter === "string" ? initial.filter : initial.filter ? JSON.stringify(initial.filter) : "";
+  const verdict = h("p", { id: `${prefix}-verdict`, role: "status", "aria-live": "polite" }, "");
 
-  function filterBody() {
-    const body = { filter: expressionBox.value.trim() || null };
+  function body() {
+    const out = { filter: expressionBox.value.trim() || null };
+    if (out.filter && out.filter.startsWith("{")) {  // an all/any/not composition, shown as JSON
+      try { out.filter = JSON.parse(out.filter); } catch { /* the server names the fault */ }
+    }
     const raw = filtersBox.value.trim();
     if (raw) {
-      try { body.filters = JSON.parse(raw); } catch (err) { return { error: `filters is not JSON: ${err.message}` }; }
-    }
-    return body;
+      try { out.filters = JSON.parse(raw); } catch (err) { return { error: `filters is not JSON: ${err.message}` }; }
+    } else out.filters = {};
+    return out;
   }
   let pending = 0;
   async function check() {
     const mine = ++pending;
-    const body = filterBody();
-    if (body.error) { verdict.className = "invalid"; verdict.textContent = body.error; return; }
-    const answer = await api("POST", "/dashboard/api/filter", { json: body }).catch((err) => ({ valid: false, error: err.message }));
+    const filter = body();
+    if (filter.error) { verdict.className = "invalid"; verdict.textContent = filter.error; return; }
+    const answer = await api("POST", "/dashboard/api/filter", { json: filter }).catch((err) => ({ valid: false, error: err.message }));
     if (mine !== pending) return;  // a later keystroke's answer wins
     verdict.className = answer.valid ? "valid" : "invalid";
     verdict.textContent = answer.valid ? "Filter is valid." : answer.error;
@@ -240,6 +242,45 @@ async function subscriptions(selected) {
   const typed = () => { clearTimeout(debounce); debounce = setTimeout(check, 250); };
   filtersBox.addEventListener("input", typed);
   expressionBox.addEventListener("input", typed);
+  const fields = [
+    field("Filters (JSON object)", filtersBox, "attribute → value or {prefix|suffix|glob|gt|gte|lt|lte|exists|in|ne|eq: …}"),
+    field("Filter expression", expressionBox, "subject LIKE 'photos/%' AND data.size > 1000"),
+    verdict];
+  return { fields, body };
+}
+
+function editForm(sub) {
+  const filter = filterFields("edit", sub);
+  const form = h("form", { class: "panel", id: "subscription-edit", onsubmit: async (e) => {
+    e.preventDefault();
+    const data = new FormData(form);
+    const body = filter.body();
+    if (body.error) { say(body.error, true); return; }
+    if (sub.source === "cron") { delete body.filters; delete body.filter; }
+    body.name = data.get("name") || null;
+    body.types = String(data.get("types") || "").split(",").map((t) => t.trim()).filter(Boolean);
+    body.status = data.get("status");
+    const saved = await guarded(() => api("PUT", `/v1/subscriptions/${sub.id}`, { json: body }));
+    if (saved) { say(`Subscription ${saved.name || saved.id} saved.`); render(); }
+  } },
+    h("h3", {}, `Edit subscription ${sub.name || sub.id}`),
+    field("Name", h("input", { name: "name", value: sub.name || "" })),
+    field("Event types", h("input", { name: "types", value: (sub.types || []).join(", ") }), "comma-separated; empty: every type"),
+    sub.source === "cron" ? h("p", { class: "hint" }, "A cron subscription's filters are its schedule's.") : filter.fields,
+    field("Status", h("select", { name: "status" }, ["running", "paused"].map((s) => h("option", { value: s, selected: s === sub.status }, s)))),
+    h("button", { type: "submit", class: "primary" }, "Save"), " ",
+    link(`#/executions?subscription_id=${sub.id}`, "Its executions"));
+  return form;
+}
+
+async function subscriptions(selected) {
+  const [{ subscriptions: subs }, { functions: fns }] = await Promise.all([
+    api("GET", scoped("/v1/subscriptions")), api("GET", scoped("/v1/functions"))]);
+  const filter = filterFields("filter");
+  const filterBody = filter.body;
+  const eventBox = h("textarea", { name: "event", placeholder: '{"specversion": "1.0", "id": "1", "source": "/shop", "type": "order.created", "data": {"total": 120}}' });
+  const testVerdict = h("div", { id: "filter-test", role: "status", "aria-live": "polite" });
+
 
   async function testFilter() {
     const body = filterBody();
@@ -279,9 +320,7 @@ async function subscriptions(selected) {
     field("Source", h("select", { name: "source" }, ["http", "cron", "swift", "zaqar", "aodh"].map((s) => h("option", { value: s }, s)))),
     field("Event types", h("input", { name: "types", placeholder: "order.created, order.paid" }), "comma-separated; empty: every type"),
     field("Function", h("select", { name: "function_id", required: true }, fns.map((f) => h("option", { value: f.id }, f.name || f.id)))),
-    field("Filters (JSON object)", filtersBox, "attribute → value or {prefix|suffix|glob|gt|gte|lt|lte|exists|in|ne|eq: …}"),
-    field("Filter expression", expressionBox, "subject LIKE 'photos/%' AND data.size > 1000"),
-    verdict,
+    filter.fields,
     field("Attempts before dead letter", h("input", { name: "max_attempts", type: "number", min: 1, max: 20 }), "a failed run counts; empty: the service default"),
     h("button", { type: "submit", class: "primary" }, "Create subscription"),
     h("h4", {}, "Test this filter"),
@@ -297,9 +336,9 @@ async function subscriptions(selected) {
         if (confirm(`Delete subscription ${s.name || s.id}?`) && await guarded(() => api("DELETE", `/v1/subscriptions/${s.id}`)) !== undefined) render();
       } }, "Delete")]))];
   const current = subs.find((s) => s.id === selected);
-  if (current) out.push(h("section", { class: "panel" }, h("h3", {}, `Subscription ${current.name || current.id}`), h("pre", {}, pretty(current)),
-    link(`#/executions?subscription_id=${current.id}`, "Its executions")));
-  out.push(form);
+  if (current) {
+    out.push(editForm(current), h("details", {}, h("summary", {}, "The subscription as stored"), h("pre", {}, pretty(current))));
+  } else out.push(form);
   return out;
 }
 
@@ -366,8 +405,7 @@ async function render() {
   main.setAttribute("aria-busy", "true");
   try {
     const content = await route[1](path.match(route[0]), query);
-    main.replaceChildren(...[content].flat());
-    if (!statusLine.classList.contains("error")) say("");
+    main.replaceChildren(...[content].flat());  // the status line keeps its message until the page changes
   } catch (err) {
     main.replaceChildren(h("h2", {}, "Could not load this page"), h("p", { class: "invalid" }, err.message),
       err.status === 401 ? h("p", {}, "Sign in with a Keystone token above.") : "");
