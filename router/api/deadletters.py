@@ -64,8 +64,9 @@ async def replay(request: web.Request) -> web.Response:
         event = replay_copy(row)
     except InvalidEvent as exc:
         raise ApiError(f"Dead letter {letter_id} cannot be replayed: {exc}.", status=409) from None
+    # In the history before the answer: the dashboard opens the replay's trace straight away.
+    await app.history.record_now(event)
     await app.bus.publish(event)
-    app.history.record(event)
     app.feed.offer(event)
     await app.store.dead_letters.delete(letter_id)
     return web.json_response({"deadletter_id": letter_id, "event_id": event.id,

@@ -115,6 +115,8 @@ async def test_replaying_a_dead_letter_runs_its_event_again_for_its_subscription
     assert resp.status == 202, await resp.text()
     replayed = await resp.json()
     assert replayed["event_id"].startswith("dead-1:replay:") and replayed["subscription_id"] == sub["id"]
+    # Regression: the dashboard opens the replay's trace at once; the history had not written it yet.
+    assert (await hw.client.get(f"/v1/events/{replayed['event_id']}")).status == 200
 
     async def executions():
         body = await (await hw.client.get(f"/v1/executions?event_id={replayed['event_id']}")).json()
