@@ -158,6 +158,7 @@ def test_operator_journey_through_the_dashboard(server, page, artifacts):
     # Its trace: the matched subscription and the execution's output and log.
     executions = _wait_executions(server, "order-1")
     server.wait_execution(executions[0]["id"])
+    _wait_recorded(server, "order-1")
     line.get_by_role("link", name="trace").click()
     expect(page.get_by_role("heading", name="Event order-1")).to_be_visible()
     expect(page.locator(".execution .output")).to_contain_text("Hello, tail")
@@ -201,6 +202,22 @@ def test_operator_journey_through_the_dashboard(server, page, artifacts):
     _open(page, "#/executions?status=success")
     expect(page.get_by_role("table", name="Executions")).to_contain_text("success")
     _shot(page, artifacts, "executions")
+
+    # Signed in with a token: every API request carries it (the API, with Keystone on, scopes by it),
+    # and so does the live tail's stream; "Project" narrows lists to that project.
+    _open(page, "#/deadletters")
+    page.get_by_label("Keystone token").fill("token-for-the-test")
+    page.get_by_label("Project").fill("default")
+    with page.expect_request(lambda r: "/v1/deadletters" in r.url) as listed:
+        page.get_by_role("button", name="Use").click()
+    assert listed.value.all_headers().get("x-auth-token") == "token-for-the-test"
+    assert "project_id=default" in listed.value.url
+    with page.expect_request(lambda r: "/dashboard/api/stream" in r.url) as tailed:
+        _open(page, "#/overview")
+    assert tailed.value.all_headers().get("x-auth-token") == "token-for-the-test"
+    page.get_by_label("Keystone token").fill("")
+    page.get_by_label("Project").fill("")
+    page.get_by_role("button", name="Use").click()
 
     # A narrow window still shows the navigation and the page.
     page.set_viewport_size({"width": 380, "height": 800})

@@ -78,7 +78,16 @@ function overview() {
 async function eventTrace(id, query) {
   const subscriptionId = query.get("subscription_id") || "";
   const path = `/v1/events/${encodeURIComponent(id)}` + (subscriptionId ? `?subscription_id=${encodeURIComponent(subscriptionId)}` : "");
-  const record = await api("GET", path);
+  // The history writes events in batches: one seen in the live tail a moment ago may not be there yet.
+  let record;
+  for (let attempt = 1; !record; attempt++) {
+    try { record = await api("GET", path); } catch (err) {
+      if (err.status !== 404 || attempt >= 20) throw err;
+      say("Waiting for the event to reach the history…");
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  say("");
   const executions = (await api("GET", scoped("/v1/executions", { event_id: id }))).executions;
   const routing = record.routing || { matched: [], not_matched: [] };
   const explainInput = h("input", { name: "subscription_id", value: subscriptionId, placeholder: "subscription id" });
