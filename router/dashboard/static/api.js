@@ -46,11 +46,15 @@ export async function api(method, path, { json, form, text } = {}) {
   return body;
 }
 
-// Server-sent events read with fetch (EventSource cannot send X-Auth-Token): calls
-// onMessage(kind, data) per message until `signal` aborts.
-export async function stream(path, onMessage, signal) {
+// Server-sent events read with fetch (EventSource cannot send X-Auth-Token): calls onOpen() once
+// the server watches for us, then onMessage(kind, data) per message until `signal` aborts.
+export async function stream(path, onMessage, signal, onOpen = () => {}) {
   const resp = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal });
-  if (!resp.ok) throw new ApiError(resp.status, `${resp.status}: the event tail is not available`);
+  if (!resp.ok) {
+    const body = await resp.json().catch(() => null);
+    throw new ApiError(resp.status, `${resp.status}: ${(body && body.faultstring) || "the event tail is not available"}`);
+  }
+  onOpen();
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

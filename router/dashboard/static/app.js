@@ -42,7 +42,7 @@ function overview() {
     if (controller) controller.abort();
     controller = new AbortController();
     const query = filterInput.value.trim() ? { filter: filterInput.value.trim() } : {};
-    tailState.textContent = "Live: waiting for events.";
+    tailState.textContent = "Connecting…";
     stream(scoped("/dashboard/api/stream", query), (kind, data) => {
       if (kind === "missed") { tail.prepend(h("li", { class: "hint" }, `${data.count} event(s) missed (too many at once).`)); return; }
       tail.prepend(h("li", { dataset: { eventId: data.id } },
@@ -52,7 +52,7 @@ function overview() {
         link(`#/executions?event_id=${encodeURIComponent(data.id)}`, "executions")));
       while (tail.children.length > 200) tail.lastChild.remove();
       tailState.textContent = "Live.";
-    }, controller.signal).catch((err) => {
+    }, controller.signal, () => { tailState.textContent = "Live: waiting for events."; }).catch((err) => {
       if (err.name !== "AbortError") tailState.textContent = `Tail stopped: ${err.message}`;
     });
   }

@@ -62,7 +62,10 @@ export function chart(recorded) {
   const rows = recorded.slice(-5).reverse().map((m) => h("tr", {},
     h("th", { scope: "row" }, new Date(m.minute * 1000).toISOString().slice(11, 16)),
     SERIES.map(([key]) => h("td", { dataset: { series: key } }, m[key]))));
-  return h("div", { class: "chart" }, plot,
+  // Totals over the window, as attributes: what a test (or a user's script) reads without the SVG.
+  const totals = Object.fromEntries(SERIES.map(([key]) => [`total${key[0].toUpperCase()}${key.slice(1).replace(/_(.)/g, (_, c) => c.toUpperCase())}`,
+    minutes.reduce((sum, m) => sum + m[key], 0)]));
+  return h("div", { class: "chart", dataset: totals }, plot,
     h("ul", { class: "legend" }, SERIES.map(([key, label, colour]) => h("li", {},
       swatch(colour), `${label}: `,
       h("strong", { dataset: { current: key } }, latest[key] ?? 0), " this minute"))),
