@@ -18,6 +18,13 @@ need_pkg() {  # binary package
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
 
+# The dashboard's browser tests (tests/e2e/test_dashboard.py) drive Debian's Chromium through
+# Playwright (Playwright's own browser download cannot be used).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "services: installing Chromium"
+  need_pkg chromium chromium
+fi
+
 # The nodejs runtime needs Node.js 18 or newer.
 if ! command -v node >/dev/null 2>&1; then
   echo "services: installing Node.js"

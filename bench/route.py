@@ -20,7 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from router import plugins  # noqa: E402
 from router.bus.memory import MemoryBus  # noqa: E402
+from router import tracing  # noqa: E402
 from router.config import Config  # noqa: E402
+from router.dashboard.feed import EventFeed  # noqa: E402
+from router.dashboard.series import MinuteSeries  # noqa: E402
 from router.dispatch import Dispatcher  # noqa: E402
 from router.events import Event, execution_id_for  # noqa: E402
 from router.executions import ExecutionService  # noqa: E402
@@ -144,9 +147,10 @@ class Rig:
         return Event(id=f"bench-{i}", source="/bench", type="bench.tick", subject="bench", data={"i": i},
                      extensions={"sourcekind": "bench"})
 
-    async def throughput(self, n: int, offset: int) -> dict:
+    async def throughput(self, n: int, offset: int, feed: EventFeed | None = None) -> dict:
         """N events published back to back; event ids from `offset` on, unused by earlier runs (the
-        router would rightly treat a reused id as a duplicate and not run it again)."""
+        router would rightly treat a reused id as a duplicate and not run it again). With `feed`,
+        each event is also offered to the dashboard's live tail, as a source's publish does."""
         sent: dict[str, float] = {}
         all_done = asyncio.get_running_loop().create_future()
         expected = {execution_id_for("/bench", f"bench-{i}", self.subscription_id) for i in range(offset, offset + n)}
@@ -164,6 +168,8 @@ class Rig:
             event = self.event(i)
             sent[execution_id_for(event.source, event.id, self.subscription_id)] = time.perf_counter()
             await self.bus.publish(event)
+            if feed is not None:
+                feed.offer(event)
         await all_done
         elapsed = time.perf_counter() - started
         self.executions.record = original
@@ -265,6 +271,8 @@ async def run(args) -> dict:
             results["route, null engine, one at a time"] = await rig.sequential_latency(args.latency_events, 2_000_000)
         finally:
             await rig.stop()
+        if not args.skip_dashboard:
+            results.update(await dashboard_cost(Path(tmp) / "dashboard", args))
         rig = Rig(Path(tmp) / "local", "local")
         await rig.start()
         try:
@@ -277,6 +285,53 @@ async def run(args) -> dict:
     for row in results.values():
         row["ratio_to_baseline"] = row["events_per_s"] / baseline
     return results
+
+
+async def dashboard_cost(data_dir: Path, args) -> dict:
+    """The routing path with the dashboard present but no browser connected (every event offered
+    to an empty live tail, the per-minute sampler running) against the same path without it:
+    alternating rounds on one rig, medians of each."""
+    rig = Rig(data_dir, "null")
+    await rig.start()
+    series = MinuteSeries(rig.metrics)
+    series.start()
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    try:
+        await rig.throughput(min(200, args.events), offset=0)  # warm-up
+        offset = 1_000_000
+        for _ in range(args.dashboard_rounds):
+            for name, feed in (("without", None), ("with", EventFeed())):
+                runs[name].append(await rig.throughput(args.events, offset=offset, feed=feed))
+                offset += args.events
+    finally:
+        await series.stop()
+        await rig.stop()
+
+    def median_row(rows: list[dict]) -> dict:
+        row = dict(sorted(rows, key=lambda r: r["events_per_s"])[len(rows) // 2])
+        row["events_per_s_rounds"] = [r["events_per_s"] for r in rows]
+        return row
+
+    # The whole of what the routing path gains with nobody watching: one call per event.
+    import timeit
+
+    feed, event = EventFeed(), rig.event(0)
+    offer_ns = min(timeit.repeat(lambda: feed.offer(event), number=100_000, repeat=5)) / 100_000 * 1e9
+    print(f"EventFeed.offer with no watcher: {offer_ns:.0f} ns per event")
+
+    def untraced() -> None:  # what each event pays for tracing when [tracing] is off: three flag tests
+        for _ in range(3):
+            if tracing.enabled:
+                raise AssertionError("tracing is on")
+
+    span_ns = min(timeit.repeat(untraced, number=100_000, repeat=5)) / 100_000 * 1e9
+    print(f"tracing off: {span_ns:.0f} ns per event (publish, route and execute each test one flag)")
+    return {"EventFeed.offer, no watcher": {"events": 100_000, "seconds": offer_ns * 1e-4, "events_per_s": 1e9 / offer_ns,
+                                            "p50_ms": offer_ns / 1e6, "p99_ms": float("nan")},
+            "tracing off, per event": {"events": 100_000, "seconds": span_ns * 1e-4, "events_per_s": 1e9 / span_ns,
+                                       "p50_ms": span_ns / 1e6, "p99_ms": float("nan")},
+            "route, null engine, no dashboard (median)": median_row(runs["without"]),
+            "route, null engine, dashboard, no watcher (median)": median_row(runs["with"])}
 
 
 def run_matching(args) -> dict:
@@ -306,6 +361,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "route.json"))
     parser.add_argument("--match-lookups", type=int, default=100_000, help="index lookups per matching-cost run")
     parser.add_argument("--only", choices=("route", "match"), help="run one part only")
+    parser.add_argument("--dashboard-rounds", type=int, default=5, help="alternating rounds with and without the dashboard")
+    parser.add_argument("--skip-dashboard", action="store_true", help="leave out the dashboard-cost rounds")
     args = parser.parse_args()
     output: dict = {"benchmark": "route"}
     if args.only != "route":
@@ -325,10 +382,18 @@ def main() -> None:
         return
     results = asyncio.run(run(args))
     output["results"] = results
-    print(f"{'scenario':<44} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'scenario':<52} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, row in results.items():
-        print(f"{name:<44} {row['events']:>7} {row['events_per_s']:>11.0f} {row['ratio_to_baseline']:>8.4f} "
+        print(f"{name:<52} {row['events']:>7} {row['events_per_s']:>11.0f} {row['ratio_to_baseline']:>8.4f} "
               f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+    without = results.get("route, null engine, no dashboard (median)")
+    present = results.get("route, null engine, dashboard, no watcher (median)")
+    if without and present:
+        output["dashboard_cost_ratio"] = present["events_per_s"] / without["events_per_s"]
+        print(f"dashboard present, no watcher: {output['dashboard_cost_ratio']:.3f}x the events/s without it "
+              f"(medians of {args.dashboard_rounds} alternating rounds; rounds without "
+              f"{min(without['events_per_s_rounds']):.0f}-{max(without['events_per_s_rounds']):.0f}/s, with "
+              f"{min(present['events_per_s_rounds']):.0f}-{max(present['events_per_s_rounds']):.0f}/s)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(output, indent=2))
     print(f"wrote {args.json}")

@@ -15,13 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
-from router import __version__, download_tokens, plugins
+from router import __version__, download_tokens, plugins, tracing
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
+from router.dashboard.feed import EventFeed
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
@@ -90,8 +91,15 @@ class _SourceContext:
                 raise plugins.PublishRefused(400, str(exc)) from None
             execution_ids[subscription_id] = row.id
         settled = self._app.dispatcher.settled(event.id) if settle else None
-        await self._app.bus.publish(event)
+        if tracing.enabled:  # tested first: with tracing off, publishing pays one flag test
+            with tracing.span(f"publish {event.type}", event=event, kind="producer",
+                              attributes={"cloudevents.event_id": event.id, "headwater.source": self._kind}):
+                tracing.stamp(event)  # the router's span is this one's child
+                await self._app.bus.publish(event)
+        else:
+            await self._app.bus.publish(event)
         self._app.history.record(event)
+        self._app.feed.offer(event)
         self._app.metrics.child(self._app.metrics.events_in, self._kind).inc()
         if settled is not None:
             await settled
@@ -142,6 +150,7 @@ class Headwater:
 
     def __init__(self, config: Config):
         self.config = config
+        tracing.configure(config)  # before anything that makes spans; a ConfigError without the extra
         self.metrics = Metrics()
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
@@ -156,6 +165,7 @@ class Headwater:
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
+        self.feed = EventFeed()  # the live tail (dashboard, `headwater events tail`)
         self.download_secret = download_tokens.secret_from_config(config)
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
@@ -208,6 +218,7 @@ class Headwater:
         await self.coordination.stop()
         await self.packages.close()
         await self.db.dispose()
+        tracing.shutdown()
 
     # -- the index follows the table -----------------------------------------------------------
 

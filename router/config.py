@@ -133,6 +133,10 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("history_max_per_project", "int", 100000, "Most events kept per project; the oldest go first.", minimum=1),
         _opt("max_chain_depth", "int", 8, "Longest chain of results triggering functions (event sinks) before the router stops it as a loop.", minimum=1),
     ],
+    "tracing": [
+        _opt("otlp_endpoint", "str", None, "OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318): spans of each event's trip, from the API to the function, are exported there (needs the `tracing` extra). Default: no tracing."),
+        _opt("service_name", "str", "headwater", "service.name of the spans Headwater exports."),
+    ],
     "cron": [
         _opt("max_sleep", "float", 1.0, "Longest the scheduler sleeps before looking at the table again (seconds).", minimum=0.01),
     ],

@@ -505,6 +505,55 @@ class CompiledFilter:
         return None
 
 
+def _show(value: Any) -> str:
+    return "absent" if value is _MISSING else repr(value)
+
+
+_SPELLING = {"eq": "=", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "like": "LIKE", "in": "IN"}
+
+
+def describe(cond: Condition) -> str:
+    """A condition as an operator reads it: `subject prefix 'photos/'`, `data.size > 10.0`."""
+    if cond.op == "exists":
+        return f"{cond.attribute} {'exists' if cond.value else 'does not exist'}"
+    return f"{cond.attribute} {_SPELLING.get(cond.op, cond.op)} {cond.value!r}"
+
+
+def failures(node: Node, event: Event) -> list[str]:
+    """Why `node` does not hold for `event`: one line per condition at fault, naming the value the
+    event had ([] when it holds). Only for explaining (GET /v1/events/{id}), never on the routing path."""
+    if isinstance(node, Condition):
+        if _compile_condition(node)(event):
+            return []
+        return [f"{describe(node)} failed: the event's {node.attribute} is {_show(attribute_getter(node.attribute)(event))}"]
+    op, value = node
+    if op == "not":
+        return [] if failures(value, event) else [f"NOT ({_node_text(value)}) failed: the inner condition held"]
+    found = [failures(n, event) for n in value]
+    if op == "all":
+        return [line for lines in found for line in lines]
+    if all(found):  # any: every alternative failed
+        return [f"none of the alternatives held: {'; '.join(line for lines in found for line in lines)}"]
+    return []
+
+
+def _node_text(node: Node) -> str:
+    if isinstance(node, Condition):
+        return describe(node)
+    op, value = node
+    if op == "not":
+        return f"NOT ({_node_text(value)})"
+    return f" {op.upper().replace('ALL', 'AND').replace('ANY', 'OR')} ".join(_node_text(n) for n in value)
+
+
+def explain(filters: Any, expression: Any, event: Event) -> list[str]:
+    """Why a subscription's `filters` and `filter` reject `event` ([] when they accept it)."""
+    nodes: list[Node] = list(parse_conditions(filters))
+    if expression is not None and expression != "":
+        nodes.append(parse_expression(expression))
+    return failures(("all", nodes), event)
+
+
 def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilter:
     """Validate and compile a subscription's `filters` object and `filter` expression (both must
     hold). Raises FilterError naming the fault."""

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from router.events import Event
-from router.filters import CompiledFilter, FilterError, compile_filter
+from router.filters import CompiledFilter, FilterError, compile_filter, explain
 from router.plugins import Subscription
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,30 @@ def source_kind(event: Event) -> str | None:
 
 def compile_subscription(sub: Subscription) -> CompiledFilter:
     return compile_filter(sub.filters or None, (sub.options or {}).get("filter"))
+
+
+def why_not(sub: Subscription, event: Event) -> list[str]:
+    """Why `sub` does not take `event`, one reason per line ([] when it does), in the order the
+    router decides: project, source kind, status, type, then each filter condition at fault. For
+    operators (the event trace), not the routing path: match() never calls it."""
+    reasons = []
+    if event.project_id and sub.project_id != event.project_id:
+        reasons.append(f"project: the subscription belongs to {sub.project_id!r}, the event to {event.project_id!r}")
+    target = event.extensions.get(REPLAY_FOR_EXTENSION)
+    if target is not None and target != sub.id:
+        reasons.append(f"replayfor: the event is a replay for subscription {target}")
+    kind = source_kind(event)
+    if target is None and kind != sub.source:
+        reasons.append(f"source: the subscription takes {sub.source!r} events, the event came from {kind!r}")
+    if target is None and sub.status != "running" and sub.source != "cron":
+        reasons.append(f"status: the subscription is {sub.status}")
+    if target is None and sub.types and event.type not in sub.types:
+        reasons.append(f"type: the event's type {event.type!r} is not one of {list(sub.types)}")
+    try:
+        reasons += explain(sub.filters or None, (sub.options or {}).get("filter"), event)
+    except FilterError as exc:
+        reasons.append(f"filter: unusable, so the subscription routes nothing ({exc})")
+    return reasons
 
 
 def _key(value: Any) -> Any:

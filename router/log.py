@@ -14,6 +14,8 @@ import orjson
 # running an execution names it, without threading ids through every call.
 current_event_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("event_id", default=None)
 current_execution_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution_id", default=None)
+# Set by router.tracing inside a span: lines logged there carry the trace id.
+current_trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -24,6 +26,8 @@ def _context(record: logging.LogRecord) -> dict[str, Any]:
         fields["event_id"] = event_id
     if "execution_id" not in fields and (execution_id := current_execution_id.get()):
         fields["execution_id"] = execution_id
+    if "trace_id" not in fields and (trace_id := current_trace_id.get()):
+        fields["trace_id"] = trace_id
     return fields
 
 

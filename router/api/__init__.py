@@ -6,13 +6,29 @@ from aiohttp import web
 
 from router.api import aliases, deadletters, events, executions, functions, jobs, openapi, root, runtimes, subscriptions, versions, webhooks
 from router.api.common import APP_KEY, CTX_KEY, RequestContext
+from router import tracing
 from router.api.errors import error_middleware
+from router.dashboard import web as dashboard
 
 
 @web.middleware
 async def context_middleware(request: web.Request, handler):
     request[CTX_KEY] = RequestContext()
     return await handler(request)
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler):
+    """A server span per request when tracing is on (joining a caller's `traceparent` header)."""
+    if not tracing.enabled:
+        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    with tracing.span(f"{request.method} {route}", headers=request.headers, kind="server",
+                      attributes={"http.request.method": request.method, "http.route": route}) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
 
 
 # Writes under these paths change what an execution resolves to (functions, runtimes, versions, aliases).
@@ -29,9 +45,9 @@ async def target_cache_middleware(request: web.Request, handler):
 
 
 def build_api(headwater) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, context_middleware, target_cache_middleware],
+    app = web.Application(middlewares=[tracing_middleware, error_middleware, context_middleware, target_cache_middleware],
                           client_max_size=headwater.config.api.max_request_size)
     app[APP_KEY] = headwater
-    for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi):
+    for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi, dashboard):
         module.routes(app)
     return app

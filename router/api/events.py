@@ -12,7 +12,7 @@ from router.api.common import ctx, format_time, hw, parse_bool, parse_int
 from router.api.errors import BadRequest, json_body
 from router.events import Event, execution_id_for
 from router.filters import FilterError, compile_filter
-from router.index import REPLAY_FOR_EXTENSION as REPLAY_FOR, compile_subscription
+from router.index import REPLAY_FOR_EXTENSION as REPLAY_FOR, compile_subscription, source_kind, why_not
 from router.store import NotFound
 
 REPLAY_OF = "replayof"
@@ -51,11 +51,52 @@ async def index(request: web.Request) -> web.Response:
     return web.json_response({"events": [serialize(r) for r in rows]})
 
 
+MAX_EXPLAINED = 50  # subscriptions of the event's source explained on one trace
+
+
+def _brief(sub) -> dict:
+    return {"subscription_id": sub.id, "name": sub.name, "function_id": sub.function_id,
+            "function_alias": sub.function_alias, "function_version": sub.function_version}
+
+
+def routing_decision(app, event: Event, subscription_id: str | None, scope: str | None) -> dict:
+    """What the router decides for this event with today's subscriptions: those it matches, the
+    others of its source with the reasons they do not (at most MAX_EXPLAINED), and for
+    `subscription_id` the verdict and the conditions that failed."""
+    matched = [s for s in app.index.match_or_target(event) if scope is None or s.project_id == scope]
+    matched_ids = {s.id for s in matched}
+    others = [s for s in app.index.of_source(source_kind(event) or "")
+              if s.id not in matched_ids and (scope is None or s.project_id == scope)]
+    decision = {"matched": [_brief(s) for s in matched],
+                "not_matched": [{**_brief(s), "reasons": why_not(s, event) or ["not matched"]}
+                                for s in others[:MAX_EXPLAINED]],
+                "not_matched_total": len(others)}
+    if subscription_id is not None:
+        sub = app.index.get(subscription_id)
+        if sub is None or (scope is not None and sub.project_id != scope):
+            raise NotFound(f"Subscription not found [id={subscription_id}]")
+        hit = sub.id in matched_ids
+        decision["subscription"] = {**_brief(sub), "matched": hit, "reasons": [] if hit else (why_not(sub, event) or ["not matched"])}
+    return decision
+
+
 async def show(request: web.Request) -> web.Response:
-    row = await hw(request).history.get(request.match_info["id"], ctx(request).get_scope)
+    """GET /v1/events/{id}[?subscription_id=]: the recorded event and the routing decision for it."""
+    unknown = set(request.query) - {"subscription_id"}
+    if unknown:
+        raise BadRequest(f"Unknown argument: {', '.join(sorted(unknown))!r}. Accepted: subscription_id.")
+    scope = ctx(request).get_scope
+    row = await hw(request).history.get(request.match_info["id"], scope)
     if row is None:
         raise NotFound(f"Event not found [id={request.match_info['id']}]")
-    return web.json_response(serialize(row))
+    body = serialize(row)
+    try:
+        event = Event.from_dict(row.document)
+    except Exception:  # a document recorded by an older version: show it without a decision
+        return web.json_response(body)
+    body["routing"] = routing_decision(hw(request), event, request.query.get("subscription_id") or None,
+                                       None if scope is None else row.project_id)
+    return web.json_response(body)
 
 
 async def replay(request: web.Request) -> web.Response:

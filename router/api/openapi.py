@@ -85,6 +85,7 @@ SCHEMAS: dict[str, Any] = {
                    "additionalProperties": True},
     "EventRecord": {"type": "object", "properties": {"id": STR, "event": {"type": "object"}}, "required": ["id"],
                     "additionalProperties": True},
+    "DeadLetterReplayed": _obj({"deadletter_id": STR, "event_id": STR, "subscription_id": NSTR}),
     "Replayed": {"type": "object", "properties": {"replayed": INT, "skipped": INT}, "additionalProperties": True},
     "Invoked": _obj({"execution_id": STR, "event_id": STR}, required=("execution_id",)),
     "EventAccepted": _obj({"event_id": STR}),
@@ -315,7 +316,10 @@ PATHS: dict[str, Any] = {
                                tag="events",
                                request={"required": True, "content": {"application/cloudevents+json": {"schema": {"type": "object"}},
                                                                       JSON: {"schema": {"type": "object"}}}})},
-    "/v1/events/{id}": {"get": _op("Show a recorded event", 200, "EventRecord", errors=(404,), params=ID, tag="headwater")},
+    "/v1/events/{id}": {"get": _op(
+        "Show a recorded event and the routing decision for it (which subscriptions match, which do not and why)",
+        200, "EventRecord", errors=(400, 404), tag="headwater",
+        params=ID + [_query("subscription_id", STR, "Explain this subscription's verdict: the conditions that failed.")])},
     "/v1/events/replay": {"post": _op(
         "Replay recorded events to one subscription", 202, "Replayed", errors=(400, 404), tag="headwater",
         request={"required": True, "content": {JSON: {"schema": {"type": "object"}}}})},
@@ -332,10 +336,17 @@ PATHS: dict[str, Any] = {
     "/v1/deadletters": {"get": _op(
         "List dead letters", 200, "DeadLetterList", errors=(400,), tag="headwater",
         params=_filters("source", "subscription_id", "event_id", "created_at") + [_query("limit", INT_OR_TEXT)])},
-    "/v1/deadletters/{id}": {"get": _op("Show a dead letter", 200, "DeadLetter", errors=(400, 404), params=ID,
-                                        tag="headwater")},
+    "/v1/deadletters/{id}": {
+        "get": _op("Show a dead letter", 200, "DeadLetter", errors=(400, 404), params=ID, tag="headwater"),
+        "delete": _op("Discard a dead letter", 204, errors=(400, 404), params=ID, tag="headwater")},
+    "/v1/deadletters/{id}/replay": {"post": _op(
+        "Publish a dead letter's event again (to its subscription) and remove the letter", 202, "DeadLetterReplayed",
+        errors=(400, 404, 409), params=ID, tag="headwater")},
     "/v1/subscriptions/{id}": {
         "get": _op("Show a subscription", 200, "Subscription", errors=(404,), params=ID, tag="headwater"),
+        "put": _op("Edit a subscription's name, description, types, filters, filter or status", 200, "Subscription",
+                   errors=(400, 404), params=ID, tag="headwater",
+                   request={"required": True, "content": {JSON: {"schema": {"type": "object"}}}}),
         "delete": _op("Delete a subscription", 204, errors=(404,), params=ID, tag="headwater"),
     },
 }

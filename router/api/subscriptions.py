@@ -128,6 +128,44 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(serialize(await get_subscription(request, None, "Subscription")))
 
 
+EDITABLE = ("name", "description", "types", "filters", "filter", "status")
+
+
+async def update(request: web.Request) -> web.Response:
+    """PUT: name, description, types, filters, filter, status (running or paused); the rest stays.
+    The new filter is validated as on create and the index follows at once."""
+    app = hw(request)
+    row = await get_subscription(request, None, "Subscription")
+    body = await json_body(request)
+    unknown = set(body) - set(EDITABLE)
+    if unknown:
+        raise BadRequest(f"Cannot change {', '.join(sorted(unknown))}; editable: {', '.join(EDITABLE)}.")
+    if row.source in SELF_TARGETED and ({"filters", "filter"} & set(body)):
+        raise BadRequest(f"The filters of a {row.source} subscription are its schedule's; change the job instead.")
+    options = dict(row.options or {})
+    shape = {"types": body.get("types", row.types), "filters": body.get("filters", row.filters),
+             "filter": body.get("filter", options.get("filter"))}
+    types, filters, expression = _check_shape(shape)
+    values: dict[str, Any] = {"types": types, "filters": filters}
+    if expression in (None, ""):
+        options.pop("filter", None)
+    else:
+        options["filter"] = expression
+    values["options"] = options
+    for name in ("name", "description"):
+        if name in body:
+            if body[name] is not None and (not isinstance(body[name], str) or len(body[name]) > 255):
+                raise BadRequest(f"Invalid input, {name} must be a string of at most 255 characters.")
+            values[name] = body[name]
+    if "status" in body:
+        if body["status"] not in ("running", "paused"):
+            raise BadRequest("status must be running or paused.")
+        values["status"] = body["status"]
+    updated = await app.store.subscriptions.update(row.id, values)
+    await app.reload_subscription(row.id)
+    return web.json_response(serialize(updated))
+
+
 async def delete(request: web.Request) -> web.Response:
     return await delete_subscription(request, None, "Subscription")
 
@@ -156,4 +194,5 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/subscriptions", create)
     app.router.add_get("/v1/subscriptions", index)
     app.router.add_get("/v1/subscriptions/{id}", show)
+    app.router.add_put("/v1/subscriptions/{id}", update)
     app.router.add_delete("/v1/subscriptions/{id}", delete)

@@ -8,6 +8,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,21 @@ class Database:
             sa.event.listen(self.engine.sync_engine, "connect", sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
 
-    async def migrate(self) -> str:
-        """Bring the schema up to the newest Alembic revision; returns the revision in force."""
+    async def pending_migrations(self) -> tuple[str, list[tuple[str, str]]]:
+        """(revision in force or "base", [(revision, description)] not yet applied, oldest first)."""
+        def read(sync_conn) -> tuple[str, list[tuple[str, str]]]:
+            script = ScriptDirectory(str(MIGRATIONS_DIR))
+            current = MigrationContext.configure(sync_conn).get_current_revision()
+            pending = [(rev.revision, rev.doc or "") for rev in script.walk_revisions(current or "base", "heads")
+                       if rev.revision != current]
+            return current or "base", list(reversed(pending))
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(read)
+
+    async def migrate(self, target: str = "head") -> str:
+        """Bring the schema up to `target` (the newest Alembic revision by default); returns the
+        revision in force."""
         if self.schema and not self.is_sqlite:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
@@ -67,7 +82,7 @@ class Database:
             cfg = AlembicConfig()
             cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
             cfg.attributes["connection"] = sync_conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, target)
             row = sync_conn.execute(sa.text("SELECT version_num FROM alembic_version")).first()
             return row[0] if row else "base"
 

@@ -391,6 +391,47 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
     os._exit(code)
 
 
+# -- tracing: with a traceparent in the request's context and a collector in
+# OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, the execution is one span (OTLP/JSON, standard library only)
+# and the function's context carries that span, so the function's own spans join the trace.
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _start_span(req: dict) -> dict | None:
+    context = req.get("context") if isinstance(req.get("context"), dict) else {}
+    found = _TRACEPARENT.match(str(context.get("traceparent") or ""))
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not found or not endpoint:
+        return None
+    trace_id, parent, flags = found.groups()
+    span_id = os.urandom(8).hex()
+    req["context"] = {**context, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+    return {"endpoint": endpoint, "trace_id": trace_id, "parent": parent, "span_id": span_id, "start": time.time_ns()}
+
+
+def _export_span(span: dict, req: dict, result: dict) -> None:
+    def attr(key: str, value: str) -> dict:
+        return {"key": key, "value": {"stringValue": str(value)}}
+
+    body = {"resourceSpans": [{
+        "resource": {"attributes": [attr("service.name", "headwater-runtime-python3")]},
+        "scopeSpans": [{"scope": {"name": "headwater.runtime"}, "spans": [{
+            "traceId": span["trace_id"], "spanId": span["span_id"], "parentSpanId": span["parent"],
+            "name": f"runtime execute {req.get('entry') or 'main.main'}", "kind": 2,
+            "startTimeUnixNano": str(span["start"]), "endTimeUnixNano": str(time.time_ns()),
+            "attributes": [attr("headwater.execution_id", req.get("execution_id") or ""),
+                           attr("headwater.status", result.get("status") or "")],
+            "status": {"code": 1 if result.get("status") == "success" else 2}}]}]}]}
+    request = urllib.request.Request(span["endpoint"], data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except Exception as exc:  # noqa: BLE001 - a collector that is away never fails an execution
+        LOG.warning("span of execution %s not exported: %s", req.get("execution_id"), exc)
+
+
 def _has_leftovers() -> bool:
     """Whether the function left processes behind (this child is their subreaper, so all are children)."""
     while True:
@@ -948,6 +989,13 @@ class Server:
         return work.result()
 
     async def execute(self, req: dict) -> dict:
+        span = _start_span(req)
+        result = await self._execute(req)
+        if span is not None:
+            asyncio.get_running_loop().run_in_executor(None, _export_span, span, req, result)
+        return result
+
+    async def _execute(self, req: dict) -> dict:
         execution_id = req.get("execution_id")
         try:
             pkg_dir = self.packages.unpack(req.get("package") or {})
