@@ -73,6 +73,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("coordination", "str", "memory", "How engine processes coordinate workers, locks and leaders: in-process (one engine process) or etcd (several; see [etcd]).", choices=("memory", "etcd")),
         _opt("download_token_secret", "str", None, "Key that signs the short-lived, single-function tokens runtime pods fetch packages with (?token= on the download URL). Every API and engine process must share it. Default: a random key kept in <data_dir>/download-token.key."),
         _opt("download_token_ttl", "int", 300, "Seconds a package download token stays valid.", minimum=1),
+        _opt("function_network", "str", "none", "Network a function sees on the local engine (runtime started as root): none (its own network namespace with only a loopback of its own: no host services, API or metadata), or host (the host's network, unconfined: only for trusted code). Without root the runtime cannot make namespaces and functions share the host's network whatever this says.", choices=("none", "host")),
+        _opt("function_scratch_size", "int", 67108864, "Bytes of private /tmp and /dev/shm (one size-limited tmpfs each) a function's warm worker gets on the local engine as root; removed with the worker.", minimum=1048576),
     ],
     "kubernetes": [
         _opt("kube_host", "str", None, "Kubernetes API server URL, e.g. https://<k8s>:6443 or http://127.0.0.1:8001 (kubectl proxy). Default: in-cluster config when running in a pod, else http://127.0.0.1:8001. Ignored when kubeconfig is set."),
@@ -117,6 +119,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("default_timeout", "int", 5, "Default function timeout (seconds).", minimum=1),
         _opt("min_timeout", "int", 1, "Smallest allowed timeout (seconds).", minimum=1),
         _opt("max_timeout", "int", 300, "Largest allowed timeout (seconds).", minimum=1),
+        _opt("max_package_unpacked_size", "int", 268435456, "Largest total size a function package may unpack to (bytes), checked from its ZIP directory at upload, before anything is unpacked.", minimum=1),
+        _opt("max_package_files", "int", 10000, "Most files (and directories) a function package may hold.", minimum=1),
     ],
     "sources": [
         _opt("enabled", "list", ["http", "cron"], "Event sources to start, by plugin name."),

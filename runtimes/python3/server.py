@@ -22,16 +22,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import tempfile
 
-from headwater_runtime import packages, pipes, pool, sandbox
+from headwater_runtime import namespaces, packages, pipes, pool, sandbox
 from headwater_runtime.http import Server
 
-async def serve(host: str, port: int, work_dir: str, parent_pid: int | None) -> None:
-    children = pool.Pool(packages.Packages(work_dir))
-    server = Server(children)
+async def serve(host: str, port: int, work_dir: str, parent_pid: int | None, *, token: str, announce_token: bool,
+                package_dirs: list[str], package_urls: list[str]) -> None:
+    children = pool.Pool(packages.Packages(work_dir, package_dirs, package_urls))
+    server = Server(children, token)
     srv = await asyncio.start_server(server.handle, host, port, backlog=1024)
     loop = asyncio.get_running_loop()
     for sock in srv.sockets:
@@ -50,7 +52,9 @@ async def serve(host: str, port: int, work_dir: str, parent_pid: int | None) -> 
         sandbox.prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1)
     reaper = asyncio.ensure_future(_reap_orphans())
     bound = srv.sockets[0].getsockname()
-    print(f"LISTENING {bound[0]}:{bound[1]}", flush=True)
+    # A credential the server made itself goes to its parent only, on this pipe; one it was given
+    # (a pod's environment) the engine already knows and is never printed (pod logs are not secret).
+    print(f"LISTENING {bound[0]}:{bound[1]}" + (f" {token}" if announce_token else ""), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -94,13 +98,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     parser.add_argument("--sandbox", choices=("auto", "uid", "off"), default=os.environ.get("HEADWATER_RUNTIME_SANDBOX", "auto"),
                         help="run each child as its own unprivileged uid: 'auto' when started as root")
+    parser.add_argument("--package-dir", action="append", default=_env_list("HEADWATER_RUNTIME_PACKAGE_DIRS", os.pathsep),
+                        help="a directory package.path may name (repeatable); any other path is refused")
+    parser.add_argument("--package-url", action="append", default=_env_list("HEADWATER_RUNTIME_PACKAGE_URLS", " "),
+                        help="an http(s) URL prefix package.download_url may start with (repeatable); any other URL is refused")
+    parser.add_argument("--network", choices=namespaces.NETWORKS, default=os.environ.get("HEADWATER_RUNTIME_NETWORK", "none"),
+                        help="as root: 'none' gives each child a network namespace of its own (loopback only), "
+                             "'host' shares the host's network")
+    parser.add_argument("--scratch-size", type=int, default=namespaces.SETTINGS["scratch_size"],
+                        help="as root: bytes of the private tmpfs mounted on /tmp and on /dev/shm in each child")
     args = parser.parse_args(argv)
+    namespaces.SETTINGS.update(network=args.network, scratch_size=args.scratch_size)
+    # The credential: given by the engine (a pod's environment), or made here and announced to the
+    # parent on the LISTENING line. Either way it leaves this process's environment now, and the
+    # process is made non-dumpable, so a function running as the same uid (sandbox off) cannot read
+    # it from /proc/<pid>/environ or /proc/<pid>/mem.
+    token = os.environ.pop("HEADWATER_RUNTIME_TOKEN", "")
+    announce = not token
+    token = token or secrets.token_urlsafe(32)
+    with contextlib.suppress(OSError):
+        sandbox.prctl(sandbox.PR_SET_DUMPABLE, 0)
     if args.sandbox == "uid" and os.geteuid() != 0:
         parser.error("--sandbox uid needs root (it switches each child to a uid of its own)")
     sandbox.SANDBOX["uids"] = args.sandbox == "uid" or (args.sandbox == "auto" and os.geteuid() == 0)
     os.umask(0o022)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(args.host, args.port, args.work_dir, args.parent_pid))
+    asyncio.run(serve(args.host, args.port, args.work_dir, args.parent_pid, token=token, announce_token=announce,
+                      package_dirs=args.package_dir, package_urls=args.package_url))
+
+
+def _env_list(name: str, sep: str) -> list[str]:
+    return [item for item in os.environ.get(name, "").split(sep) if item]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path
+from tests.processes import RUNTIME_HEADERS, check_hangup_cancels, check_post_cancel, gone, pid_path, runtime_env
 
 SERVER = Path(__file__).resolve().parents[2] / "runtimes" / "nodejs" / "server.js"
 MiB = 1024 * 1024
@@ -78,8 +78,9 @@ def server(tmp_path_factory):
         pytest.fail("node is not installed; the nodejs runtime needs it", pytrace=False)
     work = tmp_path_factory.mktemp("nodework")
     WORK.append(work)
-    proc = subprocess.Popen([node, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
-                            stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    proc = subprocess.Popen([node, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work),
+                             "--package-dir", str(tmp_path_factory.getbasetemp())],
+                            stdout=subprocess.PIPE, stderr=None, start_new_session=True, env=runtime_env())
     line = proc.stdout.readline().decode().strip()
     assert line.startswith("LISTENING 127.0.0.1:"), line
     yield f"http://{line.split()[1]}"
@@ -88,7 +89,7 @@ def server(tmp_path_factory):
 
 
 def post(url: str, body: dict, timeout: float = 30) -> dict:
-    request = urllib.request.Request(url + "/execute", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url + "/execute", data=json.dumps(body).encode(), headers=RUNTIME_HEADERS)
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         assert resp.status == 200
         return json.loads(resp.read())
@@ -108,7 +109,7 @@ def test_ping_404_and_bad_bodies(server):
         urllib.request.urlopen(server + "/nope", timeout=5)
     assert err.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(urllib.request.Request(server + "/execute", data=b"[1]"), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(server + "/execute", data=b"[1]", headers=RUNTIME_HEADERS), timeout=5)
     assert err.value.code == 400
 
 

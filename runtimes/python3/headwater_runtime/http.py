@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -24,8 +26,12 @@ class ClientGone(Exception):
 class Server:
     """Answers the runtime protocol on one listening socket; executions go to the pool."""
 
-    def __init__(self, pool: pool.Pool):
+    def __init__(self, pool: pool.Pool, token: str):
         self.pool = pool
+        # The credential the engine drives this server with: a function on the same host or in the
+        # same pod may reach the port, so /execute and /cancel answer only requests that carry it.
+        # Only its digest is kept: children are forked from this process and inherit its memory.
+        self.authorization = hashlib.sha256(f"Bearer {token}".encode()).digest()
         self.running: dict[str, set[asyncio.Task]] = {}  # execution id -> its /execute work, for POST /cancel
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -52,14 +58,23 @@ class Server:
                 if "chunked" in headers.get("transfer-encoding", "").lower():
                     await self._send(writer, 411, b"Content-Length required", close=True)
                     return
-                length = int(headers.get("content-length") or 0)
+                try:
+                    length = int(headers.get("content-length") or 0)
+                    if length < 0:
+                        raise ValueError(length)
+                except ValueError:
+                    await self._send(writer, 400, b"bad Content-Length", close=True)
+                    return
                 if length > MAX_BODY:
                     await self._send(writer, 413, b"request too large", close=True)
                     return
                 body = await reader.readexactly(length) if length else b""
                 close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
                 try:
-                    status, payload, ctype = await self.route(method, target.split("?", 1)[0], body, reader)
+                    if self._authorized(target, headers):
+                        status, payload, ctype = await self.route(method, target.split("?", 1)[0], body, reader)
+                    else:
+                        status, payload, ctype = 401, b"missing or wrong runtime credential", "text/plain"
                 except ClientGone:
                     return  # nobody to answer; the execution was cancelled
                 except Exception as exc:  # noqa: BLE001 - answer rather than drop the connection
@@ -74,9 +89,16 @@ class Server:
             pipes.SERVER_FDS.discard(fd)
             writer.close()
 
+    def _authorized(self, target: str, headers: dict[str, str]) -> bool:
+        """/execute and /cancel need the server's credential; /ping (health probes) and 404s do not."""
+        if target.split("?", 1)[0] not in ("/execute", "/cancel"):
+            return True
+        given = hashlib.sha256(headers.get("authorization", "").encode("latin-1")).digest()
+        return hmac.compare_digest(given, self.authorization)
+
     @staticmethod
     async def _send(writer, status: int, payload: bytes, ctype: str = "text/plain", close: bool = False) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
                   413: "Payload Too Large", 500: "Internal Server Error"}.get(status, "OK")
         head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n"
                 f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")

@@ -14,6 +14,11 @@ import zipfile
 from headwater_runtime import sandbox
 
 DOWNLOAD_TIMEOUT = 30
+# What one package may unpack to, checked from the ZIP directory before anything is written (a
+# 2 MiB zip bomb otherwise unpacked to 2.1 GiB). The API checks the same at upload with the
+# operator's [resource_limits]; these are the runtime's own ceiling.
+MAX_UNPACKED_BYTES = int(os.environ.get("HEADWATER_RUNTIME_MAX_UNPACKED_BYTES", "0")) or 512 * 1024 * 1024
+MAX_FILES = int(os.environ.get("HEADWATER_RUNTIME_MAX_FILES", "0")) or 10000
 
 
 class PackageError(Exception):
@@ -21,8 +26,12 @@ class PackageError(Exception):
 
 
 class Packages:
-    def __init__(self, work_dir: str):
+    def __init__(self, work_dir: str, package_dirs: list[str] = (), package_urls: list[str] = ()):
         self.work_dir = os.path.abspath(work_dir)
+        # Where packages may come from: only what the engine named at start-up. A request naming
+        # any other path (/etc/shadow) or URL (file://, another host) is refused.
+        self.package_dirs = [os.path.realpath(d) for d in package_dirs]
+        self.package_urls = [u for u in package_urls if u.startswith(("http://", "https://"))]
         os.makedirs(os.path.join(self.work_dir, "packages"), exist_ok=True)
         if sandbox.SANDBOX["uids"]:
             # Sandboxed children reach their own package through an open descriptor only.
@@ -46,13 +55,14 @@ class Packages:
 
     def unpack(self, package: dict) -> str:
         """The directory holding the unpacked package (unpacked now if this is the first time)."""
-        key = self.key(package)
+        path, url = self._allowed_path(package), self._allowed_url(package)  # before any cache: a
+        key = self.key(package)  # request must not reach another function's tree by naming its key
         known = self._dirs.get(key)
         if known:
             return known
         target = os.path.join(self.work_dir, "packages", key)
         if not os.path.isdir(target):
-            data = self._fetch(package)
+            data = self._fetch(package, path, url)
             md5 = package.get("md5sum")
             if md5 and hashlib.md5(data).hexdigest() != str(md5).lower():
                 raise PackageError("Package md5 mismatch.")
@@ -62,6 +72,7 @@ class Packages:
             try:
                 try:
                     with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                        _check_size(zf)
                         zf.extractall(tmp)  # extractall drops absolute and '..' path parts
                 except zipfile.BadZipFile as exc:
                     raise PackageError(f"Package is not a valid ZIP package: {exc}") from None
@@ -76,27 +87,56 @@ class Packages:
         self._dirs[key] = target
         return target
 
-    @staticmethod
-    def _fetch(package: dict) -> bytes:
+    def _allowed_path(self, package: dict) -> str | None:
         path = package.get("path")
+        if path is None:
+            return None
+        if not isinstance(path, str) or not self.package_dirs:
+            raise PackageError("Package path refused: this runtime takes no package paths.")
+        real = os.path.realpath(path)
+        if not any(real.startswith(root + os.sep) for root in self.package_dirs):
+            raise PackageError("Package path refused: not in a package directory this runtime was given.")
+        return real
+
+    def _allowed_url(self, package: dict) -> str | None:
+        url = package.get("download_url")
+        if url is None:
+            return None
+        if not isinstance(url, str) or not any(url.startswith(prefix) for prefix in self.package_urls):
+            raise PackageError("Package URL refused: not under a package URL this runtime was given.")
+        return url
+
+    @staticmethod
+    def _fetch(package: dict, path: str | None, url: str | None) -> bytes:
         if path:
             try:
                 with open(path, "rb") as fh:
                     return fh.read()
             except OSError as exc:
-                raise PackageError(f"Failed to read function package {path}: {exc}") from None
-        url = package.get("download_url")
+                raise PackageError(f"Failed to read the function package: {exc.strerror}") from None
         if url:
             headers = {}
             if package.get("token"):
-                headers["X-Auth-Token"] = package["token"]
+                headers["X-Auth-Token"] = str(package["token"])
             try:
                 req = urllib.request.Request(url, headers=headers)
                 with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT) as resp:
-                    return resp.read()
+                    return resp.read(MAX_UNPACKED_BYTES + 1)
             except Exception as exc:  # noqa: BLE001 - any download failure is the same answer
-                raise PackageError(f"Failed to download function package from {url}, error: {exc}") from None
+                raise PackageError(f"Failed to download the function package: {type(exc).__name__}") from None
         raise PackageError("Request names no package (package.path or package.download_url).")
+
+
+def _check_size(zf: zipfile.ZipFile) -> None:
+    """Refuse a package whose directory declares too many files or too many bytes (zipfile never
+    inflates a member past its declared size, so the directory bounds the unpacked tree)."""
+    members = zf.infolist()
+    if len(members) > MAX_FILES:
+        raise PackageError(f"Package has {len(members)} files; the limit is {MAX_FILES}.")
+    total = sum(m.file_size for m in members)
+    if total > MAX_UNPACKED_BYTES:
+        raise PackageError(f"Package unpacks to {total} bytes; the limit is {MAX_UNPACKED_BYTES}.")
+
 
 def _make_readable(top: str) -> None:
     """Directories 0755 and files 0644 (0755 when executable): readable, never writable, by the function."""

@@ -9,15 +9,15 @@ import sys
 import tempfile
 import time
 
-from headwater_runtime import pipes
+from headwater_runtime import namespaces, pipes
 
 
 try:  # loaded once here so each forked child need not (prctl for parent-death signals)
     import ctypes
 
-    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 except (ImportError, OSError):
-    _LIBC = None
+    LIBC = None
 
 # Sandbox uids (used when the server runs as root): every child gets its own uid so RLIMIT_NPROC
 # counts exactly that child's processes and one kill(-1) as that uid ends all of them. The uid is
@@ -33,7 +33,7 @@ SANDBOX = {"uids": False}  # set by main(): --sandbox
 
 
 def prctl(option: int, value: int) -> None:
-    if _LIBC is None or _LIBC.prctl(option, value, 0, 0, 0) != 0:
+    if LIBC is None or LIBC.prctl(option, value, 0, 0, 0) != 0:
         raise OSError("prctl failed")
 
 
@@ -59,22 +59,24 @@ def enter(pkg_dir: str, uid: int) -> str:
     env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["HOME"] = tempfile.gettempdir() if uid else os.environ.get("HOME", tempfile.gettempdir())
-    os.environ.clear()
-    os.environ.update(env)
     with contextlib.suppress(OSError):
         os.chdir(pkg_dir)
+    dir_fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)  # opened before /tmp is replaced below
+    pipes.SERVER_FDS.discard(dir_fd)
+    namespaces.isolate()
+    if namespaces.available():
+        env["TMPDIR"] = env["HOME"] = "/tmp"  # the private scratch space
+    os.environ.clear()
+    os.environ.update(env)
     with contextlib.suppress(OSError):
         # Orphans of the function's processes come back to this child, so it sees (and the server
         # can kill) everything the function left running.
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-    path_entry = pkg_dir
+    # The work dir is private to the server (root), and may sit under the /tmp just replaced: the
+    # child reaches its package only through this open descriptor (and its cwd), never by path, so
+    # the function cannot read other functions' packages.
+    path_entry = f"/proc/self/fd/{dir_fd}" if uid or namespaces.available() else pkg_dir
     if uid:
-        # The work dir is private to the server (root); the sandbox uid reaches its package only
-        # through this open descriptor (and its cwd), never by path, so it cannot read other
-        # functions' packages.
-        dir_fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)
-        pipes.SERVER_FDS.discard(dir_fd)
-        path_entry = f"/proc/self/fd/{dir_fd}"
         _keep_imports_reachable()
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -104,12 +106,26 @@ def _reachable_by_others(path: str) -> bool:
 def _keep_imports_reachable() -> None:
     """Before dropping to the sandbox uid: reach interpreter directories it could not traverse (an
     interpreter installed under /root, say) through open descriptors, so imports keep working."""
+    moved: dict[str, str] = {}  # unreachable directory + "/" -> its descriptor path + "/"
     for i, entry in enumerate(list(sys.path)):
         if entry and os.path.isdir(entry) and not _reachable_by_others(entry):
             with contextlib.suppress(OSError):
                 fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
                 sys.path[i] = f"/proc/self/fd/{fd}"
+                moved[entry.rstrip(os.sep) + os.sep] = sys.path[i] + os.sep
                 PKG_PREFIXES.append(sys.path[i] + os.sep)
+    # Packages imported already (encodings, email, ...) find their submodules through __path__, not
+    # sys.path: without this, "x".encode("idna") (so every urllib request to a host name) failed
+    # in the sandbox with "unknown encoding: idna".
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if not isinstance(paths, list):
+            continue
+        for j, entry in enumerate(paths):
+            for old, new in moved.items():
+                if isinstance(entry, str) and entry.startswith(old):
+                    paths[j] = new + entry[len(old):]
+                    break
     sys.path_importer_cache.clear()
 
 
