@@ -240,12 +240,24 @@ class Packages {
 // scratchSize: bytes of the private tmpfs on /tmp (also bound on /var/tmp) and on /dev/shm.
 const SANDBOX = { uids: false, baselineData: 0, network: 'none', scratchSize: 64 * 1024 * 1024 };
 let uidSlot = 0;
+const UIDS_IN_USE = new Set(); // slots of live children, released when a child has exited
 const CHILDREN = new Set();
 
 function sandboxUid() {
+  // Round-robin, but never a slot a live child still holds (a wrapped counter once could).
   if (!SANDBOX.uids) return 0;
-  uidSlot = (uidSlot + 1) % SANDBOX_UID_SLOTS;
-  return SANDBOX_UID_BASE + (process.pid % 2 ** 22) * SANDBOX_UID_SLOTS + uidSlot;
+  for (let i = 0; i < SANDBOX_UID_SLOTS; i++) {
+    uidSlot = (uidSlot + 1) % SANDBOX_UID_SLOTS;
+    if (!UIDS_IN_USE.has(uidSlot)) {
+      UIDS_IN_USE.add(uidSlot);
+      return SANDBOX_UID_BASE + (process.pid % 2 ** 22) * SANDBOX_UID_SLOTS + uidSlot;
+    }
+  }
+  throw new Error(`all ${SANDBOX_UID_SLOTS} sandbox uids of this server are in use by live children`);
+}
+
+function releaseUid(uid) {
+  if (uid) UIDS_IN_USE.delete((uid - SANDBOX_UID_BASE) % SANDBOX_UID_SLOTS);
 }
 
 function uidTasks(uid) {
@@ -267,6 +279,7 @@ function killUid(uid) {
   // the caller) in one pass that a fork bomb cannot outrun.
   const killer = cp.spawn('/bin/sh', ['-c', 'kill -9 -1; kill -9 -1'], { uid, gid: uid, stdio: 'ignore' });
   killer.on('error', (err) => log('WARNING', `cannot kill the processes of uid ${uid}: ${err.message}`));
+  return killer;
 }
 
 function describeDeath(code, signal) {
@@ -339,6 +352,13 @@ class Child {
       this.proc.on('close', (code, signal) => {
         this.alive = false;
         CHILDREN.delete(this);
+        if (this.uid) {
+          // Whatever the function left behind goes before the uid is handed out again.
+          const uid = this.uid;
+          const killer = killUid(uid);
+          killer.on('close', () => releaseUid(uid));
+          killer.on('error', () => releaseUid(uid));
+        }
         this.code = code;
         this.signal = signal;
         resolve();

@@ -264,3 +264,18 @@ def test_scratch_is_private_and_bounded(base, where):
 def test_fifty_threads_under_the_default_memory_limit(runtime, base):
     reply = runtime.run(hostile(base), "hostile.threads", {"n": 50}, limits={"memory_size": 32 * 1024 * 1024})
     assert reply["output"] == 50, reply
+
+
+# --- finding 12: a live child's uid is never handed out again ----------------------------------
+
+def test_the_uid_pool_never_reuses_a_live_childs_uid(monkeypatch):
+    monkeypatch.syspath_prepend(str(SERVER.parent))
+    from headwater_runtime import sandbox
+    monkeypatch.setitem(sandbox.SANDBOX, "uids", True)
+    monkeypatch.setattr(sandbox, "_uids_in_use", set())
+    live = [sandbox.allocate_uid() for _ in range(sandbox.SANDBOX_UID_SLOTS)]
+    assert len(set(live)) == len(live)
+    with pytest.raises(OSError, match="in use by live children"):
+        sandbox.allocate_uid()
+    sandbox.release_uid(live[7])
+    assert sandbox.allocate_uid() == live[7]

@@ -29,12 +29,18 @@ class Child:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pkg_dir: str, entry: str, limits: dict):
         self.loop = loop
+        self.uid = sandbox.allocate_uid()
         req_r, self.req_w = pipes.pipe()
         self.result_r, result_w = pipes.pipe()
         self.log_r, log_w = pipes.pipe()
         server_pid = os.getpid()
-        self.uid = sandbox.allocate_uid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (req_r, self.req_w, self.result_r, result_w, self.log_r, log_w):
+                pipes.close(fd)
+            sandbox.release_uid(self.uid)
+            raise
         if pid == 0:
             child_mod.main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid, self.uid)
         self.pid = pid
@@ -113,6 +119,10 @@ class Child:
         if pid == 0:
             return
         CHILDREN.pop(self.pid, None)
+        if self.uid:
+            # Whatever the function left behind goes before its uid may be handed out again.
+            sandbox.kill_uid(self.uid)
+            sandbox.release_uid(self.uid)
         self.status = status
         # Anything still in the pipes was written before the exit.
         self._read_log()

@@ -156,11 +156,27 @@ def kill_uid(uid: int) -> None:
         os.waitpid(pid, 0)
 
 
-_uid_slots = iter(range(1 << 62))
+_uids_in_use: set[int] = set()  # slots of live children (released when a child is reaped)
+_next_slot = 0
 
 
 def allocate_uid() -> int:
-    """A uid no other live child of any runtime server on this host uses (0 when not sandboxing)."""
+    """A uid no other live child of any runtime server on this host uses (0 when not sandboxing).
+
+    Slots are handed out round-robin but never one a live child still holds: a wrapped counter once
+    gave a new child the uid of a live one, which would have shared its process limit and kill."""
+    global _next_slot
     if not SANDBOX["uids"]:
         return 0
-    return SANDBOX_UID_BASE + (os.getpid() % (1 << 22)) * SANDBOX_UID_SLOTS + next(_uid_slots) % SANDBOX_UID_SLOTS
+    for _ in range(SANDBOX_UID_SLOTS):
+        slot, _next_slot = _next_slot, (_next_slot + 1) % SANDBOX_UID_SLOTS
+        if slot not in _uids_in_use:
+            _uids_in_use.add(slot)
+            return SANDBOX_UID_BASE + (os.getpid() % (1 << 22)) * SANDBOX_UID_SLOTS + slot
+    raise OSError(f"all {SANDBOX_UID_SLOTS} sandbox uids of this server are in use by live children")
+
+
+def release_uid(uid: int) -> None:
+    """The child holding uid has been reaped and its uid's processes killed: the slot is free again."""
+    if uid:
+        _uids_in_use.discard((uid - SANDBOX_UID_BASE) % SANDBOX_UID_SLOTS)
