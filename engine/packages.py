@@ -67,10 +67,9 @@ class FilesystemPackageStore:
         LOG.info("fetched function code from Swift", extra={"function_id": function_id, "object": f"{container}/{obj}"})
         return PackageRef(project_id, function_id, 0, md5)
 
-    def _check_unpacked(self, zf: zipfile.ZipFile) -> None:
+    def _check_unpacked(self, members: list[zipfile.ZipInfo]) -> None:
         """Refuse a package that would unpack past [resource_limits] (a zip bomb). zipfile never
         inflates a member past the size its directory entry declares, so the directory bounds it."""
-        members = zf.infolist()
         if len(members) > self.max_files:
             raise PackageInvalid(f"Package holds {len(members)} files; [resource_limits] max_package_files is {self.max_files}.")
         total = sum(m.file_size for m in members)
@@ -94,7 +93,12 @@ class FilesystemPackageStore:
             raise PackageInvalid("Package is not a valid ZIP package.")
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                self._check_unpacked(zf)  # from the directory, before inflating anything
+                members = zf.infolist()
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+            raise PackageInvalid("Package is not a valid ZIP package.") from exc
+        self._check_unpacked(members)  # from the directory, before inflating anything
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 if zf.testzip() is not None:
                     raise PackageInvalid("Package is not a valid ZIP package.")
         except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:

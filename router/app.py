@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import logging
+import os
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,12 +119,21 @@ class _SourceContext:
                                                                event_id=event_id, project_id="default")
 
 
+def private_data_dir(path: Path) -> None:
+    """The data directory holds the database, packages and keys: only Headwater's own user may enter
+    it (a function running as another uid once read the SQLite database and its WAL from it)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.geteuid():
+        os.chmod(path, 0o700)
+
+
 class Headwater:
     """The whole service in one process: store, bus, engine, index, dispatcher, sources, API."""
 
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
+        private_data_dir(Path(config.data_dir))
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
         self.index = SubscriptionIndex()
