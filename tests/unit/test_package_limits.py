@@ -3,21 +3,18 @@ anything is unpacked, and a deleted function's unpacked code does not stay on di
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 
 from aiohttp import FormData
 
+from tests.e2e.server import make_zip
+
 PAD = b"\0" * (4 * 1024 * 1024)
 
 
 def zip_bytes(files: dict[str, bytes | str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+    return make_zip(files, zipfile.ZIP_DEFLATED)
 
 
 async def create(hw, package: bytes):

@@ -3,7 +3,6 @@ where the engine said, and (as root) each child has its own network and its own 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -17,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.server import make_zip
 
 from tests.processes import RUNTIME_HEADERS, runtime_env
 
@@ -79,11 +80,7 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and sandbox
 
 
 def zip_bytes(files: dict[str, bytes | str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+    return make_zip(files, zipfile.ZIP_DEFLATED)
 
 
 class Runtime:
