@@ -37,12 +37,17 @@ def wait_gone(pid: int, timeout: float = 3) -> bool:
     return gone(pid)
 
 
-def pid_path() -> str:
-    """Where a test function writes its pid: a directory it can write even as a sandbox uid (the
-    tests' tmp dirs are root's), outside /tmp (which a root runtime replaces with a private one)."""
-    folder = tempfile.mkdtemp(prefix="headwater-cancel-", dir="/run" if os.geteuid() == 0 else "/tmp")
+def shared_dir(prefix: str) -> str:
+    """A directory a test shares with its functions: writable even by a sandbox uid (the tests' tmp
+    dirs are root's), and outside /tmp, which a root runtime replaces with a private one per child."""
+    folder = tempfile.mkdtemp(prefix=prefix, dir="/run" if os.geteuid() == 0 else None)
     os.chmod(folder, 0o777)
-    return os.path.join(folder, "pid")
+    return folder
+
+
+def pid_path() -> str:
+    """Where a test function writes its pid."""
+    return os.path.join(shared_dir("headwater-cancel-"), "pid")
 
 
 def wait_for_pid(path: str, timeout: float = 10) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from router.api.errors import BadRequest
+from router.safejson import INT_MAX, INT_MIN
 
 APP_KEY = web.AppKey("headwater", object)
 CTX_KEY = web.RequestKey("ctx", object) if hasattr(web, "RequestKey") else "ctx"
@@ -70,9 +71,12 @@ def parse_int(value: Any, name: str, default: int | None = None) -> int | None:
     if isinstance(value, bool):
         raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.")
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.") from None
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"Invalid value for {name}: {str(value)[:40]!r} is not an integer.") from None
+    if not INT_MIN <= number <= INT_MAX:
+        raise BadRequest(f"Invalid value for {name}: {str(value)[:40]} is out of range (64-bit integers).")
+    return number
 
 
 def require_uuid(value: str, name: str = "id") -> str:

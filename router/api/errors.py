@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from router import safejson
 
 from router.executions import InvalidTarget, TargetUnavailable
 from router.plugins import PackageInvalid, SubscriptionInvalid
@@ -50,6 +52,10 @@ _STATUS_BY_TYPE: list[tuple[type[BaseException], int]] = [
     (InvalidFilter, 400),
     (VersionLimit, 403),
     (FileNotFoundError, 404),  # a package missing from the store (Qinling's StorageNotFound)
+    (safejson.UnsafeJSON, 400),
+    # A malformed multipart body (a part name with a control character, a header line past
+    # aiohttp's limit) surfaces while a handler reads it: the client's fault.
+    (HttpProcessingError, 400),
 ]
 
 
@@ -83,9 +89,9 @@ async def json_body(request: web.Request) -> dict:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"Malformed JSON body: {exc}") from None
+        body = safejson.loads(raw)
+    except safejson.UnsafeJSON as exc:
+        raise BadRequest(str(exc)) from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body

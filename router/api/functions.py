@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -10,6 +9,7 @@ from aiohttp import web
 
 from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
+from router import safejson
 from router.plugins import PackageRef
 from router.store.models import new_id
 
@@ -51,8 +51,8 @@ def _parse_code(raw: Any) -> dict:
         raise BadRequest("Required param is missing. Required: {'code'}")
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
-        except ValueError:
+            raw = safejson.loads(raw, "code")
+        except safejson.UnsafeJSON:
             raise BadRequest("Invalid input, code must be a JSON object.") from None
     if not isinstance(raw, dict):
         raise BadRequest("Invalid input, code must be a JSON object.")
