@@ -19,6 +19,7 @@ from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
+from router.connguard import ConnectionGuard
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
@@ -249,18 +250,29 @@ class Headwater:
                 log.exception("subscription index refresh failed; keeping the previous index")
 
 
+async def start_listener(runner: web.AppRunner, config: Config) -> asyncio.AbstractServer:
+    """The API's listening socket, each connection behind the guard (per-client cap, read deadlines)."""
+    guard = ConnectionGuard(runner.server, max_per_client=config.api.max_connections_per_client,
+                            header_timeout=config.api.request_header_timeout, body_timeout=config.api.request_body_timeout)
+    return await asyncio.get_running_loop().create_server(guard, config.api.host, config.api.port, backlog=1024,
+                                                          reuse_address=True)
+
+
 async def serve(app: Headwater) -> None:
     """Run until cancelled (SIGINT/SIGTERM)."""
     config = app.config
     await app.start()
     runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
+    listener = None
     try:
         # Inside the try: a port already in use must still stop what app.start() started.
         await runner.setup()
-        await web.TCPSite(runner, config.api.host, config.api.port).start()
+        listener = await start_listener(runner, config)
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
         await app.stop()

@@ -42,6 +42,9 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("port", "int", 7070, "Port the API listens on.", minimum=0, maximum=65535),
         _opt("public_url", "str", None, "Base URL clients use to reach the API (webhook_url, package download_url). Default: http://<host>:<port>."),
         _opt("max_request_size", "int", 52428800, "Largest request body accepted, in bytes (packages up to 50 MiB).", minimum=1024),
+        _opt("max_connections_per_client", "int", 256, "Connections one client address may hold open at once; more are closed on arrival (a slowloris holds hundreds).", minimum=1),
+        _opt("request_header_timeout", "float", 20.0, "Seconds a client has to send a request's line and headers once it starts; a slower one is disconnected.", minimum=0.01),
+        _opt("request_body_timeout", "float", 30.0, "Seconds a request body may stall (no bytes arriving) before the client is disconnected.", minimum=0.01),
     ],
     "database": [
         _opt("connection", "str", None, "SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/headwater.db. Production: postgresql+asyncpg://user:pass@host/db."),
