@@ -25,10 +25,11 @@ class RequestContext:
 
     def list_scope(self, request: web.Request) -> str | None:
         """The project a list is limited to; None means every project (admins only)."""
+        every = parse_bool(request.query.get("all_projects"), "all_projects")  # checked even when unused
         project = request.query.get("project_id")
         if project and self.is_admin:
             return project
-        if parse_bool(request.query.get("all_projects"), "all_projects") and self.is_admin:
+        if every and self.is_admin:
             return None
         return self.project_id
 

@@ -72,7 +72,10 @@ async def error_middleware(request: web.Request, handler):
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return error_response(exc.status, message)
+        response = error_response(exc.status, message)
+        if "Allow" in exc.headers:  # a 405 says which methods the resource has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:
         for exc_type, status in _STATUS_BY_TYPE:
             if isinstance(exc, exc_type):

@@ -157,5 +157,6 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/subscriptions/test", dry_run)
     app.router.add_post("/v1/subscriptions", create)
     app.router.add_get("/v1/subscriptions", index)
-    app.router.add_get("/v1/subscriptions/{id}", show)
-    app.router.add_delete("/v1/subscriptions/{id}", delete)
+    # Not "test" (POST /v1/subscriptions/test), so each path has one resource and one Allow header.
+    app.router.add_get("/v1/subscriptions/{id:(?!test$)[^{}/]+}", show)
+    app.router.add_delete("/v1/subscriptions/{id:(?!test$)[^{}/]+}", delete)
