@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -42,6 +44,7 @@ def shared_dir(prefix: str) -> str:
     dirs are root's), and outside /tmp, which a root runtime replaces with a private one per child."""
     folder = tempfile.mkdtemp(prefix=prefix, dir="/run" if os.geteuid() == 0 else None)
     os.chmod(folder, 0o777)
+    atexit.register(shutil.rmtree, folder, True)  # /run is a small shared tmpfs
     return folder
 
 
