@@ -44,13 +44,15 @@ def bench_runtime(name: str, n: int, work: Path) -> dict:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(filename, source)
     package.write_bytes(buf.getvalue())
-    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work / name)],
+    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work / name),
+                             "--package-dir", str(work)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         line = proc.stdout.readline().decode().strip()
         if not line.startswith("LISTENING "):
             raise RuntimeError(f"{name} runtime did not start: {line!r}")
         host, port = line.split()[1].rsplit(":", 1)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {line.split()[2]}"}  # its own credential
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         body = json.dumps({"execution_id": "bench", "entry": f"{filename.split('.')[0]}.main", "timeout": 5,
                            "package": {"path": str(package), "function_id": "bench", "version": 0},
@@ -58,7 +60,7 @@ def bench_runtime(name: str, n: int, work: Path) -> dict:
 
         def call(path: str, payload: str | None) -> float:
             started = time.perf_counter()
-            conn.request("POST" if payload else "GET", path, payload, {"Content-Type": "application/json"})
+            conn.request("POST" if payload else "GET", path, payload, headers)
             resp = conn.getresponse()
             data = resp.read()
             elapsed = time.perf_counter() - started

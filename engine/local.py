@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from engine.packages import write_atomic
-from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
+from engine.runtime_client import CANCEL_TIMEOUT, post_cancel, runtime_headers
 from router.config import Config
 from router.plugins import Coordination, ExecutionRequest, ExecutionResult, PackageRef, PackageStore
 
@@ -30,7 +30,6 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime 
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
-_JSON = {"Content-Type": "application/json"}
 
 
 def _default_runtimes_dir() -> Path:
@@ -47,6 +46,7 @@ class Worker:
     runtime: str
     process: asyncio.subprocess.Process
     url: str
+    token: str = ""  # the credential this runtime server made and announced to us alone
     inflight: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
     log_tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
@@ -54,6 +54,10 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self.process.returncode is None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return runtime_headers(self.token)
 
 
 class LocalEngine:
@@ -118,6 +122,10 @@ class LocalEngine:
         if workers:
             LOG.info("releasing %d worker(s) of function %s version %s", len(workers), function_id, version)
         await asyncio.gather(*(self._stop_worker(w) for w in workers), return_exceptions=True)
+        # Their unpacked trees go too (a deleted function's code must not stay on disk; the next
+        # execution of a version that still exists unpacks it again).
+        prefix = f"{function_id}_" + (f"{version}_" if version is not None else "")
+        await asyncio.to_thread(_remove_unpacked, self.work_root, prefix)
 
     async def workers(self, function_id: str, version: int = 0) -> list[str]:
         return [w.name for k, pool in self._pools.items() if k[0] == function_id and k[1] == version
@@ -193,7 +201,7 @@ class LocalEngine:
         try:
             data = orjson.dumps(body)
             client_timeout = aiohttp.ClientTimeout(total=timeout + HTTP_MARGIN, sock_connect=5)
-            async with session.post(worker.url + "/execute", data=data, headers=_JSON, timeout=client_timeout) as resp:
+            async with session.post(worker.url + "/execute", data=data, headers=worker.headers, timeout=client_timeout) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     text = raw[:300].decode("utf-8", "replace")
@@ -243,7 +251,8 @@ class LocalEngine:
         if not worker.alive or self._session is None:
             return
         task = asyncio.get_running_loop().create_task(
-            post_cancel(self._session, worker.url, execution_id, worker=worker.name, extra=log_extra))
+            post_cancel(self._session, worker.url, execution_id, worker=worker.name, extra=log_extra,
+                        headers=worker.headers))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
@@ -317,9 +326,21 @@ class LocalEngine:
         if command is None:
             raise RuntimeError(f"no server for runtime {runtime!r} in {self.runtimes_dir}")
         server = command[-1]
+        # Package paths the runtime may read: the package store and this engine's cache, nothing else.
+        package_dirs = [Path(self.config.data_dir) / "engine-cache"]
+        store_root = getattr(self.packages, "root", None)
+        if store_root is not None:
+            package_dirs.append(Path(store_root))
+        limits = self.config.resource_limits
+        env = {**os.environ, "HEADWATER_RUNTIME_MAX_UNPACKED_BYTES": str(limits.max_package_unpacked_size),
+               "HEADWATER_RUNTIME_MAX_FILES": str(limits.max_package_files)}
+        env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
         process = await asyncio.create_subprocess_exec(
             *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", str(os.getpid()), *(arg for d in package_dirs for arg in ("--package-dir", str(d))),
+            "--network", self.config.engine.function_network,
+            "--scratch-size", str(self.config.engine.function_scratch_size),
+            env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so stop() can signal the whole tree
         )
@@ -341,8 +362,8 @@ class LocalEngine:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(process.wait(), 2)
             raise RuntimeError(f"runtime server {server} did not start: {(err.decode('utf-8', 'replace') or text or 'no output').strip()[-500:]}")
-        address = text.split()[1]
-        worker = Worker(name=name, key=key, runtime=runtime, process=process, url=f"http://{address}")
+        _, address, token = (text.split() + [""])[:3]
+        worker = Worker(name=name, key=key, runtime=runtime, process=process, url=f"http://{address}", token=token)
         # Keep reading the runtime's output so its pipes never fill up and block it.
         worker.log_tasks = [
             asyncio.create_task(_forward(process.stdout, name, logging.DEBUG)),
@@ -399,3 +420,9 @@ async def _forward(stream: asyncio.StreamReader | None, name: str, level: int) -
     with contextlib.suppress(asyncio.CancelledError, ConnectionError):
         async for line in stream:
             LOG.log(level, "[%s] %s", name, line.decode("utf-8", "replace").rstrip())
+
+
+def _remove_unpacked(work_root: Path, prefix: str) -> None:
+    """Remove every runtime's unpacked package trees whose name starts with prefix (function_version_)."""
+    for tree in work_root.glob(f"*/packages/{prefix}*"):
+        shutil.rmtree(tree, ignore_errors=True)

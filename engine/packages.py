@@ -31,6 +31,8 @@ class FilesystemPackageStore:
 
     def __init__(self, config: Config) -> None:
         self.root = Path(config.storage.file_system_dir)
+        self.max_unpacked = config.resource_limits.max_package_unpacked_size
+        self.max_files = config.resource_limits.max_package_files
         url = config.storage.swift_url
         self.swift = SwiftObjects(url, config.storage.swift_token) if url else None
         # (project, function, container, object) → (etag, md5 of the stored copy)
@@ -65,6 +67,16 @@ class FilesystemPackageStore:
         LOG.info("fetched function code from Swift", extra={"function_id": function_id, "object": f"{container}/{obj}"})
         return PackageRef(project_id, function_id, 0, md5)
 
+    def _check_unpacked(self, members: list[zipfile.ZipInfo]) -> None:
+        """Refuse a package that would unpack past [resource_limits] (a zip bomb). zipfile never
+        inflates a member past the size its directory entry declares, so the directory bounds it."""
+        if len(members) > self.max_files:
+            raise PackageInvalid(f"Package holds {len(members)} files; [resource_limits] max_package_files is {self.max_files}.")
+        total = sum(m.file_size for m in members)
+        if total > self.max_unpacked:
+            raise PackageInvalid(f"Package unpacks to {total} bytes; [resource_limits] max_package_unpacked_size "
+                                 f"is {self.max_unpacked}.")
+
     def _file(self, project_id: str, function_id: str, version: int, md5sum: str) -> Path:
         for what, value in (("project id", project_id), ("function id", function_id), ("md5sum", md5sum)):
             if not _SAFE.match(str(value)):
@@ -79,6 +91,12 @@ class FilesystemPackageStore:
     def _put(self, project_id: str, function_id: str, version: int, data: bytes, md5sum: str | None) -> str:
         if not zipfile.is_zipfile(io.BytesIO(data)):
             raise PackageInvalid("Package is not a valid ZIP package.")
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                members = zf.infolist()
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+            raise PackageInvalid("Package is not a valid ZIP package.") from exc
+        self._check_unpacked(members)  # from the directory, before inflating anything
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 if zf.testzip() is not None:

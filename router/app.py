@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import uuid
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from router.dispatch import Dispatcher
 from router.events import Event, utcnow
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
+from router.connguard import ConnectionGuard
 from router.dashboard.feed import EventFeed
 from router.history import EventLog
 from router.results import ResultSinks
@@ -145,6 +147,14 @@ class _SourceContext:
                                                                event_id=event_id, project_id="default")
 
 
+def private_data_dir(path: Path) -> None:
+    """The data directory holds the database, packages and keys: only Headwater's own user may enter
+    it (a function running as another uid once read the SQLite database and its WAL from it)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.geteuid():
+        os.chmod(path, 0o700)
+
+
 class Headwater:
     """The whole service in one process: store, bus, engine, index, dispatcher, sources, API."""
 
@@ -152,6 +162,7 @@ class Headwater:
         self.config = config
         tracing.configure(config)  # before anything that makes spans; a ConfigError without the extra
         self.metrics = Metrics()
+        private_data_dir(Path(config.data_dir))
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
         self.index = SubscriptionIndex()
@@ -276,19 +287,30 @@ class Headwater:
                 log.exception("subscription index refresh failed; keeping the previous index")
 
 
+async def start_listener(runner: web.AppRunner, config: Config) -> asyncio.AbstractServer:
+    """The API's listening socket, each connection behind the guard (per-client cap, read deadlines)."""
+    guard = ConnectionGuard(runner.server, max_per_client=config.api.max_connections_per_client,
+                            header_timeout=config.api.request_header_timeout, body_timeout=config.api.request_body_timeout)
+    # Several worker processes ([api] workers) share the port: the kernel spreads connections over them.
+    return await asyncio.get_running_loop().create_server(guard, config.api.host, config.api.port, backlog=1024,
+                                                          reuse_address=True, reuse_port=config.api.workers > 1)
+
+
 async def serve(app: Headwater) -> None:
     """Run until cancelled (SIGINT/SIGTERM)."""
     config = app.config
     await app.start()
     runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
+    listener = None
     try:
         # Inside the try: a port already in use must still stop what app.start() started.
         await runner.setup()
-        # Several worker processes share the port: the kernel spreads connections over them.
-        await web.TCPSite(runner, config.api.host, config.api.port, reuse_port=config.api.workers > 1).start()
+        listener = await start_listener(runner, config)
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
         await app.stop()

@@ -44,6 +44,9 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("public_url", "str", None, "Base URL clients use to reach the API (webhook_url, package download_url). Default: http://<host>:<port>."),
         _opt("workers", "int", 1, "Server processes sharing the API port (SO_REUSEPORT) and the bus, to use every core; more than 1 needs a bus processes share (rabbitmq, nats, sqlite).", minimum=1),
         _opt("max_request_size", "int", 52428800, "Largest request body accepted, in bytes (packages up to 50 MiB).", minimum=1024),
+        _opt("max_connections_per_client", "int", 256, "Connections one client address may hold open at once; more are closed on arrival (a slowloris holds hundreds).", minimum=1),
+        _opt("request_header_timeout", "float", 20.0, "Seconds a client has to send a request's line and headers once it starts; a slower one is disconnected.", minimum=0.01),
+        _opt("request_body_timeout", "float", 30.0, "Seconds a request body may stall (no bytes arriving) before the client is disconnected.", minimum=0.01),
     ],
     "database": [
         _opt("connection", "str", None, "SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/headwater.db. Production: postgresql+asyncpg://user:pass@host/db."),
@@ -76,6 +79,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("coordination", "str", "memory", "How engine processes coordinate workers, locks and leaders: in-process (one engine process) or etcd (several; see [etcd]).", choices=("memory", "etcd")),
         _opt("download_token_secret", "str", None, "Key that signs the short-lived, single-function tokens runtime pods fetch packages with (?token= on the download URL). Every API and engine process must share it. Default: a random key kept in <data_dir>/download-token.key."),
         _opt("download_token_ttl", "int", 300, "Seconds a package download token stays valid.", minimum=1),
+        _opt("function_network", "str", "none", "Network a function sees on the local engine (runtime started as root): none (its own network namespace with only a loopback of its own: no host services, API or metadata), or host (the host's network, unconfined: only for trusted code). Without root the runtime cannot make namespaces and functions share the host's network whatever this says.", choices=("none", "host")),
+        _opt("function_scratch_size", "int", 67108864, "Bytes of private /tmp and /dev/shm (one size-limited tmpfs each) a function's warm worker gets on the local engine as root; removed with the worker.", minimum=1048576),
     ],
     "kubernetes": [
         _opt("kube_host", "str", None, "Kubernetes API server URL, e.g. https://<k8s>:6443 or http://127.0.0.1:8001 (kubectl proxy). Default: in-cluster config when running in a pod, else http://127.0.0.1:8001. Ignored when kubeconfig is set."),
@@ -123,6 +128,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("default_timeout", "int", 5, "Default function timeout (seconds).", minimum=1),
         _opt("min_timeout", "int", 1, "Smallest allowed timeout (seconds).", minimum=1),
         _opt("max_timeout", "int", 300, "Largest allowed timeout (seconds).", minimum=1),
+        _opt("max_package_unpacked_size", "int", 268435456, "Largest total size a function package may unpack to (bytes), checked from its ZIP directory at upload, before anything is unpacked.", minimum=1),
+        _opt("max_package_files", "int", 10000, "Most files (and directories) a function package may hold.", minimum=1),
     ],
     "sources": [
         _opt("enabled", "list", ["http", "cron"], "Event sources to start, by plugin name."),

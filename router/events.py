@@ -119,10 +119,17 @@ class Event:
                 parsed_time = _dt.datetime.fromisoformat(str(time_value).replace("Z", "+00:00"))
             except ValueError as exc:
                 raise InvalidEvent(f"attribute 'time' is not an RFC 3339 timestamp: {time_value!r}") from exc
+        for optional in ("subject", "datacontenttype", "dataschema"):
+            if doc.get(optional) is not None and not isinstance(doc[optional], str):
+                raise InvalidEvent(f"attribute {optional!r} must be a string, not {type(doc[optional]).__name__}")
         extensions = {k: v for k, v in doc.items() if k not in _CORE_ATTRIBUTES and k != "specversion"}
-        for name in extensions:
+        for name, value in extensions.items():
             if not (name.isalnum() and name.islower()) or len(name) > 20:
                 raise InvalidEvent(f"extension attribute name {name!r} must be lower-case alphanumeric")
+            # CloudEvents extension values are scalars (string, integer, boolean); anything else
+            # would break matching and the history writer further down.
+            if not isinstance(value, (str, int, bool)) or (isinstance(value, int) and not -(2 ** 31) <= value < 2 ** 31):
+                raise InvalidEvent(f"extension attribute {name!r} must be a string, a 32-bit integer or a boolean")
         return cls(
             id=doc["id"],
             source=doc["source"],

@@ -151,8 +151,8 @@ def _build_condition(attribute: str, op: str, expected: Any) -> Predicate:
         pattern = glob_regex(rest)
         return lambda e: isinstance(v := get(e), str) and pattern.match(v, 0, len(v) - length) is not None
     if op == "like":
-        pattern = _like_regex(expected)
-        return lambda e: isinstance(v := get(e), str) and pattern.match(v) is not None
+        like = _like_matcher(expected)
+        return lambda e: isinstance(v := get(e), str) and like(v)
     compare = {"gt": float.__gt__, "gte": float.__ge__, "lt": float.__lt__, "lte": float.__le__}[op]
     bound = float(expected)
     return lambda e: (n := _number(get(e))) is not None and compare(n, bound)
@@ -203,11 +203,46 @@ def _equal(actual: Any, expected: Any) -> bool:
     return actual == expected
 
 
-def _like_regex(pattern: str) -> re.Pattern:
-    out = []
-    for ch in pattern:
-        out.append(".*" if ch == "%" else "." if ch == "_" else re.escape(ch))
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
+def _like_matcher(pattern: str) -> Callable[[str], bool]:
+    """LIKE without backtracking: the pattern's `%`-separated segments are matched left to right,
+    each at its leftmost place (which never loses a match), so a subject costs O(len × pattern) at
+    worst. A regex of `.*` runs backtracked exponentially: `'%a%a%a%a%a%a%c%b'` against a 61-character
+    subject blocked the event loop for 5 s."""
+    first, *middle = pattern.split("%")
+    if not middle:
+        return lambda s: len(s) == len(first) and _segment_at(s, first, 0)
+    last = middle.pop()
+    middle = [seg for seg in middle if seg]
+
+    def match(s: str) -> bool:
+        end = len(s) - len(last)
+        if end < len(first) or not _segment_at(s, first, 0) or not _segment_at(s, last, end):
+            return False
+        pos = len(first)
+        for seg in middle:
+            pos = _find_segment(s, seg, pos, end)
+            if pos < 0:
+                return False
+            pos += len(seg)
+        return True
+    return match
+
+
+def _segment_at(s: str, seg: str, i: int) -> bool:
+    """Whether seg (`_` matching any one character) matches s at i."""
+    if "_" not in seg:
+        return s.startswith(seg, i)
+    return i + len(seg) <= len(s) and all(c == "_" or s[i + k] == c for k, c in enumerate(seg))
+
+
+def _find_segment(s: str, seg: str, start: int, end: int) -> int:
+    """The leftmost i in [start, end - len(seg)] where seg matches, or -1."""
+    if "_" not in seg:
+        return s.find(seg, start, end)
+    for i in range(start, end - len(seg) + 1):
+        if _segment_at(s, seg, i):
+            return i
+    return -1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -554,9 +589,17 @@ def explain(filters: Any, expression: Any, event: Event) -> list[str]:
     return failures(("all", nodes), event)
 
 
+# What one subscription's filter may cost, checked at creation: every event is matched against it.
+MAX_EXPRESSION_LENGTH = 8192  # characters of a `filter` expression string
+MAX_NESTING = 32  # depth of parentheses / NOT / all-any-not objects
+MAX_CONDITIONS = 256  # conditions in `filters` and `filter` together
+MAX_PATTERN_LENGTH = 1024  # characters of one LIKE pattern
+
+
 def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilter:
     """Validate and compile a subscription's `filters` object and `filter` expression (both must
     hold). Raises FilterError naming the fault."""
+    _check_cost_before_parsing(expression)
     conditions = parse_conditions(filters)
     nodes: list[Node] = list(conditions)
     required = list(conditions)
@@ -566,8 +609,54 @@ def compile_filter(filters: Any = None, expression: Any = None) -> CompiledFilte
         required.extend(_required(node))
     if not nodes:
         return CompiledFilter(lambda e: True, ())
+    _check_cost(nodes)
     predicate = _compile_node(("all", nodes)) if len(nodes) > 1 else _compile_node(nodes[0])
     return CompiledFilter(predicate, tuple(required), tuple(_conjuncts(("all", nodes))))
+
+
+def _check_cost_before_parsing(expression: Any) -> None:
+    """Bound what parsing itself costs: the expression's length, and its nesting (the parsers recurse)."""
+    if isinstance(expression, str):
+        if len(expression) > MAX_EXPRESSION_LENGTH:
+            raise FilterError(f"filter: the expression is {len(expression)} characters long; the limit is {MAX_EXPRESSION_LENGTH}")
+        depth = nots = deepest = 0
+        for token in _TOKEN.finditer(expression):
+            kind, text = token.lastgroup, token.group(token.lastgroup)
+            if kind == "word" and text.upper() == "NOT":
+                nots += 1  # NOT NOT NOT … nests as deep as parentheses do
+            else:
+                nots = 0
+                depth += (text == "(") - (text == ")") if kind == "op" else 0
+            deepest = max(deepest, depth + nots)
+        if deepest > MAX_NESTING:
+            raise FilterError(f"filter: the expression nests {deepest} deep; the limit is {MAX_NESTING}")
+        return
+    stack = [(expression, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise FilterError(f"filter: the expression nests deeper than {MAX_NESTING}")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_cost(nodes: list[Node]) -> None:
+    conditions = 0
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Condition):
+            conditions += 1
+            if node.op == "like" and len(node.value) > MAX_PATTERN_LENGTH:
+                raise FilterError(f"filter: a LIKE pattern is {len(node.value)} characters long; the limit is {MAX_PATTERN_LENGTH}")
+        elif isinstance(node, tuple):
+            stack.extend(node[1] if isinstance(node[1], list) else [node[1]])
+        elif isinstance(node, list):
+            stack.extend(node)
+    if conditions > MAX_CONDITIONS:
+        raise FilterError(f"filter: {conditions} conditions; the limit is {MAX_CONDITIONS}")
 
 
 def _conjuncts(node: Node) -> list[Node]:

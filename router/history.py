@@ -56,7 +56,10 @@ class EventLog:
         of events (a crash can lose the last moments of history, not events)."""
         if not self.enabled:
             return
-        self._queue.put_nowait(self._row(event))
+        try:
+            self._queue.put_nowait(self._row(event))
+        except Exception:  # noqa: BLE001 - a malformed event is left out of the history, never raised
+            log.exception("event %s cannot be kept in the history", getattr(event, "id", "?"))
 
     async def record_now(self, event: Event) -> None:
         """Write an event to the history before returning (an operator's replay, whose trace the
@@ -67,28 +70,45 @@ class EventLog:
     @staticmethod
     def _row(event: Event) -> dict[str, Any]:
         document = event.to_dict()
-        return {"id": event.id, "project_id": event.project_id or "default", "source_kind": source_kind(event) or "unknown",
-                "source": event.source[:255], "type": event.type[:255], "subject": (event.subject or None) and event.subject[:1024],
-                "time": event.time, "received_at": utcnow(), "size": len(orjson.dumps(document)), "document": document}
+        return {
+            "id": event.id, "project_id": event.project_id or "default", "source_kind": source_kind(event) or "unknown",
+            "source": event.source[:255], "type": event.type[:255], "subject": (event.subject or None) and event.subject[:1024],
+            "time": event.time, "received_at": utcnow(), "size": len(orjson.dumps(document)), "document": document}
 
     async def flush(self) -> None:
         batch = []
         while not self._queue.empty():
             batch.append(self._queue.get_nowait())
         if batch:
-            await self._write(batch)
+            await self._write_isolating(batch)
 
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            await self._write_isolating(batch)
+
+    async def _write_isolating(self, batch: list[dict[str, Any]]) -> None:
+        """Write a batch; when it fails, write its rows one by one so that a bad row loses only
+        itself (one event whose subject was a list once dropped the 199 good events beside it)."""
+        try:
+            await self._write(batch)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if len(batch) == 1:
+                log.exception("event %s could not be written to the history; left out", batch[0].get("id"))
+                return
+            log.warning("event history batch of %d could not be written; writing its rows one by one", len(batch))
+        for row in batch:
             try:
-                await self._write(batch)
+                await self._write([row])
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("event history batch of %d could not be written; dropped from the history", len(batch))
+                log.exception("event %s could not be written to the history; left out", row.get("id"))
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         async with self.store.db.engine.begin() as conn:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+
+# The credential test runtimes are started with (HEADWATER_RUNTIME_TOKEN) and every request to them carries.
+RUNTIME_TOKEN = "test-runtime-credential"
+RUNTIME_HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {RUNTIME_TOKEN}"}
+
+
+def runtime_env(**extra: str) -> dict[str, str]:
+    """The environment to start a runtime server with in tests: the test credential, plus extra."""
+    return {**os.environ, "HEADWATER_RUNTIME_TOKEN": RUNTIME_TOKEN, **extra}
 
 
 def gone(pid: int) -> bool:
@@ -28,12 +39,18 @@ def wait_gone(pid: int, timeout: float = 3) -> bool:
     return gone(pid)
 
 
-def pid_path() -> str:
-    """Where a test function writes its pid: a directory it can write even as a sandbox uid (the
-    tests' tmp dirs are root's)."""
-    folder = tempfile.mkdtemp(prefix="headwater-cancel-", dir="/tmp")
+def shared_dir(prefix: str) -> str:
+    """A directory a test shares with its functions: writable even by a sandbox uid (the tests' tmp
+    dirs are root's), and outside /tmp, which a root runtime replaces with a private one per child."""
+    folder = tempfile.mkdtemp(prefix=prefix, dir="/run" if os.geteuid() == 0 else None)
     os.chmod(folder, 0o777)
-    return os.path.join(folder, "pid")
+    atexit.register(shutil.rmtree, folder, True)  # /run is a small shared tmpfs
+    return folder
+
+
+def pid_path() -> str:
+    """Where a test function writes its pid."""
+    return os.path.join(shared_dir("headwater-cancel-"), "pid")
 
 
 def wait_for_pid(path: str, timeout: float = 10) -> int:
@@ -59,14 +76,14 @@ def check_post_cancel(url: str, body: dict, path: str, post: Callable[[str, dict
     thread.start()
     child = wait_for_pid(path)
     request = urllib.request.Request(url + "/cancel", data=json.dumps({"execution_id": "to-cancel"}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=RUNTIME_HEADERS)
     with urllib.request.urlopen(request, timeout=5) as resp:
         assert json.loads(resp.read()) == {"cancelled": 1}
     thread.join(5)
     assert replies and (replies[0]["status"], replies[0]["reason"]) == ("failed", "cancelled"), replies
     assert replies[0]["output"] == "Function execution cancelled."
     assert wait_gone(child)
-    with urllib.request.urlopen(urllib.request.Request(url + "/cancel", data=b'{"execution_id": "nobody"}'), timeout=5) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url + "/cancel", data=b'{"execution_id": "nobody"}', headers=RUNTIME_HEADERS), timeout=5) as resp:
         assert json.loads(resp.read()) == {"cancelled": 0}
 
 
@@ -77,7 +94,7 @@ def check_hangup_cancels(url: str, body: dict, path: str) -> int:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     sock.sendall(b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                 + f"Authorization: Bearer {RUNTIME_TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
     child = wait_for_pid(path)
     assert not gone(child)
     started = time.monotonic()

@@ -27,7 +27,7 @@ from engine.kubernetes.client import api_client
 from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_FUNCTION, L_POOL, L_RUNTIME, L_VERSION,
                                          L_WORKER, label_value)
 from engine.kubernetes.resolvers import NodePortResolver, PodIPResolver, Resolver
-from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
+from engine.runtime_client import CANCEL_TIMEOUT, pool_runtime_token, post_cancel, runtime_headers
 from router import download_tokens
 from router.config import Config, ConfigError
 from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, PackageStore
@@ -42,7 +42,6 @@ PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 START_FAILURES = ("StartError", "ContainerCannotRun")
 # Context keys a runtime may see. Never the caller's token or a service credential (Qinling sent both).
 CONTEXT_KEYS = ("execution_id", "function_id", "function_version", "project_id", "event_id")
-_JSON = {"Content-Type": "application/json"}
 
 
 class NoWorkers(RuntimeError):
@@ -121,6 +120,7 @@ class KubernetesEngine:
         self.apps: Any = None
         self.resolver: Resolver | None = None
         self._secret = download_tokens.secret_from_config(config)
+        self._runtime_headers = runtime_headers(pool_runtime_token(self._secret))
         self._session: aiohttp.ClientSession | None = None
         self._loads: dict[tuple[str, int], Load] = {}
         self._inflight: dict[str, int] = {}  # pod → executions this engine has on it
@@ -241,6 +241,11 @@ class KubernetesEngine:
             load.running -= 1
             self._load_changed(key)
 
+    def _runtime_env(self) -> dict[str, str]:
+        """What a pool pod's runtime server is told: its credential, and the only URL packages come from."""
+        return {"HEADWATER_RUNTIME_TOKEN": pool_runtime_token(self._secret),
+                "HEADWATER_RUNTIME_PACKAGE_URLS": f"{self.config.api.public_url}/v1/functions/"}
+
     def _body(self, request: ExecutionRequest) -> dict[str, Any]:
         fn = request.function
         token = download_tokens.issue(self._secret, fn.id, fn.version, self.config.engine.download_token_ttl)
@@ -265,7 +270,8 @@ class KubernetesEngine:
         self._inflight[worker.pod] = self._inflight.get(worker.pod, 0) + 1
         try:
             client_timeout = aiohttp.ClientTimeout(total=timeout + HTTP_MARGIN, sock_connect=5)
-            async with self._session.post(worker.url + "/execute", data=orjson.dumps(body), headers=_JSON, timeout=client_timeout) as resp:
+            async with self._session.post(worker.url + "/execute", data=orjson.dumps(body), headers=self._runtime_headers,
+                                          timeout=client_timeout) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     text = raw[:300].decode("utf-8", "replace")
@@ -275,7 +281,8 @@ class KubernetesEngine:
             # The caller gave up on this execution (a newer cron tick replaced it, the router is
             # stopping). The runtime kills the function when this connection closes; the explicit
             # cancel covers a close that does not reach the pod (a proxy in between keeps its side open).
-            self._spawn_cleanup(post_cancel(self._session, worker.url, body["execution_id"], worker=worker.pod, extra=extra))
+            self._spawn_cleanup(post_cancel(self._session, worker.url, body["execution_id"], worker=worker.pod, extra=extra,
+                                           headers=self._runtime_headers))
             raise
         except TypeError as exc:
             return ExecutionResult.platform_error(f"Execution input is not JSON serialisable: {exc}")
@@ -573,7 +580,8 @@ class KubernetesEngine:
         """Create the runtime's pool Deployment unless it exists; returns the image the pool runs."""
         body = manifests.pool_deployment(runtime_id, image, replicas=self.options.replicas if replicas is None else replicas,
                                          command=self.options.runtime_command, port=self.port, trusted=trusted,
-                                         rollout_timeout=self.options.rollout_timeout, pull_secrets=self.options.image_pull_secrets)
+                                         rollout_timeout=self.options.rollout_timeout, pull_secrets=self.options.image_pull_secrets,
+                                         env=self._runtime_env())
         try:
             dep = await self.apps.create_namespaced_deployment(self.namespace, body)
             LOG.info("created pool %s for runtime %s (%s)", dep.metadata.name, runtime_id, image)

@@ -48,7 +48,7 @@ def pool_name(runtime_id: str) -> str:
 
 
 def pool_deployment(runtime_id: str, image: str, *, replicas: int, command: list[str], port: int, trusted: bool = True,
-                    rollout_timeout: float = 300, pull_secrets: list[str] = ()) -> dict[str, Any]:
+                    rollout_timeout: float = 300, pull_secrets: list[str] = (), env: dict[str, str] | None = None) -> dict[str, Any]:
     """One Deployment per runtime. Pods leave the pool by losing the `pool` label, so the ReplicaSet
     releases and replaces them: the pool refills instead of running dry (Qinling kept the selector label)."""
     rid = label_value(runtime_id)
@@ -73,7 +73,8 @@ def pool_deployment(runtime_id: str, image: str, *, replicas: int, command: list
                         "name": RUNTIME_CONTAINER, "image": image, "command": list(command),
                         "ports": [{"name": "http", "containerPort": port}],
                         # The runtime listens on the pod IP only (downward API), never on 0.0.0.0.
-                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                *({"name": k, "value": v} for k, v in sorted((env or {}).items()))],
                         "readinessProbe": {"httpGet": {"path": "/ping", "port": port}, "periodSeconds": 1,
                                            "timeoutSeconds": 1, "failureThreshold": 3},
                         "securityContext": _container_hardening(),

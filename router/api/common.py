@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from router.api.errors import BadRequest
+from router.safejson import INT_MAX, INT_MIN
 
 APP_KEY = web.AppKey("headwater", object)
 CTX_KEY = web.RequestKey("ctx", object) if hasattr(web, "RequestKey") else "ctx"
@@ -24,10 +25,11 @@ class RequestContext:
 
     def list_scope(self, request: web.Request) -> str | None:
         """The project a list is limited to; None means every project (admins only)."""
+        every = parse_bool(request.query.get("all_projects"), "all_projects")  # checked even when unused
         project = request.query.get("project_id")
         if project and self.is_admin:
             return project
-        if parse_bool(request.query.get("all_projects"), "all_projects") and self.is_admin:
+        if every and self.is_admin:
             return None
         return self.project_id
 
@@ -80,9 +82,12 @@ def parse_int(value: Any, name: str, default: int | None = None) -> int | None:
     if isinstance(value, bool):
         raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.")
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"Invalid value for {name}: {value!r} is not an integer.") from None
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"Invalid value for {name}: {str(value)[:40]!r} is not an integer.") from None
+    if not INT_MIN <= number <= INT_MAX:
+        raise BadRequest(f"Invalid value for {name}: {str(value)[:40]} is out of range (64-bit integers).")
+    return number
 
 
 def require_uuid(value: str, name: str = "id") -> str:

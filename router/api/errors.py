@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from router import safejson
 
 from router.executions import InvalidTarget, TargetUnavailable
 from router.plugins import PackageInvalid, PackageStoreUnavailable, SubscriptionInvalid
@@ -51,6 +53,10 @@ _STATUS_BY_TYPE: list[tuple[type[BaseException], int]] = [
     (InvalidFilter, 400),
     (VersionLimit, 403),
     (FileNotFoundError, 404),  # a package missing from the store (Qinling's StorageNotFound)
+    (safejson.UnsafeJSON, 400),
+    # A malformed multipart body (a part name with a control character, a header line past
+    # aiohttp's limit) surfaces while a handler reads it: the client's fault.
+    (HttpProcessingError, 400),
 ]
 
 
@@ -67,7 +73,10 @@ async def error_middleware(request: web.Request, handler):
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return error_response(exc.status, message)
+        response = error_response(exc.status, message)
+        if "Allow" in exc.headers:  # a 405 says which methods the resource has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:
         for exc_type, status in _STATUS_BY_TYPE:
             if isinstance(exc, exc_type):
@@ -84,9 +93,9 @@ async def json_body(request: web.Request) -> dict:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"Malformed JSON body: {exc}") from None
+        body = safejson.loads(raw)
+    except safejson.UnsafeJSON as exc:
+        raise BadRequest(str(exc)) from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body

@@ -110,6 +110,8 @@ async def replay(request: web.Request) -> web.Response:
     sub_id = body.get("subscription_id")
     if not sub_id:
         raise BadRequest("Required param is missing. Required: {'subscription_id'}")
+    if not isinstance(sub_id, str):
+        raise BadRequest("subscription_id must be a string.")
     sub = app.index.get(sub_id)
     scope = ctx(request).get_scope
     if sub is None or (scope is not None and sub.project_id != scope):
@@ -174,4 +176,6 @@ async def replay(request: web.Request) -> web.Response:
 def routes(app: web.Application) -> None:
     app.router.add_get("/v1/events", index)
     app.router.add_post("/v1/events/replay", replay)
-    app.router.add_get("/v1/events/{id}", show)
+    # Not "replay": GET /v1/events/replay would otherwise show an event of that id, and a 405 on it
+    # would list GET beside POST in its Allow header.
+    app.router.add_get("/v1/events/{id:(?!replay$)[^{}/]+}", show)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int
+from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int, require_uuid
 from router.api.errors import BadRequest, NotAllowed, json_body
+from router import safejson
 from router.plugins import PackageRef
 from router.store.models import new_id
 
@@ -27,8 +27,12 @@ def serialize(row) -> dict:
             "updated_at": format_time(row.updated_at)}
 
 
-async def _form(request: web.Request) -> tuple[dict[str, Any], bytes | None]:
-    """Fields and the package bytes from a multipart/form-data or JSON request."""
+CREATE_FIELDS = ("code", "runtime_id", "name", "description", "entry", "cpu", "memory_size", "timeout", "package")
+
+
+async def _form(request: web.Request, known: tuple[str, ...] | None = None) -> tuple[dict[str, Any], bytes | None]:
+    """Fields and the package bytes from a multipart/form-data or JSON request; a form field that
+    is not `known` is refused (what the OpenAPI document promises)."""
     if request.content_type.startswith("multipart/") or request.content_type == "application/x-www-form-urlencoded":
         try:
             form = await request.post()
@@ -37,13 +41,19 @@ async def _form(request: web.Request) -> tuple[dict[str, Any], bytes | None]:
         fields: dict[str, Any] = {}
         package = None
         for key, value in form.items():
+            if known is not None and key not in known:
+                raise BadRequest(f"Unknown argument: {key[:50]!r}. Accepted: {', '.join(known)}.")
             if hasattr(value, "file"):
                 if key == "package":
                     package = value.file.read()
             else:
                 fields[key] = value
         return fields, package
-    return await json_body(request), None
+    body = await json_body(request)
+    for key in body:
+        if known is not None and key not in known:
+            raise BadRequest(f"Unknown argument: {key[:50]!r}. Accepted: {', '.join(known)}.")
+    return body, None
 
 
 def _parse_code(raw: Any) -> dict:
@@ -51,13 +61,19 @@ def _parse_code(raw: Any) -> dict:
         raise BadRequest("Required param is missing. Required: {'code'}")
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
-        except ValueError:
+            raw = safejson.loads(raw, "code")
+        except safejson.UnsafeJSON:
             raise BadRequest("Invalid input, code must be a JSON object.") from None
     if not isinstance(raw, dict):
         raise BadRequest("Invalid input, code must be a JSON object.")
     if raw.get("source") not in CODE_SOURCES:
         raise BadRequest("Invalid code source specified, available sources: package, swift, image")
+    swift = raw.get("swift")
+    if (raw.get("image") is not None and not isinstance(raw["image"], str)) or \
+            (raw.get("md5sum") is not None and not isinstance(raw["md5sum"], str)) or \
+            (swift is not None and (not isinstance(swift, dict)
+                                    or not all(isinstance(swift.get(k, ""), str) for k in ("container", "object")))):
+        raise BadRequest("Invalid input, code.image, code.md5sum, code.swift.container and code.swift.object are strings.")
     return raw
 
 
@@ -73,13 +89,18 @@ def _limit(request: web.Request, fields: dict, name: str, kind: str, unit: str, 
 async def create(request: web.Request) -> web.Response:
     app = hw(request)
     c = ctx(request)
-    fields, package = await _form(request)
+    fields, package = await _form(request, CREATE_FIELDS)
+    for name in ("runtime_id", "name", "description", "entry"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise BadRequest(f"Invalid input, {name} must be a string.")
     code = _parse_code(fields.get("code"))
     source = code["source"]
     cpu = _limit(request, fields, "cpu", "cpu", "millicpu")
     memory = _limit(request, fields, "memory_size", "memory", "bytes")
     timeout = _limit(request, fields, "timeout", "timeout", "seconds")
     runtime_id = fields.get("runtime_id") or None
+    if runtime_id is not None:
+        require_uuid(runtime_id, "runtime_id")
     if source in ("package", "swift"):
         if not runtime_id:
             raise BadRequest('"runtime_id" must be specified.')

@@ -42,9 +42,20 @@ def _list_of(key: str, item: str) -> dict:
     return _obj({key: {"type": "array", "items": _ref(item)}})
 
 
-# An integer that forms send as text: either spelling is accepted.
-INT_OR_TEXT = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": r"^-?\d+$"}]}
-BOOL_OR_TEXT = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false", "True", "False", "1", "0"]}]}
+def _any_case(*words: str) -> str:
+    return "|".join("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in w) for w in words)
+
+
+UUID = {"type": "string", "format": "uuid"}
+NAME = {"type": "string", "minLength": 1}
+# Integers travel as 64-bit values (the database and the bus carry no more); forms send them as text.
+INT64 = {"type": "integer", "minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
+INT_OR_TEXT = {"oneOf": [INT64, {"type": "string", "pattern": r"^-?\d{1,18}$"}]}
+BOOL_OR_TEXT = {"oneOf": [{"type": "boolean", "nullable": True}, {"type": "integer", "enum": [0, 1]}, {"type": "string", "pattern": rf"^(?:{_any_case('true', 'false', 'yes', 'no', 'on', 'off')}|1|0)?$"}]}
+# List filters compare an integer or a time column: `value` or `op:value` (documented: the plain value).
+INT_FILTER = {"type": "string", "pattern": r"^-?\d{1,18}$"}
+TIME_FILTER = {"type": "string", "format": "date-time"}
+TIME_OR_EMPTY = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}  # empty: no bound
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"faultcode": {"type": "string", "enum": ["Client", "Server"]}, "faultstring": STR,
@@ -55,9 +66,13 @@ SCHEMAS: dict[str, Any] = {
     "Runtime": _obj({**COMMON, "name": NSTR, "image": STR, "description": NSTR, "is_public": BOOL, "trusted": BOOL,
                      "status": {"type": "string", "enum": ["creating", "available", "upgrading", "error", "deleting"]}}),
     "RuntimePool": _obj({"name": STR, "capacity": _obj({"total": INT, "available": INT})}),
-    "Code": {"type": "object", "properties": {
-        "source": {"type": "string", "enum": ["package", "swift", "image"]}, "md5sum": STR, "image": STR,
-        "swift": _obj({"container": STR, "object": STR}, required=())}, "required": ["source"]},
+    # What a function's code is: one shape per source.
+    "Code": {"oneOf": [
+        _obj({"source": {"type": "string", "enum": ["package"]}, "md5sum": STR}, required=("source",)),
+        _obj({"source": {"type": "string", "enum": ["swift"]}, "swift": _obj({"container": NAME, "object": NAME})},
+             required=("source", "swift")),
+        _obj({"source": {"type": "string", "enum": ["image"]}, "image": NAME}, required=("source", "image")),
+    ]},
     "Function": _obj({**COMMON, "name": NSTR, "description": NSTR, "runtime_id": NSTR, "code": _ref("Code"),
                       "entry": NSTR, "cpu": INT, "memory_size": INT, "timeout": NINT, "count": INT, "latest_version": INT}),
     "Worker": _obj({"function_id": STR, "function_version": INT, "worker_name": STR}),
@@ -101,38 +116,70 @@ for _name, _item in (("runtimes", "Runtime"), ("functions", "Function"), ("worke
     SCHEMAS[f"{_item}List"] = _list_of(_name, _item)
 
 # Request bodies. Properties are listed with their types; clients may send more (ignored, as Qinling).
+TARGET = [{"required": ["function_id"]}, {"required": ["function_alias"]}]  # what runs: a function or an alias
+SOURCE_KINDS = ("http", "cron")  # the sources the default configuration enables
+# Limits within the default [resource_limits] ranges (an operator's configuration may widen them).
 FUNCTION_FIELDS = {
     "code": {"type": "string", "description": "JSON text of the code object (an object is accepted too)"},
-    "runtime_id": STR, "name": STR, "description": STR, "entry": STR,
-    "cpu": INT_OR_TEXT, "memory_size": INT_OR_TEXT, "timeout": INT_OR_TEXT,
+    "runtime_id": {"type": "string", "nullable": True, "anyOf": [{"format": "uuid"}, {"maxLength": 0}]}, "name": NSTR, "description": NSTR, "entry": NSTR,
+    "cpu": {"type": "integer", "minimum": 100, "maximum": 300, "nullable": True},  # null: the default
+    "memory_size": {"type": "integer", "minimum": 33554432, "maximum": 134217728, "nullable": True},
+    "timeout": {"type": "integer", "minimum": 1, "maximum": 300, "nullable": True},
 }
+FORM_FIELDS = {"name": STR, "description": STR, "entry": STR,
+               **{k: {key: v for key, v in FUNCTION_FIELDS[k].items() if key != "nullable"} for k in ("cpu", "memory_size", "timeout")}}
+VERSION_NUMBER = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1}, {"type": "string", "pattern": r"^\d{1,18}$"}]}
 REQUESTS: dict[str, Any] = {
-    "RuntimeCreate": _obj({"image": STR, "name": STR, "description": STR, "is_public": BOOL_OR_TEXT,
+    "RuntimeCreate": _obj({"image": NAME, "name": NSTR, "description": NSTR, "is_public": BOOL_OR_TEXT,
                            "trusted": BOOL_OR_TEXT}, required=("image",)),
     "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR}, required=()),
-    "FunctionForm": _obj({**FUNCTION_FIELDS, "package": {"type": "string", "format": "binary"}}, required=("code",)),
-    "FunctionJson": _obj({**FUNCTION_FIELDS, "code": {"oneOf": [STR, _ref("Code")]}}, required=("code",)),
+    # Forms carry text: the code object as JSON text. A multipart form uploads a package; a urlencoded
+    # one (no file) names an image or a Swift object.
+    "FunctionForm": _obj({**FORM_FIELDS, "code": {"type": "string", "enum": ['{"source": "package"}']},
+                          "runtime_id": UUID, "package": {"type": "string", "format": "binary"}},
+                         required=("code", "runtime_id", "package"), additionalProperties=False),
+    "FunctionImageForm": _obj({**FORM_FIELDS, "code": {"type": "string", "pattern": r'^\{"source": "image", "image": "[a-z0-9][a-z0-9./:-]{0,60}"\}$'}},
+                              required=("code",), additionalProperties=False),
+    # JSON carries no package: an image function (a Swift one needs a Swift store configured).
+    "FunctionJson": _obj({**FUNCTION_FIELDS, "code": _obj({"source": {"type": "string", "enum": ["image"]}, "image": NAME})},
+                         required=("code",),
+                         additionalProperties=False),
     "FunctionUpdateForm": _obj({**{k: v for k, v in FUNCTION_FIELDS.items() if k != "runtime_id"},
                                 "source": STR, "package": {"type": "string", "format": "binary"}}, required=()),
     "Count": _obj({"count": INT_OR_TEXT}),
     "VersionCreate": _obj({"description": STR}, required=()),
-    "AliasCreate": _obj({"name": STR, "function_id": STR, "function_version": INT_OR_TEXT, "description": STR},
+    "AliasCreate": _obj({"name": NAME, "function_id": UUID, "function_version": VERSION_NUMBER, "description": STR},
                         required=("name", "function_id")),
-    "AliasUpdate": _obj({"function_id": NSTR, "function_version": _nullable(INT_OR_TEXT), "description": NSTR}, required=()),
-    "ExecutionCreate": _obj({"function_id": STR, "function_alias": STR, "function_version": INT_OR_TEXT,
+    "AliasUpdate": _obj({"function_id": NSTR, "function_version": _nullable(VERSION_NUMBER), "description": NSTR}, required=()),
+    "ExecutionCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER,
                              "sync": BOOL_OR_TEXT, "input": {"description": "text (parsed as JSON when it is JSON) or any JSON value"},
-                             "description": STR}, required=()),
-    "JobCreate": _obj({"function_id": STR, "function_alias": STR, "function_version": INT_OR_TEXT, "name": STR,
+                             "description": STR}, required=(), anyOf=TARGET),
+    "JobCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER, "name": STR,
                        "function_input": STR, "pattern": STR, "first_execution_time": STR, "count": INT,
-                       "timezone": STR}, required=()),
+                       "timezone": STR}, required=(), anyOf=TARGET),
     "JobUpdate": _obj({"name": NSTR, "function_input": NSTR, "status": _nullable({"type": "string"}), "pattern": NSTR,
                        "next_execution_time": NSTR}, required=()),
-    "WebhookCreate": _obj({"function_id": STR, "function_alias": STR, "function_version": INT_OR_TEXT,
-                           "description": STR}, required=()),
-    "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(INT_OR_TEXT),
+    "WebhookCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER,
+                           "description": STR}, required=(), anyOf=TARGET),
+    "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(VERSION_NUMBER),
                            "description": NSTR}, required=()),
-    "SubscriptionCreate": {"type": "object", "properties": {"source": STR}, "required": ["source"],
-                           "additionalProperties": True},
+    "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
+                                                            "function_id": UUID, "function_alias": NAME},
+                           "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
+    # A CloudEvent in structured mode (https://github.com/cloudevents/spec): the attributes Headwater checks.
+    "CloudEvent": {"type": "object", "properties": {
+        "specversion": {"type": "string", "enum": ["1.0"]}, "id": NAME, "source": NAME, "type": NAME, "subject": NSTR,
+        "time": {"type": "string", "format": "date-time", "nullable": True}, "datacontenttype": NSTR, "dataschema": NSTR,
+        "data": {}},
+        "required": ["specversion", "id", "source", "type"],
+        # Extension attributes (lower-case alphanumeric names, scalar values) are accepted too; OpenAPI
+        # 3.0 cannot describe names by pattern, so the document lists none.
+        "additionalProperties": False},
+    "Replay": _obj({"subscription_id": UUID, "since": {"type": "string", "format": "date-time"},
+                    "until": {"type": "string", "format": "date-time"}, "filter": STR,
+                    "execution_status": {"type": "array", "items": {"type": "string", "enum": ["success", "failed", "error", "running"]}},
+                    "force": {"type": "boolean"}, "limit": {"type": "integer", "minimum": 1, "maximum": 10000}},
+                   required=("subscription_id", "since")),
 }
 SCHEMAS.update(REQUESTS)
 
@@ -187,12 +234,15 @@ SCOPE = [_query("all_projects", BOOL_OR_TEXT, "Admins: every project's objects."
 FILTER = "Qinling filter: a value, or op:value with op in eq neq in nin gt gte lt lte has."
 
 
+_FILTER_TYPES = {"function_version": INT_FILTER, "created_at": TIME_FILTER, "updated_at": TIME_FILTER}
+
+
 def _filters(*names: str) -> list:
-    return SCOPE + [_query(n, STR, FILTER) for n in names]
+    return SCOPE + [_query(n, _FILTER_TYPES.get(n, STR), FILTER) for n in names]
 
 
-ID = [_path("id")]
-VERSION = [_path("id"), _path("version", {"type": "integer", "minimum": 0})]
+ID = [_path("id", UUID)]
+VERSION = [_path("id", UUID), _path("version", {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1})]
 ALIAS = [_path("name")]
 ZIP = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -221,7 +271,10 @@ PATHS: dict[str, Any] = {
         "get": _op("List functions", 200, "FunctionList", errors=(400,),
                    params=_filters("name", "runtime_id", "description", "entry")),
         "post": _op("Create a function (package, swift or image)", 201, "Function", errors=(400, 404),
-                    request=_body("FunctionJson", form="FunctionForm")),
+                    request={"required": True, "content": {
+                        "multipart/form-data": {"schema": _ref("FunctionForm")},
+                        "application/x-www-form-urlencoded": {"schema": _ref("FunctionImageForm")},
+                        JSON: {"schema": _ref("FunctionJson")}}}),
     },
     "/v1/functions/{id}": {
         "get": _op("Show a function, or download its package with download=true", 200, "Function",
@@ -311,18 +364,19 @@ PATHS: dict[str, Any] = {
                                                 "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/v1/events": {"get": _op(
         "The event history", 200, "EventRecordList", errors=(400,), tag="headwater",
-        params=SCOPE + [_query(n) for n in ("source_kind", "type", "subject", "since", "until")]
-        + [_query("limit", INT_OR_TEXT)]), "post": _op("Publish a CloudEvent (structured or binary mode)", 202, "EventAccepted", errors=(400,),
+        params=SCOPE + [_query(n) for n in ("source_kind", "type", "subject")]
+        + [_query(n, TIME_OR_EMPTY) for n in ("since", "until")]
+        + [_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})]), "post": _op("Publish a CloudEvent (structured or binary mode)", 202, "EventAccepted", errors=(400,),
                                tag="events",
-                               request={"required": True, "content": {"application/cloudevents+json": {"schema": {"type": "object"}},
-                                                                      JSON: {"schema": {"type": "object"}}}})},
+                               request={"required": True, "content": {"application/cloudevents+json": {"schema": _ref("CloudEvent")},
+                                                                      JSON: {"schema": _ref("CloudEvent")}}})},
     "/v1/events/{id}": {"get": _op(
         "Show a recorded event and the routing decision for it (which subscriptions match, which do not and why)",
         200, "EventRecord", errors=(400, 404), tag="headwater",
-        params=ID + [_query("subscription_id", STR, "Explain this subscription's verdict: the conditions that failed.")])},
+        params=[_path("id", NAME), _query("subscription_id", STR, "Explain this subscription's verdict: the conditions that failed.")])},
     "/v1/events/replay": {"post": _op(
         "Replay recorded events to one subscription", 202, "Replayed", errors=(400, 404), tag="headwater",
-        request={"required": True, "content": {JSON: {"schema": {"type": "object"}}}})},
+        request=_body("Replay"))},
     "/v1/subscriptions": {
         "get": _op("List subscriptions", 200, "SubscriptionList", errors=(400,),
                    params=_filters("source", "kind", "name", "function_id", "function_alias", "status"), tag="headwater"),
@@ -332,10 +386,11 @@ PATHS: dict[str, Any] = {
     "/v1/subscriptions/test": {"post": _op(
         "Which subscriptions a CloudEvent would match (nothing runs)", 200, "SubscriptionDryRun", errors=(400,),
         params=SCOPE + [_query("source_kind", STR)], tag="headwater",
-        request={"required": True, "content": {JSON: {"schema": {"type": "object"}}}})},
+        request={"required": True, "content": {JSON: {"schema": _ref("CloudEvent")}}})},
     "/v1/deadletters": {"get": _op(
         "List dead letters", 200, "DeadLetterList", errors=(400,), tag="headwater",
-        params=_filters("source", "subscription_id", "event_id", "created_at") + [_query("limit", INT_OR_TEXT)])},
+        params=_filters("source", "subscription_id", "event_id", "created_at")
+        + [_query("limit", {"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1})])},
     "/v1/deadletters/{id}": {
         "get": _op("Show a dead letter", 200, "DeadLetter", errors=(400, 404), params=ID, tag="headwater"),
         "delete": _op("Discard a dead letter", 204, errors=(400, 404), params=ID, tag="headwater")},

@@ -33,9 +33,16 @@ def serialize(row) -> dict:
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
-            "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
+            "next_execution_time": format_time(row.next_execution_time), "options": _public_options(row.options or {}),
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at)}
+
+
+def _public_options(options: dict) -> dict:
+    """Options as shown to clients: the sinks inside them masked like `sinks` (they are the same list)."""
+    if isinstance(options.get("sinks"), list):
+        return {**options, "sinks": _public_sinks(options["sinks"])}
+    return options
 
 
 def _public_sinks(sinks: list[dict]) -> list[dict]:
@@ -193,6 +200,7 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/subscriptions/test", dry_run)
     app.router.add_post("/v1/subscriptions", create)
     app.router.add_get("/v1/subscriptions", index)
-    app.router.add_get("/v1/subscriptions/{id}", show)
-    app.router.add_put("/v1/subscriptions/{id}", update)
-    app.router.add_delete("/v1/subscriptions/{id}", delete)
+    # Not "test" (POST /v1/subscriptions/test), so each path has one resource and one Allow header.
+    app.router.add_get("/v1/subscriptions/{id:(?!test$)[^{}/]+}", show)
+    app.router.add_put("/v1/subscriptions/{id:(?!test$)[^{}/]+}", update)
+    app.router.add_delete("/v1/subscriptions/{id:(?!test$)[^{}/]+}", delete)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -46,7 +47,15 @@ class Database:
         if self.is_sqlite:
             database = self.url.database
             if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+                # database file's mode, so none of them is readable by other users.
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+                for path in (database, f"{database}-wal", f"{database}-shm"):  # made by an older release
+                    try:
+                        os.chmod(path, 0o600)
+                    except OSError:
+                        pass
 
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

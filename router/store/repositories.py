@@ -37,6 +37,13 @@ def parse_filter(value: str) -> tuple[str, Any]:
     return "eq", value
 
 
+def _int64(value: Any) -> int:
+    number = int(value)
+    if not -(2 ** 63) <= number < 2 ** 63:
+        raise ValueError(value)  # the database cannot bind it: the caller's 400
+    return number
+
+
 def _condition(column: sa.ColumnElement, op: str, value: Any) -> sa.ColumnElement[bool]:
     if op == "eq":
         return column.is_(None) if value is None else column == value
@@ -96,7 +103,7 @@ class Repository(Generic[M]):
         column_type = self.model.__table__.c[name].type
         try:
             if isinstance(column_type, (sa.Integer, sa.BigInteger)):
-                return [int(v) for v in value] if isinstance(value, list) else int(value)
+                return [_int64(v) for v in value] if isinstance(value, list) else _int64(value)
             if isinstance(column_type, sa.Boolean) and isinstance(value, str):
                 return value.lower() in ("true", "1", "yes")
             if isinstance(column_type, models.UTCDateTime):

@@ -64,16 +64,49 @@ function packageKey(pkg) {
   return `${fid}_${version}_${md5}`.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 200);
 }
 
-function fetchPackage(pkg) {
-  if (pkg.path) {
-    return fs.promises.readFile(pkg.path).catch((err) => {
-      throw new PackageError(`Failed to read function package ${pkg.path}: ${err.message}`);
+// Where packages may come from: only what the engine named at start-up (--package-dir,
+// --package-url). Any other path (/etc/shadow) or URL (file://, another host) is refused.
+const PACKAGE_SOURCES = { dirs: [], urls: [] };
+// What one package may unpack to, checked from the ZIP directory before anything is written.
+const MAX_UNPACKED_BYTES = Number(process.env.HEADWATER_RUNTIME_MAX_UNPACKED_BYTES) || 512 * 1024 * 1024;
+const MAX_FILES = Number(process.env.HEADWATER_RUNTIME_MAX_FILES) || 10000;
+
+function allowedSource(pkg) {
+  if (pkg.path !== undefined && pkg.path !== null) {
+    if (typeof pkg.path !== 'string' || !PACKAGE_SOURCES.dirs.length) {
+      throw new PackageError('Package path refused: this runtime takes no package paths.');
+    }
+    let real;
+    try {
+      real = fs.realpathSync(pkg.path);
+    } catch (err) {
+      real = path.resolve(pkg.path);
+    }
+    if (!PACKAGE_SOURCES.dirs.some((root) => real.startsWith(root + path.sep))) {
+      throw new PackageError('Package path refused: not in a package directory this runtime was given.');
+    }
+    return { path: real };
+  }
+  if (pkg.download_url !== undefined && pkg.download_url !== null) {
+    const url = pkg.download_url;
+    if (typeof url !== 'string' || !PACKAGE_SOURCES.urls.some((prefix) => url.startsWith(prefix))) {
+      throw new PackageError('Package URL refused: not under a package URL this runtime was given.');
+    }
+    return { url };
+  }
+  return {};
+}
+
+function fetchPackage(pkg, source) {
+  if (source.path) {
+    return fs.promises.readFile(source.path).catch((err) => {
+      throw new PackageError(`Failed to read the function package: ${err.code || err.message}`);
     });
   }
-  if (pkg.download_url) {
+  if (source.url) {
     return new Promise((resolve, reject) => {
-      const url = pkg.download_url;
-      const fail = (err) => reject(new PackageError(`Failed to download function package from ${url}, error: ${err.message || err}`));
+      const url = source.url;
+      const fail = (err) => reject(new PackageError(`Failed to download the function package: ${err.code || err.message || err}`));
       const headers = pkg.token ? { 'X-Auth-Token': pkg.token } : {};
       let req;
       try {
@@ -111,10 +144,12 @@ function unzip(data, target) {
   if (eocd < 0) throw new PackageError('Package is not a valid ZIP package: no end of central directory.');
   const count = data.readUInt16LE(eocd + 10);
   let p = data.readUInt32LE(eocd + 16);
+  checkSize(data, count, p);
   for (let n = 0; n < count; n++) {
     if (p + 46 > data.length || data.readUInt32LE(p) !== 0x02014b50) throw new PackageError('Package is not a valid ZIP package: bad central directory.');
     const method = data.readUInt16LE(p + 10);
     const csize = data.readUInt32LE(p + 20);
+    const usize = data.readUInt32LE(p + 24);
     const nameLen = data.readUInt16LE(p + 28);
     const extraLen = data.readUInt16LE(p + 30);
     const commentLen = data.readUInt16LE(p + 32);
@@ -135,11 +170,29 @@ function unzip(data, target) {
     const raw = data.subarray(start, start + csize);
     let body;
     if (method === 0) body = raw;
-    else if (method === 8) body = zlib.inflateRawSync(raw);
+    else if (method === 8) {
+      try {
+        body = zlib.inflateRawSync(raw, { maxOutputLength: Math.max(usize, 1) });
+      } catch (err) {
+        throw new PackageError(`Package is not a valid ZIP package: entry ${name} inflates past its declared size.`);
+      }
+    }
     else throw new PackageError(`Package is not a valid ZIP package: entry ${name} uses compression method ${method}.`);
     fs.mkdirSync(path.dirname(dest), { recursive: true, mode: 0o755 });
     fs.writeFileSync(dest, body, { mode: attrs & 0o100 ? 0o755 : 0o644 });
   }
+}
+
+function checkSize(data, count, p) {
+  // Refuse a package whose directory declares too many files or bytes; each entry below is
+  // checked again against its declared size when it is inflated.
+  if (count > MAX_FILES) throw new PackageError(`Package has ${count} files; the limit is ${MAX_FILES}.`);
+  let total = 0;
+  for (let n = 0; n < count && p + 46 <= data.length; n++) {
+    total += data.readUInt32LE(p + 24);
+    p += 46 + data.readUInt16LE(p + 28) + data.readUInt16LE(p + 30) + data.readUInt16LE(p + 32);
+  }
+  if (total > MAX_UNPACKED_BYTES) throw new PackageError(`Package unpacks to ${total} bytes; the limit is ${MAX_UNPACKED_BYTES}.`);
 }
 
 class Packages {
@@ -152,11 +205,12 @@ class Packages {
   }
 
   async unpack(pkg) {
+    const source = allowedSource(pkg); // before any cache: a request must not reach another function's tree by its key
     const key = packageKey(pkg);
     if (this.dirs.has(key)) return this.dirs.get(key);
     const target = path.join(this.root, key);
     if (!fs.existsSync(target)) {
-      const data = await fetchPackage(pkg);
+      const data = await fetchPackage(pkg, source);
       if (pkg.md5sum && crypto.createHash('md5').update(data).digest('hex') !== String(pkg.md5sum).toLowerCase()) {
         throw new PackageError('Package md5 mismatch.');
       }
@@ -182,14 +236,28 @@ class Packages {
 // ------------------------------------------------------------------------------------------------
 // The server side: warm children and one execution
 
-const SANDBOX = { uids: false, baselineData: 0 };
+// network: 'none' (as root, each child gets a network namespace of its own) or 'host';
+// scratchSize: bytes of the private tmpfs on /tmp (also bound on /var/tmp) and on /dev/shm.
+const SANDBOX = { uids: false, baselineData: 0, network: 'none', scratchSize: 64 * 1024 * 1024 };
 let uidSlot = 0;
+const UIDS_IN_USE = new Set(); // slots of live children, released when a child has exited
 const CHILDREN = new Set();
 
 function sandboxUid() {
+  // Round-robin, but never a slot a live child still holds (a wrapped counter once could).
   if (!SANDBOX.uids) return 0;
-  uidSlot = (uidSlot + 1) % SANDBOX_UID_SLOTS;
-  return SANDBOX_UID_BASE + (process.pid % 2 ** 22) * SANDBOX_UID_SLOTS + uidSlot;
+  for (let i = 0; i < SANDBOX_UID_SLOTS; i++) {
+    uidSlot = (uidSlot + 1) % SANDBOX_UID_SLOTS;
+    if (!UIDS_IN_USE.has(uidSlot)) {
+      UIDS_IN_USE.add(uidSlot);
+      return SANDBOX_UID_BASE + (process.pid % 2 ** 22) * SANDBOX_UID_SLOTS + uidSlot;
+    }
+  }
+  throw new Error(`all ${SANDBOX_UID_SLOTS} sandbox uids of this server are in use by live children`);
+}
+
+function releaseUid(uid) {
+  if (uid) UIDS_IN_USE.delete((uid - SANDBOX_UID_BASE) % SANDBOX_UID_SLOTS);
 }
 
 function uidTasks(uid) {
@@ -211,6 +279,7 @@ function killUid(uid) {
   // the caller) in one pass that a fork bomb cannot outrun.
   const killer = cp.spawn('/bin/sh', ['-c', 'kill -9 -1; kill -9 -1'], { uid, gid: uid, stdio: 'ignore' });
   killer.on('error', (err) => log('WARNING', `cannot kill the processes of uid ${uid}: ${err.message}`));
+  return killer;
 }
 
 function describeDeath(code, signal) {
@@ -250,10 +319,26 @@ class Child {
       cwd: pkgDir, env, detached: true, // own session and process group: one kill ends the tree
       stdio: ['ignore', 'pipe', 'pipe', 'pipe', dirFd],
     };
-    if (this.uid) Object.assign(options, { uid: this.uid, gid: this.uid });
+    let command = '/bin/sh';
+    let argv = ['-c', script, 'sh', data, String(files), String(Math.ceil(fileSize / 512)), String(nproc)];
+    if (process.geteuid() === 0) {
+      // As root: new mount (and network) namespaces, private size-limited scratch, then the uid.
+      // Any failure ends the child before user code runs (fail closed).
+      const size = String(SANDBOX.scratchSize);
+      const isolate = `mount -t tmpfs -o size=${size},mode=1777,nosuid,nodev tmpfs /tmp `
+        + `&& mount -t tmpfs -o size=${size},mode=1777,nosuid,nodev tmpfs /dev/shm `
+        + '&& { [ ! -d /var/tmp ] || mount --bind /tmp /var/tmp; } '
+        + (SANDBOX.network === 'none' ? '&& { ip link set lo up 2>/dev/null || true; } ' : '');
+      argv = ['--mount', '--propagation', 'private', ...(SANDBOX.network === 'none' ? ['--net'] : []), '/bin/sh', '-c',
+        `${isolate} && ${script}`, ...argv.slice(2)];
+      command = 'unshare';
+      if (this.uid) argv.push('setpriv', `--reuid=${this.uid}`, `--regid=${this.uid}`, '--clear-groups');
+    } else if (this.uid) {
+      Object.assign(options, { uid: this.uid, gid: this.uid });
+    }
+    if (process.geteuid() === 0) env.HOME = env.TMPDIR = '/tmp';
     try {
-      this.proc = cp.spawn('/bin/sh', ['-c', script, 'sh', data, String(files), String(Math.ceil(fileSize / 512)), String(nproc),
-        process.execPath, ...nodeArgs, __filename, '--child'], options);
+      this.proc = cp.spawn(command, [...argv, process.execPath, ...nodeArgs, __filename, '--child'], options);
     } finally {
       fs.closeSync(dirFd);
     }
@@ -267,6 +352,13 @@ class Child {
       this.proc.on('close', (code, signal) => {
         this.alive = false;
         CHILDREN.delete(this);
+        if (this.uid) {
+          // Whatever the function left behind goes before the uid is handed out again.
+          const uid = this.uid;
+          const killer = killUid(uid);
+          killer.on('close', () => releaseUid(uid));
+          killer.on('error', () => releaseUid(uid));
+        }
         this.code = code;
         this.signal = signal;
         resolve();
@@ -421,7 +513,10 @@ class Execution {
 }
 
 class Server {
-  constructor(workDir) {
+  constructor(workDir, token) {
+    // The credential the engine drives this server with: a function may reach the port, so
+    // /execute and /cancel answer only requests that carry it. Only its digest is kept.
+    this.authorization = crypto.createHash('sha256').update(`Bearer ${token}`).digest();
     this.packages = new Packages(workDir, SANDBOX.uids);
     this.idle = new Map(); // key -> warm children
     this.running = new Map(); // key -> executions running
@@ -542,6 +637,11 @@ class Server {
     this.idle.clear();
   }
 
+  authorized(req) {
+    const given = crypto.createHash('sha256').update(String(req.headers.authorization || '')).digest();
+    return crypto.timingSafeEqual(given, this.authorization);
+  }
+
   handle(req, res) {
     const send = (status, body, type = 'text/plain') => {
       res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body) });
@@ -556,6 +656,11 @@ class Server {
     if (url !== '/execute' && url !== '/cancel') {
       req.resume();
       send(404, 'not found');
+      return;
+    }
+    if (!this.authorized(req)) {
+      req.resume();
+      send(401, 'missing or wrong runtime credential');
       return;
     }
     if (req.method !== 'POST') {
@@ -655,7 +760,32 @@ function serverMain(args) {
   process.umask(0o022);
   SANDBOX.uids = sandbox === 'uid' || (sandbox === 'auto' && process.geteuid() === 0);
   SANDBOX.baselineData = measureBaseline();
-  const server = new Server(workDir);
+  SANDBOX.network = opt('--network', process.env.HEADWATER_RUNTIME_NETWORK || 'none');
+  SANDBOX.scratchSize = Number(opt('--scratch-size', String(SANDBOX.scratchSize)));
+  if (!['none', 'host'].includes(SANDBOX.network) || !(SANDBOX.scratchSize > 0)) {
+    process.stderr.write('--network must be none or host, and --scratch-size a positive number of bytes\n');
+    process.exit(2);
+  }
+  // The credential: given by the engine (a pod's environment), or made here and announced to the
+  // parent on the LISTENING line; either way it leaves the environment children could inherit.
+  let token = process.env.HEADWATER_RUNTIME_TOKEN || '';
+  delete process.env.HEADWATER_RUNTIME_TOKEN;
+  const announce = !token;
+  if (!token) token = crypto.randomBytes(32).toString('base64url');
+  const many = (name, envName, sep) => {
+    const values = (process.env[envName] || '').split(sep).filter(Boolean);
+    args.forEach((a, i) => { if (a === name && i + 1 < args.length) values.push(args[i + 1]); });
+    return values;
+  };
+  PACKAGE_SOURCES.dirs = many('--package-dir', 'HEADWATER_RUNTIME_PACKAGE_DIRS', ':').map((d) => {
+    try {
+      return fs.realpathSync(d);
+    } catch (err) {
+      return path.resolve(d);
+    }
+  });
+  PACKAGE_SOURCES.urls = many('--package-url', 'HEADWATER_RUNTIME_PACKAGE_URLS', ' ').filter((u) => /^https?:\/\//.test(u));
+  const server = new Server(workDir, token);
   const httpServer = http.createServer((req, res) => server.handle(req, res));
   httpServer.keepAliveTimeout = 65000;
   httpServer.requestTimeout = 0; // executions may run for the function's whole timeout
@@ -672,7 +802,7 @@ function serverMain(args) {
   }
   httpServer.listen(port, host, () => {
     const addr = httpServer.address();
-    process.stdout.write(`LISTENING ${addr.address}:${addr.port}\n`);
+    process.stdout.write(`LISTENING ${addr.address}:${addr.port}${announce ? ` ${token}` : ''}\n`);
   });
 }
 

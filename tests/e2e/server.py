@@ -21,9 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_zip(files: dict[str, str]) -> bytes:
+def make_zip(files: dict[str, str | bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, text in files.items():
             zf.writestr(name, text)
     return buf.getvalue()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from router.events import Event
@@ -200,3 +202,73 @@ def test_index_decided_filters_still_match_exactly():
     event = Event(id="x", source="/s", type="t", subject="photos/cat.jpg", extensions={"sourcekind": "swift", "count": 7})
     # "7" (string filter) must not match 7 (number attribute): the predicate still runs for it.
     assert [s.id for s in index.match(event)] == ["p"]
+
+
+# --- LIKE in linear time, and a cost bound at creation (issue 15, finding 7) --------------------
+
+def _like_reference(pattern: str, subject: str) -> bool:
+    """What LIKE means, by dynamic programming (quadratic, no backtracking): the oracle."""
+    m, n = len(pattern), len(subject)
+    row = [True] + [False] * n
+    for i in range(m):
+        new = [row[0] and pattern[i] == "%"] + [False] * n
+        for j in range(1, n + 1):
+            c = pattern[i]
+            new[j] = (new[j - 1] or row[j]) if c == "%" else row[j - 1] and (c == "_" or c == subject[j - 1])
+        row = new
+    return row[n]
+
+
+def test_like_agrees_with_its_definition():
+    import itertools
+    import random
+    rng = random.Random(15)
+    alphabet = "ab%_"
+    for _ in range(3000):
+        pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
+        subject = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        f = compile_filter(None, f"subject LIKE '{pattern}'")
+        assert f.matches(Event(id="1", source="s", type="t", subject=subject)) == _like_reference(pattern, subject), (pattern, subject)
+    for pattern, subject in itertools.product(["%", "_", "%%", "a%", "%a", "a_b", "%a%b%"], ["", "a", "ab", "acb", "ba"]):
+        f = compile_filter(None, f"subject LIKE '{pattern}'")
+        assert f.matches(Event(id="1", source="s", type="t", subject=subject)) == _like_reference(pattern, subject)
+
+
+def test_like_with_many_wildcards_does_not_backtrack():
+    # Took 5.2 s with a regex at 61 characters, minutes at 100; the matcher's work is counted, not timed.
+    from router import filters
+    calls = 0
+    real = filters._find_segment
+
+    def counting(*args):
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    pattern = "%a" * 40 + "%c%b"
+    subject = "a" * 5000 + "b"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(filters, "_find_segment", counting)
+        f = compile_filter(None, f"subject LIKE '{pattern}'")
+        assert not f.matches(Event(id="1", source="s", type="t", subject=subject))
+    assert calls <= 42  # one search per segment
+
+
+@pytest.mark.parametrize("expression, fault", [
+    ("(" * 40 + "type = 'x'" + ")" * 40, "nests 40 deep; the limit is 32"),
+    ("NOT " * 40 + "type = 'x'", "nests 40 deep"),
+    ("type = 'x' AND " * 300 + "type = 'y'", "301 conditions; the limit is 256"),
+    ("subject LIKE '" + "%a" * 600 + "'", "LIKE pattern is 1200 characters long"),
+    ("type = '" + "x" * 9000 + "'", "the limit is 8192"),
+])
+def test_filters_past_the_cost_bound_are_refused(expression, fault):
+    with pytest.raises(FilterError, match=re.escape(fault)):
+        compile_filter(None, expression)
+
+
+def test_a_deeply_nested_filter_object_is_a_filter_error_not_a_crash():
+    spec: dict = {"type": "x"}
+    for _ in range(5000):
+        spec = {"not": spec}
+    with pytest.raises(FilterError, match="nests deeper than 32"):
+        compile_filter(None, spec)

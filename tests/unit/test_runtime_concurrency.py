@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import RUNTIME_HEADERS, runtime_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = {
     "python3": ([sys.executable, str(ROOT / "runtimes" / "python3" / "server.py")], "nap.py",
@@ -37,8 +39,8 @@ def test_a_burst_is_queued_behind_the_child_cap(runtime, tmp_path):
     os.chmod(tmp_path, 0o755)
     os.chmod(package, 0o644)
     work = tmp_path / "work"
-    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
-                            stdout=subprocess.PIPE, env={**os.environ, "HEADWATER_RUNTIME_MAX_CHILDREN": "2"},
+    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work), "--package-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, env=runtime_env(HEADWATER_RUNTIME_MAX_CHILDREN="2"),
                             start_new_session=True)
     try:
         line = proc.stdout.readline().decode().strip()
@@ -48,7 +50,7 @@ def test_a_burst_is_queued_behind_the_child_cap(runtime, tmp_path):
         def call(i):
             body = {"execution_id": f"e{i}", "entry": "nap.main" if runtime == "python3" else "nap.handler",
                     "timeout": 1, "input": {"ms": 300}, "package": {"path": str(package), "function_id": "fn", "version": 0}}
-            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=RUNTIME_HEADERS)
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return json.loads(resp.read())
 

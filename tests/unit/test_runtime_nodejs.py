@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path
+from tests.processes import RUNTIME_HEADERS, check_hangup_cancels, check_post_cancel, gone, pid_path, runtime_env
 
 SERVER = Path(__file__).resolve().parents[2] / "runtimes" / "nodejs" / "server.js"
 MiB = 1024 * 1024
@@ -50,6 +50,20 @@ exports.nap = (context, seconds) => {
 };
 exports.who = () => ({ uid: process.getuid(), env: Object.keys(process.env), files: fs.readdirSync('.') });
 exports.peek = (context, p) => { try { return fs.readdirSync(p); } catch (e) { return e.code; } };
+exports.connect = (context, input) => new Promise((resolve) => {
+  const s = require('net').connect(input.port, input.host, () => { s.destroy(); resolve('connected'); });
+  s.setTimeout(3000, () => { s.destroy(); resolve('timeout'); });
+  s.on('error', (e) => resolve(e.code));
+});
+exports.fill = (context, input) => {
+  let written = 0;
+  try {
+    const fd = fs.openSync(input.path, 'w');
+    for (let i = 0; i < input.mib; i++) { fs.writeSync(fd, Buffer.alloc(1024 * 1024, 1)); written++; }
+    fs.closeSync(fd);
+  } catch (e) { return { written, error: e.code }; }
+  return { written, error: null };
+};
 exports.napPid = (context, input) => {
   fs.writeFileSync(input.path, String(process.pid));
   return new Promise((r) => setTimeout(() => r('slept'), input.seconds * 1000));
@@ -78,8 +92,9 @@ def server(tmp_path_factory):
         pytest.fail("node is not installed; the nodejs runtime needs it", pytrace=False)
     work = tmp_path_factory.mktemp("nodework")
     WORK.append(work)
-    proc = subprocess.Popen([node, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
-                            stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    proc = subprocess.Popen([node, str(SERVER), "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work),
+                             "--package-dir", str(tmp_path_factory.getbasetemp())],
+                            stdout=subprocess.PIPE, stderr=None, start_new_session=True, env=runtime_env())
     line = proc.stdout.readline().decode().strip()
     assert line.startswith("LISTENING 127.0.0.1:"), line
     yield f"http://{line.split()[1]}"
@@ -88,7 +103,7 @@ def server(tmp_path_factory):
 
 
 def post(url: str, body: dict, timeout: float = 30) -> dict:
-    request = urllib.request.Request(url + "/execute", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url + "/execute", data=json.dumps(body).encode(), headers=RUNTIME_HEADERS)
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         assert resp.status == 200
         return json.loads(resp.read())
@@ -108,7 +123,7 @@ def test_ping_404_and_bad_bodies(server):
         urllib.request.urlopen(server + "/nope", timeout=5)
     assert err.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(urllib.request.Request(server + "/execute", data=b"[1]"), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(server + "/execute", data=b"[1]", headers=RUNTIME_HEADERS), timeout=5)
     assert err.value.code == 400
 
 
@@ -207,7 +222,8 @@ def test_sandbox_uid_environment_and_other_packages(server, package):
     assert not [k for k in out["env"] if k.startswith(("HW_", "HEADWATER", "PYTEST"))], out["env"]
     if os.geteuid() == 0:
         assert out["uid"] >= 2 ** 30
-        assert run(server, package, "index.peek", input=str(WORK[-1] / "packages"))["output"] == "EACCES"
+        # Root-only (0700), and under /tmp also hidden by the child's private /tmp.
+        assert run(server, package, "index.peek", input=str(WORK[-1] / "packages"))["output"] in ("EACCES", "ENOENT")
 
 
 def test_background_process_recycles_the_child(server, package):
@@ -238,3 +254,33 @@ def test_post_cancel_answers_cancelled_and_kills_the_child(server, package):
     path = pid_path()
     check_post_cancel(server, nap_body("to-cancel", path, package), path, post)
     assert run(server, package, input="after")["output"] == "Hello, after"
+
+
+def test_execute_and_cancel_need_the_credential(server, package):
+    body = json.dumps({"execution_id": "x", "entry": "index.main", "package": {"path": package}}).encode()
+    for headers in ({"Content-Type": "application/json"}, {**RUNTIME_HEADERS, "Authorization": "Bearer guess"}):
+        for path in ("/execute", "/cancel"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(urllib.request.Request(server + path, data=body, headers=headers), timeout=5)
+            assert err.value.code == 401
+
+
+@pytest.mark.parametrize("source", [{"path": "/etc/shadow"}, {"download_url": "file:///etc/shadow"},
+                                    {"download_url": "http://169.254.169.254/latest/meta-data/"}])
+def test_package_locations_the_engine_did_not_give_are_refused(server, source):
+    reply = post(server, {"execution_id": "x", "entry": "index.main", "timeout": 5, "package": {**source, "function_id": "f"}})
+    assert reply["status"] == "failed" and "refused" in reply["output"] and "/etc/" not in reply["output"], reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need the runtime to run as root")
+def test_no_host_loopback_and_bounded_private_scratch(server, package):
+    import socket
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        reply = run(server, package, "index.connect", input={"host": "127.0.0.1", "port": srv.getsockname()[1]})
+        assert reply["output"] != "connected", reply
+    name = f"/dev/shm/hw-node-scratch-{os.getpid()}"
+    reply = run(server, package, "index.fill", input={"path": name, "mib": 80})  # the default scratch is 64 MiB
+    assert reply["output"]["error"] == "ENOSPC" and reply["output"]["written"] <= 64, reply
+    assert not os.path.exists(name)

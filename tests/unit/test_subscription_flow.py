@@ -165,6 +165,9 @@ async def test_signed_callback_through_the_router(make_headwater, receiver):
     fid = await function(hw)
     sub = await subscribe(hw, types=["com.example.cb"], function_id=fid, sinks=[{"kind": "http", "url": url, "secret": SECRET}])
     assert sub["sinks"] == [{"kind": "http", "url": url, "secret": "***"}], "the secret is not shown again"
+    assert SECRET not in json.dumps(sub), "nor anywhere else in the subscription (options.sinks held it in clear)"
+    for path in (f"/v1/subscriptions/{sub['id']}", "/v1/subscriptions"):
+        assert SECRET not in await (await hw.client.get(path)).text()
     await send(hw, "cb-1", type_="com.example.cb", data={"n": 1})
     deadline = time.monotonic() + 10
     while len(got) < 2 and time.monotonic() < deadline:

@@ -1,0 +1,64 @@
+"""Kernel namespaces for a child (as root): a network of its own, and private size-limited /tmp and /dev/shm."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+
+from headwater_runtime import sandbox
+
+CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+NETWORKS = ("none", "host")  # --network: a namespace of its own (loopback only), or the host's
+
+# Set by main() (--network, --scratch-size); used in each child before it drops to its uid.
+SETTINGS = {"network": "none", "scratch_size": 64 * 1024 * 1024}
+
+
+class IsolationError(OSError):
+    """The kernel refused a namespace the child must have: the child fails closed."""
+
+
+def available() -> bool:
+    """Namespaces need root (CAP_SYS_ADMIN); without it the child runs in the server's namespaces."""
+    return os.geteuid() == 0 and sandbox.LIBC is not None
+
+
+def isolate() -> None:
+    """In a forked child, before any user code and before the uid switch: apply SETTINGS."""
+    if not available():
+        return
+    flags = CLONE_NEWNS | (CLONE_NEWNET if SETTINGS["network"] == "none" else 0)
+    _check(sandbox.LIBC.unshare(flags), "unshare")
+    if flags & CLONE_NEWNET:
+        _loopback_up()
+    # Mounts made below must not propagate back to the host's namespace.
+    _check(sandbox.LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    size = int(SETTINGS["scratch_size"])
+    for target in (b"/tmp", b"/dev/shm"):
+        if os.path.isdir(target):
+            # A fresh tmpfs per child: private to its processes, capped at size, and gone with the
+            # namespace when the last of them exits.
+            options = f"size={size},mode=1777,nr_inodes=16384".encode()
+            _check(sandbox.LIBC.mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, options), f"mount tmpfs {target.decode()}")
+    if os.path.isdir(b"/var/tmp"):
+        # The other world-writable scratch directory: the same private /tmp, not the host's.
+        _check(sandbox.LIBC.mount(b"/tmp", b"/var/tmp", None, MS_BIND, None), "mount --bind /tmp /var/tmp")
+
+
+def _loopback_up() -> None:
+    """A new network namespace has only `lo`, down: bring it up so the function may talk to itself."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise IsolationError(err, f"{what}: {os.strerror(err)}")
