@@ -109,7 +109,10 @@ def test_one_webhook_invocation_is_one_trace_from_the_api_to_a_span_inside_the_f
     # may not be able to read (under /root): the runtime runs it as this user.
     monkeypatch.setenv("HEADWATER_RUNTIME_SANDBOX", "off")
     (tmp_path / "hw").mkdir()
-    with Server(tmp_path / "hw", config_text=f"[tracing]\notlp_endpoint = {receiver.url}\n") as server:
+    # The function sends its own span to the test's collector on this machine's loopback, which a
+    # function's private network namespace (the default) cannot reach: this one gets the host's.
+    config = f"[tracing]\notlp_endpoint = {receiver.url}\n[engine]\nfunction_network = host\n"
+    with Server(tmp_path / "hw", config_text=config) as server:
         runtime = server.request("POST", "/v1/runtimes", {"image": "python3"}).json()
         fn = server.multipart("/v1/functions", {"runtime_id": runtime["id"], "entry": "traced.main", "name": "traced",
                                                 "memory_size": "134217728", "code": json.dumps({"source": "package"})},
