@@ -30,6 +30,7 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime 
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
+_RUNTIME_ENV = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING")
 
 
 def _default_runtimes_dir() -> Path:
@@ -332,8 +333,11 @@ class LocalEngine:
         if store_root is not None:
             package_dirs.append(Path(store_root))
         limits = self.config.resource_limits
-        env = {**os.environ, "HEADWATER_RUNTIME_MAX_UNPACKED_BYTES": str(limits.max_package_unpacked_size),
-               "HEADWATER_RUNTIME_MAX_FILES": str(limits.max_package_files)}
+        # The runtime gets no more of our environment than it needs: never our secrets (a download-token
+        # secret, database or broker URLs with passwords), whatever user code manages to read.
+        env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_"))}
+        env.update(HEADWATER_RUNTIME_MAX_UNPACKED_BYTES=str(limits.max_package_unpacked_size),
+                   HEADWATER_RUNTIME_MAX_FILES=str(limits.max_package_files))
         env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
         process = await asyncio.create_subprocess_exec(
             *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),

@@ -41,3 +41,28 @@ async def test_the_database_and_its_wal_are_0600(tmp_path):
             await db.engine.dispose()
     finally:
         os.umask(old)
+
+
+async def test_runtime_servers_get_none_of_the_engines_secrets(make_headwater, monkeypatch):
+    import json
+
+    from aiohttp import FormData
+
+    from tests.e2e.server import make_zip
+    monkeypatch.setenv("HEADWATER_DOWNLOAD_TOKEN_SECRET", "engine-secret-value")
+    monkeypatch.setenv("OS_PASSWORD", "cloud-password")
+    hw = await make_headwater("local")
+    runtime = await (await hw.client.post("/v1/runtimes", json={"image": "python3"})).json()
+    form = FormData()
+    form.add_field("runtime_id", runtime["id"])
+    form.add_field("code", json.dumps({"source": "package"}))
+    form.add_field("package", make_zip({"main.py": "def main():\n    return 1\n"}), filename="f.zip")
+    fid = (await (await hw.client.post("/v1/functions", data=form)).json())["id"]
+    resp = await hw.client.post("/v1/executions", json={"function_id": fid})
+    assert (await resp.json())["status"] == "success"
+    workers = [w for pool in hw.engine._pools.values() for w in pool]
+    assert workers
+    for worker in workers:
+        with open(f"/proc/{worker.process.pid}/environ", "rb") as fh:
+            environ = fh.read()
+        assert b"engine-secret-value" not in environ and b"cloud-password" not in environ
