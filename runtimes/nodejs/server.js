@@ -307,6 +307,8 @@ class Child {
     const script = 'ulimit -d "$1" && ulimit -n "$2" && ulimit -f "$3" && { [ "$4" = unlimited ] || ulimit -p "$4" 2>/dev/null || ulimit -u "$4"; } '
       + '&& shift 4 && exec "$@"';
     const dirFd = fs.openSync(pkgDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    // This script, as fd 5: the child's private /tmp hides it when the runtime itself lives under /tmp.
+    const selfFd = fs.openSync(__filename, fs.constants.O_RDONLY);
     const env = {};
     for (const k of SAFE_ENV) if (process.env[k] !== undefined) env[k] = process.env[k];
     env.PATH = env.PATH || '/usr/local/bin:/usr/bin:/bin';
@@ -317,7 +319,7 @@ class Child {
     env.HW_SANDBOXED = this.uid ? '1' : '';
     const options = {
       cwd: pkgDir, env, detached: true, // own session and process group: one kill ends the tree
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe', dirFd],
+      stdio: ['ignore', 'pipe', 'pipe', 'pipe', dirFd, selfFd],
     };
     let command = '/bin/sh';
     let argv = ['-c', script, 'sh', data, String(files), String(Math.ceil(fileSize / 512)), String(nproc)];
@@ -338,9 +340,10 @@ class Child {
     }
     if (process.geteuid() === 0) env.HOME = env.TMPDIR = '/tmp';
     try {
-      this.proc = cp.spawn(command, [...argv, process.execPath, ...nodeArgs, __filename, '--child'], options);
+      this.proc = cp.spawn(command, [...argv, process.execPath, ...nodeArgs, '/proc/self/fd/5', '--child'], options);
     } finally {
       fs.closeSync(dirFd);
+      fs.closeSync(selfFd);
     }
     this.pid = this.proc.pid;
     this.alive = true;

@@ -276,3 +276,22 @@ def test_the_uid_pool_never_reuses_a_live_childs_uid(monkeypatch):
         sandbox.allocate_uid()
     sandbox.release_uid(live[7])
     assert sandbox.allocate_uid() == live[7]
+
+
+def test_what_the_runtime_loads_from_under_tmp_stays_visible_to_its_children(tmp_path, monkeypatch):
+    """A checkout or virtualenv under /tmp (a CI clone) would vanish under a child's private /tmp:
+    those directories, and only those, are shown to the child again (read-only)."""
+    runtime_dir = Path(__file__).resolve().parents[2] / "runtimes" / "python3"
+    monkeypatch.syspath_prepend(str(runtime_dir))
+    from headwater_runtime import namespaces
+
+    venv = tmp_path / "venv" / "lib" / "site-packages"
+    venv.mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(venv), str(venv / "nested-not-there"), str(tmp_path / "venv"), "/usr/lib/python3",
+                                      "/tmp", "/var/tmp"])
+    kept = namespaces.kept_under_scratch()
+    if str(tmp_path).startswith(("/tmp/", "/var/tmp/")):
+        assert str(tmp_path / "venv") in kept and str(venv) not in kept  # the outermost one only
+    else:
+        assert str(tmp_path / "venv") not in kept
+    assert "/tmp" not in kept and "/var/tmp" not in kept and not any(p.startswith("/usr") for p in kept)

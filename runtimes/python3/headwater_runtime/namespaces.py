@@ -7,11 +7,13 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 
 from headwater_runtime import sandbox
 
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000
+SCRATCH = ("/tmp/", "/var/tmp/")
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 NETWORKS = ("none", "host")  # --network: a namespace of its own (loopback only), or the host's
 
@@ -38,6 +40,8 @@ def isolate() -> None:
         _loopback_up()
     # Mounts made below must not propagate back to the host's namespace.
     _check(sandbox.LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    # Held open across the scratch mounts, which hide them: what this program runs from.
+    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in kept_under_scratch()]
     size = int(SETTINGS["scratch_size"])
     for target in (b"/tmp", b"/dev/shm"):
         if os.path.isdir(target):
@@ -48,6 +52,22 @@ def isolate() -> None:
     if os.path.isdir(b"/var/tmp"):
         # The other world-writable scratch directory: the same private /tmp, not the host's.
         _check(sandbox.LIBC.mount(b"/tmp", b"/var/tmp", None, MS_BIND, None), "mount --bind /tmp /var/tmp")
+    for path, fd in kept:
+        # Read-only, at the same path: the interpreter, its packages and this runtime still import.
+        os.makedirs(path, exist_ok=True)
+        source = f"/proc/self/fd/{fd}".encode()
+        _check(sandbox.LIBC.mount(source, path.encode(), None, MS_BIND | MS_REC, None), f"mount --bind {path}")
+        _check(sandbox.LIBC.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"mount -o remount,ro {path}")
+        os.close(fd)
+
+
+def kept_under_scratch() -> list[str]:
+    """Directories the runtime and its interpreter load from that lie under /tmp or /var/tmp (a
+    checkout or virtualenv there, as in a CI clone): the private scratch would hide them from the
+    child. The outermost of them, to be shown again read-only."""
+    found = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sys.path) if p and os.path.isdir(p)})
+    found = [p for p in found if p.startswith(SCRATCH)]  # below /tmp, never /tmp itself
+    return [p for p in found if not any(p.startswith(other + "/") for other in found if other != p)]
 
 
 def _loopback_up() -> None:
