@@ -8,9 +8,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named http.py: drop bench/ from the import path so `import http` finds the stdlib.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import asyncio
 import contextlib
@@ -287,7 +284,7 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=200, help="webhooks timed one at a time to success")
     parser.add_argument("--functions", type=int, default=50, help="functions listed by GET /v1/functions")
     parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "http.json"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "front_door.json"))
     args = parser.parse_args()
     floor = Floor()
     try:
