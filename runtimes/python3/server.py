@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import inspect
 import io
@@ -180,7 +181,10 @@ def _make_readable(top: str) -> None:
 # The child process: imports the entry once, then serves one request at a time
 
 
-def _set_limits(limits: dict) -> None:
+def _set_limits(limits: dict, footprint: int | None = None, threads: int = 0) -> None:
+    """The execution's rlimits on this process. `footprint` (bytes) replaces the measured data size
+    and `threads` adds room for the interpreter's own threads, for a child that next execs another
+    language's worker (Go, PHP): what the function may add is the same for every runtime."""
     def cap(kind, value):
         value = int(value)
         soft, hard = resource.getrlimit(kind)
@@ -193,12 +197,12 @@ def _set_limits(limits: dict) -> None:
         # RLIMIT_NPROC counts every task (process or thread) of the uid. With a sandbox uid that is
         # exactly this child's tree, so the limit is what the function may add to what runs now.
         # Without one (a container's single uid) the server's own tasks count too: same formula.
-        cap(resource.RLIMIT_NPROC, _uid_tasks() + int(limits.get("processes") or DEFAULT_NPROC))
+        cap(resource.RLIMIT_NPROC, _uid_tasks() + threads + int(limits.get("processes") or DEFAULT_NPROC))
     cap(resource.RLIMIT_FSIZE, limits.get("file_size") or DEFAULT_FSIZE)
     if limits.get("memory_size"):
         # The limit is what the function may allocate on top of the interpreter's own footprint:
         # an absolute 32 MiB cap would leave a Python process no room at all.
-        cap(resource.RLIMIT_DATA, _vm_data() + int(limits["memory_size"]))
+        cap(resource.RLIMIT_DATA, (_vm_data() if footprint is None else footprint) + int(limits["memory_size"]))
 
 
 def _uid_tasks() -> int:
@@ -356,6 +360,8 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
         # asyncio.run().
         asyncio.events._set_running_loop(None)
         asyncio.set_event_loop(None)
+        if LANGUAGE is not None:
+            _exec_worker(entry, limits, req_r, result_w)
         sys.path.insert(0, path_entry)
         _set_limits(limits)
         func, takes_context, load_error = _load(entry)
@@ -389,6 +395,115 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
             sys.stderr.flush()
         code = 70
     os._exit(code)
+
+
+def _exec_worker(entry: str, limits: dict, req_r: int, result_w: int) -> None:
+    """Replace this child, already contained (own session and sandbox uid, clean environment, cwd in
+    the package), with the language's worker program; it speaks the same framed JSON, requests on
+    fd 3 and results on fd 4, and inherits stdout/stderr (the log pipe). Never returns."""
+    fds = (req_r, result_w)
+    try:
+        argv, env = LANGUAGE.command(entry, limits)
+        # Files the worker needs that the sandbox uid may not reach by path (its own script) follow as
+        # 5, 6, …; through high numbers first, since any of them may already sit on a target number.
+        wanted = [*fds, *LANGUAGE.inherit]
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10 + len(wanted)) for fd in wanted]
+        for target, fd in enumerate(high, start=3):
+            os.dup2(fd, target, inheritable=True)
+        fds = (3, 4)
+        # Nothing else of the server's reaches the worker (Python's own descriptors are close-on-exec,
+        # this also covers any that are not).
+        os.closerange(3 + len(wanted), max(os.sysconf("SC_OPEN_MAX"), 1024))
+        _set_limits(limits, footprint=LANGUAGE.footprint, threads=LANGUAGE.threads)
+        os.execve(argv[0], argv, {**os.environ, **env})
+    except BaseException as exc:  # noqa: BLE001 - answered as the function's load failure
+        message = f"Runtime could not start the function's worker: {exc}"
+    # Answer the request that started this child, then exit: the server starts a fresh one next time.
+    payload = json.dumps({"status": "failed", "reason": "error", "output": message, "recycle": True}).encode()
+    with contextlib.suppress(OSError):
+        if _read_exact(fds[0], _FRAME.size):
+            _write_all(fds[1], _FRAME.pack(len(payload)) + payload)
+    os._exit(0)
+
+
+async def run_contained(argv: list[str], cwd: str, env: dict, limits: dict, timeout: float,
+                        footprint: int | None = None, threads: int = 0, owned: str | None = None) -> tuple[bool, int, str]:
+    """Run one program (a compiler) under a function's containment: own session, sandbox uid (which
+    is given the tree `owned`, default `cwd`), clean environment plus `env`, rlimits, no server
+    descriptors, killed with all it started when it ends or `timeout` passes. Returns (timed out,
+    wait status, stdout+stderr capped like logs)."""
+    loop = asyncio.get_running_loop()
+    uid = _sandbox_uid()
+    if uid:
+        for root, dirs, files in os.walk(owned or cwd):
+            for name in [root, *(os.path.join(root, f) for f in files)]:
+                os.lchown(name, uid, uid)
+    out_r, out_w = _pipe()
+    server_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            _enter_sandbox(cwd, uid)
+            _die_with_parent(server_pid)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            for fd in _SERVER_FDS - {out_w}:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            _set_limits(limits, footprint=footprint, threads=threads)
+            os.execve(argv[0], argv, {**os.environ, **env})
+        except BaseException as exc:  # noqa: BLE001 - reported through the output pipe
+            with contextlib.suppress(Exception):
+                os.write(2, f"cannot run {argv[0]}: {exc}\n".encode())
+        os._exit(127)
+    CONTAINED.add(pid)
+    _close(out_w)
+    os.set_blocking(out_r, False)
+    output = bytearray()
+    eof = loop.create_future()
+
+    def on_output() -> None:
+        try:
+            chunk = os.read(out_r, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            loop.remove_reader(out_r)
+            if not eof.done():
+                eof.set_result(None)
+            return
+        output.extend(chunk[:max(LOG_CAP - len(output), 0)])
+
+    loop.add_reader(out_r, on_output)
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(eof), timeout)  # end-of-file: everything it started is done writing
+    except asyncio.TimeoutError:
+        timed_out = True
+    finally:
+        _killpg(pid)  # nothing it started outlives it
+        if uid:
+            _kill_uid(uid)
+        with contextlib.suppress(Exception):
+            loop.remove_reader(out_r)
+        _close(out_r)
+        try:
+            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+        except ChildProcessError:
+            status = 0
+        CONTAINED.discard(pid)
+    return timed_out, status, output.decode("utf-8", "replace")
+
+
+CONTAINED: set[int] = set()  # pids of run_contained programs (reaped by it, not by the orphan reaper)
 
 
 def _has_leftovers() -> bool:
@@ -568,6 +683,12 @@ def _sandbox_uid() -> int:
 
 
 SANDBOX = {"uids": False}  # set by main(): --sandbox
+# Set by a launcher that runs another language on this server (runtimes/go, runtimes/php): an object
+# with command(entry, limits) -> (argv, env), footprint, threads, inherit (fds passed as 5, 6, …),
+# prepare(pkg_dir, sandboxed) -> the directory the worker runs in,
+# crash_reason(status, logs) -> (reason, output) | None, and routes {path: async handler(server, req)}.
+# None: this is the python3 runtime, children import the function themselves.
+LANGUAGE = None
 
 
 class Child:
@@ -793,6 +914,12 @@ class Execution:
                     # An outside SIGKILL (the kernel OOM killer, a cgroup limit) is almost always memory.
                     result["reason"] = "memory"
         logs = self.log_buf.decode("utf-8", "replace")
+        if self.result is None and not self.timed_out and LANGUAGE is not None:
+            # A worker's runtime dies on its own for some limits (Go: "fatal error: runtime: out of
+            # memory"); the language names the reason from the exit and the last log lines.
+            named = LANGUAGE.crash_reason(self.child.status or 0, logs)
+            if named:
+                result = {"status": "failed", "reason": named[0], "output": named[1]}
         if self.log_dropped:
             logs += f"\n[logs truncated: {self.log_dropped} more bytes were dropped]\n"
         ok = result.get("status") == "success"
@@ -892,6 +1019,18 @@ class Server:
                     reader: asyncio.StreamReader | None = None) -> tuple[int, bytes, str]:
         if path == "/ping":
             return 200, b"pong", "text/plain"
+        extra = LANGUAGE.routes.get(path) if LANGUAGE is not None else None
+        if extra is not None:
+            if method != "POST":
+                return 405, b"use POST", "text/plain"
+            try:
+                req = json.loads(body)
+                if not isinstance(req, dict):
+                    raise ValueError("body must be a JSON object")
+            except ValueError as exc:
+                return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
+            reply = await extra(self, req)
+            return 200, json.dumps(reply, separators=(",", ":")).encode(), "application/json"
         if path in ("/execute", "/cancel"):
             if method != "POST":
                 return 405, b"use POST", "text/plain"
@@ -955,6 +1094,8 @@ class Server:
             LOG.warning("execution %s: %s", execution_id, exc)
             return {"success": False, "status": "failed", "reason": "error", "output": str(exc),
                     "duration": 0.0, "logs": ""}
+        if LANGUAGE is not None:
+            pkg_dir = LANGUAGE.prepare(pkg_dir, sandboxed=SANDBOX["uids"])
         limits = req.get("limits") or {}
         limits = {k: limits[k] for k in ("memory_size", "processes", "files", "file_size") if limits.get(k)}
         key = (pkg_dir, req.get("entry") or "main.main", json.dumps(limits, sort_keys=True))
@@ -991,7 +1132,8 @@ class Server:
             if not idle and not self.stopping:
                 loop.call_soon(self._spare, loop, key, limits)
             raise
-        leftovers = bool(execution.result and execution.result.get("leftovers"))
+        # A worker that left processes running, or that cannot serve again (a PHP fatal error), is recycled.
+        leftovers = bool(execution.result and (execution.result.get("leftovers") or execution.result.get("recycle")))
         if leftovers:
             LOG.info("execution %s left processes running; recycling its child", execution_id)
         if child.alive and reply["reason"] != "timeout" and not leftovers and not self.stopping:
@@ -1069,7 +1211,7 @@ async def _reap_orphans() -> None:
     while True:
         await asyncio.sleep(1.0)
         for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in CHILDREN:
+            if not name.isdigit() or int(name) in CHILDREN or int(name) in CONTAINED:
                 continue
             try:
                 with open(f"/proc/{name}/stat") as fh:
