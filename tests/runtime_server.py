@@ -1,0 +1,38 @@
+"""Start a runtime server as a subprocess and drive it over HTTP (the per-runtime unit tests share this)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+RUNTIMES = Path(__file__).resolve().parents[1] / "runtimes"
+
+
+@contextlib.contextmanager
+def runtime_server(runtime: str, work: Path) -> Iterator[str]:
+    """runtimes/<runtime>/server.py on a free port; yields its base URL."""
+    proc = subprocess.Popen([sys.executable, str(RUNTIMES / runtime / "server.py"), "--host", "127.0.0.1", "--port", "0",
+                             "--work-dir", str(work)], stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    try:
+        line = proc.stdout.readline().decode().strip()
+        assert line.startswith("LISTENING 127.0.0.1:"), line
+        yield f"http://{line.split()[1]}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def post(url: str, body: dict, path: str = "/execute", timeout: float = 60) -> dict:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
