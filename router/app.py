@@ -15,6 +15,7 @@ from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
 from router.events import Event, utcnow
+from router.builds import Builds
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
 from router.history import EventLog
@@ -131,6 +132,8 @@ class Headwater:
         self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(config, self.packages)
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
+        self.builds = Builds(config, self.store, self.packages, self.engine, spawn=self.executions.spawn,
+                             on_change=self.executions.targets.clear)
         self.history = EventLog(config, self.store)
         self.download_secret = download_tokens.secret_from_config(config)
         self.results = ResultSinks(config, self.bus)
