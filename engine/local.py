@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import itertools
@@ -20,7 +18,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from engine.runtime_client import CANCEL_TIMEOUT, post_cancel
+from engine.runtime_client import CANCEL_TIMEOUT, post_build, post_cancel
 from router.config import Config
 from router.plugins import BuildResult, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, PackageStore
 
@@ -262,29 +260,11 @@ class LocalEngine:
                 "limits": {"memory_size": function.memory_size}}
         worker.inflight += 1
         try:
-            client_timeout = aiohttp.ClientTimeout(total=timeout + HTTP_MARGIN, sock_connect=5)
-            async with self._ensure_session().post(worker.url + "/build", data=orjson.dumps(body), headers=_JSON,
-                                                   timeout=client_timeout) as resp:
-                if resp.status == 404:
-                    return BuildResult(False, message=f"Runtime {runtime!r} has no build step (POST /build).")
-                reply = orjson.loads(await resp.read())
-                if resp.status != 200 or not isinstance(reply, dict):
-                    return BuildResult(False, message=f"Runtime {runtime!r} answered the build with HTTP {resp.status}.")
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
-            LOG.error("build of function %s on %s failed: %r", function.id, worker.name, exc, extra=log_extra)
-            return BuildResult(False, message=f"Build failed in runtime worker {worker.name}: {exc or type(exc).__name__}")
+            return await post_build(self._ensure_session(), worker.url, body, timeout + HTTP_MARGIN, worker=worker.name,
+                                    runtime=runtime, extra=log_extra)
         finally:
             worker.inflight -= 1
             worker.last_used = time.monotonic()
-        if not reply.get("success"):
-            LOG.info("function %s did not build: %s", function.id, str(reply.get("output"))[:200], extra=log_extra)
-            return BuildResult(False, message=str(reply.get("output") or "Build failed."))
-        try:
-            artifact = base64.b64decode(reply.get("artifact") or "", validate=True)
-        except (binascii.Error, ValueError):
-            return BuildResult(False, message=f"Runtime {runtime!r} sent an unreadable artifact.")
-        LOG.info("function %s built (%d bytes)", function.id, len(artifact), extra=log_extra)
-        return BuildResult(True, artifact=artifact, message=str(reply.get("logs") or ""))
 
     def _cancel_remote(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
         if not worker.alive or self._session is None:

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from router import builds
-from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int
+from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_bool, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.plugins import PackageRef
 from router.store.models import new_id
@@ -152,6 +152,11 @@ async def show(request: web.Request) -> web.StreamResponse:
         if row.code.get("source") == "swift":
             swift = row.code.get("swift") or {}
             ref = await app.packages.fetch_swift(row.project_id, row.id, swift.get("container", ""), swift.get("object", ""))
+        elif parse_bool(request.query.get("artifact"), "artifact"):
+            # What an engine's pod runs for a compiled runtime: the built artifact.
+            ref = builds.artifact_ref(row, 0)
+            if ref is None:
+                raise BadRequest(f"Function {row.id} has no built artifact (status: {builds.status(row.code)}).", status=404)
         else:
             ref = PackageRef(row.project_id, row.id, 0, row.code.get("md5sum"))
         data = await app.packages.get(ref)

@@ -59,7 +59,9 @@ SCHEMAS: dict[str, Any] = {
         "source": {"type": "string", "enum": ["package", "swift", "image"]}, "md5sum": STR, "image": STR,
         "swift": _obj({"container": STR, "object": STR}, required=())}, "required": ["source"]},
     "Function": _obj({**COMMON, "name": NSTR, "description": NSTR, "runtime_id": NSTR, "code": _ref("Code"),
-                      "entry": NSTR, "cpu": INT, "memory_size": INT, "timeout": NINT, "count": INT, "latest_version": INT}),
+                      "entry": NSTR, "cpu": INT, "memory_size": INT, "timeout": NINT, "count": INT, "latest_version": INT,
+                      # The build step of compiled runtimes (go): building → available, or error with the compiler's message.
+                      "status": {"type": "string", "enum": ["building", "available", "error"]}, "status_reason": NSTR}),
     "Worker": _obj({"function_id": STR, "function_version": INT, "worker_name": STR}),
     "FunctionVersion": _obj({**COMMON, "function_id": STR, "description": NSTR, "version_number": INT, "count": INT}),
     "FunctionAlias": _obj({**COMMON, "name": STR, "function_id": STR, "function_version": INT, "description": NSTR}),
@@ -221,8 +223,8 @@ PATHS: dict[str, Any] = {
                     request=_body("FunctionJson", form="FunctionForm")),
     },
     "/v1/functions/{id}": {
-        "get": _op("Show a function, or download its package with download=true", 200, "Function",
-                   errors=(400, 404, 405), params=ID + [_query("download", BOOL_OR_TEXT)],
+        "get": _op("Show a function, or download its package with download=true (its built artifact with artifact=true)", 200,
+                   "Function", errors=(400, 404, 405), params=ID + [_query("download", BOOL_OR_TEXT), _query("artifact", BOOL_OR_TEXT)],
                    ok_content={JSON: {"schema": _ref("Function")}, **ZIP}),
         "put": _op("Update a function", 200, "Function", errors=(400, 403, 404), params=ID,
                    request=_body("FunctionUpdateForm", required=False, form="FunctionUpdateForm")),

@@ -21,8 +21,10 @@ MiB = 1024 * 1024
 
 
 def load_core():
-    """runtimes/python3/server.py as a module (the Dockerfile copies it to the same relative place)."""
-    path = os.path.join(os.path.dirname(HERE), "python3", "server.py")
+    """runtimes/python3/server.py as a module: beside this folder in the source tree, or below it in
+    the image (/opt/headwater/python3/server.py, this file being /opt/headwater/server.py)."""
+    candidates = [os.path.join(os.path.dirname(HERE), "python3", "server.py"), os.path.join(HERE, "python3", "server.py")]
+    path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     spec = importlib.util.spec_from_file_location("headwater_runtime_core", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
