@@ -51,10 +51,32 @@ def status(code: dict[str, Any] | None) -> str:
 
 
 def artifact_ref(function: models.Function, version: int) -> PackageRef | None:
+    """Where the built artifact of a function version is (None: not built). A version snapshots the
+    artifact of the function when it is created (code["build"]["versions"]: number → md5)."""
     build = build_state(function.code)
-    if build and build.get("status") == AVAILABLE and build.get("md5sum"):
-        return PackageRef(function.project_id, function.id, version, build["md5sum"])
-    return None
+    if build is None:
+        return None
+    if version:
+        md5 = (build.get("versions") or {}).get(str(version))
+    else:
+        md5 = build.get("md5sum") if build.get("status") == AVAILABLE else None
+    return PackageRef(function.project_id, function.id, version, md5) if md5 else None
+
+
+def with_version(code: dict[str, Any], version: int, md5: str | None) -> dict[str, Any]:
+    """The code document with a version's artifact recorded (md5) or forgotten (None)."""
+    build = dict(build_state(code) or {})
+    versions = {k: v for k, v in (build.get("versions") or {}).items() if k != str(version)}
+    if md5:
+        versions[str(version)] = md5
+    build["versions"] = versions
+    return {**code, "build": build}
+
+
+def rebuilding(code: dict[str, Any] | None) -> dict[str, Any]:
+    """The build state of a new package: building, keeping the artifacts of existing versions."""
+    versions = (build_state(code) or {}).get("versions")
+    return {"status": BUILDING, **({"versions": versions} if versions else {})}
 
 
 def build_failure(code: dict[str, Any] | None) -> ExecutionResult | None:
@@ -121,6 +143,9 @@ class Builds:
             if artifact:
                 await self.packages.delete(PackageRef(project_id, function_id, 0, artifact))
             return
+        versions = (build_state(row.code) or {}).get("versions")
+        if versions:
+            state["versions"] = versions
         await self.store.functions.update(function_id, {"code": {**row.code, "build": state}})
         self.on_change()
         log.info("function build %s", state["status"], extra={**extra, "seconds": round(time.perf_counter() - started, 3)})

@@ -152,7 +152,7 @@ class ExecutionService:
         package = PackageRef(function.project_id, function.id, version, md5) if function.code.get("source") == "package" else None
         if package is not None and builds.build_state(function.code) is not None:
             # A compiled runtime: executions run the built artifact, never the source.
-            package = builds.artifact_ref(function, version) if not version else None
+            package = builds.artifact_ref(function, version)
         return FunctionSpec(id=function.id, version=version, runtime_id=function.runtime_id, runtime_image=runtime_image,
                             code=function.code, entry=function.entry, cpu=function.cpu, memory_size=function.memory_size,
                             timeout=function.timeout or self.config.resource_limits.default_timeout,
@@ -205,7 +205,7 @@ class ExecutionService:
         try:
             try:
                 spec = await self._spec(function, version)
-                if builds.status(spec.code) != builds.AVAILABLE:
+                if not version and builds.status(spec.code) != builds.AVAILABLE:
                     spec, failed = await self._built_spec(function, version)
                     if failed is not None:
                         return failed

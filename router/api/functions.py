@@ -244,7 +244,7 @@ async def update(request: web.Request) -> web.Response:
         new_md5 = await app.packages.put(row.project_id, row.id, 0, package, code.get("md5sum"))
         values["code"] = {"source": "package", "md5sum": new_md5}
         if builds.build_state(row.code) is not None:
-            values["code"]["build"] = {"status": builds.BUILDING}
+            values["code"]["build"] = builds.rebuilding(row.code)
     if not values:
         return web.json_response(serialize(row))
     try:
@@ -345,6 +345,9 @@ async def delete(request: web.Request) -> web.Response:
         await _delete_artifact(app, row)
         for version in versions:
             await app.packages.delete(PackageRef(row.project_id, row.id, version.version_number, version.md5sum))
+            artifact = builds.artifact_ref(row, version.version_number)
+            if artifact is not None:
+                await app.packages.delete(artifact)
     return web.Response(status=204)
 
 

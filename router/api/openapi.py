@@ -240,12 +240,12 @@ PATHS: dict[str, Any] = {
                                               params=ID + [_query("function_version", INT_OR_TEXT)])},
     "/v1/functions/{id}/versions": {
         "get": _op("List a function's versions", 200, "FunctionVersionList", errors=(404,), params=ID),
-        "post": _op("Snapshot the function's package as a new version", 201, "FunctionVersion",
-                    errors=(400, 403, 404), params=ID, request=_body("VersionCreate", required=False)),
+        "post": _op("Snapshot the function's package (and, for a compiled runtime, its built artifact) as a new version", 201,
+                    "FunctionVersion", errors=(400, 403, 404, 409), params=ID, request=_body("VersionCreate", required=False)),
     },
     "/v1/functions/{id}/versions/{version}": {
-        "get": _op("Show a version, or download its package with download=true", 200, "FunctionVersion",
-                   params=VERSION + [_query("download", BOOL_OR_TEXT)],
+        "get": _op("Show a version, or download its package with download=true (its built artifact with artifact=true)", 200,
+                   "FunctionVersion", params=VERSION + [_query("download", BOOL_OR_TEXT), _query("artifact", BOOL_OR_TEXT)],
                    ok_content={JSON: {"schema": _ref("FunctionVersion")}, **ZIP}),
         "delete": _op("Delete a version nothing uses", 204, errors=(400, 403, 404), params=VERSION),
     },

@@ -123,6 +123,27 @@ def test_uploading_a_fixed_package_rebuilds(server):
     assert server.request("DELETE", f"/v1/functions/{function['id']}").status == 204
 
 
+def test_a_version_keeps_its_artifact_when_the_function_gets_a_new_package(server):
+    function = create(server, runtime(server, "headwater/go-runtime:versions"), "handler.Hello", GO_OK)
+    early = server.request("POST", f"/v1/functions/{function['id']}/versions", {})
+    assert early.status in (201, 409)  # 409 while still building: a version snapshots the artifact
+    assert settle(server, function["id"])["status"] == "available"
+    if early.status == 409:
+        assert "building" in early.json()["faultstring"]
+        assert server.request("POST", f"/v1/functions/{function['id']}/versions", {}).status == 201
+    resp = server.multipart(f"/v1/functions/{function['id']}", {}, {"package": make_zip(GO_BROKEN)}, method="PUT")
+    assert resp.status == 200, resp.text
+    assert settle(server, function["id"])["status"] == "error"
+    v1 = server.request("POST", "/v1/executions", {"function_id": function["id"], "function_version": 1, "input": {"name": "v1"}})
+    assert v1.status == 201 and json.loads(v1.json()["result"])["output"] == "Hello from Go, v1", v1.text
+    assert server.request("POST", f"/v1/functions/{function['id']}/versions", {}).status == 409  # nothing built to snapshot
+    artifact = server.request("GET", f"/v1/functions/{function['id']}/versions/1?download=true&artifact=true")
+    with zipfile.ZipFile(io.BytesIO(artifact.body)) as zf:
+        assert "bootstrap" in zf.namelist()
+    assert server.request("DELETE", f"/v1/functions/{function['id']}/versions/1").status == 204
+    assert server.request("DELETE", f"/v1/functions/{function['id']}").status == 204
+
+
 def test_php_function_has_no_build_and_a_webhook_runs_it(server):
     function = create(server, runtime(server, "headwater/php-runtime"), "hello.main", PHP_OK)
     assert function["status"] == "available"
