@@ -117,9 +117,10 @@ def test_uploading_a_fixed_package_rebuilds(server):
     resp = server.multipart(f"/v1/functions/{function['id']}", {}, {"package": make_zip(GO_OK)}, method="PUT")
     assert resp.status == 200, resp.text
     assert resp.json()["status"] == "building"
-    assert settle(server, function["id"])["status"] == "available"
-    resp = server.request("POST", "/v1/executions", {"function_id": function["id"], "input": {"name": "fixed"}})
+    # An execution that arrives while the function builds waits for the build, then runs the new code.
+    resp = server.request("POST", "/v1/executions", {"function_id": function["id"], "input": {"name": "fixed"}}, timeout=300)
     assert json.loads(resp.json()["result"])["output"] == "Hello from Go, fixed", resp.json()
+    assert settle(server, function["id"])["status"] == "available"
     assert server.request("DELETE", f"/v1/functions/{function['id']}").status == 204
 
 

@@ -130,6 +130,17 @@ func (a *adapter) call(ctx context.Context, input json.RawMessage) (out interfac
 	return out, err
 }
 
+// exported is a snake_case name in Go's exported CamelCase: open_files → OpenFiles.
+func exported(name string) string {
+	var b strings.Builder
+	for _, part := range strings.Split(name, "_") {
+		if part != "" {
+			b.WriteString(strings.ToUpper(part[:1]) + part[1:])
+		}
+	}
+	return b.String()
+}
+
 // reason classifies a failure like the other runtimes do.
 func reason(err error) string {
 	switch {
@@ -186,7 +197,7 @@ func invoke(a *adapter, req *request) (res result) {
 		r := reason(err)
 		message := err.Error()
 		if r == "processes" {
-			message = "Function reached its process limit: " + message
+			message = "Function reached its process limit: " + message + " (EAGAIN)"
 		}
 		return result{Status: "failed", Reason: r, Output: message}
 	}
@@ -246,6 +257,11 @@ func main() {
 		a, ok := adapters[name]
 		if !ok {
 			h, found := handlers[name]
+			if !found {
+				// Qinling-style entries name functions in snake case (main.main, hostile.open_files):
+				// they find the exported Go function (Main, OpenFiles).
+				h, found = handlers[exported(name)]
+			}
 			if !found {
 				send(results, result{Status: "failed", Reason: "error", Output: fmt.Sprintf(
 					"The package has no exported function %q (entry %q names 'package.Function').", name, req.Entry)})
