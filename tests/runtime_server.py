@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -15,9 +16,11 @@ RUNTIMES = Path(__file__).resolve().parents[1] / "runtimes"
 
 @contextlib.contextmanager
 def runtime_server(runtime: str, work: Path) -> Iterator[str]:
-    """runtimes/<runtime>/server.py on a free port; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, str(RUNTIMES / runtime / "server.py"), "--host", "127.0.0.1", "--port", "0",
-                             "--work-dir", str(work)], stdout=subprocess.PIPE, stderr=None, start_new_session=True)
+    """runtimes/<runtime>/server.py (or server.js, with node) on a free port; yields its base URL."""
+    script = RUNTIMES / runtime / "server.py"
+    command = [sys.executable, str(script)] if script.is_file() else [shutil.which("node") or "node", str(RUNTIMES / runtime / "server.js")]
+    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work)],
+                            stdout=subprocess.PIPE, stderr=None, start_new_session=True)
     try:
         line = proc.stdout.readline().decode().strip()
         assert line.startswith("LISTENING 127.0.0.1:"), line

@@ -1019,8 +1019,8 @@ class Server:
                     reader: asyncio.StreamReader | None = None) -> tuple[int, bytes, str]:
         if path == "/ping":
             return 200, b"pong", "text/plain"
-        extra = LANGUAGE.routes.get(path) if LANGUAGE is not None else None
-        if extra is not None:
+        extra = LANGUAGE.routes.get(path) if LANGUAGE is not None else None  # a language's own (go: /build)
+        if path in ("/execute", "/cancel") or extra is not None:
             if method != "POST":
                 return 405, b"use POST", "text/plain"
             try:
@@ -1029,18 +1029,9 @@ class Server:
                     raise ValueError("body must be a JSON object")
             except ValueError as exc:
                 return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
-            reply = await extra(self, req)
-            return 200, json.dumps(reply, separators=(",", ":")).encode(), "application/json"
-        if path in ("/execute", "/cancel"):
-            if method != "POST":
-                return 405, b"use POST", "text/plain"
-            try:
-                req = json.loads(body)
-                if not isinstance(req, dict):
-                    raise ValueError("body must be a JSON object")
-            except ValueError as exc:
-                return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
-            if path == "/cancel":
+            if extra is not None:
+                reply = await extra(self, req)
+            elif path == "/cancel":
                 reply = {"cancelled": self.cancel(str(req.get("execution_id") or ""))}
             else:
                 reply = await self._execute_watched(req, reader)
