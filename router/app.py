@@ -158,6 +158,7 @@ class Headwater:
         await self.reload_subscriptions()
         await self.engine.start()
         await self.executions.start()
+        await self.builds.resume()
         await self.history.start()
         await self.bus.start()
         await self.dispatcher.start()

@@ -108,6 +108,17 @@ class Builds:
         self.spawn = spawn  # runs a coroutine in the background, cancelled when the service stops
         self.on_change = on_change  # called when a function's build state changed (clears cached targets)
 
+    async def resume(self) -> None:
+        """Start again the builds that were running when the service stopped (functions left `building`)."""
+        for row in await self.store.functions.list():
+            if status(row.code) == BUILDING and row.runtime_id:
+                try:
+                    runtime = await self.store.runtimes.get(row.runtime_id)
+                except NotFound:
+                    continue
+                log.info("resuming the build of function %s", row.id, extra={"function_id": row.id})
+                self.start(row, runtime.image)
+
     def start(self, function: models.Function, runtime_image: str | None) -> None:
         self.spawn(self._run(function.id, function.project_id, str(function.code.get("md5sum")), runtime_image))
 

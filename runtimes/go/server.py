@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib.util
 import io
@@ -29,6 +30,7 @@ DEFAULT_BUILD_TIMEOUT = 120
 BUILD_FOOTPRINT = 1024 * MiB
 BUILD_THREADS = 96  # the go command and its compile/link processes are multi-threaded
 MESSAGE_CAP = 64 * 1024
+MAX_BUILDS = max(1, (os.cpu_count() or 1) // 2)  # builds at once per runtime server
 _FUNC = re.compile(r"^func\s+([A-Z][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _MODULE = re.compile(r"^\s*module\s+(\"[^\"]+\"|\S+)", re.MULTILINE)
 
@@ -60,6 +62,8 @@ class Go:
     def __init__(self, go: str | None):
         self.go = go
         self.routes = {"/build": self.build}
+        # A build keeps a core busy for seconds: uploads beyond this many wait their turn.
+        self.building = asyncio.Semaphore(MAX_BUILDS)
 
     def command(self, entry: str, limits: dict) -> tuple[list[str], dict]:
         if not os.path.isfile(BINARY):
@@ -128,8 +132,9 @@ class Go:
             argv = [self.go, "build", "-p", "2", "-o", os.path.join(root, BINARY), f"./{MAIN_DIR}"]
             limits = {k: v for k, v in (req.get("limits") or {}).items() if k in ("memory_size", "processes", "files", "file_size") and v}
             timeout = float(req.get("timeout") or DEFAULT_BUILD_TIMEOUT)
-            timed_out, status, output = await core.run_contained(argv, src, env, limits, timeout, footprint=BUILD_FOOTPRINT,
-                                                                 threads=BUILD_THREADS, owned=root)
+            async with self.building:
+                timed_out, status, output = await core.run_contained(argv, src, env, limits, timeout, footprint=BUILD_FOOTPRINT,
+                                                                     threads=BUILD_THREADS, owned=root)
             output = output.replace(src + os.sep, "").replace(root + os.sep, "")
             if timed_out:
                 return failed("timeout", f"Build timed out after {timeout:g} s.", output)
