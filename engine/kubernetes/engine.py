@@ -214,8 +214,9 @@ class KubernetesEngine:
         asks for the built artifact (a compiled runtime) instead of the uploaded source."""
         token = download_tokens.issue(self._secret, fn.id, fn.version, self.config.engine.download_token_ttl)
         path = f"/v1/functions/{fn.id}" + (f"/versions/{fn.version}" if fn.version else "")
-        artifact = "&artifact=true" if fn.package.md5sum != (fn.code or {}).get("md5sum") else ""
-        return {"download_url": f"{self.config.api.public_url}{path}?download=true&token={token}{artifact}",
+        code = fn.code or {}
+        artifact = "&artifact=true" if code.get("build") and fn.package.md5sum != code.get("md5sum") else ""
+        return {"download_url": f"{self.config.api.public_url}{path}?download=true{artifact}&token={token}",
                 "md5sum": fn.package.md5sum, "function_id": fn.id, "version": fn.version}
 
     async def build(self, function: FunctionSpec) -> BuildResult:
