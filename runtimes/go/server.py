@@ -106,7 +106,7 @@ class Go:
         root = tempfile.mkdtemp(prefix="headwater-go-build-")  # under /tmp: a sandbox uid can traverse to it
         try:
             src = os.path.join(root, "src")
-            shutil.copytree(pkg_dir, src, symlinks=False)
+            await asyncio.to_thread(shutil.copytree, pkg_dir, src)
             module = _module_path(src)
             if module is None:
                 return failed("error", "go.mod has no module line.")
@@ -141,17 +141,23 @@ class Go:
             binary = os.path.join(root, BINARY)
             if status != 0 or not os.path.isfile(binary):
                 return failed("error", output.strip() or core._describe_death(status), output)
-            artifact = io.BytesIO()
-            with zipfile.ZipFile(artifact, "w", zipfile.ZIP_DEFLATED) as zf:
-                for folder, _, files in os.walk(pkg_dir):
-                    for name in files:
-                        path = os.path.join(folder, name)
-                        zf.write(path, os.path.relpath(path, pkg_dir))
-                zf.write(binary, BINARY)
+            artifact = await asyncio.to_thread(_artifact, pkg_dir, binary)  # megabytes to deflate: off the loop
             return {"success": True, "status": "success", "reason": "ok", "output": "built", "logs": output,
-                    "artifact": base64.b64encode(artifact.getvalue()).decode()}
+                    "artifact": base64.b64encode(artifact).decode()}
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _artifact(pkg_dir: str, binary: str) -> bytes:
+    """The artifact zip: the package's files (a function may read them at run time) and the binary."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for folder, _, files in os.walk(pkg_dir):
+            for name in files:
+                path = os.path.join(folder, name)
+                zf.write(path, os.path.relpath(path, pkg_dir))
+        zf.write(binary, BINARY)
+    return buf.getvalue()
 
 
 def _module_path(src: str) -> str | None:
