@@ -347,14 +347,7 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big file raises OSError, not a silent death
-        for fd in _SERVER_FDS - {req_r, result_w, log_w}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_w, 1)
-        os.dup2(log_w, 2)
-        os.close(devnull)
+        _own_stdio(log_w, keep={req_r, result_w})
         os.close(log_w)
         # asyncio remembers the server's running loop per thread; clear it so the function may use
         # asyncio.run().
@@ -395,6 +388,19 @@ def _child_main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: in
             sys.stderr.flush()
         code = 70
     os._exit(code)
+
+
+def _own_stdio(out: int, keep: set[int]) -> None:
+    """In a child: close the server's descriptors (but `out` and `keep`), stdin from /dev/null,
+    stdout and stderr to `out`."""
+    for fd in _SERVER_FDS - keep - {out}:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
 
 
 def _exec_worker(entry: str, limits: dict, req_r: int, result_w: int) -> None:
@@ -449,13 +455,7 @@ async def run_contained(argv: list[str], cwd: str, env: dict, limits: dict, time
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
-            for fd in _SERVER_FDS - {out_w}:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.dup2(out_w, 1)
-            os.dup2(out_w, 2)
+            _own_stdio(out_w, keep=set())
             _set_limits(limits, footprint=footprint, threads=threads)
             os.execve(argv[0], argv, {**os.environ, **env})
         except BaseException as exc:  # noqa: BLE001 - reported through the output pipe
