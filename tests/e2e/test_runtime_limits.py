@@ -1,4 +1,4 @@
-"""Hostile functions through the API: a real `headwater serve`, the local engine, python3 and nodejs runtimes."""
+"""Hostile functions through the API: a real `headwater serve`, the local engine, python3, nodejs, go and php runtimes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.server import Server, make_zip
 from tests.processes import wait_gone
+from tests.services import require_tool
 
 MiB = 1024 * 1024
 
@@ -84,9 +85,96 @@ exports.fork_bomb = () => new Promise(() => {
 exports.boom = () => { throw new Error('hostile function failed on purpose'); };
 '''
 
+GO = r'''
+package hostile
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"time"
+)
+
+func Main(input interface{}) string {
+	if m, ok := input.(map[string]interface{}); ok {
+		return fmt.Sprint("Hello, ", m["name"])
+	}
+	return fmt.Sprint("Hello, ", input)
+}
+
+func Sleeper(seconds float64) (string, error) {
+	child := exec.Command("sleep", "60")
+	if err := child.Start(); err != nil {
+		return "", err
+	}
+	fmt.Println("CHILD", child.Process.Pid)
+	time.Sleep(time.Duration(seconds * float64(time.Second)))
+	return fmt.Sprint("slept ", seconds), nil
+}
+
+func Allocate(mib int) int {
+	block := make([]byte, mib*1024*1024)
+	for i := range block {
+		block[i] = 1
+	}
+	return len(block)
+}
+
+func OpenFiles(count int) (int, error) {
+	var files []*os.File
+	for i := 0; i < count; i++ {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			return 0, err
+		}
+		files = append(files, f)
+	}
+	return len(files), nil
+}
+
+func Spawn(count int) (int, error) {
+	for i := 0; i < count; i++ {
+		if err := exec.Command("sleep", "30").Start(); err != nil {
+			return i, err
+		}
+	}
+	return count, nil
+}
+
+func ForkBomb() {
+	exec.Command("sh", "-c", "bomb() { bomb | bomb & }; bomb").Start()
+	select {}
+}
+
+func Boom() error {
+	panic(errors.New("hostile function failed on purpose"))
+}
+'''
+
+PHP = r'''<?php
+function main($input, $context) {
+    if (is_array($input) && isset($input['name'])) { return 'Hello, ' . $input['name']; }
+    return 'Hello, ' . (is_array($input) ? json_encode($input) : $input);
+}
+function sleeper($seconds, $context) {
+    $child = proc_open(['sleep', '60'], [], $pipes);
+    echo 'CHILD ', proc_get_status($child)['pid'], "\n";
+    usleep((int)($seconds * 1e6));
+    return "slept $seconds";
+}
+function allocate($mib, $context) { return strlen(str_repeat('x', $mib * 1024 * 1024)); }
+function open_files($count, $context) { $f = []; for ($i = 0; $i < $count; $i++) { $f[] = fopen('/dev/null', 'r'); } return count($f); }
+function spawn($count, $context) { $p = []; for ($i = 0; $i < $count; $i++) { $p[] = proc_open(['sleep', '30'], [], $pipes); } return count($p); }
+function fork_bomb($input, $context) { while (true) { pcntl_fork(); } }
+function boom($input, $context) { throw new RuntimeException('hostile function failed on purpose'); }
+'''
+
 RUNTIMES = {
     "python3": ("openstackqinling/python3-runtime:0.0.2", {"hostile.py": PYTHON}, "Traceback", 'hostile.py", line'),
     "nodejs": ("openstackqinling/nodejs-runtime:0.0.1", {"hostile.js": NODE}, "Error: hostile function failed", "hostile.js:"),
+    "go": ("headwater/go-runtime:latest", {"hostile.go": GO}, "panic: hostile function failed", "hostile.go:"),
+    "php": ("headwater/php-runtime:latest", {"hostile.php": PHP}, "RuntimeException: hostile function failed", "hostile.php:"),
 }
 
 
@@ -94,6 +182,8 @@ RUNTIMES = {
 def server(tmp_path_factory):
     if shutil.which("node") is None:
         pytest.fail("node is needed for the nodejs runtime tests", pytrace=False)
+    require_tool("go", "the go runtime builds functions with it")
+    require_tool("php", "the php runtime runs functions with the PHP CLI")
     with Server(tmp_path_factory.mktemp("runtime-limits")) as srv:
         yield srv
 
@@ -119,7 +209,13 @@ def function(server, runtimes, lang, entry, **fields):
             **{k: str(v) for k, v in fields.items()}}
     resp = server.multipart("/v1/functions", form, {"package": make_zip(files)})
     assert resp.status == 201, resp.text
-    return resp.json()["id"]
+    function_id = resp.json()["id"]
+    deadline = time.monotonic() + 240
+    while resp.json()["status"] == "building" and time.monotonic() < deadline:  # go: the build step
+        time.sleep(0.1)
+        resp = server.request("GET", f"/v1/functions/{function_id}")
+    assert resp.json()["status"] == "available", resp.json()
+    return function_id
 
 
 def execute(server, function_id, input=None, timeout=60):
@@ -160,7 +256,7 @@ def test_positional_keyword_and_list_input(server, runtimes, lang):
 
 
 def test_sleep_past_the_timeout_is_killed_with_its_children(server, runtimes):
-    # Four 7 s executions (two runtimes x two timeouts) run at once to keep the suite fast.
+    # Eight 7 s executions (four runtimes x two timeouts) run at once to keep the suite fast.
     cases = [(lang, timeout) for lang in RUNTIMES for timeout in (5, 10)]
     fids = {case: function(server, runtimes, case[0], "sleeper", timeout=case[1]) for case in cases}
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:

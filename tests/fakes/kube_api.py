@@ -90,6 +90,17 @@ def python3_runtime_image() -> FakeImage:
     )
 
 
+def shared_server_runtime_image(runtime: str) -> FakeImage:
+    """runtimes/go/Dockerfile and runtimes/php/Dockerfile (the shared server with another language's
+    worker), as the fake kubelet runs them: the toolchain is the host's (go, php on PATH)."""
+    return FakeImage(
+        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
+        files={"/opt/headwater/server.py": str(REPO / "runtimes" / runtime / "server.py")},
+        binaries={"python": sys.executable, "python3": sys.executable},
+        workdir="/var/headwater",
+    )
+
+
 def python_image() -> FakeImage:
     """A bare python image (for image functions): `python -c ...` works."""
     return FakeImage(cmd=["python3"], binaries={"python": sys.executable, "python3": sys.executable, "sh": "/bin/sh"})
@@ -97,7 +108,8 @@ def python_image() -> FakeImage:
 
 def default_images() -> dict[str, FakeImage]:
     runtime = python3_runtime_image()
-    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image()}
+    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image(),
+            "headwater/go-runtime": shared_server_runtime_image("go"), "headwater/php-runtime": shared_server_runtime_image("php")}
 
 
 # ---------------------------------------------------------------------------------------------

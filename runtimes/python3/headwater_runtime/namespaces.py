@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -28,8 +29,9 @@ def available() -> bool:
     return os.geteuid() == 0 and sandbox.LIBC is not None
 
 
-def isolate() -> None:
-    """In a forked child, before any user code and before the uid switch: apply SETTINGS."""
+def isolate(keep: tuple[str, ...] = ()) -> None:
+    """In a forked child, before any user code and before the uid switch: apply SETTINGS. The
+    directories in `keep` stay reachable at their paths even if a scratch mount covers them."""
     if not available():
         return
     flags = CLONE_NEWNS | (CLONE_NEWNET if SETTINGS["network"] == "none" else 0)
@@ -38,6 +40,8 @@ def isolate() -> None:
         _loopback_up()
     # Mounts made below must not propagate back to the host's namespace.
     _check(sandbox.LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    # Opened in the new namespace (a bind mount's source must be in it), before anything is covered.
+    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keep]
     size = int(SETTINGS["scratch_size"])
     for target in (b"/tmp", b"/dev/shm"):
         if os.path.isdir(target):
@@ -48,6 +52,21 @@ def isolate() -> None:
     if os.path.isdir(b"/var/tmp"):
         # The other world-writable scratch directory: the same private /tmp, not the host's.
         _check(sandbox.LIBC.mount(b"/tmp", b"/var/tmp", None, MS_BIND, None), "mount --bind /tmp /var/tmp")
+    for path, fd in kept:
+        _uncover(path, fd)
+        os.close(fd)
+
+
+def _uncover(path: str, fd: int) -> None:
+    """Bind the directory open as `fd` back onto `path` if a scratch mount now hides it there: only
+    this directory comes back, not its covered siblings (other functions' packages, builds)."""
+    with contextlib.suppress(OSError):
+        here, there = os.stat(path), os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return  # not covered
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    _check(sandbox.LIBC.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None),
+           f"mount --bind {path}")
 
 
 def _loopback_up() -> None:
