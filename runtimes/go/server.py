@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import runpy
 import shutil
 import sys
 import tempfile
@@ -35,15 +34,10 @@ _FUNC = re.compile(r"^func\s+([A-Z][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _MODULE = re.compile(r"^\s*module\s+(\"[^\"]+\"|\S+)", re.MULTILINE)
 
 
-def _shared_server() -> str:
-    """The shared server's folder: runtimes/python3 beside this folder in the source tree, or
-    /opt/headwater/python3 below it in the image (this file being /opt/headwater/server.py)."""
-    candidates = [os.path.join(os.path.dirname(HERE), "python3"), os.path.join(HERE, "python3")]
-    return next((c for c in candidates if os.path.isfile(os.path.join(c, "server.py"))), candidates[0])
-
-
-SHARED = _shared_server()
-sys.path.insert(0, SHARED)  # its package, headwater_runtime: the containment every runtime keeps
+# The shared server's folder: runtimes/python3 beside this folder in the source tree, or
+# /opt/headwater/python3 below it in the image (this file being /opt/headwater/server.py). Its package,
+# headwater_runtime, is the containment every runtime keeps.
+sys.path[:0] = [os.path.join(os.path.dirname(HERE), "python3"), os.path.join(HERE, "python3")]
 
 from headwater_runtime import contained, language, packages, pool  # noqa: E402
 
@@ -190,9 +184,7 @@ def _handlers_go(module: str, handlers: list[str], source_root: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    language.LANGUAGE = Go(os.environ.get("HEADWATER_GO") or shutil.which("go"))
-    pool.LOG.name = "headwater.runtime.go"
-    runpy.run_path(os.path.join(SHARED, "server.py"), run_name="headwater_runtime_server")["main"](argv)
+    language.serve(Go(os.environ.get("HEADWATER_GO") or shutil.which("go")), "headwater.runtime.go", argv)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import runpy
 import secrets
 import shutil
 import sys
@@ -20,17 +19,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
 
 
-def _shared_server() -> str:
-    """The shared server's folder: runtimes/python3 beside this folder in the source tree, or
-    /opt/headwater/python3 below it in the image (this file being /opt/headwater/server.py)."""
-    candidates = [os.path.join(os.path.dirname(HERE), "python3"), os.path.join(HERE, "python3")]
-    return next((c for c in candidates if os.path.isfile(os.path.join(c, "server.py"))), candidates[0])
+# The shared server's folder: runtimes/python3 beside this folder in the source tree, or
+# /opt/headwater/python3 below it in the image (this file being /opt/headwater/server.py). Its package,
+# headwater_runtime, is the containment every runtime keeps.
+sys.path[:0] = [os.path.join(os.path.dirname(HERE), "python3"), os.path.join(HERE, "python3")]
 
-
-SHARED = _shared_server()
-sys.path.insert(0, SHARED)  # its package, headwater_runtime: the containment every runtime keeps
-
-from headwater_runtime import language, pool  # noqa: E402
+from headwater_runtime import language  # noqa: E402
 
 
 
@@ -86,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     php = os.environ.get("HEADWATER_PHP") or shutil.which("php")
     if php is None:
         sys.exit("php runtime: the PHP CLI (`php`) is not on PATH; install php-cli or set HEADWATER_PHP")
-    language.LANGUAGE = PHP(php, os.path.join(HERE, "worker.php"))
-    pool.LOG.name = "headwater.runtime.php"
-    runpy.run_path(os.path.join(SHARED, "server.py"), run_name="headwater_runtime_server")["main"](argv)
+    language.serve(PHP(php, os.path.join(HERE, "worker.php")), "headwater.runtime.php", argv)
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,9 @@ containment every runtime keeps are in tests/contract/test_runtime_contract.py."
 from __future__ import annotations
 
 import base64
+import json
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -175,3 +178,21 @@ def test_build_timeout(server, tmp_path):
                   timeout=0.05)
     assert (reply["status"], reply["reason"]) == ("failed", "timeout"), reply
     assert "timed out" in reply["output"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-the-credential"}], ids=["none", "wrong"])
+def test_build_needs_the_runtime_credential(server, tmp_path, headers):
+    """POST /build runs a compiler under the server's uid pool: like /execute, only the engine may ask."""
+    source = make_zip(tmp_path / "src.zip", {"handler.go": "package handler\n\nfunc Handle() {}\n"})
+    body = json.dumps({"package": {"path": source, "function_id": "fn", "version": 0}, "timeout": 120}).encode()
+    request = urllib.request.Request(server + "/build", data=body, headers={"Content-Type": "application/json", **headers})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 401
+
+
+def test_build_refuses_a_package_path_it_was_not_given(server):
+    """The build fetches its package as an execution does: only from what the engine handed out."""
+    reply = build(server, "/etc/passwd")
+    assert (reply["success"], reply["reason"]) == (False, "error")
+    assert reply["output"].startswith("Package path refused"), reply

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import runpy
 
 from headwater_runtime import limits as limits_mod, pipes
 
@@ -16,6 +18,16 @@ from headwater_runtime import limits as limits_mod, pipes
 # (each needs the server's credential, like /execute). None: this is the python3 runtime, children
 # import the function themselves.
 LANGUAGE = None
+
+
+def serve(hook, log_name: str, argv: list[str] | None = None) -> None:
+    """Run the shared server (server.py beside this package) with `hook` as its language: what a
+    launcher (runtimes/go/server.py, runtimes/php/server.py) does."""
+    global LANGUAGE
+    LANGUAGE = hook
+    logging.getLogger("headwater.runtime.python3").name = log_name  # the server's log lines name the language
+    server = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "server.py")
+    runpy.run_path(server, run_name="headwater_runtime_server")["main"](argv)
 
 
 def routes() -> dict:
