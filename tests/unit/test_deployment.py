@@ -168,9 +168,10 @@ def test_every_path_headwater_writes_is_a_writable_volume(deployed_config):
 
 def test_probes_reach_the_health_route_on_the_api_port(deployed_config):
     from router.api import build_api
+    from router.metrics import Metrics
 
     config, _, container = deployed_config
-    api = build_api(SimpleNamespace(config=config))
+    api = build_api(SimpleNamespace(config=config, metrics=Metrics()))  # the routes, without starting anything
     get_paths = {route.resource.canonical for route in api.router.routes() if route.method == "GET"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
