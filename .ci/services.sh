@@ -31,6 +31,17 @@ if ! command -v node >/dev/null 2>&1; then
   need_pkg node nodejs
 fi
 
+# The go runtime builds functions with Go (Debian's golang-go, Go >= 1.19), the php runtime runs
+# them with the PHP CLI (php-cli, PHP >= 8.0, with its posix and pcntl extensions).
+if ! command -v go >/dev/null 2>&1; then
+  echo "services: installing Go"
+  need_pkg go golang-go
+fi
+if ! command -v php >/dev/null 2>&1; then
+  echo "services: installing the PHP CLI"
+  need_pkg php php-cli
+fi
+
 if ! port_open 5432; then
   echo "services: starting PostgreSQL"
   need_pkg pg_ctlcluster postgresql

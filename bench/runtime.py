@@ -1,9 +1,10 @@
-"""Runtime overhead benchmark: a no-op function through each runtime server (python3, nodejs), request →
+"""Runtime overhead benchmark: a no-op function through each runtime server (python3, nodejs, go, php), request →
 response over keep-alive HTTP, next to a /ping round trip on the same connection. Prints a table, writes JSON."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import io
 import json
@@ -19,10 +20,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def _server(runtime: str) -> list[str]:
+    return [sys.executable, str(ROOT / "runtimes" / runtime / "server.py")]
+
+
+# name → (server command, package file, its source, entry, compiled: built once with POST /build first)
 RUNTIMES = {
-    "python3": ([sys.executable, str(ROOT / "runtimes" / "python3" / "server.py")], "noop.py", "def main(context=None):\n    return None\n"),
+    "python3": (_server("python3"), "noop.py", "def main(context=None):\n    return None\n", "noop.main", False),
     "nodejs": ([shutil.which("node") or "node", str(ROOT / "runtimes" / "nodejs" / "server.js")], "noop.js",
-               "exports.main = () => null;\n"),
+               "exports.main = () => null;\n", "noop.main", False),
+    "go": (_server("go"), "noop.go", "package noop\n\nfunc Main() interface{} { return nil }\n", "noop.Main", True),
+    "php": (_server("php"), "noop.php", "<?php\nfunction main($input, $context) { return null; }\n", "noop.main", False),
 }
 
 
@@ -38,7 +46,7 @@ def summary(samples: list[float]) -> dict:
 
 
 def bench_runtime(name: str, n: int, work: Path) -> dict:
-    command, filename, source = RUNTIMES[name]
+    command, filename, source, entry, compiled = RUNTIMES[name]
     package = work / f"{name}.zip"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -53,8 +61,19 @@ def bench_runtime(name: str, n: int, work: Path) -> dict:
             raise RuntimeError(f"{name} runtime did not start: {line!r}")
         host, port = line.split()[1].rsplit(":", 1)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {line.split()[2]}"}  # its own credential
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        body = json.dumps({"execution_id": "bench", "entry": f"{filename.split('.')[0]}.main", "timeout": 5,
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        build_ms = None
+        if compiled:  # the build step, once per package: not on any execution's path
+            started = time.perf_counter()
+            conn.request("POST", "/build", json.dumps({"package": {"path": str(package), "function_id": "bench", "version": 0},
+                                                       "timeout": 300}), headers)
+            reply = json.loads(conn.getresponse().read())
+            if not reply.get("success"):
+                raise RuntimeError(f"{name}: build failed: {reply.get('output')}")
+            build_ms = round((time.perf_counter() - started) * 1000, 1)
+            package = work / f"{name}-artifact.zip"
+            package.write_bytes(base64.b64decode(reply["artifact"]))
+        body = json.dumps({"execution_id": "bench", "entry": entry, "timeout": 5,
                            "package": {"path": str(package), "function_id": "bench", "version": 0},
                            "limits": {"memory_size": 128 * 1024 * 1024}})
 
@@ -73,7 +92,7 @@ def bench_runtime(name: str, n: int, work: Path) -> dict:
             call("/execute", body)
         execute = [call("/execute", body) for _ in range(n)]
         ping = [call("/ping", None) for _ in range(n)]
-        return {"runtime": name, "cold_first_call_ms": round(cold * 1000, 3), "execute": summary(execute),
+        return {"runtime": name, "build_ms": build_ms, "cold_first_call_ms": round(cold * 1000, 3), "execute": summary(execute),
                 "ping": summary(ping), "overhead_p50_ms": round((percentile(execute, 50) - percentile(ping, 50)) * 1000, 3)}
     finally:
         proc.terminate()
@@ -94,11 +113,16 @@ def main() -> None:
         os.chmod(tmp, 0o755)
         for name in args.runtimes.split(","):
             results.append(bench_runtime(name, args.n, Path(tmp)))
-    print(f"{'runtime':<8} {'calls':>6} {'execute p50':>12} {'p90':>8} {'p99':>8} {'ping p50':>9} {'overhead p50':>13} {'cold 1st':>9}")
+    print(f"{'runtime':<8} {'calls':>6} {'execute p50':>12} {'p90':>8} {'p99':>8} {'ping p50':>9} {'overhead p50':>13} {'cold 1st':>9} {'build':>9}")
     for r in results:
         e, p = r["execute"], r["ping"]
+        build = f"{r['build_ms']:>7.0f}ms" if r["build_ms"] is not None else f"{'-':>9}"
         print(f"{r['runtime']:<8} {e['n']:>6} {e['p50_ms']:>10.3f}ms {e['p90_ms']:>6.3f}ms {e['p99_ms']:>6.3f}ms "
-              f"{p['p50_ms']:>7.3f}ms {r['overhead_p50_ms']:>11.3f}ms {r['cold_first_call_ms']:>7.1f}ms")
+              f"{p['p50_ms']:>7.3f}ms {r['overhead_p50_ms']:>11.3f}ms {r['cold_first_call_ms']:>7.1f}ms {build}")
+    by_name = {r["runtime"]: r for r in results}
+    if "go" in by_name and "python3" in by_name:
+        go, py = by_name["go"]["execute"]["p50_ms"], by_name["python3"]["execute"]["p50_ms"]
+        print(f"go warm p50 {go:.3f} ms vs python3 {py:.3f} ms in this run: {'no worse' if go <= py else 'WORSE'}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "runtime", "cpus": os.cpu_count(), "sandbox_uids": os.geteuid() == 0,

@@ -19,9 +19,9 @@ import aiohttp
 import orjson
 
 from engine.packages import write_atomic
-from engine.runtime_client import CANCEL_TIMEOUT, post_cancel, runtime_headers
+from engine.runtime_client import CANCEL_TIMEOUT, post_build, post_cancel, runtime_headers
 from router.config import Config
-from router.plugins import Coordination, ExecutionRequest, ExecutionResult, PackageRef, PackageStore
+from router.plugins import BuildResult, Coordination, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, PackageStore
 
 LOG = logging.getLogger(__name__)
 
@@ -247,6 +247,34 @@ class LocalEngine:
             logs=reply.get("logs") or "",
             reason=reply.get("reason") or ("ok" if ok else "error"),
         )
+
+    async def build(self, function: FunctionSpec) -> BuildResult:
+        """Compile a function's package with its runtime's POST /build (a runtime server kept for
+        builds, the compiler contained like an execution); the artifact zip comes back."""
+        runtime = self.runtime_for(function.runtime_image)
+        if runtime is None or self._server_command(runtime) is None:
+            return BuildResult(False, message=f"No local runtime builds image {function.runtime_image!r} ([engine] local_runtimes).")
+        if function.package is None:
+            return BuildResult(False, message=f"Function {function.id} has no code package to build.")
+        log_extra = {"function_id": function.id, "function_version": function.version}
+        timeout = self.config.engine.build_timeout
+        try:
+            package_path = await self._package_path(function.package)
+            worker = await self._acquire((f"build:{runtime}", 0, ""), runtime)
+        except Exception as exc:  # noqa: BLE001 - storage or start-up trouble: the build could not run
+            LOG.error("cannot start a %s build for function %s: %s", runtime, function.id, exc, extra=log_extra)
+            return BuildResult(False, message=f"Could not start the {runtime} build: {exc}")
+        body = {"execution_id": f"build-{function.id}-{function.version}", "timeout": timeout,
+                "package": {"path": package_path, "md5sum": function.package.md5sum, "function_id": function.id,
+                            "version": function.version},
+                "limits": {"memory_size": function.memory_size}}
+        worker.inflight += 1
+        try:
+            return await post_build(self._ensure_session(), worker.url, body, timeout + HTTP_MARGIN, worker=worker.name,
+                                    runtime=runtime, extra=log_extra, headers=worker.headers)
+        finally:
+            worker.inflight -= 1
+            worker.last_used = time.monotonic()
 
     def _cancel_remote(self, worker: Worker, execution_id: str, log_extra: dict) -> None:
         if not worker.alive or self._session is None:

@@ -21,6 +21,7 @@ from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
 from router.events import Event, utcnow
+from router.builds import Builds
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
 from router.connguard import ConnectionGuard
@@ -175,6 +176,8 @@ class Headwater:
             config, self.packages, coordinator=self.coordination)
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
+        self.builds = Builds(config, self.store, self.packages, self.engine, spawn=self.executions.spawn,
+                             on_change=self.executions.targets.clear)
         self.history = EventLog(config, self.store)
         self.feed = EventFeed()  # the live tail (dashboard, `headwater events tail`)
         self.download_secret = download_tokens.secret_from_config(config)
@@ -201,6 +204,7 @@ class Headwater:
         await self.coordination.start()
         await self.engine.start()
         await self.executions.start()
+        await self.builds.resume()
         await self.history.start()
         await self.bus.start()
         await self.dispatcher.start()

@@ -72,7 +72,9 @@ SCHEMA: dict[str, list[Option]] = {
     ],
     "engine": [
         _opt("backend", "str", "local", "Execution engine, by plugin name (local, null, kubernetes)."),
-        _opt("local_runtimes", "list", ["python=python3", "node=nodejs"], "How runtime images map to local runtime servers: 'substring=runtime_dir' pairs, first match wins. 'python=python3' runs every image whose name contains 'python' with runtimes/python3, 'node=nodejs' every image containing 'node' with runtimes/nodejs."),
+        _opt("local_runtimes", "list", ["python=python3", "node=nodejs", "go=go", "php=php"], "How runtime images map to local runtime servers: 'substring=runtime_dir' pairs, first match wins. 'python=python3' runs every image whose name contains 'python' with runtimes/python3, 'node=nodejs' every image containing 'node' with runtimes/nodejs, 'go=go' and 'php=php' likewise with runtimes/go and runtimes/php."),
+        _opt("compiled_runtimes", "list", ["go"], "Runtimes (as named by local_runtimes) whose packages are compiled once on upload (the build step: the function shows building, then available or error), and whose executions run the built artifact."),
+        _opt("build_timeout", "int", 300, "Seconds a function's build may take (a Go package's `go build`) before it ends in error.", minimum=1, maximum=3600),
         _opt("local_workers_per_function", "int", 1, "Warm runtime processes the local engine keeps per function version.", minimum=1, maximum=64),
         _opt("function_concurrency", "int", 3, "Running executions per worker before another worker is added.", minimum=1),
         _opt("function_service_expiration", "int", 3600, "Idle seconds before a function's warm workers are released.", minimum=1),

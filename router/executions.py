@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from router import mapping, tracing
+from router import builds, mapping, tracing
 from router.config import Config
 from router.delivery import DeliveryPolicy, DeliveryService
 from router.batching import Batcher, batch_of
@@ -36,6 +36,7 @@ RETRYING = "retrying"
 LEASE_MARGIN_SECONDS = 30.0  # default of [delivery] lease_margin
 LEASE_POLL_SECONDS = 0.5
 COUNT_FLUSH_SECONDS = 1.0
+BUILD_WAIT_MARGIN = 30.0  # beyond [engine] build_timeout, an execution waits this long for a running build
 
 
 class TargetUnavailable(RuntimeError):
@@ -151,10 +152,23 @@ class ExecutionService:
         if version:
             md5 = (await self.targets.version(function.id, version)).md5sum or md5
         package = PackageRef(function.project_id, function.id, version, md5) if function.code.get("source") == "package" else None
+        if package is not None and builds.build_state(function.code) is not None:
+            # A compiled runtime: executions run the built artifact, never the source.
+            package = builds.artifact_ref(function, version)
         return FunctionSpec(id=function.id, version=version, runtime_id=function.runtime_id, runtime_image=runtime_image,
                             code=function.code, entry=function.entry, cpu=function.cpu, memory_size=function.memory_size,
                             timeout=function.timeout or self.config.resource_limits.default_timeout,
                             package=package, project_id=function.project_id)
+
+    async def _built_spec(self, function: models.Function, version: int) -> tuple[FunctionSpec, ExecutionResult | None]:
+        """The spec of a function whose build was not available when looked up: wait for a running
+        build; a failed one ends the execution with the compiler's message."""
+        function = await builds.wait(self.store, function, self.config.engine.build_timeout + BUILD_WAIT_MARGIN)
+        spec = await self._build_spec(function, version)
+        failed = builds.build_failure(function.code)
+        if failed is None and builds.status(function.code) == builds.BUILDING:
+            failed = ExecutionResult.platform_error(f"Function {function.id} is still building.")
+        return spec, failed
 
     # -- API executions -----------------------------------------------------------------------
 
@@ -199,6 +213,10 @@ class ExecutionService:
         try:
             try:
                 spec = await self._spec(function, version)
+                if not version and builds.status(spec.code) != builds.AVAILABLE:
+                    spec, failed = await self._built_spec(function, version)
+                    if failed is not None:
+                        return failed
                 request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
                                            context={"execution_id": row.id, "function_id": function.id,
                                                     "function_version": version, "project_id": row.project_id,

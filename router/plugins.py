@@ -226,6 +226,16 @@ class ExecutionResult:
         return cls(status="error", output=message, reason=reason)
 
 
+@dataclasses.dataclass(slots=True)
+class BuildResult:
+    """The outcome of compiling a package (runtimes with a build step, e.g. go): the artifact zip
+    executions run, or the compiler's message."""
+
+    ok: bool
+    artifact: bytes | None = None
+    message: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Coordination between replicas
 
@@ -300,6 +310,12 @@ class Engine(Protocol):
 
     async def workers(self, function_id: str, version: int = 0) -> list[str]:
         """Names of the warm workers serving a function version."""
+
+    # Optional, for runtimes with a build step ([engine] compiled_runtimes):
+    # async def build(self, function: FunctionSpec) -> BuildResult
+    #     Compile the function's package in its runtime's own environment, under an execution's
+    #     limits and containment, within [engine] build_timeout. Never raises for the package's
+    #     own failure (ok=False with the compiler's message).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,3 +31,17 @@ def require_service(name: str, host: str, port: int) -> None:
     if REQUIRE:
         pytest.fail(f"{message} and HEADWATER_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
     pytest.skip(f"{message} (start it, or see .ci/run)")
+
+
+def require_tool(name: str, purpose: str) -> str:
+    """The path of a program tests need (a language toolchain); skip (or fail under
+    HEADWATER_REQUIRE_SERVICES=1) when it is not on PATH."""
+    import shutil
+
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"`{name}` is not installed ({purpose})"
+    if REQUIRE:
+        pytest.fail(f"{message} and HEADWATER_REQUIRE_SERVICES=1 forbids skipping; .ci/services.sh installs it", pytrace=False)
+    pytest.skip(f"{message}; .ci/services.sh installs it")

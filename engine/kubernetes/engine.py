@@ -27,10 +27,10 @@ from engine.kubernetes.client import api_client
 from engine.kubernetes.manifests import (A_CLAIMED_AT, L_ENGINE, L_FUNCTION, L_POOL, L_RUNTIME, L_VERSION,
                                          L_WORKER, label_value)
 from engine.kubernetes.resolvers import NodePortResolver, PodIPResolver, Resolver
-from engine.runtime_client import CANCEL_TIMEOUT, pool_runtime_token, post_cancel, runtime_headers
+from engine.runtime_client import CANCEL_TIMEOUT, pool_runtime_token, post_build, post_cancel, runtime_headers
 from router import download_tokens
 from router.config import Config, ConfigError
-from router.plugins import ExecutionRequest, ExecutionResult, FunctionSpec, PackageStore
+from router.plugins import BuildResult, ExecutionRequest, ExecutionResult, FunctionSpec, PackageStore
 
 LOG = logging.getLogger(__name__)
 
@@ -246,10 +246,41 @@ class KubernetesEngine:
         return {"HEADWATER_RUNTIME_TOKEN": pool_runtime_token(self._secret),
                 "HEADWATER_RUNTIME_PACKAGE_URLS": f"{self.config.api.public_url}/v1/functions/"}
 
-    def _body(self, request: ExecutionRequest) -> dict[str, Any]:
-        fn = request.function
+    def _package(self, fn: FunctionSpec) -> dict[str, Any]:
+        """Where a pod downloads the function's package: the API, with a scoped token; `artifact=true`
+        asks for the built artifact (a compiled runtime) instead of the uploaded source."""
         token = download_tokens.issue(self._secret, fn.id, fn.version, self.config.engine.download_token_ttl)
         path = f"/v1/functions/{fn.id}" + (f"/versions/{fn.version}" if fn.version else "")
+        code = fn.code or {}
+        artifact = "&artifact=true" if code.get("build") and fn.package.md5sum != code.get("md5sum") else ""
+        return {"download_url": f"{self.config.api.public_url}{path}?download=true{artifact}&token={token}",
+                "md5sum": fn.package.md5sum, "function_id": fn.id, "version": fn.version}
+
+    async def build(self, function: FunctionSpec) -> BuildResult:
+        """Compile a function's package on one of its runtime pool's pods (POST /build, the compiler
+        contained like an execution there); that pod stays the function's warm worker."""
+        extra = {"function_id": function.id, "function_version": function.version}
+        if not function.runtime_id or not function.runtime_image or function.package is None:
+            return BuildResult(False, message=f"Function {function.id} has no runtime or package to build.")
+        key = (function.id, function.version)
+        load = self._loads.setdefault(key, Load())
+        load.running += 1
+        try:
+            try:
+                worker = await self._acquire(function, load)
+            except (PoolBroken, NoWorkers, LockTimeout, CoordinationError, ApiException, aiohttp.ClientError, OSError) as exc:
+                LOG.error("no worker to build function %s: %s", function.id, exc, extra=extra)
+                return BuildResult(False, message=f"No runtime worker to build the function: {exc}")
+            timeout = self.config.engine.build_timeout
+            body = {"execution_id": f"build-{function.id}-{function.version}", "timeout": timeout,
+                    "package": self._package(function), "limits": {"memory_size": function.memory_size}}
+            return await post_build(self._session, worker.url, body, timeout + HTTP_MARGIN, worker=worker.pod,
+                                    runtime=function.runtime_image, extra=extra, headers=self._runtime_headers)
+        finally:
+            load.running -= 1
+
+    def _body(self, request: ExecutionRequest) -> dict[str, Any]:
+        fn = request.function
         context = {k: v for k, v in request.context.items() if k in CONTEXT_KEYS}
         context.setdefault("execution_id", request.execution_id)
         context.setdefault("function_id", fn.id)
@@ -259,8 +290,7 @@ class KubernetesEngine:
             "entry": fn.entry or "main.main",
             "input": request.input,
             "timeout": fn.timeout or self.config.resource_limits.default_timeout,
-            "package": {"download_url": f"{self.config.api.public_url}{path}?download=true&token={token}",
-                        "md5sum": fn.package.md5sum, "function_id": fn.id, "version": fn.version},
+            "package": self._package(fn),
             "limits": {"memory_size": fn.memory_size, "cpu": fn.cpu},
             "context": context,
         }

@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_int, require_uuid
+from router import builds
+from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_bool, parse_int, require_uuid
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router import safejson
 from router.plugins import PackageRef
@@ -19,9 +20,12 @@ CODE_SOURCES = ("package", "swift", "image")
 
 
 def serialize(row) -> dict:
-    # `code` is always an object (Qinling's list endpoint sent a JSON string: a fixed defect).
+    # `code` is always an object (Qinling's list endpoint sent a JSON string: a fixed defect). The
+    # build state is shown as the function's `status` (and `status_reason` for an error) instead.
+    build = builds.build_state(row.code)
     return {"id": row.id, "name": row.name, "description": row.description, "runtime_id": row.runtime_id,
-            "code": row.code, "entry": row.entry, "cpu": row.cpu, "memory_size": row.memory_size,
+            "code": {k: v for k, v in row.code.items() if k != "build"}, "status": builds.status(row.code),
+            "status_reason": build.get("message") if build else None, "entry": row.entry, "cpu": row.cpu, "memory_size": row.memory_size,
             "timeout": row.timeout, "count": row.count, "latest_version": row.latest_version,
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at)}
@@ -101,10 +105,14 @@ async def create(request: web.Request) -> web.Response:
     runtime_id = fields.get("runtime_id") or None
     if runtime_id is not None:
         require_uuid(runtime_id, "runtime_id")
+    compiled = False
     if source in ("package", "swift"):
         if not runtime_id:
             raise BadRequest('"runtime_id" must be specified.')
         runtime = await app.store.runtimes.get(runtime_id)
+        compiled = builds.needs_build(app.config, runtime.image)
+        if compiled and source == "swift":
+            raise BadRequest(f"Runtime {runtime_id} compiles its functions: upload a package (code source 'package'), not a Swift object.")
         if not (c.is_admin or runtime.is_public or runtime.project_id == c.project_id):
             raise BadRequest(f"Runtime {runtime_id} not found.", status=404)
         if runtime.status != "available":
@@ -122,11 +130,16 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest("Package is required for package type function.")
         function_id = new_id()
         md5 = await app.packages.put(c.project_id, function_id, 0, package, code.get("md5sum"))
+        code = {"source": "package", "md5sum": md5}
+        if compiled:
+            code["build"] = {"status": builds.BUILDING}
         try:
-            row = await app.store.functions.add(id=function_id, code={"source": "package", "md5sum": md5}, **values)
+            row = await app.store.functions.add(id=function_id, code=code, **values)
         except Exception:
             await app.packages.delete(PackageRef(c.project_id, function_id, 0, md5))
             raise
+        if compiled:
+            app.builds.start(row, runtime.image)
     elif source == "swift":
         swift = code.get("swift") or {}
         if not swift.get("container") or not swift.get("object"):
@@ -160,6 +173,11 @@ async def show(request: web.Request) -> web.StreamResponse:
         if row.code.get("source") == "swift":
             swift = row.code.get("swift") or {}
             ref = await app.packages.fetch_swift(row.project_id, row.id, swift.get("container", ""), swift.get("object", ""))
+        elif parse_bool(request.query.get("artifact"), "artifact"):
+            # What an engine's pod runs for a compiled runtime: the built artifact.
+            ref = builds.artifact_ref(row, 0)
+            if ref is None:
+                raise BadRequest(f"Function {row.id} has no built artifact (status: {builds.status(row.code)}).", status=404)
         else:
             ref = PackageRef(row.project_id, row.id, 0, row.code.get("md5sum"))
         data = await app.packages.get(ref)
@@ -195,7 +213,7 @@ def _update_code(fields: dict[str, Any], package: bytes | None) -> dict | None:
 async def update(request: web.Request) -> web.Response:
     app = hw(request)
     c = ctx(request)
-    row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
+    row = old_row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
     fields, package = await _form(request)
     code = _update_code(fields, package)
     values: dict[str, Any] = {}
@@ -246,6 +264,8 @@ async def update(request: web.Request) -> web.Response:
         # Same path when the content is unchanged (the name carries the md5): then nothing to delete.
         new_md5 = await app.packages.put(row.project_id, row.id, 0, package, code.get("md5sum"))
         values["code"] = {"source": "package", "md5sum": new_md5}
+        if builds.build_state(row.code) is not None:
+            values["code"]["build"] = builds.rebuilding(row.code)
     if not values:
         return web.json_response(serialize(row))
     try:
@@ -256,6 +276,9 @@ async def update(request: web.Request) -> web.Response:
         raise
     if new_md5 and old_md5 and new_md5 != old_md5:
         await app.packages.delete(PackageRef(row.project_id, row.id, 0, old_md5))
+    if builds.build_state(values.get("code")) is not None:
+        await _delete_artifact(app, old_row)
+        app.builds.start(row, (await app.store.runtimes.get(row.runtime_id)).image)
     if changes_code:
         # The next execution must start a worker with the new code, entry and limits.
         await app.engine.release(row.id, 0)
@@ -340,9 +363,20 @@ async def delete(request: web.Request) -> web.Response:
     await app.store.functions.delete(row.id)
     if row.code.get("source") == "package":
         await app.packages.delete(PackageRef(row.project_id, row.id, 0, row.code.get("md5sum")))
+        await _delete_artifact(app, row)
         for version in versions:
             await app.packages.delete(PackageRef(row.project_id, row.id, version.version_number, version.md5sum))
+            artifact = builds.artifact_ref(row, version.version_number)
+            if artifact is not None:
+                await app.packages.delete(artifact)
     return web.Response(status=204)
+
+
+async def _delete_artifact(app, row) -> None:
+    """Remove a function's built artifact (stored beside its package)."""
+    ref = builds.artifact_ref(row, 0)
+    if ref is not None and ref.md5sum != row.code.get("md5sum"):
+        await app.packages.delete(ref)
 
 
 def routes(app: web.Application) -> None:

@@ -74,7 +74,9 @@ SCHEMAS: dict[str, Any] = {
         _obj({"source": {"type": "string", "enum": ["image"]}, "image": NAME}, required=("source", "image")),
     ]},
     "Function": _obj({**COMMON, "name": NSTR, "description": NSTR, "runtime_id": NSTR, "code": _ref("Code"),
-                      "entry": NSTR, "cpu": INT, "memory_size": INT, "timeout": NINT, "count": INT, "latest_version": INT}),
+                      "entry": NSTR, "cpu": INT, "memory_size": INT, "timeout": NINT, "count": INT, "latest_version": INT,
+                      # The build step of compiled runtimes (go): building → available, or error with the compiler's message.
+                      "status": {"type": "string", "enum": ["building", "available", "error"]}, "status_reason": NSTR}),
     "Worker": _obj({"function_id": STR, "function_version": INT, "worker_name": STR}),
     "FunctionVersion": _obj({**COMMON, "function_id": STR, "description": NSTR, "version_number": INT, "count": INT}),
     "FunctionAlias": _obj({**COMMON, "name": STR, "function_id": STR, "function_version": INT, "description": NSTR}),
@@ -277,8 +279,8 @@ PATHS: dict[str, Any] = {
                         JSON: {"schema": _ref("FunctionJson")}}}),
     },
     "/v1/functions/{id}": {
-        "get": _op("Show a function, or download its package with download=true", 200, "Function",
-                   errors=(400, 404, 405), params=ID + [_query("download", BOOL_OR_TEXT)],
+        "get": _op("Show a function, or download its package with download=true (its built artifact with artifact=true)", 200,
+                   "Function", errors=(400, 404, 405), params=ID + [_query("download", BOOL_OR_TEXT), _query("artifact", BOOL_OR_TEXT)],
                    ok_content={JSON: {"schema": _ref("Function")}, **ZIP}),
         "put": _op("Update a function", 200, "Function", errors=(400, 403, 404), params=ID,
                    request=_body("FunctionUpdateForm", required=False, form="FunctionUpdateForm")),
@@ -294,12 +296,12 @@ PATHS: dict[str, Any] = {
                                               params=ID + [_query("function_version", INT_OR_TEXT)])},
     "/v1/functions/{id}/versions": {
         "get": _op("List a function's versions", 200, "FunctionVersionList", errors=(404,), params=ID),
-        "post": _op("Snapshot the function's package as a new version", 201, "FunctionVersion",
-                    errors=(400, 403, 404), params=ID, request=_body("VersionCreate", required=False)),
+        "post": _op("Snapshot the function's package (and, for a compiled runtime, its built artifact) as a new version", 201,
+                    "FunctionVersion", errors=(400, 403, 404, 409), params=ID, request=_body("VersionCreate", required=False)),
     },
     "/v1/functions/{id}/versions/{version}": {
-        "get": _op("Show a version, or download its package with download=true", 200, "FunctionVersion",
-                   params=VERSION + [_query("download", BOOL_OR_TEXT)],
+        "get": _op("Show a version, or download its package with download=true (its built artifact with artifact=true)", 200,
+                   "FunctionVersion", params=VERSION + [_query("download", BOOL_OR_TEXT), _query("artifact", BOOL_OR_TEXT)],
                    ok_content={JSON: {"schema": _ref("FunctionVersion")}, **ZIP}),
         "delete": _op("Delete a version nothing uses", 204, errors=(400, 403, 404), params=VERSION),
     },

@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from router import builds
 from router.api.common import check_download_token, ctx, format_time, hw, parse_bool, parse_int
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.api.functions import detach_version, function_for_admin, scale_version
@@ -49,6 +50,10 @@ async def create(request: web.Request) -> web.Response:
     if function.code.get("source") != "package":
         raise NotAllowed("Function versioning only allowed for package type function.")
     md5 = function.code.get("md5sum")
+    artifact = builds.artifact_ref(function, 0)
+    if builds.build_state(function.code) is not None and artifact is None:
+        raise BadRequest(f"Function {function.id} is {builds.status(function.code)}: a version of a compiled function "
+                         "snapshots its built artifact, so create it once the function is available.", status=409)
     existing = await app.store.versions.for_function(function.id)
     if len(existing) >= MAX_VERSIONS:
         raise NotAllowed(f"Can not exceed maximum number({MAX_VERSIONS}) of versions")
@@ -58,6 +63,9 @@ async def create(request: web.Request) -> web.Response:
                                             md5sum=md5, max_versions=MAX_VERSIONS)
     try:
         await app.packages.copy(PackageRef(function.project_id, function.id, 0, md5), row.version_number)
+        if artifact is not None:
+            await app.packages.copy(artifact, row.version_number)
+            await app.store.functions.update(function.id, {"code": builds.with_version(function.code, row.version_number, artifact.md5sum)})
     except Exception:
         await app.store.versions.delete(row.id)
         raise
@@ -78,7 +86,13 @@ async def show(request: web.Request) -> web.StreamResponse:
     row = await app.store.versions.get_number(function.id, number)
     if parse_bool(request.query.get("download"), "download"):
         check_download_token(request, function.id, number)
-        data = await app.packages.get(PackageRef(function.project_id, function.id, number, row.md5sum))
+        ref = PackageRef(function.project_id, function.id, number, row.md5sum)
+        if parse_bool(request.query.get("artifact"), "artifact"):
+            # What an engine's pod runs for a compiled runtime: the version's built artifact.
+            ref = builds.artifact_ref(function, number)
+            if ref is None:
+                raise BadRequest(f"Function {function.id} version {number} has no built artifact.", status=404)
+        data = await app.packages.get(ref)
         return web.Response(body=data, content_type="application/zip",
                             headers={"Content-Disposition": f'attachment; filename="{function.id}_{number}"'})
     return web.json_response(serialize(row))
@@ -100,6 +114,10 @@ async def delete(request: web.Request) -> web.Response:
     await app.engine.release(function.id, number)
     await app.store.versions.delete(row.id)
     await app.packages.delete(PackageRef(function.project_id, function.id, number, row.md5sum))
+    artifact = builds.artifact_ref(function, number)
+    if artifact is not None:
+        await app.packages.delete(artifact)
+        await app.store.functions.update(function.id, {"code": builds.with_version(function.code, number, None)})
     log.info("function version deleted", extra={"function_id": function.id, "function_version": number})
     return web.Response(status=204)
 

@@ -13,7 +13,10 @@
 #
 # The modules, one job each (headwater_runtime/): http (the protocol), pool (warm children and one
 # execution), child (what runs in a forked child), sandbox (uids, environment, killing), limits
-# (rlimits), packages (fetch and unpack), pipes (framing between server and children).
+# (rlimits), packages (fetch and unpack), pipes (framing between server and children), namespaces
+# (network, private scratch), tracing, language (the hook runtimes/go and runtimes/php set: their
+# workers run in these same contained children) and contained (one program, a compiler, run once
+# under the same containment).
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import signal
 import sys
 import tempfile
 
-from headwater_runtime import namespaces, packages, pipes, pool, sandbox
+from headwater_runtime import contained, namespaces, packages, pipes, pool, sandbox
 from headwater_runtime.http import Server
 
 async def serve(host: str, port: int, work_dir: str, parent_pid: int | None, *, token: str, announce_token: bool,
@@ -78,7 +81,7 @@ async def _reap_orphans() -> None:
     while True:
         await asyncio.sleep(1.0)
         for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in pool.CHILDREN:
+            if not name.isdigit() or int(name) in pool.CHILDREN or int(name) in contained.CONTAINED:
                 continue
             try:
                 with open(f"/proc/{name}/stat") as fh:

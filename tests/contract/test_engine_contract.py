@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import os
 import time
 import uuid
@@ -15,6 +17,7 @@ import pytest
 from router.config import Config
 from router.plugins import Engine, ExecutionRequest, FunctionSpec, PackageRef, load
 from tests.processes import gone, pid_path
+from tests.services import require_tool
 
 MAIN_PY = '''
 import os, subprocess, sys, time
@@ -224,3 +227,30 @@ async def test_cancelling_execute_stops_the_function_and_the_engine_serves_next(
     assert gone(pid), "the cancelled function kept running"
     after = await engine.execute(req(spec(ref, "main.add"), {"a": 2, "b": 2}))
     assert (after.status, after.output) == ("success", 4)
+
+
+GO_HANDLER = 'package handler\n\nfunc Hello(name string) string {\n\treturn "Hello from Go, " + name\n}\n'
+
+
+async def test_build_compiles_a_package_once_and_the_artifact_runs(env):
+    """The optional build step (compiled runtimes): the engine builds in the runtime's own environment;
+    the artifact, stored like a package, runs without the compiler; a broken package gives the compiler's message."""
+    require_tool("go", "the go runtime builds with it")
+    engine, ref, tmp_path = env
+    store = engine.packages
+    go_ref = dataclasses.replace(ref, md5sum=await store.put("proj", ref.function_id, 0, make_zip(tmp_path / "go.zip", {"handler.go": GO_HANDLER})))
+    go = dataclasses.replace(spec(go_ref, "handler.Hello", image="headwater/go-runtime"), runtime_id="rt-go")
+    built = await engine.build(go)
+    assert built.ok and built.artifact, built.message
+    with zipfile.ZipFile(io.BytesIO(built.artifact)) as zf:
+        assert sorted(zf.namelist()) == ["bootstrap", "handler.go"]
+    artifact = dataclasses.replace(go_ref, md5sum=await store.put("proj", ref.function_id, 0, built.artifact))
+    go = dataclasses.replace(go, package=artifact, code={"source": "package", "md5sum": go_ref.md5sum, "build": {"status": "available"}})
+    result = await engine.execute(req(go, "contract"))
+    assert (result.status, result.output) == ("success", "Hello from Go, contract"), result
+    broken_ref = dataclasses.replace(ref, function_id=str(uuid.uuid4()))
+    broken_ref = dataclasses.replace(broken_ref, md5sum=await store.put("proj", broken_ref.function_id, 0, make_zip(
+        tmp_path / "broken.zip", {"handler.go": "package handler\n\nfunc Hello() string { return nope }\n"})))
+    failed = await engine.build(dataclasses.replace(spec(broken_ref, "handler.Hello", image="headwater/go-runtime"), runtime_id="rt-go"))
+    assert not failed.ok and failed.artifact is None
+    assert "undefined: nope" in failed.message and "handler.go:3" in failed.message

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import zipfile
 
 import pytest
 
 from tests.e2e.server import Server, make_zip
+from tests.services import require_tool
 
 # Run as root (CI): the runtimes give every child a uid, a network namespace and scratch of its own.
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local engine contains functions only when it runs as root")
@@ -97,8 +99,9 @@ def function(server, runtime, files: dict[str, str] | None = None, entry: str = 
 
 
 def run(server, function_id, entry, input=None) -> str:
-    """Run one entry of the hostile package (a function per entry would each start a worker)."""
-    body = {"function_id": function_id, "input": {"__entry": entry, **(input or {})}}
+    """Run one entry of the hostile package (a function per entry would each start a worker); with
+    entry None, the function itself with `input`."""
+    body = {"function_id": function_id, "input": {"__entry": entry, **(input or {})} if entry else input}
     resp = server.request("POST", "/v1/executions", body, timeout=60)
     assert resp.status == 201, resp.text
     execution = resp.json()
@@ -171,3 +174,64 @@ def test_a_zip_bomb_is_refused_at_upload(server, runtime):
 
 def test_fifty_threads_under_the_default_memory_limit(server, dispatcher):
     assert run(server, dispatcher, "threads", {"n": 50}) == 50
+
+
+# Go and PHP children are the same contained children (the shared runtime server forks and contains
+# them, then execs the language's worker): the same escapes are denied.
+GO_CONNECT = {"handler.go": '''package handler
+
+import (
+	"net"
+	"strconv"
+	"time"
+)
+
+type Target struct {
+	Host string `json:"host"`
+	Port int    `json:"port"`
+}
+
+func Connect(t Target) (string, error) {
+	conn, err := net.DialTimeout("tcp", net.JoinHostPort(t.Host, strconv.Itoa(t.Port)), 3*time.Second)
+	if err != nil {
+		return "denied: " + err.Error(), nil
+	}
+	conn.Close()
+	return "connected", nil
+}
+'''}
+
+PHP_CONNECT = {"connect.php": '''<?php
+function main($input, $context) {
+    $sock = @fsockopen($input['host'], $input['port'], $errno, $errstr, 3);
+    if ($sock === false) {
+        return "denied: $errstr";
+    }
+    fclose($sock);
+    return "connected";
+}
+'''}
+
+
+def language_function(server, image: str, entry: str, files: dict[str, str]) -> str:
+    """A function of another language's runtime, once built (go) or at once (php)."""
+    resp = server.request("POST", "/v1/runtimes", {"image": image, "name": image.split("/")[-1]})
+    assert resp.status == 201, resp.text
+    function_id = function(server, resp.json()["id"], files, entry=entry)
+    deadline = time.monotonic() + 240
+    while server.request("GET", f"/v1/functions/{function_id}").json()["status"] == "building":
+        assert time.monotonic() < deadline, f"function {function_id} still building"
+        time.sleep(0.1)
+    assert server.request("GET", f"/v1/functions/{function_id}").json()["status"] == "available"
+    return function_id
+
+
+@pytest.mark.parametrize("tool,image,entry,files", [
+    ("go", "headwater/go-runtime", "handler.Connect", GO_CONNECT),
+    ("php", "headwater/php-runtime", "connect.main", PHP_CONNECT),
+], ids=["go", "php"])
+def test_go_and_php_functions_cannot_connect_to_host_services(server, tool, image, entry, files):
+    require_tool(tool, f"the {tool} runtime needs it")
+    function_id = language_function(server, image, entry, files)
+    for host, port in (("127.0.0.1", 5432), ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))):
+        assert run(server, function_id, None, {"host": host, "port": port}).startswith("denied"), (tool, host, port)

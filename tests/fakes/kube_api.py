@@ -84,7 +84,23 @@ def python3_runtime_image() -> FakeImage:
     """runtimes/python3/Dockerfile, as the fake kubelet runs it."""
     return FakeImage(
         cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
-        files={"/opt/headwater/server.py": str(REPO / "runtimes" / "python3" / "server.py")},
+        files={"/opt/headwater/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
+               "/opt/headwater/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
+        binaries={"python": sys.executable, "python3": sys.executable},
+        workdir="/var/headwater",
+    )
+
+
+def shared_server_runtime_image(runtime: str) -> FakeImage:
+    """runtimes/go/Dockerfile and runtimes/php/Dockerfile (the shared server with another language's
+    worker), as the fake kubelet runs them: the toolchain is the host's (go, php on PATH)."""
+    return FakeImage(
+        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
+        # The launcher finds the shared server (server.py and its headwater_runtime package) beside
+        # its own folder in the source tree, as below it in the image.
+        files={"/opt/headwater/server.py": str(REPO / "runtimes" / runtime / "server.py"),
+               "/opt/headwater/python3/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
+               "/opt/headwater/python3/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
         binaries={"python": sys.executable, "python3": sys.executable},
         workdir="/var/headwater",
     )
@@ -97,7 +113,8 @@ def python_image() -> FakeImage:
 
 def default_images() -> dict[str, FakeImage]:
     runtime = python3_runtime_image()
-    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image()}
+    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image(),
+            "headwater/go-runtime": shared_server_runtime_image("go"), "headwater/php-runtime": shared_server_runtime_image("php")}
 
 
 # ---------------------------------------------------------------------------------------------

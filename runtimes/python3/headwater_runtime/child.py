@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 
-from headwater_runtime import limits as limits_mod, pipes, sandbox
+from headwater_runtime import language, limits as limits_mod, pipes, sandbox
 
 def main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int,
                 uid: int = 0) -> None:
@@ -24,25 +24,21 @@ def main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_
     me = sandbox.CHILD_PID = os.getpid()
     try:
         os.setsid()  # own process group: the server kills the whole tree with one killpg
-        path_entry = sandbox.enter(pkg_dir, uid)
+        # A language's worker opens its package by absolute path: keep it visible under private /tmp.
+        path_entry = sandbox.enter(pkg_dir, uid, keep=(pkg_dir,) if language.LANGUAGE is not None else ())
         sandbox.die_with_parent(server_pid)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big file raises OSError, not a silent death
-        for fd in pipes.SERVER_FDS - {req_r, result_w, log_w}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log_w, 1)
-        os.dup2(log_w, 2)
-        os.close(devnull)
+        sandbox.own_stdio(log_w, keep={req_r, result_w})
         os.close(log_w)
         # asyncio remembers the server's running loop per thread; clear it so the function may use
         # asyncio.run().
         asyncio.events._set_running_loop(None)
         asyncio.set_event_loop(None)
+        if language.LANGUAGE is not None:
+            language.exec_worker(entry, limits, req_r, result_w)  # never returns
         sys.path.insert(0, path_entry)
         limits_mod.apply(limits)
         func, takes_context, load_error = _load(entry)

@@ -1,4 +1,4 @@
-"""Just enough HTTP/1.1 for the runtime protocol: Content-Length bodies, keep-alive, /ping, /execute, /cancel."""
+"""Just enough HTTP/1.1 for the runtime protocol: Content-Length bodies, keep-alive, /ping, /execute, /cancel (and a language's routes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import logging
 import time
 
-from headwater_runtime import pipes, pool
+from headwater_runtime import language, pipes, pool
 
 LOG = logging.getLogger("headwater.runtime.python3")
 
@@ -90,8 +90,10 @@ class Server:
             writer.close()
 
     def _authorized(self, target: str, headers: dict[str, str]) -> bool:
-        """/execute and /cancel need the server's credential; /ping (health probes) and 404s do not."""
-        if target.split("?", 1)[0] not in ("/execute", "/cancel"):
+        """/execute, /cancel and a language's routes (go: /build) need the server's credential; /ping
+        (health probes) and 404s do not."""
+        path = target.split("?", 1)[0]
+        if path not in ("/execute", "/cancel") and path not in language.routes():
             return True
         given = hashlib.sha256(headers.get("authorization", "").encode("latin-1")).digest()
         return hmac.compare_digest(given, self.authorization)
@@ -109,7 +111,8 @@ class Server:
                     reader: asyncio.StreamReader | None = None) -> tuple[int, bytes, str]:
         if path == "/ping":
             return 200, b"pong", "text/plain"
-        if path in ("/execute", "/cancel"):
+        extra = language.routes().get(path)  # a language's own (go: /build)
+        if path in ("/execute", "/cancel") or extra is not None:
             if method != "POST":
                 return 405, b"use POST", "text/plain"
             try:
@@ -118,7 +121,9 @@ class Server:
                     raise ValueError("body must be a JSON object")
             except ValueError as exc:
                 return 400, f"invalid JSON body: {exc}".encode(), "text/plain"
-            if path == "/cancel":
+            if extra is not None:
+                reply = await extra(self, req)
+            elif path == "/cancel":
                 reply = {"cancelled": self.cancel(str(req.get("execution_id") or ""))}
             else:
                 reply = await self._execute_watched(req, reader)

@@ -12,7 +12,10 @@ DEFAULT_NPROC = 128  # processes (and threads) a function may have beside its ow
 DEFAULT_FSIZE = 524288000  # largest file a function may write (bytes); Qinling's value
 
 
-def apply(limits: dict) -> None:
+def apply(limits: dict, footprint: int | None = None, threads: int = 0) -> None:
+    """The execution's rlimits on this process. `footprint` (bytes) replaces the measured data size
+    and `threads` adds room for the runtime's own threads, for a child that next execs another
+    language's worker (Go, PHP): what the function may add is the same for every runtime."""
     def cap(kind, value):
         value = int(value)
         soft, hard = resource.getrlimit(kind)
@@ -25,12 +28,12 @@ def apply(limits: dict) -> None:
         # RLIMIT_NPROC counts every task (process or thread) of the uid. With a sandbox uid that is
         # exactly this child's tree, so the limit is what the function may add to what runs now.
         # Without one (a container's single uid) the server's own tasks count too: same formula.
-        cap(resource.RLIMIT_NPROC, _uid_tasks() + int(limits.get("processes") or DEFAULT_NPROC))
+        cap(resource.RLIMIT_NPROC, _uid_tasks() + threads + int(limits.get("processes") or DEFAULT_NPROC))
     cap(resource.RLIMIT_FSIZE, limits.get("file_size") or DEFAULT_FSIZE)
     if limits.get("memory_size"):
         # The limit is what the function may allocate on top of the interpreter's own footprint:
         # an absolute 32 MiB cap would leave a Python process no room at all.
-        cap(resource.RLIMIT_DATA, _vm_data() + int(limits["memory_size"]))
+        cap(resource.RLIMIT_DATA, (_vm_data() if footprint is None else footprint) + int(limits["memory_size"]))
 
 
 def _uid_tasks() -> int:

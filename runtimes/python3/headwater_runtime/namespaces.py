@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -30,8 +31,9 @@ def available() -> bool:
     return os.geteuid() == 0 and sandbox.LIBC is not None
 
 
-def isolate() -> None:
-    """In a forked child, before any user code and before the uid switch: apply SETTINGS."""
+def isolate(keep: tuple[str, ...] = ()) -> None:
+    """In a forked child, before any user code and before the uid switch: apply SETTINGS. The
+    directories in `keep` stay reachable at their paths even if a scratch mount covers them."""
     if not available():
         return
     flags = CLONE_NEWNS | (CLONE_NEWNET if SETTINGS["network"] == "none" else 0)
@@ -40,8 +42,11 @@ def isolate() -> None:
         _loopback_up()
     # Mounts made below must not propagate back to the host's namespace.
     _check(sandbox.LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-    # Held open across the scratch mounts, which hide them: what this program runs from.
-    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in kept_under_scratch()]
+    # Opened in the new namespace (a bind mount's source must be in it), before anything is covered:
+    # directories the caller needs (`keep`, writable) and what this program itself runs from (read-only).
+    # The read-only ones first: a writable `keep` directory inside one of them is bound over it.
+    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY), True) for path in kept_under_scratch() if path not in keep]
+    kept += [(path, os.open(path, os.O_PATH | os.O_DIRECTORY), False) for path in keep]
     size = int(SETTINGS["scratch_size"])
     for target in (b"/tmp", b"/dev/shm"):
         if os.path.isdir(target):
@@ -52,13 +57,23 @@ def isolate() -> None:
     if os.path.isdir(b"/var/tmp"):
         # The other world-writable scratch directory: the same private /tmp, not the host's.
         _check(sandbox.LIBC.mount(b"/tmp", b"/var/tmp", None, MS_BIND, None), "mount --bind /tmp /var/tmp")
-    for path, fd in kept:
-        # Read-only, at the same path: the interpreter, its packages and this runtime still import.
-        os.makedirs(path, exist_ok=True)
-        source = f"/proc/self/fd/{fd}".encode()
-        _check(sandbox.LIBC.mount(source, path.encode(), None, MS_BIND | MS_REC, None), f"mount --bind {path}")
-        _check(sandbox.LIBC.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"mount -o remount,ro {path}")
+    for path, fd, read_only in kept:
+        _uncover(path, fd, read_only)
         os.close(fd)
+
+
+def _uncover(path: str, fd: int, read_only: bool) -> None:
+    """Bind the directory open as `fd` back onto `path` if a scratch mount now hides it there: only
+    this directory comes back, not its covered siblings (other functions' packages, builds)."""
+    with contextlib.suppress(OSError):
+        here, there = os.stat(path), os.fstat(fd)
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return  # not covered
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    _check(sandbox.LIBC.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None),
+           f"mount --bind {path}")
+    if read_only:
+        _check(sandbox.LIBC.mount(None, path.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None), f"mount -o remount,ro {path}")
 
 
 def kept_under_scratch() -> list[str]:

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from headwater_runtime import child as child_mod, packages as packages_mod, pipes, sandbox, tracing
+from headwater_runtime import child as child_mod, language, packages as packages_mod, pipes, sandbox, tracing
 
 LOG = logging.getLogger("headwater.runtime.python3")
 
@@ -257,6 +257,12 @@ class Execution:
                     # An outside SIGKILL (the kernel OOM killer, a cgroup limit) is almost always memory.
                     result["reason"] = "memory"
         logs = self.log_buf.decode("utf-8", "replace")
+        if self.result is None and not self.timed_out:
+            # A worker's runtime dies on its own for some limits (Go: "fatal error: runtime: out of
+            # memory"); the language names the reason from the exit and the last log lines.
+            named = language.crash_reason(self.child.status or 0, logs)
+            if named:
+                result = {"status": "failed", "reason": named[0], "output": named[1]}
         if self.log_dropped:
             logs += f"\n[logs truncated: {self.log_dropped} more bytes were dropped]\n"
         ok = result.get("status") == "success"
@@ -309,6 +315,8 @@ class Pool:
             LOG.warning("execution %s: %s", execution_id, exc)
             return {"success": False, "status": "failed", "reason": "error", "output": str(exc),
                     "duration": 0.0, "logs": ""}
+        if language.LANGUAGE is not None:
+            pkg_dir = language.LANGUAGE.prepare(pkg_dir, sandboxed=sandbox.SANDBOX["uids"])
         limits = req.get("limits") or {}
         limits = {k: limits[k] for k in ("memory_size", "processes", "files", "file_size") if limits.get(k)}
         key = (pkg_dir, req.get("entry") or "main.main", json.dumps(limits, sort_keys=True))
@@ -345,7 +353,8 @@ class Pool:
             if not idle and not self.stopping:
                 loop.call_soon(self._spare, loop, key, limits)
             raise
-        leftovers = bool(execution.result and execution.result.get("leftovers"))
+        # A worker that left processes running, or that cannot serve again (a PHP fatal error), is recycled.
+        leftovers = bool(execution.result and (execution.result.get("leftovers") or execution.result.get("recycle")))
         if leftovers:
             LOG.info("execution %s left processes running; recycling its child", execution_id)
         if child.alive and reply["reason"] != "timeout" and not leftovers and not self.stopping:

@@ -53,8 +53,10 @@ SANDBOX_UID = 0  # in a child: the sandbox uid it runs as (0: none)
 PKG_PREFIXES: list[str] = []  # in a child: path prefixes of the package, cut from tracebacks
 
 
-def enter(pkg_dir: str, uid: int) -> str:
-    """Drop to the sandbox uid (when given) and return the sys.path entry for the package."""
+def enter(pkg_dir: str, uid: int, keep: tuple[str, ...] = ()) -> str:
+    """Drop to the sandbox uid (when given) and return the sys.path entry for the package. `keep`:
+    directories the process reaches by absolute path (a PHP package, a build's tree) that stay
+    visible at that path when private scratch space is mounted over their parent."""
     global SANDBOX_UID
     env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -63,7 +65,7 @@ def enter(pkg_dir: str, uid: int) -> str:
         os.chdir(pkg_dir)
     dir_fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)  # opened before /tmp is replaced below
     pipes.SERVER_FDS.discard(dir_fd)
-    namespaces.isolate()
+    namespaces.isolate(keep)
     if namespaces.available():
         env["TMPDIR"] = env["HOME"] = "/tmp"  # the private scratch space
     os.environ.clear()
@@ -128,6 +130,18 @@ def _keep_imports_reachable() -> None:
                     break
     sys.path_importer_cache.clear()
 
+
+def own_stdio(out: int, keep: set[int]) -> None:
+    """In a child: close the server's descriptors (but `out` and `keep`), stdin from /dev/null,
+    stdout and stderr to `out`."""
+    for fd in pipes.SERVER_FDS - keep - {out}:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
 
 
 def killpg(pid: int) -> None:
