@@ -48,8 +48,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("pool_size", "int", 10, "Connection pool size (PostgreSQL).", minimum=1),
     ],
     "bus": [
-        _opt("backend", "str", "memory", "Event bus backend, by plugin name (memory, rabbitmq, nats)."),
-        _opt("url", "str", None, "Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/ or nats://127.0.0.1:4222."),
+        _opt("backend", "str", "sqlite", "Event bus backend, by plugin name: sqlite (embedded and durable: events and scheduled retries in <data_dir>/bus.db), rabbitmq, nats, or memory (tests and benchmarks only: a crash loses every event not yet handled and every retry waiting)."),
+        _opt("url", "str", None, "Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/ or nats://127.0.0.1:4222; for sqlite, sqlite:///<path of the bus file> (default <data_dir>/bus.db)."),
         _opt("prefetch", "int", 256, "Events a router holds unacknowledged at once.", minimum=1),
         _opt("max_deliveries", "int", 10, "Deliveries of one event before it is dead-lettered.", minimum=1),
     ],
