@@ -60,7 +60,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("backoff_max", "float", 60.0, "Cap on the wait between attempts (seconds).", minimum=0),
         _opt("jitter", "float", 0.2, "Share of each wait taken off at random (0..1), so retries of many events spread out.", minimum=0, maximum=1),
         _opt("max_event_age", "float", 0, "Seconds after an event's time beyond which it is dead-lettered instead of run again (0: no limit).", minimum=0),
-        _opt("retry_on", "list", ["error", "timeout"], "Outcomes that are retried: error (platform), timeout, failed (any function failure)."),
+        _opt("retry_on", "list", ["error", "timeout", "failed"], "Outcomes of event-triggered executions that are retried: error (platform), timeout, failed (any function failure). The default follows AWS Lambda's asynchronous invocations: any failure is retried (max_attempts 3: two retries with backoff), then dead-lettered. Sync executions (POST /v1/executions) are never retried."),
         _opt("dead_letter_topic", "str", None, "Bus topic dead letters are also published to (besides the dead_letters table)."),
         _opt("lease_margin", "float", 30.0, "Seconds beyond a function's timeout before another worker may take over an execution whose worker went silent.", minimum=0.1),
     ],

@@ -51,7 +51,7 @@ class DeliveryPolicy:
     backoff_max: float = 60.0
     jitter: float = 0.2
     max_age: float | None = None
-    retry_on: frozenset[str] = frozenset({"error", "timeout"})
+    retry_on: frozenset[str] = frozenset(RETRYABLE)
     dead_letter_topic: str | None = None
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
