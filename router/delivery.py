@@ -158,11 +158,12 @@ def default_policy(config: Config) -> DeliveryPolicy:
                           dead_letter_topic=d.dead_letter_topic)
 
 
-def retry_copy(event: Event, subscription_id: str, attempt: int, last_status: str) -> Event:
-    """The event as it travels to its next attempt: same id (same execution record), marked for
-    one subscription and numbered."""
-    extensions = {**event.extensions, RETRY_SUBSCRIPTION_EXT: subscription_id, RETRY_ATTEMPT_EXT: attempt,
-                  RETRY_LAST_STATUS_EXT: last_status}
+def retry_copy(event: Event, subscription_id: str, attempt: int, last_status: str | None) -> Event:
+    """The event as it travels to its next attempt (or to a limited subscription's parking
+    topic): same id (same execution record), marked for one subscription and numbered."""
+    extensions = {**event.extensions, RETRY_SUBSCRIPTION_EXT: subscription_id, RETRY_ATTEMPT_EXT: attempt}
+    if last_status is not None:
+        extensions[RETRY_LAST_STATUS_EXT] = last_status
     return dataclasses.replace(event, extensions=extensions)
 
 

@@ -288,7 +288,8 @@ class ExecutionService:
         try:
             if self.limits.limited(sub):
                 # The subscription's limits (concurrency, rate, order by key) admit it first: an event
-                # over a limit waits here, unacknowledged on the bus, and is never dropped.
+                # over a limit waits here, unacknowledged on the subscription's own parking topic
+                # (the dispatcher parks events of limited subscriptions there), never dropped.
                 async with self.limits.admit(sub, event):
                     await self._run_for_event(event, sub, execution_id, attempt, last_status)
             else:
