@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import uuid
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -16,8 +15,7 @@ from router.dispatch import parked_topic
 from router.events import Event, execution_id_for
 from router.limits import Clock, Limiter
 from router.plugins import ExecutionRequest, ExecutionResult
-from tests.contract.test_bus_contract import _cleanup_nats, _cleanup_rabbitmq
-from tests.services import NATS_URL, RABBITMQ_URL, require_service
+from tests.buses import BUSES, bus_settings
 from tests.unit.test_router_flow import make_function
 
 BACKLOG = 1000
@@ -83,23 +81,11 @@ class OrderEngine:
         await asyncio.wait_for(until(), WAIT)
 
 
-@pytest.fixture(params=["sqlite", "memory", "rabbitmq", "nats"])
+@pytest.fixture(params=BUSES)
 async def app(request, tmp_path):
     # The defaults (the sqlite bus, the default prefetch) or another bus; only the clock and the
     # engine are the test's.
-    backend, run = request.param, uuid.uuid4().hex[:8]
-    bus: dict[str, str] = {}
-    cleanup = None
-    if backend == "rabbitmq":
-        require_service("RabbitMQ", "127.0.0.1", 5672)
-        bus = {"backend": backend, "url": f"{RABBITMQ_URL}?prefix=hwhol-{run}"}
-        cleanup = _cleanup_rabbitmq
-    elif backend == "nats":
-        require_service("NATS", "127.0.0.1", 4222)
-        bus = {"backend": backend, "url": f"{NATS_URL}?stream=HWHOL_{run}&subject_prefix=hwhol{run}"}
-        cleanup = _cleanup_nats
-    elif backend == "memory":
-        bus = {"backend": backend}
+    bus, cleanup = bus_settings(request.param)
     config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"}, "bus": bus})
     hw = Headwater(config)
     hw.clock = ManualClock()
