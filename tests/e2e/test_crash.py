@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.server import Server, make_zip
+from tests.processes import gone
 from tests.integration.test_durability import BusPlace, require
 
 pytestmark = [pytest.mark.slow]
@@ -173,17 +174,6 @@ def test_webhooks_answered_and_a_waiting_retry_survive_kill_9(backend, tmp_path,
             asyncio.run(place.cleanup())
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie is gone too (nobody reaps it once its parent died)
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    return False
-
-
 @pytest.mark.timeout(120)
 def test_a_killed_server_takes_its_runtimes_and_their_runs_along(tmp_path, shared_dir):
     """The run under way dies with the server: it cannot finish unrecorded and then run again."""
@@ -207,7 +197,7 @@ def test_a_killed_server_takes_its_runtimes_and_their_runs_along(tmp_path, share
         # cannot take this go. (Before, the runtime noticed up to a second later, and the run
         # finished meanwhile, unrecorded, to be run again after the restart.)
         go.touch()
-        wait_until(lambda: _gone(function_pid), "the function's process to die with the server")
+        wait_until(lambda: gone(function_pid), "the function's process to die with the server")
         assert not finished.exists(), "the run went on after its server died"
     finally:
         server.stop()

