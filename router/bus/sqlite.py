@@ -82,9 +82,10 @@ class _Writer:
         self.path = path
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-bus")
         self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, bool]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._durable = True  # the connection's synchronous setting: FULL (True) or NORMAL
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -93,8 +94,10 @@ class _Writer:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is fsynced before publish returns (NORMAL could lose the last commits on
-        # power loss). Commits are grouped, so this costs one fsync per batch, not per event.
+        # power loss). Commits are grouped, so this costs one fsync per batch, not per event;
+        # batches of claims and acks alone run NORMAL (see submit).
         conn.execute("PRAGMA synchronous=FULL")
+        self._durable = True
         conn.executescript(_SCHEMA)
         self._conn = conn
 
@@ -108,7 +111,7 @@ class _Writer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for _, future in self._pending:
+        for _, future, _ in self._pending:
             if not future.done():
                 future.set_exception(BusError("the sqlite bus is closed"))
         self._pending.clear()
@@ -117,12 +120,15 @@ class _Writer:
             self._conn = None
         self._thread.shutdown(wait=True)
 
-    def submit(self, operation: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
-        """Run `operation(connection)` in the next transaction; the future resolves after its commit."""
+    def submit(self, operation: Callable[[sqlite3.Connection], Any], *, durable: bool = True) -> asyncio.Future:
+        """Run `operation(connection)` in the next transaction; the future resolves after its commit.
+        A transaction holding only operations that need not survive a power loss (`durable`
+        False: claims, acks, lease renewals — losing one means a redelivery) is not fsynced at
+        its commit; the next durable commit fsyncs it along (the WAL keeps commits in order)."""
         if self._task is None:
             raise BusError("the sqlite bus is not started")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((operation, future))
+        self._pending.append((operation, future, durable))
         self._wake.set()
         return future
 
@@ -135,16 +141,17 @@ class _Writer:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
+                results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _, _ in batch],
+                                                     any(durable for _, _, durable in batch))
             except asyncio.CancelledError:
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(BusError("the sqlite bus closed before the commit"))
                 raise
             except Exception as exc:
                 log.error("sqlite bus transaction failed", exc_info=True, extra={"path": str(self.path)})
                 results = [BusError(f"the sqlite bus could not commit: {exc}")] * len(batch)
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -152,10 +159,14 @@ class _Writer:
                 else:
                     future.set_result(result)
 
-    def _transaction(self, operations: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    def _transaction(self, operations: list[Callable[[sqlite3.Connection], Any]], durable: bool) -> list[Any]:
         conn = self._conn
         assert conn is not None
         results: list[Any] = []
+        # FULL: fsynced before publish returns. NORMAL (in WAL mode): atomic, not yet fsynced.
+        if durable != self._durable:
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         conn.execute("BEGIN IMMEDIATE")
         try:
             for operation in operations:
@@ -387,7 +398,7 @@ class SqliteBus:
             until = time.time() + self.lease
             try:
                 await self._writer.submit(lambda c: c.execute(
-                    "UPDATE bus_messages SET visible_at = ? WHERE owner = ?", (until, owner)))
+                    "UPDATE bus_messages SET visible_at = ? WHERE owner = ?", (until, owner)), durable=False)
             except BusError:
                 log.warning("could not renew sqlite bus leases; trying again", exc_info=True)
 
@@ -463,10 +474,15 @@ class SqliteBus:
                                             (topic, group)).fetchone()[0]
             return out, next_visible
 
-        return await self._writer.submit(claim)
+        return await self._writer.submit(claim, durable=False)
 
     async def ack(self, row_id: int) -> None:
-        await self._writer.submit(lambda c: c.execute("DELETE FROM bus_messages WHERE id = ?", (row_id,)))
+        # Not waited for: the consumer's slot is free at once, and the delete rides the next
+        # commit. An ack lost to a crash means a redelivery, which the router recognises by the
+        # execution record (at-least-once, as on every bus).
+        future = self._writer.submit(lambda c: c.execute("DELETE FROM bus_messages WHERE id = ?", (row_id,)),
+                                     durable=False)
+        future.add_done_callback(_log_failed_ack)
 
     async def release(self, row_id: int, topic: str) -> None:
         await self.release_many([row_id], topic)
@@ -492,6 +508,11 @@ class SqliteBus:
         with contextlib.closing(sqlite3.connect(self.path, timeout=30.0)) as conn:
             return conn.execute("SELECT count(*) FROM bus_messages WHERE topic = ? AND grp IN (?, ?)",
                                 (topic, group, BACKLOG_GROUP)).fetchone()[0]
+
+
+def _log_failed_ack(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("sqlite bus ack failed; the event will be delivered again", exc_info=future.exception())
 
 
 def _move_to_dead_letters(conn: sqlite3.Connection, row_id: int, topic: str, body: bytes, reason: str) -> None:
