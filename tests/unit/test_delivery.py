@@ -221,12 +221,33 @@ async def test_deadletter_api_unhappy_paths(hw):
     assert (await (await hw.client.get("/v1/deadletters?source=http&limit=5")).json()) == {"deadletters": []}
 
 
-async def test_function_failures_are_not_retried_unless_asked(hw):
-    plain = await subscribe(hw, FAST)
+async def test_function_failures_are_retried_by_default_then_dead_lettered(hw):
+    """Like AWS Lambda's asynchronous invocations: an event-triggered function that fails gets two
+    more attempts with backoff, then a dead letter."""
+    sub = await subscribe(hw, {"backoff_initial": 0.05, "backoff_max": 0.2})  # only the waits shortened
+    await post_event(hw, "e3", {"fail": 99, "status": "failed", "reason": "error"})
+    row = await settled(hw, execution_id_for("e3", sub))
+    assert row.status == "failed" and row.attempts == 3 and hw.engine.calls[row.id] == 3
+    (letter,) = await hw.store.dead_letters.list()
+    assert letter.event_id == "e3" and "3 attempt(s) failed (max_attempts 3)" in letter.reason
+
+
+async def test_function_failures_are_not_retried_when_the_policy_says_so(hw):
+    plain = await subscribe(hw, {**FAST, "retry_on": ["error", "timeout"]})
     await post_event(hw, "e3", {"fail": 1, "status": "failed", "reason": "error"})
     row = await settled(hw, execution_id_for("/test", "e3", plain))
     assert row.status == "failed" and row.attempts == 1 and hw.engine.calls[row.id] == 1
     assert await hw.store.dead_letters.list() == []  # the function ran and failed: delivered, not dead
+
+
+async def test_sync_executions_are_never_retried(hw):
+    function_id = await make_function(hw)
+    resp = await hw.client.post("/v1/executions", json={"function_id": function_id, "input": {"fail": 1, "status": "failed",
+                                                                                              "reason": "error"}})
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    assert body["status"] == "failed" and hw.engine.calls[body["id"]] == 1
+    assert await hw.store.dead_letters.list() == []
 
 
 async def test_function_failures_are_retried_when_the_policy_says_so(hw):
