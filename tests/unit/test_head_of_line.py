@@ -130,8 +130,8 @@ async def test_a_backlog_behind_a_rate_limit_does_not_delay_another_subscription
     await app.bus.publish(event("fast", "com.example.fast"))  # published after all of them
 
     engine: OrderEngine = app.engine
-    slow_ids = [execution_id_for(e.id, limited) for e in backlog]
-    fast_id = execution_id_for("fast", other)
+    slow_ids = [execution_id_for(e.source, e.id, limited) for e in backlog]
+    fast_id = execution_id_for("/hol", "fast", other)
     slow_done = lambda: [x for x in engine.finished if x in set(slow_ids)]  # noqa: E731
 
     # The clock stands still: the limited subscription runs its burst of one and then waits.

@@ -58,7 +58,7 @@ async def first_attempt_fails(app: Headwater, backoff: float) -> str:
     resp = await app.client.post("/v1/events", json={"specversion": "1.0", "id": "r1", "source": "/test",
                                                      "type": "com.example.work", "data": {"fail": 1}})
     assert resp.status == 202, await resp.text()
-    execution_id = execution_id_for("r1", sub)
+    execution_id = execution_id_for("/test", "r1", sub)
     await wait_status(app, execution_id, (RETRYING,))
     return execution_id
 
