@@ -15,7 +15,7 @@ import orjson
 from router.batching import ITEM_FAILED
 from router.bus import Bus
 from router.config import Config, ConfigError
-from router.events import Event, derived_id, utcnow
+from router.events import Event, derived_id, execution_id_for, utcnow
 from router.metrics import Metrics
 from router.plugins import ExecutionResult, Subscription
 from router.store import Conflict, Store
@@ -248,7 +248,8 @@ class DeliveryService:
         if self.bus is None:
             raise RuntimeError("the delivery service has no bus to schedule retries on")
         copy = retry_copy(event, sub.id, next_attempt, last_status)
-        await self.bus.publish(copy, topic=RETRY_TOPIC, delay=delay, key=f"{event.id}/{sub.id}/{next_attempt}")
+        key = f"{execution_id_for(event.source, event.id, sub.id)}/{next_attempt}"  # an event is its source + id
+        await self.bus.publish(copy, topic=RETRY_TOPIC, delay=delay, key=key)
         log.info("retry scheduled", extra={"event_id": event.id, "subscription_id": sub.id, "attempt": next_attempt,
                                            "delay": round(delay, 3), "reason": last_status})
 

@@ -10,7 +10,7 @@ import logging
 from router import tracing
 from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery, dead_letter_topic
 from router.delivery import RETRY_TOPIC, clean, retry_copy, retry_marks
-from router.events import Event, derived_id
+from router.events import Event, derived_id, execution_id_for
 from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
 from router.log import current_event_id
@@ -97,7 +97,7 @@ class Dispatcher:
         """Hand the event to the subscription's parking topic: it waits there for the subscription's
         limits, holding none of the slots of the topic other subscriptions' events come on."""
         copy = retry_copy(event, sub.id, attempt, last_status)
-        topic, key = parked_topic(sub.id), f"{event.id}/{sub.id}/{attempt}/parked"
+        topic, key = parked_topic(sub.id), f"{execution_id_for(event.source, event.id, sub.id)}/{attempt}/parked"
         if ((sub.options or {}).get("limits") or {}).get("ordered"):
             # Concurrent publishes may be stored in any order; an ordered subscription's may not.
             # The lock comes first: an event must not overtake those waiting for the consumer.

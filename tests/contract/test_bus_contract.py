@@ -315,6 +315,19 @@ async def test_a_dead_letter_redelivered_keeps_its_reason(harness: Harness):
     assert all("schema mismatch" in (reason or "") for reason in dead.dead_letter_reasons), dead.dead_letter_reasons
 
 
+async def test_one_id_from_two_sources_is_two_events(harness: Harness):
+    # CloudEvents identity is source + id: a bus that de-duplicates publishes must not fold
+    # id 1001 from /shop/eu into id 1001 from /shop/us.
+    topic = harness.topic()
+    recorder = Recorder()
+    await harness.bus.consume(topic, "router", recorder)
+    same_id = uuid.uuid4().hex
+    for source in ("/shop/eu", "/shop/us"):
+        await harness.bus.publish(Event(id=same_id, source=source, type="org.openstack.headwater.test"), topic=topic)
+    await recorder.wait_count(2)
+    assert sorted(e.source for e in recorder.events) == ["/shop/eu", "/shop/us"]
+
+
 async def test_many_concurrent_events_none_lost_none_duplicated(harness: Harness):
     topic = harness.topic()
 
