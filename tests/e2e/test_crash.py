@@ -8,19 +8,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sqlite3
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.server import Server, make_zip
+from tests import processes
 from tests.processes import gone
 from tests.integration.test_durability import BusPlace, require
 
@@ -64,10 +62,9 @@ def function(server: Server, code: str, timeout: int = 5) -> str:
 
 @pytest.fixture
 def shared_dir():
-    """A directory the functions may write to (they run as another user, sandboxed)."""
-    path = Path(tempfile.gettempdir()) / f"hwcrash-{uuid.uuid4().hex[:10]}"
-    path.mkdir(mode=0o777)
-    os.chmod(path, 0o777)
+    """A directory the functions may write to (they run as another user, sandboxed, with a /tmp
+    of their own: so not under /tmp)."""
+    path = Path(processes.shared_dir("hwcrash-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
