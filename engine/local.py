@@ -27,6 +27,12 @@ LOG = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 20.0  # seconds for a runtime server to print its LISTENING line
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime server
+# Runtime servers die the moment this process dies, even by SIGKILL (Linux's parent-death signal,
+# set by util-linux's setpriv before it execs the server), and their function processes with them
+# (the runtime sets the same signal on those). Without it a server outlived a killed engine by up
+# to a second (its --parent-pid watcher) and finished runs nobody recorded, which ran again later.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_DIE_WITH_US = (_SETPRIV, "--pdeathsig", "KILL") if _SETPRIV else ()
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
@@ -369,7 +375,7 @@ class LocalEngine:
                    HEADWATER_RUNTIME_MAX_FILES=str(limits.max_package_files))
         env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
         process = await asyncio.create_subprocess_exec(
-            *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
+            *_DIE_WITH_US, *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
             "--parent-pid", str(os.getpid()), *(arg for d in package_dirs for arg in ("--package-dir", str(d))),
             "--network", self.config.engine.function_network,
             "--scratch-size", str(self.config.engine.function_scratch_size),

@@ -15,7 +15,8 @@ import aiohttp
 import orjson
 
 from router import __version__
-from router.config import Config
+from router.bus.sqlite import bus_path
+from router.config import Config, ConfigError
 from router.store import Database
 
 # oslo.upgradecheck's exit codes (`<service>-status upgrade check`).
@@ -72,6 +73,19 @@ async def _reachable(url: str | None, default_port: int) -> tuple[bool, str]:
     return True, f"{host}:{port} reachable"
 
 
+def _sqlite_bus(config: Config) -> tuple[str, str]:
+    """The embedded bus is a file: say where, and whether this user can open it."""
+    try:
+        path = bus_path(config, config.bus.url)
+    except ConfigError as exc:
+        return "FAIL", str(exc)
+    if not path.exists():
+        return "ok", f"sqlite: {path} (created at the server's first start)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return "FAIL", f"sqlite: {path} is not readable and writable by this user"
+    return "ok", f"sqlite: {path}"
+
+
 def _metric_sum(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -87,6 +101,8 @@ async def status(config: Config, url: str | None, auth_token: str | None, out: T
     backend = config.bus.backend
     if backend == "memory":
         rows.append(("bus", "ok", "memory (in the server's process; events are lost on a crash)"))
+    elif backend == "sqlite":
+        rows.append(("bus", *_sqlite_bus(config)))
     else:
         ok, detail = await _reachable(config.bus.url, {"rabbitmq": 5672, "nats": 4222}.get(backend, 0))
         rows.append(("bus", "ok" if ok else "FAIL", f"{backend}: {detail}"))
@@ -223,7 +239,7 @@ async def upgrade_check(config: Config, out: TextIO) -> int:
         await db.dispose()
     if config.bus.backend == "memory":
         results.append(("Event bus", WARNING, "[bus] backend = memory keeps events in one process and loses them on a "
-                                              "crash; use rabbitmq or nats in production"))
+                                              "crash; use sqlite (the default), rabbitmq or nats in production"))
     else:
         results.append(("Event bus", SUCCESS, f"[bus] backend = {config.bus.backend}"))
     out.write(table([(name, _RESULT[code], details) for name, code, details in results], ("Check", "Result", "Details")))

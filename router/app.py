@@ -36,6 +36,7 @@ from router.store import models
 log = logging.getLogger(__name__)
 
 INDEX_REFRESH_SECONDS = 5.0
+REDRIVE_SECONDS = 60.0  # how often retries overdue on the bus are looked for
 REFRESH_MARGIN = _dt.timedelta(seconds=2)
 
 
@@ -73,7 +74,7 @@ class _SourceContext:
 
     @property
     def durable(self) -> bool:
-        return self._app.config.bus.backend != "memory"
+        return self._app.bus_durable
 
     async def publish(self, event: Event, *, expect: Sequence[str] = (), settle: bool = False) -> dict[str, str]:
         event.extensions[SOURCE_KIND_EXTENSION] = self._kind
@@ -190,6 +191,7 @@ class Headwater:
 
         self.web = build_api(self)
         self._refresher: asyncio.Task | None = None
+        self._redriver: asyncio.Task | None = None
         self._refreshing: asyncio.Task | None = None
         self.index_fresh_as_of = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
         self.dispatcher.refresh_index = self.refresh_index_for
@@ -208,9 +210,13 @@ class Headwater:
         await self.history.start()
         await self.bus.start()
         await self.dispatcher.start()
+        # A bus that keeps nothing across a restart (memory) lost every retry that was waiting:
+        # put them all back now. Durable buses kept theirs; the periodic pass catches any lost.
+        await self.executions.redrive_retries(self.index.get, all_waiting=not self.bus_durable)
         for source in self.sources.values():
             await source.start(_SourceContext(self, source.kind))
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        self._redriver = asyncio.get_running_loop().create_task(self._redrive_loop())
         self.started_at = utcnow()
         log.info("headwater started", extra={
             "version": __version__, "config_files": list(self.config.files), "schema_revision": revision,
@@ -218,10 +224,16 @@ class Headwater:
             "engine": self.config.engine.backend, "sources": list(self.sources), "subscriptions": len(self.index),
             "public_url": self.config.api.public_url})
 
+    @property
+    def bus_durable(self) -> bool:
+        """Whether the bus keeps events and waiting retries across a crash (all but memory)."""
+        return self.config.bus.backend != "memory"
+
     async def stop(self) -> None:
-        if self._refresher:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in (self._refresher, self._redriver):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for source in reversed(list(self.sources.values())):
             await source.stop()
         await self.dispatcher.stop()
@@ -280,6 +292,14 @@ class Headwater:
     def _notify(self) -> None:
         for callback in self.change_listeners:
             callback()
+
+    async def _redrive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REDRIVE_SECONDS)
+            try:
+                await self.executions.redrive_retries(self.index.get, all_waiting=False)
+            except Exception:
+                log.exception("looking for retries lost by the bus failed; will look again")
 
     async def _refresh_loop(self) -> None:
         # Other replicas change the table too; a periodic full reload keeps this one's index honest.

@@ -15,7 +15,7 @@ import orjson
 from router.batching import ITEM_FAILED
 from router.bus import Bus
 from router.config import Config, ConfigError
-from router.events import Event, derived_id, utcnow
+from router.events import Event, derived_id, execution_id_for, utcnow
 from router.metrics import Metrics
 from router.plugins import ExecutionResult, Subscription
 from router.store import Conflict, Store
@@ -54,7 +54,7 @@ class DeliveryPolicy:
     backoff_max: float = 60.0
     jitter: float = 0.2
     max_age: float | None = None
-    retry_on: frozenset[str] = frozenset({"error", "timeout"})
+    retry_on: frozenset[str] = frozenset(RETRYABLE)
     dead_letter_topic: str | None = None
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
@@ -178,11 +178,12 @@ def cap_payload(payload: Any, limit: int) -> tuple[Any, str | None]:
     return {"truncated": True, "size": len(encoded), "head": head}, note
 
 
-def retry_copy(event: Event, subscription_id: str, attempt: int, last_status: str) -> Event:
-    """The event as it travels to its next attempt: same id (same execution record), marked for
-    one subscription and numbered."""
-    extensions = {**event.extensions, RETRY_SUBSCRIPTION_EXT: subscription_id, RETRY_ATTEMPT_EXT: attempt,
-                  RETRY_LAST_STATUS_EXT: last_status}
+def retry_copy(event: Event, subscription_id: str, attempt: int, last_status: str | None) -> Event:
+    """The event as it travels to its next attempt (or to a limited subscription's parking
+    topic): same id (same execution record), marked for one subscription and numbered."""
+    extensions = {**event.extensions, RETRY_SUBSCRIPTION_EXT: subscription_id, RETRY_ATTEMPT_EXT: attempt}
+    if last_status is not None:
+        extensions[RETRY_LAST_STATUS_EXT] = last_status
     return dataclasses.replace(event, extensions=extensions)
 
 
@@ -247,7 +248,8 @@ class DeliveryService:
         if self.bus is None:
             raise RuntimeError("the delivery service has no bus to schedule retries on")
         copy = retry_copy(event, sub.id, next_attempt, last_status)
-        await self.bus.publish(copy, topic=RETRY_TOPIC, delay=delay, key=f"{event.id}/{sub.id}/{next_attempt}")
+        key = f"{execution_id_for(event.source, event.id, sub.id)}/{next_attempt}"  # an event is its source + id
+        await self.bus.publish(copy, topic=RETRY_TOPIC, delay=delay, key=key)
         log.info("retry scheduled", extra={"event_id": event.id, "subscription_id": sub.id, "attempt": next_attempt,
                                            "delay": round(delay, 3), "reason": last_status})
 

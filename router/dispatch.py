@@ -1,4 +1,6 @@
-"""Dispatcher: consume events from the bus, match them to subscriptions, execute each match, ack."""
+"""Dispatcher: consume events from the bus, match them to subscriptions, execute each match, ack.
+Events for a subscription with limits are parked on that subscription's own topic instead, so that
+its backlog never holds the slots other subscriptions' events need (no head-of-line blocking)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,22 @@ import logging
 
 from router import tracing
 from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery, dead_letter_topic
-from router.delivery import RETRY_TOPIC, clean, retry_marks
-from router.events import derived_id
+from router.delivery import RETRY_TOPIC, clean, retry_copy, retry_marks
+from router.events import Event, derived_id, execution_id_for
 from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
 from router.log import current_event_id
 from router.metrics import Metrics
+from router.plugins import Subscription
 
 log = logging.getLogger(__name__)
 
+PARKED_TOPIC_PREFIX = "events.parked."
+
+
+def parked_topic(subscription_id: str) -> str:
+    """The topic where events wait for a limited subscription's concurrency, rate or ordering."""
+    return PARKED_TOPIC_PREFIX + subscription_id
 
 
 class Dispatcher:
@@ -30,6 +39,11 @@ class Dispatcher:
         self._consumer: Consumer | None = None
         self._retry_consumer: Consumer | None = None
         self._dead_letter_consumers: list[Consumer] = []
+        # Consumers of limited subscriptions' parking topics, by subscription id; kept until stop
+        # (events parked before a subscription's limits were lifted still need taking).
+        self._parked_consumers: dict[str, asyncio.Future] = {}
+        # Parking of an ordered subscription's events, one publish at a time in arrival order.
+        self._park_locks: dict[str, asyncio.Lock] = {}
         self._settle_waiters: dict[str, list[asyncio.Future]] = {}
         # Retries go back through the bus this dispatcher consumes from.
         executions.delivery.bus = bus
@@ -53,15 +67,53 @@ class Dispatcher:
         self._dead_letter_consumers = [
             await self.bus.consume(dead_letter_topic(topic), f"{self.group}-dead-letters", self.record_bus_dead_letter)
             for topic in (EVENTS_TOPIC, RETRY_TOPIC)]
+        # What limited subscriptions parked before a restart is taken up again.
+        for sub in self.index.all():
+            if self.executions.limits.limited(sub):
+                await self._parking_consumer(sub.id)
         self._retry_consumer = await self.bus.consume(RETRY_TOPIC, self.group, self.handle_retry, prefetch=self.prefetch)
         self._consumer = await self.bus.consume(EVENTS_TOPIC, self.group, self.handle, prefetch=self.prefetch)
 
     async def stop(self) -> None:
-        for consumer in (self._consumer, self._retry_consumer, *self._dead_letter_consumers):
+        parked = [f for f in self._parked_consumers.values() if f.done() and f.exception() is None]
+        for consumer in (self._consumer, self._retry_consumer, *self._dead_letter_consumers,
+                         *(f.result() for f in parked)):
             if consumer is not None:
                 await consumer.cancel()
         self._consumer = self._retry_consumer = None
         self._dead_letter_consumers = []
+        self._parked_consumers = {}
+
+    async def _parking_consumer(self, subscription_id: str) -> None:
+        """Make sure this router consumes the subscription's parking topic (once, however many
+        events ask at the same time)."""
+        started = self._parked_consumers.get(subscription_id)
+        if started is None or (started.done() and started.exception() is not None):
+            started = self._parked_consumers[subscription_id] = asyncio.ensure_future(self.bus.consume(
+                parked_topic(subscription_id), self.group, self.handle_parked, prefetch=self.prefetch))
+        await asyncio.shield(started)
+
+    async def park(self, event: Event, sub: Subscription, attempt: int = 1, last_status: str | None = None) -> None:
+        """Hand the event to the subscription's parking topic: it waits there for the subscription's
+        limits, holding none of the slots of the topic other subscriptions' events come on."""
+        copy = retry_copy(event, sub.id, attempt, last_status)
+        topic, key = parked_topic(sub.id), f"{execution_id_for(event.source, event.id, sub.id)}/{attempt}/parked"
+        if ((sub.options or {}).get("limits") or {}).get("ordered"):
+            # Concurrent publishes may be stored in any order; an ordered subscription's may not.
+            # The lock comes first: an event must not overtake those waiting for the consumer.
+            async with self._park_locks.setdefault(sub.id, asyncio.Lock()):
+                await self._parking_consumer(sub.id)
+                await self.bus.publish(copy, topic=topic, key=key)
+        else:
+            await self._parking_consumer(sub.id)
+            await self.bus.publish(copy, topic=topic, key=key)
+        self.metrics.parked.inc()
+
+    async def _run_or_park(self, event: Event, sub: Subscription, attempt: int = 1, last_status: str | None = None) -> None:
+        if self.executions.limits.limited(sub):
+            await self.park(event, sub, attempt, last_status)
+        else:
+            await self.executions.run_for_event(event, sub, attempt=attempt, last_status=last_status)
 
     async def record_bus_dead_letter(self, delivery: Delivery) -> None:
         """Record an event the bus dead-lettered, once (by event and topic) however often it comes."""
@@ -94,6 +146,14 @@ class Dispatcher:
 
     async def handle_retry(self, delivery: Delivery) -> None:
         """A retry the delivery policy scheduled: it goes to the one subscription that failed."""
+        await self._handle_marked(delivery, parked=False)
+
+    async def handle_parked(self, delivery: Delivery) -> None:
+        """An event parked for a limited subscription: it runs once the limits admit it (holding a
+        slot of this subscription's parking topic only while it waits)."""
+        await self._handle_marked(delivery, parked=True)
+
+    async def _handle_marked(self, delivery: Delivery, *, parked: bool) -> None:
         event = delivery.event
         subscription_id, attempt, last_status = retry_marks(event)
         sub = self.index.get(subscription_id) if subscription_id else None
@@ -105,7 +165,10 @@ class Dispatcher:
         token = current_event_id.set(event.id)
         try:
             with tracing.span("route retry", event=event, kind="consumer", attributes={"cloudevents.event_id": event.id}):
-                await self.executions.run_for_event(event, sub, attempt=attempt, last_status=last_status)
+                if parked:
+                    await self.executions.run_for_event(event, sub, attempt=attempt, last_status=last_status)
+                else:
+                    await self._run_or_park(event, sub, attempt, last_status)
         finally:
             current_event_id.reset(token)
 
@@ -122,9 +185,9 @@ class Dispatcher:
             return
         self.metrics.child(self.metrics.events_routed, kind).inc(len(matches))
         if len(matches) == 1:
-            await self.executions.run_for_event(event, matches[0])
+            await self._run_or_park(event, matches[0])
             return
-        results = await asyncio.gather(*(self.executions.run_for_event(event, sub) for sub in matches), return_exceptions=True)
+        results = await asyncio.gather(*(self._run_or_park(event, sub) for sub in matches), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]

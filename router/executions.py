@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +36,7 @@ FINISHED = ("success", "failed", "error")
 RETRYING = "retrying"
 LEASE_MARGIN_SECONDS = 30.0  # default of [delivery] lease_margin
 LEASE_POLL_SECONDS = 0.5
+REDRIVE_BATCH = 1000  # retrying executions looked at per pass
 COUNT_FLUSH_SECONDS = 1.0
 BUILD_WAIT_MARGIN = 30.0  # beyond [engine] build_timeout, an execution waits this long for a running build
 
@@ -318,7 +320,8 @@ class ExecutionService:
         try:
             if self.limits.limited(sub):
                 # The subscription's limits (concurrency, rate, order by key) admit it first: an event
-                # over a limit waits here, unacknowledged on the bus, and is never dropped.
+                # over a limit waits here, unacknowledged on the subscription's own parking topic
+                # (the dispatcher parks events of limited subscriptions there), never dropped.
                 async with self.limits.admit(sub, event):
                     await self._run_for_event(event, sub, execution_id, attempt, last_status)
             else:
@@ -463,6 +466,58 @@ class ExecutionService:
         async with self.store.db.sessions() as session:
             await session.execute(stmt)
             await session.commit()
+
+    # -- retries the bus no longer holds ---------------------------------------------------------
+
+    async def redrive_retries(self, subscription: Callable[[str], Subscription | None], *,
+                              all_waiting: bool) -> int:
+        """Put the next attempt of `retrying` executions back on the bus when the bus may have lost
+        it: all of them (`all_waiting`, after a restart on a bus that keeps nothing across one), or
+        those overdue by more than the lease margin (on any bus). A duplicate of a retry the bus
+        still holds is harmless: of two deliveries of one attempt, one claims it (_claim_retry).
+        The event comes from the event history; one that is not there any more is dead-lettered,
+        and its execution closed. Returns how many executions were re-driven or closed."""
+        table = models.Execution.__table__
+        stmt = (sa.select(table.c.id, table.c.event_id, table.c.subscription_id, table.c.attempts, table.c.reason,
+                          table.c.updated_at, table.c.project_id)
+                .where(table.c.status == RETRYING).order_by(table.c.updated_at).limit(REDRIVE_BATCH))
+        async with self.store.db.sessions() as session:
+            rows = (await session.execute(stmt)).all()
+        now = models.utcnow()
+        handled = 0
+        for row in rows:
+            sub = subscription(row.subscription_id) if row.subscription_id else None
+            if sub is None:
+                await self._close_open(row.id, "error", "subscription deleted while the execution waited for a retry")
+                handled += 1
+                continue
+            policy = self.delivery.policy(sub)
+            # When the attempt was due: the longest wait the policy allows (no jitter taken off).
+            wait = min(policy.backoff_max, policy.backoff_initial * policy.backoff_multiplier ** max(row.attempts - 1, 0))
+            due = row.updated_at + _dt.timedelta(seconds=wait)
+            if not all_waiting and now < due + _dt.timedelta(seconds=self.lease_margin):
+                continue
+            last_status = "error" if row.reason == "platform" else "failed"
+            record = None
+            if row.event_id:
+                async with self.store.db.sessions() as session:
+                    record = await session.get(models.EventRecord, row.event_id)
+            if record is None:
+                reason = (f"the retry of attempt {row.attempts + 1} was lost (the bus did not keep it across a "
+                          f"restart) and the event is no longer in the event history")
+                await self.delivery.record_dead_letter(
+                    letter_id=derived_id("dead-letter", row.event_id or row.id, sub.id), source=sub.source,
+                    reason=reason, payload={"id": row.event_id}, event_id=row.event_id, subscription_id=sub.id,
+                    project_id=sub.project_id)
+                await self._close_open(row.id, last_status, "retry lost")
+            else:
+                event = Event.from_dict(record.document)
+                delay = max(0.0, (due - now).total_seconds())
+                await self.delivery.schedule_retry(event, sub, row.attempts + 1, delay, last_status)
+                log.warning("retry put back on the bus", extra={"execution_id": row.id, "event_id": row.event_id,
+                                                               "attempt": row.attempts + 1, "delay": round(delay, 3)})
+            handled += 1
+        return handled
 
     async def start(self) -> None:
         await self.journal.start()

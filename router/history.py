@@ -32,6 +32,8 @@ class EventLog:
         self.store = store
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._writer: asyncio.Task | None = None
+        # Held while a batch is written: flush() waits for the one the writer took off the queue.
+        self._writing = asyncio.Lock()
         self._trimmer: asyncio.Task | None = None
         table = models.EventRecord.__table__
         dialect_insert = sqlite.insert if store.db.is_sqlite else postgresql.insert
@@ -76,18 +78,22 @@ class EventLog:
             "time": event.time, "received_at": utcnow(), "size": len(orjson.dumps(document)), "document": document}
 
     async def flush(self) -> None:
-        batch = []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        if batch:
-            await self._write_isolating(batch)
+        """Return once every event recorded so far is written, including a batch being written now."""
+        async with self._writing:
+            batch = []
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if batch:
+                await self._write_isolating(batch)
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write_isolating(batch)
+            first = await self._queue.get()
+            async with self._writing:
+                batch = [first]
+                while len(batch) < MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self._write_isolating(batch)
 
     async def _write_isolating(self, batch: list[dict[str, Any]]) -> None:
         """Write a batch; when it fails, write its rows one by one so that a bad row loses only

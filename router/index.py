@@ -441,6 +441,9 @@ class SubscriptionIndex:
     def of_source(self, source: str) -> list[Subscription]:
         return [e.sub for e in self._entries.values() if e.sub.source == source]
 
+    def all(self) -> list[Subscription]:
+        return [e.sub for e in self._entries.values()]
+
     def put(self, sub: Subscription) -> None:
         """Add or replace a subscription. Its filters were validated when it was created; one that
         no longer compiles (a row edited by hand) raises FilterError."""

@@ -19,6 +19,7 @@ class Metrics:
         self.executions = Counter("headwater_executions_total", "Finished executions by status and reason", ["status", "reason"], registry=r)
         self.executions_failed = Counter("headwater_executions_failed_total", "Executions that ended failed or error", ["reason"], registry=r)
         self.dead_letters = Counter("headwater_dead_letters_total", "Dead-letter records written", ["source"], registry=r)
+        self.parked = Counter("headwater_events_parked_total", "Events parked on a limited subscription's own topic to wait for its limits", registry=r)
         self.duplicates = Counter("headwater_duplicate_deliveries_total", "Redelivered events whose execution was already recorded", registry=r)
         self.executions_running = Gauge("headwater_executions_running", "Executions in progress in this process", registry=r)
         self.execution_seconds = Histogram("headwater_execution_duration_seconds", "Engine time per execution", buckets=_LATENCY_BUCKETS, registry=r)

@@ -1,5 +1,6 @@
-"""The in-memory bus: the embedded default. Safe against handler failures, not against a crash of
-the process (use rabbitmq or nats for that)."""
+"""The in-memory bus, for tests and benchmarks: safe against handler failures, not against a crash
+of the process, which loses every event not yet handled and every retry waiting (the embedded
+default is the durable sqlite bus)."""
 
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ class MemoryBus:
 
     async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
         if delay > 0:
-            # Held by a timer in this process: as durable as the rest of the memory bus.
+            # Held by a timer in this process: lost with it (after a restart the router puts
+            # retries back from the execution records, see ExecutionService.redrive_retries).
             def fire() -> None:
                 self._delayed.discard(handle)
                 self.publish_nowait(event, topic)

@@ -23,7 +23,7 @@ from nats.js import api
 
 from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
 from router.config import Config
-from router.events import Event, InvalidEvent
+from router.events import Event, InvalidEvent, derived_id
 
 log = logging.getLogger(__name__)
 
@@ -584,8 +584,9 @@ class NatsBus:
 
     async def publish(self, event: Event, *, topic: str = EVENTS_TOPIC, delay: float = 0.0, key: str | None = None) -> None:
         # De-duplication is per stream, and the stream holds every topic: the id names the topic so
-        # one event may go to two topics, while a repeated publish to one topic is stored once.
-        key = key or event.id
+        # one event may go to two topics, while a repeated publish to one topic is stored once. An
+        # event is its source and id together (one id may come from two sources).
+        key = key or derived_id("publish", event.source, event.id)
         if delay > 0:
             parked = delayed_topic(topic)
             await self._send(parked, event.to_json(), f"{parked}:{key}",

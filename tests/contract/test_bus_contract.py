@@ -1,4 +1,4 @@
-"""The bus contract: one suite every bus backend (memory, rabbitmq, nats) must pass."""
+"""The bus contract: one suite every bus backend (memory, sqlite, rabbitmq, nats) must pass."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Harness:
         elif self.backend == "nats":
             self.bus._nc._transport._io_writer.transport.abort()
         else:
-            pytest.skip("the memory bus has no connection to lose")
+            pytest.skip(f"the {self.backend} bus has no connection to lose")
 
 
 async def _cleanup_rabbitmq(bus) -> None:
@@ -78,8 +78,8 @@ def _config() -> Config:
     return Config.load(overrides={"bus": {"max_deliveries": MAX_DELIVERIES, "prefetch": 32}})
 
 
-@pytest.fixture(params=["memory", "rabbitmq", "nats"])
-async def harness(request) -> AsyncIterator[Harness]:
+@pytest.fixture(params=["memory", "sqlite", "rabbitmq", "nats"])
+async def harness(request, tmp_path) -> AsyncIterator[Harness]:
     backend = request.param
     run = uuid.uuid4().hex[:8]
     cleanup: Callable | None = None
@@ -87,6 +87,10 @@ async def harness(request) -> AsyncIterator[Harness]:
         from router.bus.memory import MemoryBus
 
         bus = MemoryBus(_config())
+    elif backend == "sqlite":
+        from router.bus.sqlite import SqliteBus
+
+        bus = SqliteBus(_config(), url=f"sqlite://{tmp_path / 'bus.db'}")
     elif backend == "rabbitmq":
         require_service("RabbitMQ", *_host_port(RABBITMQ_URL, 5672))
         from router.bus.rabbitmq import RabbitMQBus
@@ -311,6 +315,19 @@ async def test_a_dead_letter_redelivered_keeps_its_reason(harness: Harness):
     assert all("schema mismatch" in (reason or "") for reason in dead.dead_letter_reasons), dead.dead_letter_reasons
 
 
+async def test_one_id_from_two_sources_is_two_events(harness: Harness):
+    # CloudEvents identity is source + id: a bus that de-duplicates publishes must not fold
+    # id 1001 from /shop/eu into id 1001 from /shop/us.
+    topic = harness.topic()
+    recorder = Recorder()
+    await harness.bus.consume(topic, "router", recorder)
+    same_id = uuid.uuid4().hex
+    for source in ("/shop/eu", "/shop/us"):
+        await harness.bus.publish(Event(id=same_id, source=source, type="org.openstack.headwater.test"), topic=topic)
+    await recorder.wait_count(2)
+    assert sorted(e.source for e in recorder.events) == ["/shop/eu", "/shop/us"]
+
+
 async def test_many_concurrent_events_none_lost_none_duplicated(harness: Harness):
     topic = harness.topic()
 
@@ -370,8 +387,8 @@ async def test_invalid_message_is_dead_lettered_and_consumer_survives(harness: H
 
 
 async def test_publish_and_consume_resume_after_connection_loss(harness: Harness):
-    if harness.backend == "memory":
-        pytest.skip("the memory bus has no connection to lose")
+    if harness.backend in ("memory", "sqlite"):
+        pytest.skip(f"the {harness.backend} bus has no connection to lose")
     topic = harness.topic()
     recorder = Recorder()
     await harness.bus.consume(topic, "router", recorder)

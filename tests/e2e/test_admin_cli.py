@@ -44,9 +44,14 @@ def test_upgrade_check_fails_while_migrations_are_pending_and_db_upgrade_applies
     assert lines[-1] == "database schema at 0003"
     assert headwater("db-upgrade", "--data-dir", data).stdout == "database schema at 0003: nothing to do\n"
 
-    # Migrated; the memory bus is still worth a warning (exit 1), a durable bus is not.
+    # Migrated; the default (durable sqlite) bus passes, the memory bus is worth a warning (exit 1).
     check = headwater("upgrade-check", "--data-dir", data)
-    assert check.returncode == 1 and "Database migrations  Success  schema at 0003, the newest" in check.stdout
+    assert check.returncode == 0 and "Database migrations  Success  schema at 0003, the newest" in check.stdout
+    assert "Event bus            Success  [bus] backend = sqlite" in check.stdout
+    conf = tmp_path / "memory.conf"
+    conf.write_text(f"[DEFAULT]\ndata_dir = {data}\n[bus]\nbackend = memory\n")
+    check = headwater("upgrade-check", "--config-file", str(conf))
+    assert check.returncode == 1, check.stdout
     assert "Event bus            Warning  [bus] backend = memory" in check.stdout
     conf = tmp_path / "rabbit.conf"
     conf.write_text(f"[DEFAULT]\ndata_dir = {data}\n[bus]\nbackend = rabbitmq\n")
@@ -60,7 +65,8 @@ def test_status_names_each_part_and_fails_when_one_does_not_answer(server, tmp_p
     assert ok.returncode == 0, ok.stdout + ok.stderr
     rows = {line.split()[0]: line for line in ok.stdout.splitlines()[3:]}
     assert set(rows) == {"config", "database", "bus", "engine", "sources", "api", "lag"}
-    assert "schema at 0003, up to date" in rows["database"] and "memory" in rows["bus"]
+    assert "schema at 0003, up to date" in rows["database"]
+    assert rows["bus"].split()[1:3] == ["ok", "sqlite:"] and str(server.data_dir / "bus.db") in rows["bus"]
     assert rows["engine"].split()[-1] == "local" and "http, cron" in rows["sources"]
     assert f"{server.url}: ok, version" in rows["api"] and "running now" in rows["lag"]
 
@@ -71,6 +77,13 @@ def test_status_names_each_part_and_fails_when_one_does_not_answer(server, tmp_p
     rows = {line.split()[0]: line for line in down.stdout.splitlines()[3:]}
     assert "FAIL" in rows["bus"] and "not reachable" in rows["bus"]
     assert "FAIL" in rows["api"] and "not answering" in rows["api"]
+
+    conf = tmp_path / "bad-sqlite.conf"
+    conf.write_text(f"[DEFAULT]\ndata_dir = {server.data_dir}\n[bus]\nbackend = sqlite\nurl = nats://127.0.0.1:1\n")
+    bad = headwater("status", "--config-file", str(conf), "--url", server.url)
+    assert bad.returncode == 1
+    rows = {line.split()[0]: line for line in bad.stdout.splitlines()[3:]}
+    assert "FAIL" in rows["bus"] and "sqlite:///<path to the bus file>" in rows["bus"]
 
 
 def test_events_tail_prints_the_events_that_pass_its_filter(server):

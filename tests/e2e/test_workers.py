@@ -44,9 +44,11 @@ def wait_for(probe, what: str, timeout: float = 60):
 
 
 def test_workers_refuse_a_bus_that_lives_in_one_process(tmp_path):
+    conf = tmp_path / "memory.conf"
+    conf.write_text("[bus]\nbackend = memory\n")
     # A process of its own: the command sets up logging, which a test must not do to the others.
-    done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--data-dir", str(tmp_path), "--workers", "2"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--data-dir", str(tmp_path), "--workers", "2",
+                           "--config-file", str(conf)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "[api] workers = 2" in done.stderr and "[bus] backend = memory" in done.stderr
 
@@ -70,8 +72,17 @@ def nats_stream():
     asyncio.run(delete())
 
 
-def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, nats_stream):
-    config = f"[bus]\nbackend = nats\nurl = {nats_stream}\n"
+@pytest.fixture(params=["sqlite", "nats"])
+def shared_bus(request):
+    """The default embedded bus (one file the workers share) and a broker."""
+    if request.param == "sqlite":
+        yield ""
+    else:
+        yield f"[bus]\nbackend = nats\nurl = {request.getfixturevalue('nats_stream')}\n"
+
+
+def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, shared_bus):
+    config = shared_bus
     with Server(tmp_path, config, extra_args=("--workers", "2")) as server:
         first = wait_for(lambda: len(children(server.proc.pid)) == 2 and children(server.proc.pid), "two workers never started")
         runtime = server.request("POST", "/v1/runtimes", {"image": "python3"}).json()["id"]
@@ -94,6 +105,21 @@ def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, nats
         assert len(after & first) == 1
         for _ in range(20):  # new connections land on either process; every one is answered
             assert server.request("GET", f"/v1/functions/{function_id}").status == 200
+        # Events go through the shared bus: each gets its execution, whichever worker took it in.
+        sub = server.request("POST", "/v1/subscriptions", {"source": "http", "types": ["workers.test"],
+                                                           "function_id": function_id})
+        assert sub.status == 201, sub.text
+        for i in range(10):
+            posted = server.request("POST", "/v1/events", {"specversion": "1.0", "id": f"w-{i}", "source": "/workers",
+                                                           "type": "workers.test"})
+            assert posted.status == 202, posted.text
+
+        def routed():
+            listed = server.request("GET", f"/v1/executions?function_id={function_id}").json()["executions"]
+            done = [e for e in listed if e.get("description") == f"Created by Subscription {sub.json()['id']}"]
+            return len(done) == 10 and all(e["status"] == "success" for e in done) and done
+
+        wait_for(routed, "the events posted to the workers never all ran")
 
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0

@@ -10,6 +10,8 @@ import contextlib
 import datetime as _dt
 import json
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from router.app import Headwater
 from router.bus.nats import NatsBus
 from router.bus.rabbitmq import RabbitMQBus
+from router.bus.sqlite import SqliteBus
 from router.config import Config
 from router.events import Event, derived_id
 from tests.e2e.server import Server, make_zip
@@ -30,14 +33,15 @@ from tests.services import NATS_URL, POSTGRES_URL, RABBITMQ_URL, require_service
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 EVENT_TYPE = "durability.test"
-BACKENDS = ["rabbitmq", "nats"]
+BACKENDS = ["sqlite", "rabbitmq", "nats"]
+BROKERS = ["rabbitmq", "nats"]
 
 
 def require(backend: str) -> None:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     if backend == "rabbitmq":
         require_service("RabbitMQ", "127.0.0.1", 5672)
-    else:
+    elif backend == "nats":
         require_service("NATS", "127.0.0.1", 4222)
 
 
@@ -47,9 +51,13 @@ class BusPlace:
     def __init__(self, backend: str):
         self.backend = backend
         self.tag = uuid.uuid4().hex[:10]
+        # The sqlite bus: one file every server of the test shares (the data dirs differ).
+        self.directory = Path(tempfile.gettempdir()) / f"hwt-bus-{self.tag}"
 
     def url(self, port: int | None = None) -> str:
         """The broker URL, through a proxy on `port` when given."""
+        if self.backend == "sqlite":
+            return f"sqlite://{self.directory / 'bus.db'}"
         if self.backend == "rabbitmq":
             base = RABBITMQ_URL if port is None else f"amqp://guest:guest@127.0.0.1:{port}/"
             return f"{base}?prefix=hwt-{self.tag}"
@@ -58,11 +66,15 @@ class BusPlace:
         return f"{base}?stream=HWT_{self.tag}&subject_prefix=hwt{self.tag}&ack_wait=5"
 
     def bus(self):
+        if self.backend == "sqlite":
+            return SqliteBus(url=self.url())
         return RabbitMQBus(url=self.url()) if self.backend == "rabbitmq" else NatsBus(url=self.url())
 
     async def cleanup(self) -> None:
         with contextlib.suppress(Exception):
-            if self.backend == "rabbitmq":
+            if self.backend == "sqlite":
+                shutil.rmtree(self.directory, ignore_errors=True)
+            elif self.backend == "rabbitmq":
                 import aio_pika
 
                 connection = await aio_pika.connect(RABBITMQ_URL)
@@ -333,7 +345,7 @@ LOSS_EVENTS = 3_000
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BROKERS)
 async def test_broker_connection_cut_and_restored_loses_nothing_and_resumes(backend, pg_url, tmp_path, capsys):
     require(backend)
     place = BusPlace(backend)

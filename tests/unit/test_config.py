@@ -14,7 +14,7 @@ def test_embedded_defaults(tmp_path):
     assert config.api.host == "127.0.0.1" and config.api.port == 7070
     assert config.api.public_url == "http://127.0.0.1:7070"
     assert config.database.connection == f"sqlite+aiosqlite:///{tmp_path / 'headwater.db'}"
-    assert config.bus.backend == "memory" and config.engine.backend == "local"
+    assert config.bus.backend == "sqlite" and config.engine.backend == "local"
     assert config.storage.file_system_dir == tmp_path / "packages"
     assert config.resource_limits.default_timeout == 5
 

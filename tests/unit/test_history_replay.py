@@ -189,3 +189,30 @@ async def test_one_bad_event_loses_only_itself_from_the_history(hw):
     await hw.history.flush()
     kept = await hw.history.query(project_id="p", limit=1000)
     assert sorted(e.id for e in kept) == sorted(e.id for e in good)
+
+
+async def test_flush_waits_for_the_batch_the_writer_is_writing(make_headwater):
+    # Regression: flush() wrote only what was still queued, and returned while the writer's own
+    # batch was being written; a replay right after it did not find that event (the full suite
+    # caught it on a loaded machine: replayed 1 of 2).
+    from router.events import Event
+
+    hw = await make_headwater("null")
+    write, entered, gate = hw.history._write, asyncio.Event(), asyncio.Event()
+
+    async def held(batch):
+        entered.set()
+        await gate.wait()
+        await write(batch)
+
+    hw.history._write = held
+    hw.history.record(Event(id="held-1", source="/h", type="t", extensions={"sourcekind": "http"}))
+    await entered.wait()  # the writer took it off the queue and is writing it
+    flushing = asyncio.ensure_future(hw.history.flush())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    done_early = flushing.done()
+    gate.set()
+    await flushing
+    assert not done_early
+    assert await hw.history.get("held-1", None) is not None
