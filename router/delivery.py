@@ -70,6 +70,8 @@ class DeliveryPolicy:
             # Stopped on purpose (a newer cron tick replaced the run, overlap=replace), not a
             # failure: another attempt would undo the replacement, whatever retry_on says.
             return False
+        if result.reason == "build_failed":
+            return False  # the same package fails the same way until a new one is uploaded
         if result.reason == ITEM_FAILED:
             return True  # the function itself named this event of its batch as failed: it asks for a retry
         if result.reason == "timeout":

@@ -172,9 +172,10 @@ class Source(Protocol):
 ExecutionStatus = Literal["success", "failed", "error"]
 
 # Machine-readable reasons for an outcome (the runtime protocol's `reason`). `cancelled`: the runtime
-# stopped it on request; `replaced`: the router cancelled it for a newer cron tick (overlap=replace).
+# stopped it on request; `replaced`: the router cancelled it for a newer cron tick (overlap=replace);
+# `build_failed`: the function's package did not build (no attempt can succeed before a new upload).
 REASONS = ("ok", "error", "timeout", "memory", "processes", "files", "cpu", "crashed", "platform", "busy",
-           "cancelled", "replaced")
+           "cancelled", "replaced", "build_failed")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
