@@ -6,13 +6,13 @@ import concurrent.futures
 import json
 import os
 import re
-import shutil
 import time
 
 import pytest
 
 from tests.e2e.server import Server, make_zip
 from tests.processes import wait_gone
+from tests.services import require_program
 
 MiB = 1024 * 1024
 
@@ -92,8 +92,7 @@ RUNTIMES = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("node") is None:
-        pytest.fail("node is needed for the nodejs runtime tests", pytrace=False)
+    require_program("node", "the nodejs runtime needs Node.js 18 or newer: apt-get install nodejs")
     with Server(tmp_path_factory.mktemp("runtime-limits")) as srv:
         yield srv
 
