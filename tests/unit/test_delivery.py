@@ -122,6 +122,19 @@ class FlakyEngine:
         return []
 
 
+def record_retry_delays(app) -> list[float]:
+    """The backoff schedule, as the router hands it to the bus: the delay of each retry scheduled."""
+    delays: list[float] = []
+    schedule_retry = app.executions.delivery.schedule_retry
+
+    async def spy(event, sub, next_attempt, delay, last_status):
+        delays.append(delay)
+        await schedule_retry(event, sub, next_attempt, delay, last_status)
+
+    app.executions.delivery.schedule_retry = spy
+    return delays
+
+
 @pytest.fixture
 async def hw(tmp_path):
     config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "engine": {"backend": "null"},
@@ -129,15 +142,7 @@ async def hw(tmp_path):
     app = Headwater(config)
     app.engine = app.executions.engine = FlakyEngine()
     await app.start()
-    # The backoff schedule, as the router hands it to the bus (seconds per scheduled retry).
-    app.retry_delays = []
-    schedule_retry = app.executions.delivery.schedule_retry
-
-    async def spy(event, sub, next_attempt, delay, last_status):
-        app.retry_delays.append(delay)
-        await schedule_retry(event, sub, next_attempt, delay, last_status)
-
-    app.executions.delivery.schedule_retry = spy
+    app.retry_delays = record_retry_delays(app)
     client = TestClient(TestServer(app.web))
     await client.start_server()
     app.client = client

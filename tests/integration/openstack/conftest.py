@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -133,18 +132,6 @@ async def router(openstack, tmp_path):
             await r.stop()
         except Exception:  # already stopped by the test
             pass
-
-
-async def eventually(probe, timeout: float = 20.0, interval: float = 0.1):
-    """Await probe() until it returns something truthy; that value, or TimeoutError."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"{probe.__name__ if hasattr(probe, '__name__') else probe} never became true")
-        await asyncio.sleep(interval)
 
 
 ZAQAR_HEADERS = {"Client-ID": "6d6a7a3e-9f0a-4d53-9c6c-0f4b2d8a1c11", "X-Project-ID": PROJECT, "Content-Type": "application/json"}
