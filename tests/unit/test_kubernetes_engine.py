@@ -18,6 +18,7 @@ from engine.packages import FilesystemPackageStore
 from router import download_tokens
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
 from tests.fakes.kube_api import FakeImage
+from tests.conditions import eventually
 from tests.fakes.kube_cluster import kube_cluster
 from tests.processes import pid_path
 
@@ -101,19 +102,6 @@ async def env(tmp_path):
 
 def req(fn: FunctionSpec, input=None) -> ExecutionRequest:
     return ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input=input)
-
-
-async def eventually(check, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s")
-        await asyncio.sleep(interval)
 
 
 # ---------------------------------------------------------------------------------------------
