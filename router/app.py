@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -238,15 +239,31 @@ class Headwater:
                 log.exception("subscription index refresh failed; keeping the previous index")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, taken before anything starts: a port already in use is a
+    configuration error that names the option, not a traceback after "headwater started"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=512)
+    except OSError as exc:
+        raise ConfigError(f"[api] host = {host}, port = {port}: cannot listen there ({exc.strerror or exc}); "
+                          "stop what uses it, or choose another with --port / [api] port") from None
+
+
 async def serve(app: Headwater) -> None:
     """Run until cancelled (SIGINT/SIGTERM)."""
     config = app.config
-    await app.start()
+    sock = listen(config.api.host, config.api.port)
+    try:
+        await app.start()
+    except BaseException:
+        sock.close()
+        raise
     runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
     try:
-        # Inside the try: a port already in use must still stop what app.start() started.
+        # Inside the try: whatever fails here must still stop what app.start() started.
         await runner.setup()
-        await web.TCPSite(runner, config.api.host, config.api.port).start()
+        await web.SockSite(runner, sock).start()
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
