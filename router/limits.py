@@ -53,27 +53,40 @@ def validate_limits(spec: Any) -> dict[str, Any]:
     return out
 
 
+class Clock:
+    """Monotonic time and sleeping, in one object so tests can swap in a clock they advance."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 class _TokenBucket:
     """`rate` events per second on average, bursts of at most `burst`; waiters are served in
     arrival order."""
 
-    def __init__(self, rate: float, burst: float):
+    def __init__(self, rate: float, burst: float, clock: Clock):
         self.rate = rate
         self.burst = burst
         self.tokens = burst
-        self.updated = time.monotonic()
+        self.clock = clock
+        self.updated = clock.now()
         self.lock = asyncio.Lock()  # FIFO: asyncio.Lock wakes waiters in order
 
     async def take(self) -> None:
         async with self.lock:
             while True:
-                now = time.monotonic()
+                now = self.clock.now()
                 self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
                 self.updated = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
+                # A hair under one token after sleeping exactly the deficit is float rounding: a
+                # strict check would sleep again for a time too small to move the clock.
+                if self.tokens >= 1 - 1e-9:
+                    self.tokens = max(0.0, self.tokens - 1)
                     return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
+                await self.clock.sleep((1 - self.tokens) / self.rate)
 
 
 class _KeyedSequencer:
@@ -98,7 +111,7 @@ class _KeyedSequencer:
 
 
 class _SubscriptionGate:
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], clock: Clock):
         self.spec = spec
         concurrency = spec.get("max_concurrency")
         self.semaphore = asyncio.Semaphore(concurrency) if concurrency else None
@@ -106,7 +119,7 @@ class _SubscriptionGate:
         if rate:
             per_second = rate["count"] / RATE_UNITS[rate["per"]]
             # A burst of one: events are spread evenly, not let through in clumps.
-            self.bucket: _TokenBucket | None = _TokenBucket(per_second, 1.0)
+            self.bucket: _TokenBucket | None = _TokenBucket(per_second, 1.0, clock)
         else:
             self.bucket = None
         self.sequencer = _KeyedSequencer() if spec.get("ordered") else None
@@ -117,8 +130,9 @@ class _SubscriptionGate:
 class Limiter:
     """Holds one gate per limited subscription; unlimited subscriptions pass straight through."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         self._gates: dict[str, _SubscriptionGate] = {}
+        self._clock = clock or Clock()
 
     def _gate(self, sub: Subscription) -> _SubscriptionGate | None:
         spec = (sub.options or {}).get("limits")
@@ -127,7 +141,7 @@ class Limiter:
             return None
         gate = self._gates.get(sub.id)
         if gate is None or gate.spec != spec:  # new, or its limits were changed
-            gate = self._gates[sub.id] = _SubscriptionGate(spec)
+            gate = self._gates[sub.id] = _SubscriptionGate(spec, self._clock)
         return gate
 
     def limited(self, sub: Subscription) -> bool:
