@@ -340,7 +340,8 @@ class LocalEngine:
         limits = self.config.resource_limits
         # The runtime gets no more of our environment than it needs: never our secrets (a download-token
         # secret, database or broker URLs with passwords), whatever user code manages to read.
-        env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_"))}
+        # OTEL_*: where the runtime sends its execution spans ([tracing]); no secret.
+        env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_", "OTEL_"))}
         env.update(HEADWATER_RUNTIME_MAX_UNPACKED_BYTES=str(limits.max_package_unpacked_size),
                    HEADWATER_RUNTIME_MAX_FILES=str(limits.max_package_files))
         env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
