@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the external servers the tests use when they are not already running (CI machines have
-# them installed; a fresh Debian machine gets them from Debian's packages).
+# them installed; a fresh Debian machine gets them from Debian's packages, in one apt-get call).
 set -uo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -10,25 +10,26 @@ wait_port() {  # name port seconds
   echo "services: $1 did not come up on port $2" >&2; return 1
 }
 
-apt_updated=0
-need_pkg() {  # binary package
-  command -v "$1" >/dev/null 2>&1 && return 0
-  [ -x "$1" ] && return 0
-  if [ "$apt_updated" = 0 ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
+# dpkg has one lock: on a shared machine, queue behind other users of apt-get.
+apt() { if command -v flock >/dev/null 2>&1; then flock /tmp/headwater-apt.lock apt-get "$@"; else apt-get "$@"; fi; }
 
-# The dashboard's browser tests (tests/e2e/test_dashboard.py) drive Debian's Chromium through
-# Playwright (Playwright's own browser download cannot be used).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "services: installing Chromium"
-  need_pkg chromium chromium
-fi
-
-# The nodejs runtime needs Node.js 18 or newer.
-if ! command -v node >/dev/null 2>&1; then
-  echo "services: installing Node.js"
-  need_pkg node nodejs
+# What is missing, as Debian packages: the nodejs runtime needs Node.js 18 or newer; the
+# coordination tests start their own etcd-server on free ports (they only need the binary); the
+# OpenStack harness's Zaqar keeps its messages in Redis; the dashboard's browser tests
+# (tests/e2e/test_dashboard.py) drive Debian's Chromium through Playwright (Playwright's own
+# browser download cannot be used).
+missing=()
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing+=(etcd-server)
+port_open 5432 || command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
+port_open 5672 || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
+port_open 4222 || command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+port_open 6379 || command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "services: installing ${missing[*]}"
+  apt update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # The go runtime builds functions with Go (Debian's golang-go, Go >= 1.19), the php runtime runs
@@ -44,27 +45,28 @@ fi
 
 if ! port_open 5432; then
   echo "services: starting PostgreSQL"
-  need_pkg pg_ctlcluster postgresql
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
-  wait_port PostgreSQL 5432 30
-  su postgres -c "psql -tc \"SELECT 1 FROM pg_database WHERE datname='test'\" | grep -q 1 || createdb test" || true
 fi
 if ! port_open 5672; then
   echo "services: starting RabbitMQ"
-  need_pkg rabbitmq-server rabbitmq-server
   rabbitmq-server -detached
-  wait_port RabbitMQ 5672 60
 fi
 if ! port_open 4222; then
   echo "services: starting NATS with JetStream"
-  need_pkg nats-server nats-server
   mkdir -p /var/lib/nats-server
   start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
-  wait_port NATS 4222 30
 fi
-# etcd: the coordination tests start their own etcd-server on free ports; they only need the binary.
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "services: installing etcd-server"
-  need_pkg etcd etcd-server
+if ! port_open 6379; then
+  echo "services: starting Redis"
+  redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no >/dev/null
 fi
-exit 0
+# Started together above; now wait for each.
+rc=0
+wait_port PostgreSQL 5432 60 || rc=1
+wait_port RabbitMQ 5672 90 || rc=1
+wait_port NATS 4222 30 || rc=1
+wait_port Redis 6379 30 || rc=1
+if [ $rc = 0 ]; then
+  su postgres -c "psql -tc \"SELECT 1 FROM pg_database WHERE datname='test'\" | grep -q 1 || createdb test" 2>/dev/null || true
+fi
+exit $rc

@@ -151,6 +151,11 @@ class LocalEngine:
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         fn = request.function
         log_extra = {"execution_id": request.execution_id}
+        if fn.code.get("source") == "image":
+            return ExecutionResult.platform_error(
+                f"The local engine does not run image functions (code source 'image', image {fn.code.get('image')!r}): "
+                "they run on the kubernetes engine ([engine] backend = kubernetes). Create the function from a "
+                "package to run it here.")
         runtime = self.runtime_for(fn.runtime_image)
         if runtime is None:
             pairs = ", ".join(self.config.engine.local_runtimes) or "(empty)"

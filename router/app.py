@@ -311,30 +311,47 @@ class Headwater:
                 log.exception("subscription index refresh failed; keeping the previous index")
 
 
-async def start_listener(runner: web.AppRunner, config: Config) -> asyncio.AbstractServer:
-    """The API's listening socket, each connection behind the guard (per-client cap, read deadlines)."""
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The API's listening socket, taken before anything starts: a port already in use is a
+    configuration error that names the option, not a traceback after "headwater started"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        # Several worker processes ([api] workers) share the port: the kernel spreads connections over them.
+        return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
+    except OSError as exc:
+        raise ConfigError(f"[api] host = {host}, port = {port}: cannot listen there ({exc.strerror or exc}); "
+                          "stop what uses it, or choose another with --port / [api] port") from None
+
+
+async def start_listener(runner: web.AppRunner, config: Config, sock: socket.socket) -> asyncio.AbstractServer:
+    """Serve the API on `sock`, each connection behind the guard (per-client cap, read deadlines)."""
     guard = ConnectionGuard(runner.server, max_per_client=config.api.max_connections_per_client,
                             header_timeout=config.api.request_header_timeout, body_timeout=config.api.request_body_timeout)
-    # Several worker processes ([api] workers) share the port: the kernel spreads connections over them.
-    return await asyncio.get_running_loop().create_server(guard, config.api.host, config.api.port, backlog=1024,
-                                                          reuse_address=True, reuse_port=config.api.workers > 1)
+    return await asyncio.get_running_loop().create_server(guard, sock=sock)
 
 
 async def serve(app: Headwater) -> None:
     """Run until cancelled (SIGINT/SIGTERM)."""
     config = app.config
-    await app.start()
+    sock = listen(config.api.host, config.api.port, reuse_port=config.api.workers > 1)
+    try:
+        await app.start()
+    except BaseException:
+        sock.close()
+        raise
     runner = web.AppRunner(app.web, access_log=None, handle_signals=False)
     listener = None
     try:
-        # Inside the try: a port already in use must still stop what app.start() started.
+        # Inside the try: whatever fails here must still stop what app.start() started.
         await runner.setup()
-        listener = await start_listener(runner, config)
+        listener = await start_listener(runner, config, sock)
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
     finally:
         if listener is not None:
-            listener.close()
+            listener.close()  # closes the socket it serves
+        else:
+            sock.close()
         await runner.cleanup()
         await app.stop()

@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.api.workers > 1 and not workers.is_worker():
         try:
             workers.check(config, config.api.workers)
+            # A port already in use is one line here, before any worker starts (each would fail alike).
+            from router.app import listen
+
+            listen(config.api.host, config.api.port, reuse_port=True).close()
             asyncio.run(_migrate(config))  # once, here: N workers migrating at once would race
         except ConfigError as exc:
             print(f"headwater: configuration error: {exc}", file=sys.stderr)

@@ -82,8 +82,10 @@ class _TokenBucket:
                 now = self.clock.now()
                 self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
                 self.updated = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
+                # A hair under one token after sleeping exactly the deficit is float rounding: a
+                # strict check would sleep again for a time too small to move the clock.
+                if self.tokens >= 1 - 1e-9:
+                    self.tokens = max(0.0, self.tokens - 1)
                     return
                 await self.clock.sleep((1 - self.tokens) / self.rate)
 

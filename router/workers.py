@@ -41,7 +41,8 @@ def _die_with_supervisor() -> None:
 
 class Supervisor:
     """Starts the workers, restarts one that exits unasked (with a growing backoff), and stops them
-    all on SIGTERM/SIGINT. Returns the exit status: 0 after a requested stop."""
+    all on SIGTERM/SIGINT. Returns the exit status: 0 after a requested stop, 2 after a worker's
+    configuration error."""
 
     def __init__(self, argv: Sequence[str], workers: int, *, clock=time.monotonic, sleep=time.sleep):
         self.argv = list(argv)
@@ -51,6 +52,7 @@ class Supervisor:
         self.started: dict[int, float] = {}
         self.deaths: dict[int, int] = {}
         self.stopping = False
+        self.status = 0
 
     def _spawn(self, index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
@@ -74,7 +76,7 @@ class Supervisor:
             try:
                 pid, status = os.wait()
             except ChildProcessError:
-                return 0
+                return self.status
             except InterruptedError:
                 continue
             index = next((i for i, p in self.procs.items() if p.pid == pid), None)
@@ -83,11 +85,12 @@ class Supervisor:
             self.procs[index].returncode = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 if all(p.poll() is not None for p in self.procs.values()):
-                    return 0
+                    return self.status
                 continue
             code = self.procs[index].returncode
             if code == 2:  # a configuration error: every restart would fail the same way
                 log.critical("worker %d stopped on a configuration error; stopping the others", index)
+                self.status = 2  # as a single process would exit
                 self._stop(None, None)
                 self.stopping = True
                 continue

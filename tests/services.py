@@ -4,6 +4,7 @@ HEADWATER_REQUIRE_SERVICES=1 (CI sets it, so CI never passes by skipping)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -23,6 +24,18 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def require_program(name: str, hint: str) -> str:
+    """The path of program `name`; skip (or, under HEADWATER_REQUIRE_SERVICES=1, fail) when it is
+    not on PATH, saying how to install it."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"`{name}` is not installed ({hint})"
+    if REQUIRE:
+        pytest.fail(f"{message} and HEADWATER_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
+    pytest.skip(f"{message}; .ci/services.sh installs it")
+
+
 def require_service(name: str, host: str, port: int) -> None:
     """Skip (or, under HEADWATER_REQUIRE_SERVICES=1, fail) unless host:port accepts connections."""
     if port_open(host, port):
@@ -31,17 +44,3 @@ def require_service(name: str, host: str, port: int) -> None:
     if REQUIRE:
         pytest.fail(f"{message} and HEADWATER_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
     pytest.skip(f"{message} (start it, or see .ci/run)")
-
-
-def require_tool(name: str, purpose: str) -> str:
-    """The path of a program tests need (a language toolchain); skip (or fail under
-    HEADWATER_REQUIRE_SERVICES=1) when it is not on PATH."""
-    import shutil
-
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"`{name}` is not installed ({purpose})"
-    if REQUIRE:
-        pytest.fail(f"{message} and HEADWATER_REQUIRE_SERVICES=1 forbids skipping; .ci/services.sh installs it", pytrace=False)
-    pytest.skip(f"{message}; .ci/services.sh installs it")

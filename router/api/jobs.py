@@ -8,16 +8,17 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
+from router.api.targets import check_target, delete_subscription, get_subscription, shown_target, shown_targets, source_plugin
 from router.events import utcnow
 from router.store.models import new_id
 
 log = logging.getLogger(__name__)
 
 
-def serialize(row) -> dict:
-    return {"id": row.id, "name": row.name, "function_id": row.function_id, "function_alias": row.function_alias,
-            "function_version": row.function_version, "function_input": row.function_input, "status": row.status,
+def serialize(row, target: dict) -> dict:
+    """`target`: the function_id/function_version to show (shown_target: an alias's, resolved)."""
+    return {"id": row.id, "name": row.name, "function_id": target["function_id"], "function_alias": row.function_alias,
+            "function_version": target["function_version"], "function_input": row.function_input, "status": row.status,
             "pattern": row.pattern, "count": row.count,
             "first_execution_time": format_time(row.first_execution_time),
             "next_execution_time": format_time(row.next_execution_time), "project_id": row.project_id,
@@ -45,18 +46,20 @@ async def create(request: web.Request) -> web.Response:
         next_execution_time=schedule["next_execution_time"], count=schedule.get("count"), status="running",
         options=options, project_id=ctx(request).project_id, **target)
     await app.reload_subscription(row.id)
-    return web.json_response(serialize(row), status=201)
+    return web.json_response(serialize(row, await shown_target(request, row)), status=201)
 
 
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("name", "function_id", "function_alias", "status", "pattern"))
     filters["kind"] = "job"
     rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
-    return web.json_response({"jobs": [serialize(r) for r in rows]})
+    shown = await shown_targets(request, rows)
+    return web.json_response({"jobs": [serialize(r, shown[r.id]) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    return web.json_response(serialize(await get_subscription(request, "job", "Job")))
+    row = await get_subscription(request, "job", "Job")
+    return web.json_response(serialize(row, await shown_target(request, row)))
 
 
 JOB_STATUSES = ("running", "paused", "cancelled")  # what a client may set; `done` is the scheduler's
@@ -107,7 +110,7 @@ async def update(request: web.Request) -> web.Response:
         row = await app.store.subscriptions.update(row.id, values)
         await app.reload_subscription(row.id)
         log.info("job updated", extra={"subscription_id": row.id, "fields": sorted(values), "status": row.status})
-    return web.json_response(serialize(row))
+    return web.json_response(serialize(row, await shown_target(request, row)))
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -37,6 +37,31 @@ async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, 
     return {"function_alias": None, "function_id": function.id, "function_version": version}
 
 
+async def shown_targets(request: web.Request, rows) -> dict[str, dict[str, Any]]:
+    """The function_id/function_version a job or webhook shows, by row id: for an alias target the
+    alias's current function and version (what a run would use now), not the empty stored columns."""
+    app = hw(request)
+    aliases: dict[tuple[str, str], dict[str, Any]] = {}
+    shown = {}
+    for row in rows:
+        if not row.function_alias:
+            shown[row.id] = {"function_id": row.function_id, "function_version": row.function_version}
+            continue
+        key = (row.project_id, row.function_alias)
+        if key not in aliases:
+            try:
+                alias = await app.store.aliases.by_name(row.function_alias, project_id=row.project_id)
+                aliases[key] = {"function_id": alias.function_id, "function_version": alias.function_version}
+            except NotFound:  # deleted since: nothing runs until it is back
+                aliases[key] = {"function_id": None, "function_version": None}
+        shown[row.id] = aliases[key]
+    return shown
+
+
+async def shown_target(request: web.Request, row) -> dict[str, Any]:
+    return (await shown_targets(request, [row]))[row.id]
+
+
 def source_plugin(request: web.Request, kind: str) -> plugins.Source:
     app = hw(request)
     source = app.source(kind)

@@ -8,15 +8,16 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, delete_subscription
+from router.api.targets import check_target, delete_subscription, get_subscription, shown_target, shown_targets
 from router.store.models import new_id
 
 log = logging.getLogger(__name__)
 
 
-def serialize(row, public_url: str) -> dict:
-    return {"id": row.id, "function_id": row.function_id, "function_alias": row.function_alias,
-            "function_version": row.function_version, "description": row.description,
+def serialize(row, target: dict, public_url: str) -> dict:
+    """`target`: the function_id/function_version to show (shown_target: an alias's, resolved)."""
+    return {"id": row.id, "function_id": target["function_id"], "function_alias": row.function_alias,
+            "function_version": target["function_version"], "description": row.description,
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at), "webhook_url": f"{public_url}/v1/webhooks/{row.id}/invoke"}
 
@@ -31,7 +32,7 @@ async def create(request: web.Request) -> web.Response:
     row = await app.store.subscriptions.add(id=webhook_id, source="http", kind="webhook", filters={"subject": webhook_id},
                                             description=body.get("description"), project_id=ctx(request).project_id, **target)
     await app.reload_subscription(row.id)
-    return web.json_response(serialize(row, app.config.api.public_url), status=201)
+    return web.json_response(serialize(row, await shown_target(request, row), app.config.api.public_url), status=201)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -39,12 +40,13 @@ async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("function_id", "function_alias", "function_version", "description"))
     filters["kind"] = "webhook"
     rows = await app.store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
-    return web.json_response({"webhooks": [serialize(r, app.config.api.public_url) for r in rows]})
+    shown = await shown_targets(request, rows)
+    return web.json_response({"webhooks": [serialize(r, shown[r.id], app.config.api.public_url) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
     row = await get_subscription(request, "webhook", "Webhook")
-    return web.json_response(serialize(row, hw(request).config.api.public_url))
+    return web.json_response(serialize(row, await shown_target(request, row), hw(request).config.api.public_url))
 
 
 async def update(request: web.Request) -> web.Response:
@@ -72,7 +74,7 @@ async def update(request: web.Request) -> web.Response:
         row = await app.store.subscriptions.update(row.id, values)
         await app.reload_subscription(row.id)
         log.info("webhook updated", extra={"subscription_id": row.id, "fields": sorted(values)})
-    return web.json_response(serialize(row, app.config.api.public_url))
+    return web.json_response(serialize(row, await shown_target(request, row), app.config.api.public_url))
 
 
 async def delete(request: web.Request) -> web.Response:

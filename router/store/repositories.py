@@ -202,6 +202,23 @@ class Functions(Repository[models.Function]):
             await session.commit()
 
 
+    async def delete_with_finished_jobs(self, function_id: str) -> list[str]:
+        """Delete the function and its finished (`done`/`cancelled`) jobs, which only reference
+        it, in one transaction; returns the ids of the jobs deleted. Callers check first that no
+        other subscription, alias or running job uses it."""
+        jobs = models.Subscription
+        async with self.db.sessions() as session:
+            ids = list((await session.execute(sa.select(jobs.id).where(
+                jobs.function_id == function_id, jobs.kind == "job", jobs.status.in_(("done", "cancelled"))))).scalars())
+            if ids:
+                await session.execute(sa.delete(jobs).where(jobs.id.in_(ids)))
+            result = await session.execute(sa.delete(models.Function).where(models.Function.id == function_id))
+            await session.commit()
+        if result.rowcount == 0:
+            raise NotFound(f"Function not found [id={function_id}]")
+        return ids
+
+
 class FunctionVersions(Repository[models.FunctionVersion]):
     model = models.FunctionVersion
 

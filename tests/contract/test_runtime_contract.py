@@ -7,14 +7,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import time
 import zipfile
 
 import pytest
 
-from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path
+from tests.processes import check_hangup_cancels, check_post_cancel, gone, pid_path, wait_gone
 from tests.runtime_server import post, runtime_server
-from tests.services import require_tool
+from tests.services import require_program
 
 MiB = 1024 * 1024
 
@@ -286,7 +285,7 @@ RUNTIMES = [
 def runtime(request, tmp_path_factory):
     """(runtime, server URL, package path): a go package is built first, with the runtime's POST /build."""
     rt: Runtime = request.param
-    require_tool(rt.tool, f"the {rt.name} runtime needs it")
+    require_program(rt.tool, f"the {rt.name} runtime needs it")
     folder = tmp_path_factory.mktemp(f"contract-{rt.name}")
     package = folder / "package.zip"
     with zipfile.ZipFile(package, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -345,18 +344,14 @@ def test_logs_are_capped(runtime):
 
 
 def test_timeout_kills_the_process_tree_and_the_next_execution_succeeds(runtime):
-    started = time.monotonic()
-    reply = run(runtime, "nap", 30, timeout=1)
-    assert time.monotonic() - started < 5
+    # The function would nap an hour: any reply at all shows the timeout cut it.
+    reply = run(runtime, "nap", 3600, timeout=1)
     assert (reply["status"], reply["reason"], reply["output"]) == ("failed", "timeout", "Function execution timeout.")
     assert reply["duration"] >= 1.0
     pids = [int(p) for p in reply["logs"].split("PIDS", 1)[1].split()[:3]]
     if os.geteuid() != 0:
         pids = pids[:2]  # without a sandbox uid a setsid'd process escapes the group kill (documented)
-    deadline = time.monotonic() + 3
-    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(gone(p) for p in pids)
+    assert all(wait_gone(p) for p in pids)
     assert run(runtime, "greet", "after")["output"] == "Hello, after"
 
 
@@ -384,10 +379,8 @@ def test_process_limit(runtime):
 
 
 def test_fork_bomb_is_contained(runtime):
-    started = time.monotonic()
     reply = run(runtime, "fork_bomb", limits={"processes": 32}, timeout=3)
     assert reply["status"] == "failed" and reply["reason"] in ("processes", "timeout"), reply
-    assert time.monotonic() - started < 6
     assert run(runtime, "greet", "alive")["output"] == "Hello, alive"
 
 

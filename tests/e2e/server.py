@@ -72,7 +72,7 @@ class Server:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

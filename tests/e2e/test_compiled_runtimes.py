@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from tests.e2e.server import Server, make_zip
-from tests.services import require_tool
+from tests.services import require_program
 
 GO_OK = {"handler.go": '''package handler
 
@@ -39,8 +39,8 @@ function main($input, $context) {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    require_tool("go", "Go functions are built with it")
-    require_tool("php", "PHP functions run with the PHP CLI")
+    require_program("go", "Go functions are built with it")
+    require_program("php", "PHP functions run with the PHP CLI")
     with Server(tmp_path_factory.mktemp("compiled")) as srv:
         yield srv
 

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from tests.e2e.server import Server, make_zip
-from tests.services import require_tool
+from tests.services import require_program
 
 # Run as root (CI): the runtimes give every child a uid, a network namespace and scratch of its own.
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the local engine contains functions only when it runs as root")
@@ -231,7 +231,7 @@ def language_function(server, image: str, entry: str, files: dict[str, str]) -> 
     ("php", "headwater/php-runtime", "connect.main", PHP_CONNECT),
 ], ids=["go", "php"])
 def test_go_and_php_functions_cannot_connect_to_host_services(server, tool, image, entry, files):
-    require_tool(tool, f"the {tool} runtime needs it")
+    require_program(tool, f"the {tool} runtime needs it")
     function_id = language_function(server, image, entry, files)
     for host, port in (("127.0.0.1", 5432), ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))):
         assert run(server, function_id, None, {"host": host, "port": port}).startswith("denied"), (tool, host, port)

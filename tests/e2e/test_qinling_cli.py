@@ -251,7 +251,8 @@ def test_openstack_function_cli_end_to_end(cli):
     ticking = cli.json("job", "create", "--function", function_id, "--pattern", "*/1 * * * * *", "--count", "2",
                        "--function-input", "tick")
     yearly = cli.json("job", "create", "--function-alias", "live", "--name", "yearly", "--pattern", "0 0 1 1 *")
-    assert yearly["function_alias"] == "live" and yearly["function_id"] is None
+    # An alias target shows the function the alias points to now (it was None: issue 20).
+    assert yearly["function_alias"] == "live" and yearly["function_id"] == function_id
     assert {one_shot["id"], ticking["id"], yearly["id"]} <= {j["Id"] for j in cli.json("job", "list")}
     assert cli.json("job", "show", one_shot["id"])["name"] == "once"
     assert cli.json("job", "update", yearly["id"], "--status", "paused")["status"] == "paused"

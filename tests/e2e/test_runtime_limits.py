@@ -6,14 +6,13 @@ import concurrent.futures
 import json
 import os
 import re
-import shutil
 import time
 
 import pytest
 
 from tests.e2e.server import Server, make_zip
 from tests.processes import wait_gone
-from tests.services import require_tool
+from tests.services import require_program
 
 MiB = 1024 * 1024
 
@@ -180,10 +179,9 @@ RUNTIMES = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("node") is None:
-        pytest.fail("node is needed for the nodejs runtime tests", pytrace=False)
-    require_tool("go", "the go runtime builds functions with it")
-    require_tool("php", "the php runtime runs functions with the PHP CLI")
+    require_program("node", "the nodejs runtime needs Node.js 18 or newer: apt-get install nodejs")
+    require_program("go", "the go runtime builds functions with it")
+    require_program("php", "the php runtime runs functions with the PHP CLI")
     with Server(tmp_path_factory.mktemp("runtime-limits")) as srv:
         yield srv
 
@@ -318,7 +316,7 @@ def test_fork_bomb_is_contained(server, runtimes, lang):
     assert execution["status"] == "failed" and execution["reason"] in ("processes", "timeout"), execution
     assert server.request("GET", "/healthz").status == 200
     # the bomb's processes are gone: only warm children (one per function version and limits) remain
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sandbox_processes(server) > 40:
         time.sleep(0.1)
     assert sandbox_processes(server) <= 40

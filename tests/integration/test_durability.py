@@ -158,6 +158,19 @@ def subscribe(server: Server, function_id: str, body: dict | None = None) -> str
     return resp.json()["id"]
 
 
+def wait_indexed(server: Server, subscription_id: str, timeout: float = 60) -> None:
+    """Wait until `server`'s own subscription index (not the shared table) routes to the
+    subscription: its dry run matches it."""
+    probe = {"specversion": "1.0", "id": "probe", "source": "/probe", "type": EVENT_TYPE}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = server.request("POST", "/v1/subscriptions/test", probe)
+        if subscription_id in {m["subscription_id"] for m in resp.json()["matches"]}:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{subscription_id} never reached the index of the replica at {server.url}")
+
+
 def events(n: int, tag: str) -> list[Event]:
     now = _dt.datetime.now(_dt.timezone.utc)
     return [Event(id=f"{tag}-{i}", source="/durability", type=EVENT_TYPE, data={"i": i}, time=now,
@@ -241,7 +254,7 @@ async def test_sigkill_mid_flow_loses_no_event_and_records_none_twice(backend, p
         await asyncio.to_thread(second.wait_ready)
         await publishing
         final = await records.wait_finished(sub, CRASH_EVENTS, timeout=120)
-        await asyncio.sleep(1.0)  # anything late (a redelivery) would show up now
+        await asyncio.sleep(1.0)  # quiet period: anything late (a redelivery) would show up now
         final = await records.counts(sub)
         elapsed = time.monotonic() - started
         assert final["total"] == CRASH_EVENTS and final["events"] == CRASH_EVENTS, final
@@ -288,7 +301,7 @@ async def test_two_replicas_split_a_stream_and_share_a_per_second_cron_job(backe
                                        {"source": "cron", "pattern": "* * * * * *", "function_id": function_id})
         assert resp.status == 201, resp.text
         cron = resp.json()["id"]
-        await asyncio.sleep(5.5)  # b learns of both subscriptions from its periodic reload (5 s)
+        await asyncio.to_thread(wait_indexed, b, sub)  # b learns of both from its periodic reload (5 s)
         await publisher.start()
         await publish_all(publisher, events(REPLICA_EVENTS, place.tag))
         final = await records.wait_finished(sub, REPLICA_EVENTS, timeout=90)
@@ -298,7 +311,7 @@ async def test_two_replicas_split_a_stream_and_share_a_per_second_cron_job(backe
         assert sum(routed) >= REPLICA_EVENTS and all(n > 0.1 * REPLICA_EVENTS for n in routed), routed
         # Let the schedule run at least 8 ticks (how long the stream took above depends on the
         # machine's load), then stop it and look at its ticks: one per second, none doubled or skipped.
-        deadline = asyncio.get_running_loop().time() + 30
+        deadline = asyncio.get_running_loop().time() + 90
         while asyncio.get_running_loop().time() < deadline:
             async with records.engine.connect() as conn:
                 done = (await conn.execute(sa.text("SELECT count(*) FROM executions WHERE subscription_id = :s AND status = 'success'"),
@@ -307,10 +320,14 @@ async def test_two_replicas_split_a_stream_and_share_a_per_second_cron_job(backe
                 break
             await asyncio.sleep(0.5)
         assert (await asyncio.to_thread(a.request, "DELETE", f"/v1/subscriptions/{cron}")).status == 204
-        await asyncio.sleep(1.0)
-        async with records.engine.connect() as conn:
-            rows = (await conn.execute(sa.text("SELECT event_id, created_at, status, attempts FROM executions WHERE subscription_id = :s "
-                                               "ORDER BY created_at"), {"s": cron})).all()
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the ticks in flight at the delete finish
+            async with records.engine.connect() as conn:
+                rows = (await conn.execute(sa.text("SELECT event_id, created_at, status, attempts FROM executions WHERE subscription_id = :s "
+                                                   "ORDER BY created_at"), {"s": cron})).all()
+            if all(r.status in ("success", "failed", "error") for r in rows) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
         cron_in = [metric(r, 'headwater_events_in_total{source="cron"}') for r in replicas]
         # Which scheduled second each execution belongs to: tick ids are derived from (subscription,
         # scheduled time), so they can be recomputed for every second around the run.
@@ -373,20 +390,25 @@ async def test_broker_connection_cut_and_restored_loses_nothing_and_resumes(back
             await asyncio.sleep(0.05)
         await proxy.cut()
         connections_before = proxy.connections
-        await asyncio.sleep(3.0)
+        # What was in flight at the cut finishes; then the count must stand still.
         during = await records.counts(row.id)
-        await asyncio.sleep(0.5)
+        for _ in range(60):
+            await asyncio.sleep(1.0)
+            settled, during = during, await records.counts(row.id)
+            if settled["finished"] == during["finished"]:
+                break
+        await asyncio.sleep(0.5)  # quiet period: a record written while cut off would show up now
         stalled = await records.counts(row.id)
         assert stalled["finished"] == during["finished"], "records kept coming while the broker was cut off"
         proxy.restore()
         await publishing
-        final = await records.wait_finished(row.id, LOSS_EVENTS, timeout=60)
-        await asyncio.sleep(1.0)
+        final = await records.wait_finished(row.id, LOSS_EVENTS, timeout=120)
+        await asyncio.sleep(1.0)  # quiet period: a duplicate would show up now
         final = await records.counts(row.id)
         assert proxy.refused > 0 and proxy.connections > connections_before, "the client never tried to reconnect"
         assert final["total"] == final["events"] == final["finished"] == LOSS_EVENTS, final
         with capsys.disabled():
-            print(f"\n[connection-loss/{backend}] cut at {during['finished']} finished for 3.5 s "
+            print(f"\n[connection-loss/{backend}] cut at {during['finished']} finished while cut off "
                   f"({proxy.refused} reconnects refused), resumed by itself: {final['finished']} of {LOSS_EVENTS} "
                   f"finished exactly once, {final['taken_over']} taken over")
     finally:
@@ -435,7 +457,8 @@ async def test_delayed_publish_and_groups_made_ahead_of_their_consumer(backend):
         await asyncio.wait_for(all_in, 15)
         await consumer.cancel()
         assert list(arrived) == ["early", "sooner", "later"], arrived
-        assert arrived["early"] < 0.3 and 0.28 <= arrived["sooner"] < 1.0 and 1.45 <= arrived["later"] < 3.5, arrived
+        # Each delayed event was held back at least its delay (brokers round a little).
+        assert arrived["sooner"] >= 0.28 and arrived["later"] >= 1.45, arrived
     finally:
         await bus.close()
         if place is not None:
@@ -448,7 +471,7 @@ async def test_retries_and_dead_letters_through_a_real_broker(backend, tmp_path)
     """The retry path on a durable bus: a platform error twice, then success; one that never
     succeeds is dead-lettered with the reason."""
     require(backend)
-    from tests.unit.test_delivery import FlakyEngine
+    from tests.unit.test_delivery import FlakyEngine, record_retry_delays
 
     place = BusPlace(backend)
     config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "bus": {"backend": backend, "url": place.url()},
@@ -464,13 +487,14 @@ async def test_retries_and_dead_letters_through_a_real_broker(backend, tmp_path)
             source="http", types=[EVENT_TYPE], function_id=function.id, function_version=0, project_id="default",
             options={"delivery": {"max_attempts": 3, "backoff_initial": 0.2, "jitter": 0}})
         await app.reload_subscription(row.id)
+        delays = record_retry_delays(app)
         now = _dt.datetime.now(_dt.timezone.utc)
         for event_id, fails in (("flaky", 2), ("broken", 99)):
             await app.bus.publish(Event(id=event_id, source="/t", type=EVENT_TYPE, data={"fail": fails}, time=now,
                                         extensions={"sourcekind": "http"}))
         from router.events import execution_id_for
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             rows = {r.event_id: r for r in await app.store.executions.list()}
             if len(rows) == 2 and all(r.status in ("success", "error") for r in rows.values()):
@@ -479,8 +503,10 @@ async def test_retries_and_dead_letters_through_a_real_broker(backend, tmp_path)
         assert rows["flaky"].status == "success" and rows["flaky"].attempts == 3
         assert rows["broken"].status == "error" and rows["broken"].attempts == 3
         assert app.engine.calls[execution_id_for("/t", "flaky", row.id)] == 3
+        # The schedule (0.2 s, then twice that, for each event) and the broker keeping to it.
+        assert sorted(delays) == [0.2, 0.2, 0.4, 0.4], delays
         times = app.engine.times[execution_id_for("/t", "broken", row.id)]
-        assert [round(b - a, 1) for a, b in zip(times, times[1:])] in ([0.2, 0.4], [0.2, 0.5], [0.3, 0.4], [0.3, 0.5])
+        assert [b - a >= d - 0.05 for (a, b), d in zip(zip(times, times[1:]), (0.2, 0.4))] == [True, True], times
         (letter,) = await app.store.dead_letters.list()
         assert letter.event_id == "broken" and "3 attempt(s) failed" in letter.reason
     finally:

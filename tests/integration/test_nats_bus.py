@@ -70,21 +70,21 @@ async def test_each_publish_times_out_at_its_own_deadline(bus):
             await bus._acks.publish(f"hwunit-silent.{name}", b"x", {}, timeout)
         finished[name] = loop.time() - started
 
-    late = loop.create_task(attempt("late", 0.6))
+    late = loop.create_task(attempt("late", 5.0))
     await asyncio.sleep(0)
     await attempt("early", 0.2)  # an earlier deadline than the one the timer waits for
+    assert "late" not in finished, "the earlier deadline was served first, not at the later one"
     await late
-    assert 0.2 <= finished["early"] < 0.4 and 0.6 <= finished["late"] < 0.8, finished
+    assert list(finished) == ["early", "late"] and finished["early"] >= 0.2 and finished["late"] >= 5.0, finished
     assert bus._acks._waiting == {}
     await silent.unsubscribe()
 
 
 async def test_publish_the_stream_refuses_fails_at_once(bus):
-    started = time.monotonic()
+    bus.publish_timeout = 3600.0  # an answer before the test's own timeout means no retrying to the deadline
     with pytest.raises(BusError, match="refused"):
         # A condition the stream checks and refuses with an API error (wrong last sequence).
         await bus._send("events", event().to_json(), "refused-1", {"Nats-Expected-Last-Sequence": "999999"})
-    assert time.monotonic() - started < 0.5
 
 
 async def test_publish_stored_by_another_stream_is_an_error(bus):
@@ -101,7 +101,7 @@ async def test_publish_without_a_stream_retries_until_the_deadline(bus):
     started = time.monotonic()
     with pytest.raises(BusError, match="not acknowledged within"):
         await bus.publish(event())
-    assert 0.9 <= time.monotonic() - started < 1.5
+    assert time.monotonic() - started >= 0.9  # it kept trying until the deadline
 
 
 async def test_publish_answers_still_arrive_after_a_reconnect(bus):
@@ -135,14 +135,17 @@ async def test_no_more_than_prefetch_handlers_run_at_once(bus):
 
 async def test_a_handler_running_past_ack_wait_keeps_its_event(bus):
     deliveries: list[tuple[str, int]] = []
+    finished = asyncio.Event()
 
     async def slow(delivery):
         deliveries.append((delivery.event.id, delivery.attempt))
         await asyncio.sleep(2.5)  # AckWait is 1 s: only in-progress beats keep the event here
+        finished.set()
 
     await bus.consume("events", "router", slow)
     await bus.consume("events", "router", slow)  # a second member that would get a redelivery
     sent = event()
     await bus.publish(sent)
-    await asyncio.sleep(3.5)
+    await asyncio.wait_for(finished.wait(), 60)
+    await asyncio.sleep(1.5)  # quiet period: past AckWait, a redelivery would show up now
     assert deliveries == [(sent.id, 1)]

@@ -12,7 +12,7 @@ from router.app import Headwater
 from router.config import Config
 from router.plugins import PackageRef
 from router.store import models
-from tests.services import require_tool
+from tests.services import require_program
 
 
 def test_which_images_build(tmp_path):
@@ -45,7 +45,7 @@ def test_artifacts_of_the_function_and_its_versions():
 
 
 async def test_a_build_left_building_resumes_when_the_service_starts(tmp_path):
-    require_tool("go", "the go runtime builds with it")
+    require_program("go", "the go runtime builds with it")
     app = Headwater(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}}))
     await app.start()
     try:

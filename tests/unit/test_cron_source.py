@@ -769,7 +769,7 @@ def main(path):
     with open(path + ".tmp", "w") as fh:
         fh.write(str(os.getpid()))
     os.rename(path + ".tmp", path)
-    time.sleep(30)
+    time.sleep(3600)  # past the function timeout (300 s) and the test's: only a cancel ends it in time
     return "slow"
 """
 
@@ -842,7 +842,7 @@ async def router(tmp_path):
             zf.writestr("f.py", LONG_FIRST_RUN)
         form = FormData()
         for name, value in (("runtime_id", runtime["id"]), ("code", json.dumps({"source": "package"})),
-                            ("entry", "f.main"), ("timeout", "60")):
+                            ("entry", "f.main"), ("timeout", "300")):
             form.add_field(name, value)
         form.add_field("package", buf.getvalue(), filename="f.zip")
         function_id = (await (await client.post("/v1/functions", data=form)).json())["id"]
@@ -863,9 +863,7 @@ async def test_overlap_replace_kills_the_long_first_run_and_the_next_tick_runs(r
     app = router.app
     first, pid = await router.first_run_started()
     router.clock.now = router.first_tick + dt.timedelta(minutes=1, seconds=1)  # the next tick; the first still runs
-    ticked = time.monotonic()
-    first = await router.finished(first.id)
-    assert time.monotonic() - ticked < 5, "the replaced run is recorded promptly, not after its 30 s"
+    first = await router.finished(first.id)  # recorded at the cancel: the run itself would take an hour
     assert (first.status, first.reason) == ("failed", "replaced")
     assert "replaced this run" in first.result["output"] and "overlap=replace" in first.logs
 
@@ -874,16 +872,16 @@ async def test_overlap_replace_kills_the_long_first_run_and_the_next_tick_runs(r
         return rows if len(rows) == 2 and rows[1].status != "running" else None
     rows = await router.eventually(second_done)
     assert (rows[1].status, rows[1].result["output"]) == ("success", "quick")
-    assert await gone_within(pid, 3), "the replaced run's process is still running"
+    assert await gone_within(pid, 60), "the replaced run's process is still running"
 
-    await asyncio.sleep(0.5)  # a retry (backoff 0.05 s) would have run again by now
+    await asyncio.sleep(0.5)  # quiet period: a retry (backoff 0.05 s) would have run again by now
     first = await app.store.executions.find(first.id)
     assert (first.status, first.reason, first.attempts) == ("failed", "replaced", 1)
     assert [d for d in await app.store.dead_letters.list() if d.subscription_id == router.sub_id] == []
 
 
 async def test_a_run_on_another_replica_stops_when_its_record_is_cancelled(router: Router) -> None:
-    from router.executions import CANCEL_POLL_SECONDS, ExecutionService
+    from router.executions import ExecutionService
     from router.metrics import Metrics
 
     app = router.app
@@ -893,9 +891,9 @@ async def test_a_run_on_another_replica_stops_when_its_record_is_cancelled(route
     stopped = await other.cancel_for_subscription(router.sub_id, "replaced", message="Cancelled: replaced elsewhere.",
                                                   except_event="the-new-tick")
     assert stopped == 1
-    assert await gone_within(pid, 2 * CANCEL_POLL_SECONDS + 3), "this replica did not notice the cancel"
+    assert await gone_within(pid, 60), "this replica did not notice the cancel"
     first = await router.finished(first.id)
     assert (first.status, first.reason, first.result["output"]) == ("failed", "replaced", "Cancelled: replaced elsewhere.")
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # quiet period: a retry would have run by now
     assert (await app.store.executions.find(first.id)).status == "failed", "not retried"
     assert await other.cancel_for_subscription(router.sub_id, "replaced") == 0, "nothing left to cancel"

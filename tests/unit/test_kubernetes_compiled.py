@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from router.app import Headwater
 from router.config import Config
 from tests.fakes.kube_cluster import kube_cluster
-from tests.services import require_tool
+from tests.services import require_program
 from tests.unit.test_kubernetes_api import free_port, until
 
 GO_OK = 'package handler\n\nfunc Hello(in map[string]string) (string, error) {\n\treturn "Hello from Go on Kubernetes, " + in["name"], nil\n}\n'
@@ -31,8 +31,8 @@ def package(name: str, text: str) -> bytes:
 
 
 async def test_go_and_php_functions_on_the_kubernetes_engine(tmp_path):
-    require_tool("go", "the go runtime's pods build with it")
-    require_tool("php", "the php runtime's pods run functions with it")
+    require_program("go", "the go runtime's pods build with it")
+    require_program("php", "the php runtime's pods run functions with it")
     async with kube_cluster(tmp_path / "cluster") as cluster:
         port = free_port()
         overrides = cluster.overrides(tmp_path / "hw", replicas=2)

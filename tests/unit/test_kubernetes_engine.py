@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sys
 import time
 import uuid
@@ -19,7 +20,9 @@ from engine.packages import FilesystemPackageStore
 from router import download_tokens
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
 from tests.fakes.kube_api import FakeImage
+from tests.conditions import eventually
 from tests.fakes.kube_cluster import kube_cluster
+from tests.processes import pid_path
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,14 @@ def hello(name="World", **kwargs):
 def sleep(seconds=4, **kwargs):
     time.sleep(seconds)
     return "slept"
+
+def meet(folder, n, **kwargs):
+    # Each run checks in, then waits until n runs have: runs served one at a time never get there.
+    import os
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    while len(os.listdir(folder)) < n:
+        time.sleep(0.01)
+    return "met"
 '''
 
 IMAGE_FN = '''
@@ -95,31 +106,23 @@ def req(fn: FunctionSpec, input=None) -> ExecutionRequest:
     return ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input=input)
 
 
-async def eventually(check, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s")
-        await asyncio.sleep(interval)
-
-
 # ---------------------------------------------------------------------------------------------
 # Done-when 2: Qinling's concurrency behaviour
 
 
 async def test_concurrency_one_worker_for_three_then_exactly_two_for_six_then_detach(env):
     engine = await env.engine(replicas=3)
-    fn = await env.function(engine, "main.sleep", timeout=10)
-    started = time.monotonic()
-    results = await asyncio.gather(*(engine.execute(req(fn, {"seconds": 4})) for _ in range(3)))
-    elapsed = time.monotonic() - started
-    assert [r.status for r in results] == ["success"] * 3, results
-    assert elapsed < 8, f"3 concurrent 4 s executions took {elapsed:.1f} s: they did not run in parallel"
+    fn = await env.function(engine, "main.sleep", timeout=60)
+    if env.fake is not None:
+        # Each run waits for all three to have started (a folder on this machine): served one after
+        # another they would time out.
+        folder = os.path.dirname(pid_path())
+        meet = dataclasses.replace(fn, entry="main.meet")
+        results = await asyncio.gather(*(engine.execute(req(meet, {"folder": folder, "n": 3})) for _ in range(3)))
+        assert [(r.status, r.output) for r in results] == [("success", "met")] * 3, results
+    else:
+        results = await asyncio.gather(*(engine.execute(req(fn, {"seconds": 4})) for _ in range(3)))
+        assert [r.status for r in results] == ["success"] * 3, results
     assert len(await engine.workers(fn.id, 0)) == 1
 
     results = await asyncio.gather(*(engine.execute(req(fn, {"seconds": 4})) for _ in range(6)))
@@ -224,9 +227,10 @@ async def test_worker_deleted_behind_the_engines_back_is_replaced(env):
     fn = await env.function(engine)
     assert (await engine.execute(req(fn))).status == "success"
     (worker,) = await engine.workers(fn.id, 0)
+    runtime = env.fake._pods[(env.cluster.namespace, worker)]
     env.fake._delete("pods", env.cluster.namespace, worker, grace=0)
     await eventually(lambda: env.fake.get("pods", env.cluster.namespace, worker) is None)
-    await asyncio.sleep(0.2)  # let the killed runtime's socket close
+    await eventually(lambda: runtime.process is None or runtime.process.returncode is not None)  # its socket is closed
     result = await engine.execute(req(fn, "again"))
     assert (result.status, result.output) == ("success", "Hello, again")
     assert await engine.workers(fn.id, 0) != [worker]
@@ -253,11 +257,9 @@ async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
     engine = await env.engine(replicas=1)
     fn = await env.function(engine)
     broken = dataclasses.replace(fn, runtime_id="cobol", runtime_image="example/cobol-runtime:1")
-    started = time.monotonic()
     result = await engine.execute(req(broken))
     assert result.status == "error"
-    assert "ErrImagePull" in result.output and "example/cobol-runtime:1" in result.output
-    assert time.monotonic() - started < 10
+    assert "ErrImagePull" in result.output and "example/cobol-runtime:1" in result.output  # the reason, not a wait's end
 
 
 @pytest.mark.parametrize("image,reason", [
@@ -288,9 +290,7 @@ async def test_pool_update_rolls_out_and_a_bad_image_rolls_back(env):
     images = {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
     assert images == {"headwater/python3-runtime-next:2"}
 
-    started = time.monotonic()
     assert await engine.update_pool("python3", "example/missing:9") is False
-    assert time.monotonic() - started < 15
     dep = env.fake.get("deployments", env.cluster.namespace, name)
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/python3-runtime-next:2"
     await eventually(lambda: {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
@@ -390,10 +390,8 @@ async def test_image_function_runs_in_its_own_pod_with_container_limits_and_is_d
 async def test_image_function_timeout_kills_and_deletes_the_pod(env, image_fn):
     engine = await env.engine(replicas=0)
     fn = image_fn(timeout=1)
-    request = req(fn, {"sleep": 30})
-    started = time.monotonic()
+    request = req(fn, {"sleep": 3600})  # longer than the test may take: an answer means the timeout cut it off
     result = await engine.execute(request)
-    assert time.monotonic() - started < 6
     assert (result.status, result.reason, result.output) == ("failed", "timeout", "Function execution timeout.")
     name = _created_pod(env, request.execution_id)["metadata"]["name"]
     assert env.fake.get("pods", env.cluster.namespace, name) is None
@@ -416,9 +414,8 @@ async def test_an_image_pod_cancelled_just_before_stop_is_still_deleted(env, ima
 
 async def test_image_function_failure_is_seen_at_once(env, image_fn):
     engine = await env.engine(replicas=0)
-    started = time.monotonic()
-    result = await engine.execute(req(image_fn(timeout=30), {"exit": 3}))
-    assert time.monotonic() - started < 5  # Qinling noticed a Failed pod only at the timeout
+    # Qinling noticed a Failed pod only at the timeout: an hour here, far past the test's own.
+    result = await engine.execute(req(image_fn(timeout=3600), {"exit": 3}))
     assert (result.status, result.reason) == ("failed", "error")
     assert "code 3" in result.output
 

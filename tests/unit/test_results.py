@@ -3,7 +3,6 @@ checked by a real receiver."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -14,6 +13,7 @@ from router.config import Config
 from router.events import Event
 from router.results import ChainTooDeep, ResultSinks, SinkSpecError, chain_depth, result_event
 from sinks.http import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
+from tests.conditions import eventually
 
 SECRET = "s3cret-s3cret-s3cret"
 
@@ -104,7 +104,7 @@ async def test_event_sink_chains_and_the_loop_guard_stops_it(config):
     sinks = ResultSinks(config, bus)
     specs = sinks.validate([{"kind": "event"}])
     await sinks.deliver(make_result(Event(id="e", source="/s", type="t", extensions={"chaindepth": 1})), specs)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: seen)
     assert len(seen) == 1 and seen[0].extensions["sourcekind"] == "result" and chain_depth(seen[0]) == 2
     with pytest.raises(ChainTooDeep, match="depth 4 exceeds"):
         await sinks.deliver(make_result(Event(id="e", source="/s", type="t", extensions={"chaindepth": 3})), specs)

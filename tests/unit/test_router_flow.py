@@ -10,6 +10,7 @@ import pytest
 from aiohttp import FormData
 
 from router.events import Event, execution_id_for
+from tests.conditions import counter_total, eventually
 from tests.e2e.server import make_zip
 
 
@@ -88,7 +89,7 @@ async def test_idempotency_key_runs_a_retried_post_once(hw):
         ids.add((await resp.json())["execution_id"])
     assert len(ids) == 1
     await wait_status(hw, ids.pop())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # quiet period: a second run would show up now
     executions = await hw.store.executions.list()
     assert len(executions) == 1 and executions[0].attempts == 1
 
@@ -102,7 +103,7 @@ async def test_redelivered_event_does_not_run_twice(hw):
         assert (await hw.client.post("/v1/events", json=event)).status == 202
     execution_id = execution_id_for("/example", "evt-1", sub["id"])
     execution = await wait_status(hw, execution_id)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: hw.metrics.duplicates._value.get() >= 2)  # the two redeliveries were seen
     assert execution["status"] == "success" and execution["description"] == f"Created by Subscription {sub['id']}"
     rows = await hw.store.executions.list()
     assert [r.id for r in rows] == [execution_id] and rows[0].attempts == 1
@@ -132,7 +133,8 @@ async def test_binary_mode_cloudevent_and_filters(hw):
     assert (await hw.client.post("/v1/events", data='{"object": "cat.jpg"}', headers=headers)).status == 202
     headers.update({"ce-id": "b-2", "ce-container": "docs"})
     assert (await hw.client.post("/v1/events", data='{"object": "a.txt"}', headers=headers)).status == 202
-    await asyncio.sleep(0.2)
+    await eventually(lambda: counter_total(hw.metrics.events_unmatched) >= 1)  # b-2 was routed: to nothing
+    await eventually(hw.store.executions.list)
     rows = await hw.store.executions.list()
     assert [r.event_id for r in rows] == ["b-1"] and rows[0].input == {"object": "cat.jpg"}
 

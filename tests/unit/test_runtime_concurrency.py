@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import RUNTIME_HEADERS, runtime_env
+from tests.services import require_program
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = {
@@ -31,8 +31,8 @@ SERVERS = {
 @pytest.mark.parametrize("runtime", list(SERVERS))
 def test_a_burst_is_queued_behind_the_child_cap(runtime, tmp_path):
     command, filename, source = SERVERS[runtime]
-    if runtime == "nodejs" and shutil.which("node") is None:
-        pytest.fail("node is not on PATH (the nodejs runtime needs Node.js 18 or newer)")
+    if runtime == "nodejs":
+        require_program("node", "the nodejs runtime needs Node.js 18 or newer: apt-get install nodejs")
     package = tmp_path / "pkg.zip"
     with zipfile.ZipFile(package, "w") as zf:
         zf.writestr(filename, source)

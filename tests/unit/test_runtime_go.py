@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.runtime_server import post, runtime_server
-from tests.services import require_tool
+from tests.services import require_program
 
 
 HANDLER_GO = r'''
@@ -78,7 +78,7 @@ def make_zip(path: Path, files: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    require_tool("go", "the go runtime builds functions with it")
+    require_program("go", "the go runtime builds functions with it")
     with runtime_server("go", tmp_path_factory.mktemp("gowork")) as url:
         yield url
 

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from tests.runtime_server import post, runtime_server
-from tests.services import require_tool
+from tests.services import require_program
 
 MiB = 1024 * 1024
 
@@ -46,7 +46,7 @@ def package(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    require_tool("php", "the php runtime runs functions with the PHP CLI")
+    require_program("php", "the php runtime runs functions with the PHP CLI")
     with runtime_server("php", tmp_path_factory.mktemp("phpwork")) as url:
         yield url
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import FormData, web
 
 from sinks.http import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.conditions import eventually
 
 SLEEPER = '''
 import time
@@ -132,9 +133,12 @@ async def test_results_chain_and_the_loop_guard_stops_a_loop(make_headwater):
         "source": "result", "filter": "data.status = 'success'", "types": ["org.openstack.headwater.execution.success"],
         "function_id": fid, "sinks": [{"kind": "event"}]})).json()
     await send(hw, "order-2", type_="com.example.order", data={"n": 8})
-    await asyncio.sleep(1.5)
+
+    async def cut_letters():
+        return [d for d in await hw.store.dead_letters.list() if d.subscription_id == looper["id"]]
+
+    letters = await eventually(cut_letters)
     runs = await hw.store.executions.list(filters={"subscription_id": looper["id"]})
-    letters = [d for d in await hw.store.dead_letters.list() if d.subscription_id == looper["id"]]
     assert 1 <= len(runs) <= 5, len(runs)
     assert letters and "chain depth" in letters[0].reason
 

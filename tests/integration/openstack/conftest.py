@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
 import socket
 import subprocess
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -24,17 +24,40 @@ from tests.services import REQUIRE, require_service
 
 HARNESS = Path(__file__).parent / "harness" / "openstack.sh"
 DIR = Path(os.environ.get("HEADWATER_OPENSTACK_DIR", "/var/tmp/headwater-openstack"))
-ZAQAR_PORT = int(os.environ.get("HEADWATER_ZAQAR_PORT", "18888"))
-SWIFT_PORT = int(os.environ.get("HEADWATER_SWIFT_PORT", "18080"))
-AODH_PORT = int(os.environ.get("HEADWATER_AODH_PORT", "18042"))
-ZAQAR_URL = f"http://127.0.0.1:{ZAQAR_PORT}"
-SWIFT_URL = f"http://127.0.0.1:{SWIFT_PORT}"
-AODH_URL = f"http://127.0.0.1:{AODH_PORT}"
 PROJECT = "demo"
 
 # Opt-in, because CI runs every test with HEADWATER_REQUIRE_SERVICES=1 and does not start these
 # servers: "1" = the harness is already up; "up" = the tests install/start it and stop it after.
 MODE = os.environ.get("HEADWATER_OPENSTACK", "").lower()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _harness_ports() -> dict[str, int]:
+    """The ports of the harness run: from the environment (`eval "$(openstack.sh env)"`), else
+    asked of the harness (a run already up), else free ones for the run these tests start."""
+    names = ("HEADWATER_ZAQAR_PORT", "HEADWATER_SWIFT_PORT", "HEADWATER_AODH_PORT")
+    if all(os.environ.get(n) for n in names):
+        return {n: int(os.environ[n]) for n in names}
+    if MODE == "up":
+        return {n: free_port() for n in names}
+    if MODE in ("1", "true", "yes"):
+        out = subprocess.run(["bash", str(HARNESS), "env"], capture_output=True, text=True, timeout=30).stdout
+        found = dict(word.split("=", 1) for word in out.split() if "=" in word)
+        if all(n in found for n in names):
+            return {n: int(found[n]) for n in names}
+    return {n: 0 for n in names}  # not running: the fixture skips or fails before any test uses them
+
+
+PORTS = _harness_ports()
+ZAQAR_PORT, SWIFT_PORT, AODH_PORT = (PORTS[n] for n in ("HEADWATER_ZAQAR_PORT", "HEADWATER_SWIFT_PORT", "HEADWATER_AODH_PORT"))
+ZAQAR_URL = f"http://127.0.0.1:{ZAQAR_PORT}"
+SWIFT_URL = f"http://127.0.0.1:{SWIFT_PORT}"
+AODH_URL = f"http://127.0.0.1:{AODH_PORT}"
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +69,12 @@ def openstack() -> Any:
         pytest.skip("real OpenStack services not requested: run `tests/integration/openstack/harness/openstack.sh up` "
                     "and set HEADWATER_OPENSTACK=1 (or HEADWATER_OPENSTACK=up to let the tests start them)")
     started = False
+    env = {**os.environ, **{n: str(p) for n, p in PORTS.items()}}
     if MODE == "up":
-        subprocess.run(["bash", str(HARNESS), "up"], check=True, timeout=900)
+        # A run of its own (ports, Redis database, state directory); still take the machine's
+        # harness lock around the whole test run, as the README says.
+        env.setdefault("HEADWATER_OPENSTACK_RUN", tempfile.mkdtemp(prefix="headwater-openstack-run-"))
+        subprocess.run(["bash", str(HARNESS), "up"], check=True, timeout=900, env=env)
         started = True
     require_service("RabbitMQ", "127.0.0.1", 5672)
     require_service("Zaqar", "127.0.0.1", ZAQAR_PORT)
@@ -55,13 +82,7 @@ def openstack() -> Any:
     require_service("Aodh API", "127.0.0.1", AODH_PORT)
     yield DIR
     if started:
-        subprocess.run(["bash", str(HARNESS), "stop"], check=False, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        subprocess.run(["bash", str(HARNESS), "stop"], check=False, timeout=60, env=env)
 
 
 class Router:
@@ -133,18 +154,6 @@ async def router(openstack, tmp_path):
             await r.stop()
         except Exception:  # already stopped by the test
             pass
-
-
-async def eventually(probe, timeout: float = 20.0, interval: float = 0.1):
-    """Await probe() until it returns something truthy; that value, or TimeoutError."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"{probe.__name__ if hasattr(probe, '__name__') else probe} never became true")
-        await asyncio.sleep(interval)
 
 
 ZAQAR_HEADERS = {"Client-ID": "6d6a7a3e-9f0a-4d53-9c6c-0f4b2d8a1c11", "X-Project-ID": PROJECT, "Content-Type": "application/json"}

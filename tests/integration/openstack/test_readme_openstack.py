@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from sources.aodh import aodh_client
+from tests.conditions import eventually
 from tests.unit.test_batching import BatchEngine
 from tests.unit.test_readme import readme_block
 
-from .conftest import AODH_URL, PROJECT, ZAQAR_URL, eventually, zaqar
+from .conftest import AODH_URL, PROJECT, ZAQAR_URL, zaqar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

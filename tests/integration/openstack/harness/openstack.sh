@@ -2,26 +2,25 @@
 # Real Zaqar, Swift + ceilometermiddleware and Aodh from PyPI on 127.0.0.1, for Headwater's
 # integration tests (tests/integration/openstack). No Keystone, no Docker, no systemd.
 #
-#   openstack.sh install   venvs under $HEADWATER_OPENSTACK_DIR (reused when present)
+#   openstack.sh install   venvs under $HEADWATER_OPENSTACK_DIR (a cache, reused when present)
 #   openstack.sh start     start the servers (needs Redis :6379 and RabbitMQ :5672 already up)
 #   openstack.sh up        install + start
-#   openstack.sh stop      stop what `start` started, by recorded pid
+#   openstack.sh stop      stop what `start` started, by recorded pid, and remove the run's state
 #   openstack.sh status    which ports answer
 #   openstack.sh env       the environment the tests read (eval "$(openstack.sh env)")
 #
-# Ports are off the usual ones (8080/8888/8042) so a developer's own servers are left alone.
+# Each run takes free ports and an empty Redis database (Redis is shared), chosen at `start` (or
+# given as HEADWATER_{ZAQAR,SWIFT,AODH}_PORT), and keeps its configuration, logs, pids and data in
+# $HEADWATER_OPENSTACK_RUN (default $HEADWATER_OPENSTACK_DIR/run): two runs with different run
+# directories never collide. The harness is shared by whoever uses this machine: run it under
+# `flock /tmp/headwater-openstack.lock …`, start to stop.
 set -euo pipefail
 
 DIR=${HEADWATER_OPENSTACK_DIR:-/var/tmp/headwater-openstack}
 REPO=$(cd "$(dirname "$0")/../../../.." && pwd)
+RUN=${HEADWATER_OPENSTACK_RUN:-$DIR/run}
 PY=${HEADWATER_OPENSTACK_PYTHON:-python3}
 RABBIT_URL=${HEADWATER_OPENSTACK_RABBIT:-rabbit://guest:guest@127.0.0.1:5672/}
-REDIS_URI=${HEADWATER_OPENSTACK_REDIS:-redis://127.0.0.1:6379?dbid=7}  # own db: Redis is shared
-ZAQAR_PORT=${HEADWATER_ZAQAR_PORT:-18888}
-SWIFT_PORT=${HEADWATER_SWIFT_PORT:-18080}
-AODH_PORT=${HEADWATER_AODH_PORT:-18042}
-# Swift's backend servers; the proxy is the only one clients talk to.
-OBJ_PORT=16200; CONT_PORT=16201; ACCT_PORT=16202
 
 # Pinned to what the wire-format reference was captured with.
 ZAQAR_PKGS="zaqar==23.0.1 python-zaqarclient==4.7.0 redis"
@@ -42,7 +41,57 @@ except urllib.error.HTTPError:
 PYEOF
     sleep 1
   done
-  log "$1 did not answer at $2 (logs: $DIR/log)"; return 1
+  log "$1 did not answer at $2 (logs: $RUN/log)"; return 1
+}
+
+free_port() {
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+free_redis_db() {  # an empty database of the shared Redis (1..15; 0 is everybody's default)
+  "$PY" - <<'PYEOF'
+import random, socket
+with socket.create_connection(("127.0.0.1", 6379), timeout=5) as s:
+    s.sendall(b"INFO keyspace\r\n")
+    data = b""
+    while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
+        data += s.recv(65536)
+used = {int(line.split(b":")[0][2:]) for line in data.split(b"\r\n") if line.startswith(b"db")}
+free = [n for n in range(1, 16) if n not in used]
+if not free:
+    raise SystemExit("openstack-harness: no empty Redis database (1..15) left")
+print(random.choice(free))
+PYEOF
+}
+
+redis_flush() {  # db — drop what this run's Zaqar stored
+  "$PY" - "$1" <<'PYEOF' || true
+import socket, sys
+with socket.create_connection(("127.0.0.1", 6379), timeout=5) as s:
+    s.sendall(b"SELECT %s\r\nFLUSHDB\r\n" % sys.argv[1].encode())
+    s.recv(1024)
+PYEOF
+}
+
+# The run's ports and Redis database: chosen once by `start`, read back by every other command.
+load_run() {
+  if [ -f "$RUN/env" ]; then . "$RUN/env"; fi
+}
+
+choose_run() {
+  mkdir -p "$RUN/log" "$RUN/pids"
+  load_run
+  ZAQAR_PORT=${ZAQAR_PORT:-${HEADWATER_ZAQAR_PORT:-$(free_port)}}
+  SWIFT_PORT=${SWIFT_PORT:-${HEADWATER_SWIFT_PORT:-$(free_port)}}
+  AODH_PORT=${AODH_PORT:-${HEADWATER_AODH_PORT:-$(free_port)}}
+  # Swift's backend servers; the proxy is the only one clients talk to.
+  OBJ_PORT=${OBJ_PORT:-$(free_port)}; CONT_PORT=${CONT_PORT:-$(free_port)}; ACCT_PORT=${ACCT_PORT:-$(free_port)}
+  REDIS_DB=${REDIS_DB:-${HEADWATER_OPENSTACK_REDIS_DB:-$(free_redis_db)}}
+  cat > "$RUN/env" <<ENV
+ZAQAR_PORT=$ZAQAR_PORT SWIFT_PORT=$SWIFT_PORT AODH_PORT=$AODH_PORT
+OBJ_PORT=$OBJ_PORT CONT_PORT=$CONT_PORT ACCT_PORT=$ACCT_PORT REDIS_DB=$REDIS_DB
+ENV
+  REDIS_URI="redis://127.0.0.1:6379?dbid=$REDIS_DB"
 }
 
 venv_install() {  # name marker-binary packages...
@@ -58,7 +107,7 @@ venv_install() {  # name marker-binary packages...
 }
 
 cmd_install() {
-  mkdir -p "$DIR/log" "$DIR/pids"
+  mkdir -p "$DIR/log"
   # In parallel: the three installs are independent and mostly wait on downloads and builds.
   venv_install zaqar zaqar-server $ZAQAR_PKGS & local z=$!
   venv_install swift swift-proxy-server $SWIFT_PKGS & local s=$!
@@ -70,12 +119,12 @@ cmd_install() {
 
 spawn() {  # name command... — background, logged, pid recorded
   local name=$1; shift
-  nohup "$@" > "$DIR/log/$name.log" 2>&1 &
-  echo $! > "$DIR/pids/$name.pid"
+  nohup "$@" > "$RUN/log/$name.log" 2>&1 &
+  echo $! > "$RUN/pids/$name.pid"
 }
 
 write_zaqar_conf() {
-  cat > "$DIR/zaqar/zaqar.conf" <<CONF
+  cat > "$RUN/zaqar/zaqar.conf" <<CONF
 [DEFAULT]
 # empty: no Keystone middleware, the API trusts X-Project-ID
 auth_strategy =
@@ -108,7 +157,7 @@ CONF
 }
 
 write_swift_conf() {
-  local etc=$DIR/swift/etc node=$DIR/swift/node
+  local etc=$RUN/swift/etc node=$RUN/swift/node
   mkdir -p "$etc" "$node/d1"
   cat > "$etc/swift.conf" <<CONF
 [swift-hash]
@@ -210,7 +259,7 @@ CONF
 }
 
 write_aodh_conf() {
-  cat > "$DIR/aodh/aodh.conf" <<CONF
+  cat > "$RUN/aodh/aodh.conf" <<CONF
 [DEFAULT]
 transport_url = $RABBIT_URL
 # a new alarm is otherwise invisible to aodh-listener for up to 60 s (per-project cache)
@@ -221,7 +270,7 @@ rest_notifier_max_retries = 0
 auth_mode = noauth
 
 [database]
-connection = sqlite:///$DIR/aodh/aodh.db
+connection = sqlite:///$RUN/aodh/aodh.db
 
 [listener]
 event_alarm_topic = alarm.all
@@ -233,49 +282,56 @@ CONF
 }
 
 cmd_start() {
-  mkdir -p "$DIR/log" "$DIR/pids" "$DIR/zaqar" "$DIR/aodh"
   port_open 6379 || { log "Redis is not running on 127.0.0.1:6379"; return 1; }
   port_open 5672 || { log "RabbitMQ is not running on 127.0.0.1:5672"; return 1; }
+  choose_run
+  mkdir -p "$RUN/zaqar" "$RUN/aodh"
   local t0=$SECONDS
   if port_open "$ZAQAR_PORT"; then log "zaqar already up"; else
     write_zaqar_conf
-    spawn zaqar-server "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$DIR/zaqar/zaqar.conf"
+    spawn zaqar-server "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$RUN/zaqar/zaqar.conf"
   fi
   if port_open "$SWIFT_PORT"; then log "swift already up"; else
     write_swift_conf
     local n
     for n in account container object; do
-      spawn "swift-$n" "$DIR/venv-swift/bin/swift-$n-server" "$DIR/swift/etc/$n-server.conf" -v
+      spawn "swift-$n" "$DIR/venv-swift/bin/swift-$n-server" "$RUN/swift/etc/$n-server.conf" -v
     done
     # The proxy imports Headwater's filter from this checkout (sources/swift_middleware.py, stdlib only).
-    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" spawn swift-proxy "$DIR/venv-swift/bin/swift-proxy-server" "$DIR/swift/etc/proxy-server.conf" -v
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" spawn swift-proxy "$DIR/venv-swift/bin/swift-proxy-server" "$RUN/swift/etc/proxy-server.conf" -v
   fi
   if port_open "$AODH_PORT"; then log "aodh already up"; else
     write_aodh_conf
-    "$DIR/venv-aodh/bin/aodh-dbsync" --config-file "$DIR/aodh/aodh.conf" > "$DIR/log/aodh-dbsync.log" 2>&1
-    spawn aodh-api "$DIR/venv-aodh/bin/aodh-api" --host 127.0.0.1 --port "$AODH_PORT" -- --config-file "$DIR/aodh/aodh.conf"
+    "$DIR/venv-aodh/bin/aodh-dbsync" --config-file "$RUN/aodh/aodh.conf" > "$RUN/log/aodh-dbsync.log" 2>&1
+    spawn aodh-api "$DIR/venv-aodh/bin/aodh-api" --host 127.0.0.1 --port "$AODH_PORT" -- --config-file "$RUN/aodh/aodh.conf"
     # event alarms need only the listener (evaluates) and the notifier (POSTs); no evaluator
-    spawn aodh-listener "$DIR/venv-aodh/bin/aodh-listener" --config-file "$DIR/aodh/aodh.conf"
-    spawn aodh-notifier "$DIR/venv-aodh/bin/aodh-notifier" --config-file "$DIR/aodh/aodh.conf"
+    spawn aodh-listener "$DIR/venv-aodh/bin/aodh-listener" --config-file "$RUN/aodh/aodh.conf"
+    spawn aodh-notifier "$DIR/venv-aodh/bin/aodh-notifier" --config-file "$RUN/aodh/aodh.conf"
   fi
   wait_http zaqar "http://127.0.0.1:$ZAQAR_PORT/v2/ping" 60
   wait_http swift "http://127.0.0.1:$SWIFT_PORT/info" 60
   wait_http aodh "http://127.0.0.1:$AODH_PORT/" 90
-  log "up in $((SECONDS - t0)) s: zaqar :$ZAQAR_PORT, swift :$SWIFT_PORT, aodh :$AODH_PORT"
+  log "up in $((SECONDS - t0)) s: zaqar :$ZAQAR_PORT, swift :$SWIFT_PORT, aodh :$AODH_PORT, redis db $REDIS_DB (state: $RUN)"
 }
 
 cmd_stop() {
   local f pid
-  for f in "$DIR"/pids/*.pid; do
+  load_run
+  for f in "$RUN"/pids/*.pid; do
     [ -e "$f" ] || continue
     pid=$(cat "$f")
     if kill -TERM "$pid" 2>/dev/null; then log "stopped $(basename "$f" .pid) ($pid)"; fi
     rm -f "$f"
   done
+  if [ -n "${REDIS_DB:-}" ]; then redis_flush "$REDIS_DB"; fi
+  # The run's state is temporary; the venvs in $DIR are the cache and stay.
+  rm -rf "$RUN"
 }
 
 cmd_status() {
   local rc=0 p
+  load_run
+  [ -n "${ZAQAR_PORT:-}" ] || { echo "not started (no $RUN/env)"; return 1; }
   for p in zaqar:$ZAQAR_PORT swift:$SWIFT_PORT aodh:$AODH_PORT; do
     if port_open "${p##*:}"; then echo "${p%%:*} up (${p##*:})"; else echo "${p%%:*} down (${p##*:})"; rc=1; fi
   done
@@ -283,8 +339,10 @@ cmd_status() {
 }
 
 cmd_env() {
+  load_run
+  [ -n "${ZAQAR_PORT:-}" ] || { log "not started (no $RUN/env)"; return 1; }
   cat <<ENV
-export HEADWATER_OPENSTACK_DIR=$DIR
+export HEADWATER_OPENSTACK_DIR=$DIR HEADWATER_OPENSTACK_RUN=$RUN
 export HEADWATER_ZAQAR_PORT=$ZAQAR_PORT HEADWATER_SWIFT_PORT=$SWIFT_PORT HEADWATER_AODH_PORT=$AODH_PORT
 ENV
 }
