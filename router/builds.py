@@ -84,7 +84,7 @@ def build_failure(code: dict[str, Any] | None) -> ExecutionResult | None:
     build = build_state(code)
     if build and build.get("status") == ERROR:
         message = build.get("message") or "The function's build failed."
-        return ExecutionResult(status="failed", output=message, reason="build_failed", logs=message)
+        return ExecutionResult(status="error", output=message, reason="build_failed", logs=message)
     return None
 
 

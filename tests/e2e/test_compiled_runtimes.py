@@ -105,10 +105,10 @@ def test_go_package_that_does_not_compile_shows_the_compiler_message(server):
     resp = server.request("POST", "/v1/executions", {"function_id": function["id"], "input": {"name": "x"}})
     assert resp.status == 201, resp.text
     execution = resp.json()
-    assert (execution["status"], execution["reason"]) == ("failed", "build_failed"), execution
+    assert (execution["status"], execution["reason"]) == ("error", "build_failed"), execution
     assert "undefined: notDefinedAnywhere" in json.loads(execution["result"])["output"]
     hooked = invoke_webhook(server, function["id"], {"name": "hook"})
-    assert hooked["status"] == "failed" and "notDefinedAnywhere" in json.loads(hooked["result"])["output"]
+    assert hooked["status"] == "error" and "notDefinedAnywhere" in json.loads(hooked["result"])["output"]
 
 
 def test_uploading_a_fixed_package_rebuilds(server):

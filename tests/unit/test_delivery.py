@@ -72,7 +72,7 @@ def test_backoff_is_exponential_capped_and_jittered_below_the_cap():
     ({"failed"}, "failed", "timeout", True),
     ({"failed"}, "error", "platform", False),
     ({"error", "timeout", "failed"}, "success", "ok", False),
-    ({"error", "timeout", "failed"}, "failed", "build_failed", False),  # the package must change first
+    ({"error", "timeout", "failed"}, "error", "build_failed", False),  # the package must change first
 ])
 def test_which_outcomes_are_retried(retry_on, status, reason, retried):
     policy = DeliveryPolicy(retry_on=frozenset(retry_on))

@@ -97,7 +97,7 @@ async def test_go_and_php_functions_on_the_kubernetes_engine(tmp_path):
             failed = await settled(broken["id"])
             assert failed["status"] == "error" and "undefined: notDefinedAnywhere" in failed["status_reason"], failed
             run = await webhook(broken["id"], {"name": "x"})
-            assert (run["status"], run["reason"]) == ("failed", "build_failed"), run
+            assert (run["status"], run["reason"]) == ("error", "build_failed"), run
             assert "notDefinedAnywhere" in json.loads(run["result"])["output"]
 
             php = await runtime("headwater/php-runtime:latest")
