@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import datetime as _dt
 import logging
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from router import __version__, download_tokens, plugins
+from router.api.common import CTX_KEY
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
@@ -20,7 +22,9 @@ from router.gctuning import tune_for_server
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
+from router.keystone import Keystone
 from router.metrics import Metrics
+from router.policy import PUBLIC_ROUTES, Policy
 from router.store import Database, NotFound, Store
 from router.store import models
 
@@ -95,8 +99,18 @@ class _SourceContext:
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self._app.change_listeners.append(callback)
 
-    def add_route(self, method: str, path: str, handler) -> None:
+    def add_route(self, method: str, path: str, handler, *, public: bool = False) -> None:
         self._app.web.router.add_route(method, path, handler)
+        if public:  # answered without a Keystone token: the handler checks its own credentials
+            self._app.public_routes.add((method, path))
+
+    def caller_project(self, request: web.Request) -> tuple[str, bool]:
+        """The project of the API caller (from its token), and whether the caller may publish
+        events for any project (admins and services)."""
+        c = request[CTX_KEY]
+        may_any = self._app.policy.allowed("headwater:events:create_for_any_project", c.credentials,
+                                           {"project_id": c.project_id})
+        return c.project_id, may_any
 
     async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
                                *, fired: bool = True) -> bool:
@@ -133,6 +147,9 @@ class Headwater:
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
         self.history = EventLog(config, self.store)
         self.download_secret = download_tokens.secret_from_config(config)
+        self.policy = Policy(config)  # a policy file that does not load stops start-up here
+        self.keystone = Keystone(config) if config.auth.strategy == "keystone" else None
+        self.public_routes: set[tuple[str, str]] = set(PUBLIC_ROUTES)
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
@@ -247,9 +264,20 @@ async def serve(app: Headwater) -> None:
         # Inside the try: a port already in use must still stop what app.start() started.
         await runner.setup()
         await web.TCPSite(runner, config.api.host, config.api.port).start()
+        if config.auth.strategy == "noauth" and not _loopback(config.api.host):
+            log.warning("AUTHENTICATION IS OFF ([auth] strategy = noauth) on a non-loopback address: anyone who "
+                        "reaches %s:%s can read, run and delete every function. Set [auth] strategy = keystone.",
+                        config.api.host, config.api.port, extra={"host": config.api.host, "strategy": "noauth"})
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
         await app.stop()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -397,12 +397,19 @@ class _Bucket:
         return out
 
 
+def event_project(event: Event) -> str:
+    """The project an event belongs to; events that name none are the `default` project's."""
+    return event.extensions.get("projectid") or "default"
+
+
 class SubscriptionIndex:
-    """Matches an event to its subscriptions by source kind, event type and filters."""
+    """Matches an event to its subscriptions by project, source kind, event type and filters.
+    Subscriptions are filed per (project, source kind): an event reaches only its own project's
+    subscriptions, whatever their filters say."""
 
     def __init__(self, subscriptions: Iterable[Subscription] = ()):
         self._entries: dict[str, _Entry] = {}
-        self._buckets: dict[str, _Bucket] = collections.defaultdict(_Bucket)
+        self._buckets: dict[tuple[str, str], _Bucket] = collections.defaultdict(_Bucket)
         self._shared_types: dict[tuple, tuple] = {}
         for sub in subscriptions:
             self.put(sub)
@@ -424,12 +431,12 @@ class SubscriptionIndex:
         self.remove(sub.id)
         self._entries[sub.id] = entry
         if entry.slot[0] != "paused":
-            self._buckets[sub.source].add(entry)
+            self._buckets[(sub.project_id, sub.source)].add(entry)
 
     def remove(self, subscription_id: str) -> None:
         old = self._entries.pop(subscription_id, None)
         if old is not None and old.slot[0] != "paused":
-            self._buckets[old.sub.source].remove(old)
+            self._buckets[(old.sub.project_id, old.sub.source)].remove(old)
 
     def replace_all(self, subscriptions: Iterable[Subscription]) -> None:
         fresh = SubscriptionIndex()
@@ -446,12 +453,12 @@ class SubscriptionIndex:
         target = event.extensions.get(REPLAY_FOR_EXTENSION)
         if target is not None:
             entry = self._entries.get(target)
-            return [entry.sub] if entry is not None else []
+            return [entry.sub] if entry is not None and entry.sub.project_id == event_project(event) else []
         return self.match(event)
 
     def match(self, event: Event) -> list[Subscription]:
         kind = event.extensions.get(SOURCE_KIND_EXTENSION)
-        bucket = self._buckets.get(kind) if kind is not None else None
+        bucket = self._buckets.get((event_project(event), kind)) if kind is not None else None
         if bucket is None:
             return []
         return bucket.match(event)

@@ -121,7 +121,7 @@ class AodhSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", self.config.aodh.path, self.receive)
+        ctx.add_route("POST", self.config.aodh.path, self.receive, public=True)
 
     async def stop(self) -> None:
         self._ctx = None

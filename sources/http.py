@@ -40,7 +40,7 @@ class HttpSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", "/v1/webhooks/{id}/invoke", self.invoke)
+        ctx.add_route("POST", "/v1/webhooks/{id}/invoke", self.invoke, public=True)
         ctx.add_route("POST", "/v1/events", self.ingest)
 
     async def stop(self) -> None:
@@ -106,6 +106,11 @@ class HttpSource:
             event = await self._read_cloudevent(request)
         except (InvalidEvent, ValueError) as exc:
             return _fault(400, f"Invalid CloudEvent: {exc}")
+        project, may_any = self._ctx.caller_project(request)
+        if not (may_any and event.project_id):
+            # The caller's project, whatever projectid the event names: only admins and services
+            # post for other projects.
+            event.extensions["projectid"] = project
         await self._ctx.publish(event)
         return web.json_response({"event_id": event.id}, status=202)
 

@@ -188,7 +188,7 @@ class ZaqarSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", PUSH_PATH, self.receive_push)
+        ctx.add_route("POST", PUSH_PATH, self.receive_push, public=True)
         for queue in self.queues:
             self._tasks.append(asyncio.create_task(self._consume(ctx, queue), name=f"headwater-zaqar-{queue}"))
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_int, require_uuid
+from router.api.common import ctx, format_time, list_filters, parse_int, require_uuid, store
 
 _FILTERS = ("source", "subscription_id", "event_id", "created_at")
 
@@ -21,14 +21,14 @@ async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, (*_FILTERS, "limit"))
     filters.pop("limit", None)
     limit = parse_int(request.query.get("limit"), "limit")
-    rows = await hw(request).store.dead_letters.list(project_id=ctx(request).list_scope(request), filters=filters,
+    rows = await store(request).dead_letters.list(project_id=ctx(request).list_scope(request), filters=filters,
                                                      limit=limit)
     return web.json_response({"deadletters": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
     letter_id = require_uuid(request.match_info["id"])
-    row = await hw(request).store.dead_letters.get(letter_id, project_id=ctx(request).get_scope)
+    row = await store(request).dead_letters.get(letter_id, project_id=ctx(request).get_scope)
     return web.json_response(serialize(row))
 
 

@@ -8,7 +8,7 @@ import uuid
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, parse_bool, parse_int
+from router.api.common import ctx, format_time, hw, parse_bool, parse_int, store
 from router.api.errors import BadRequest, json_body
 from router.events import Event
 from router.filters import FilterError, compile_filter
@@ -105,7 +105,7 @@ async def replay(request: web.Request) -> web.Response:
             continue
         wanted.append(event)
     if statuses is not None and wanted:
-        executions = await app.store.executions.list(filters={"subscription_id": sub.id, "status": "in:" + ",".join(statuses)})
+        executions = await store(request).executions.list(filters={"subscription_id": sub.id, "status": "in:" + ",".join(statuses)})
         chosen = {e.event_id for e in executions}
         wanted = [e for e in wanted if e.id in chosen]
     nonce = uuid.uuid4().hex[:12] if force else None

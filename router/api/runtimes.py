@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid, store
 from router.api.errors import BadRequest, ConflictError, NotAllowed, json_body
 from router.store import NotFound
 
@@ -21,7 +21,7 @@ def serialize(row) -> dict:
 
 async def _visible(request: web.Request, runtime_id: str):
     require_uuid(runtime_id)
-    row = await hw(request).store.runtimes.get(runtime_id)
+    row = await store(request).runtimes.get(runtime_id)
     c = ctx(request)
     if not (c.is_admin or row.is_public or row.project_id == c.project_id):
         raise NotFound(f"Runtime not found [id={runtime_id}]")
@@ -43,7 +43,7 @@ async def create(request: web.Request) -> web.Response:
     app = hw(request)
     create_pool = getattr(app.engine, "create_pool", None)
     trusted = parse_bool(body.get("trusted"), "trusted", True)
-    row = await app.store.runtimes.add(
+    row = await store(request).runtimes.add(
         image=body["image"], name=body.get("name"), description=body.get("description"),
         is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=trusted,
         status="creating" if create_pool else "available", project_id=c.project_id)
@@ -82,7 +82,7 @@ async def _rebuild_pool(app, update_pool, runtime_id: str, image: str, previous:
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
     list_filters(request, ())  # no filters: unknown parameters are refused, as WSME does
-    rows = await hw(request).store.runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
+    rows = await store(request).runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
     return web.json_response({"runtimes": [serialize(r) for r in rows]})
 
 
@@ -113,8 +113,8 @@ async def update(request: web.Request) -> web.Response:
     if "image" in values:
         if row.status != "available":
             raise ConflictError(f"Runtime {row.id} is not available.")
-        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
-            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+        for function in await store(request).functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await store(request).versions.for_function(function.id)]
             for number in versions:
                 if await app.engine.workers(function.id, number):
                     raise NotAllowed(f"Runtime {row.id} is still in use by functions.")
@@ -124,7 +124,7 @@ async def update(request: web.Request) -> web.Response:
         values["status"] = "upgrading"
     previous = row.image
     if values:
-        row = await app.store.runtimes.update(row.id, values)
+        row = await store(request).runtimes.update(row.id, values)
     if "image" in values and update_pool is not None:
         app.executions.spawn(_rebuild_pool(app, update_pool, row.id, values["image"], previous))
     return web.json_response(serialize(row))
@@ -143,8 +143,8 @@ async def pool(request: web.Request) -> web.Response:
         total, available = await engine_pool(row.id)
     else:
         total = 0
-        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
-            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+        for function in await store(request).functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await store(request).versions.for_function(function.id)]
             for number in versions:
                 total += len(await app.engine.workers(function.id, number))
         available = 0
@@ -156,12 +156,12 @@ async def delete(request: web.Request) -> web.Response:
         raise NotAllowed()
     row = await _visible(request, request.match_info["id"])
     app = hw(request)
-    if await app.store.functions.list(filters={"runtime_id": row.id}, limit=1):
+    if await store(request).functions.list(filters={"runtime_id": row.id}, limit=1):
         raise NotAllowed(f"Runtime {row.id} is still in use.")
     delete_pool = getattr(app.engine, "delete_pool", None)
     if delete_pool is not None:
         await delete_pool(row.id)
-    await app.store.runtimes.delete(row.id)
+    await store(request).runtimes.delete(row.id)
     return web.Response(status=204)
 
 

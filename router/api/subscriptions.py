@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters
+from router.api.common import ctx, format_time, hw, list_filters, store
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
 from router.delivery import validate_delivery_policy
@@ -105,7 +105,7 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest(str(exc)) from None
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
-    row = await app.store.subscriptions.add(
+    row = await store(request).subscriptions.add(
         id=subscription_id, source=kind, types=types, filters=filters, name=body.get("name"),
         description=body.get("description"), function_input=body.get("input"), options=options, status="running",
         project_id=ctx(request).project_id, **columns, **target)
@@ -115,7 +115,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("source", "kind", "name", "function_id", "function_alias", "status"))
-    rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    rows = await store(request).subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"subscriptions": [serialize(r) for r in rows]})
 
 

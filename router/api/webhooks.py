@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters
+from router.api.common import ctx, format_time, hw, list_filters, store
 from router.api.errors import BadRequest, json_body
 from router.api.targets import check_target, get_subscription, delete_subscription
 from router.store.models import new_id
@@ -28,7 +28,7 @@ async def create(request: web.Request) -> web.Response:
     if body.get("description") is not None and len(str(body["description"])) > 255:
         raise BadRequest("Invalid input, description is longer than 255 characters.")
     webhook_id = new_id()
-    row = await app.store.subscriptions.add(id=webhook_id, source="http", kind="webhook", filters={"subject": webhook_id},
+    row = await store(request).subscriptions.add(id=webhook_id, source="http", kind="webhook", filters={"subject": webhook_id},
                                             description=body.get("description"), project_id=ctx(request).project_id, **target)
     await app.reload_subscription(row.id)
     return web.json_response(serialize(row, app.config.api.public_url), status=201)
@@ -38,7 +38,7 @@ async def index(request: web.Request) -> web.Response:
     app = hw(request)
     filters = list_filters(request, ("function_id", "function_alias", "function_version", "description"))
     filters["kind"] = "webhook"
-    rows = await app.store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    rows = await store(request).subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"webhooks": [serialize(r, app.config.api.public_url) for r in rows]})
 
 
@@ -69,7 +69,7 @@ async def update(request: web.Request) -> web.Response:
             version = row.function_version if function_id == row.function_id else 0
         values.update(await check_target(request, {"function_id": function_id, "function_version": version}))
     if values:
-        row = await app.store.subscriptions.update(row.id, values)
+        row = await store(request).subscriptions.update(row.id, values)
         await app.reload_subscription(row.id)
         log.info("webhook updated", extra={"subscription_id": row.id, "fields": sorted(values)})
     return web.json_response(serialize(row, app.config.api.public_url))

@@ -252,7 +252,7 @@ class FakeContext:
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
 
-    def add_route(self, method: str, path: str, handler: Any) -> None:
+    def add_route(self, method: str, path: str, handler: Any, *, public: bool = False) -> None:
         raise AssertionError("the cron source mounts no routes")
 
     async def advance_schedule(self, subscription_id: str, scheduled: dt.datetime, next_time: dt.datetime | None,
