@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import hmac
 import json
 import logging
 import uuid
@@ -18,6 +20,17 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_TYPE = "org.openstack.headwater.webhook.invoked"
 _IDEMPOTENCY_HEADERS = ("Idempotency-Key", "X-Idempotency-Key")
+
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+
+
+def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
+    """GitHub's webhook signature: `sha256=` + hex HMAC-SHA256 of the raw body, compared in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(header[len("sha256="):].strip().lower(), expected)
 
 
 def _fault(status: int, message: str) -> web.Response:
@@ -56,6 +69,11 @@ class HttpSource:
         sub = self._ctx.subscription(webhook_id)
         if sub is None or sub.source != self.kind:
             return _fault(404, f"Webhook not found [id={webhook_id}]")
+        secret = sub.options.get("secret")
+        if secret and not signature_ok(secret, await request.read(), request.headers.get(SIGNATURE_HEADER)):
+            log.warning("webhook invoke refused: missing or wrong signature", extra={"subscription_id": sub.id})
+            return _fault(401, f"Missing or wrong {SIGNATURE_HEADER}: this webhook accepts only requests signed "
+                               "with its secret (sha256=<hex HMAC-SHA256 of the body>).")
         try:
             data = await self._webhook_input(request)
         except ValueError as exc:

@@ -73,7 +73,7 @@ SCHEMAS: dict[str, Any] = {
                  "function_input": NSTR, "status": {"type": "string", "enum": ["running", "paused", "done", "cancelled"]},
                  "pattern": NSTR, "count": NINT, "first_execution_time": TIME, "next_execution_time": TIME}),
     "Webhook": _obj({**COMMON, "function_id": NSTR, "function_alias": NSTR, "function_version": NINT,
-                     "description": NSTR, "webhook_url": STR}),
+                     "description": NSTR, "webhook_url": STR, "signed": BOOL}),
     # Owned by the subscriptions API; documented by shape so it can grow without breaking this document.
     "Subscription": {"type": "object", "properties": {"id": STR, "source": STR, "kind": STR}, "required": ["id", "source"],
                      "additionalProperties": True},
@@ -125,15 +125,15 @@ REQUESTS: dict[str, Any] = {
     "JobUpdate": _obj({"name": NSTR, "function_input": NSTR, "status": _nullable({"type": "string"}), "pattern": NSTR,
                        "next_execution_time": NSTR}, required=()),
     "WebhookCreate": _obj({"function_id": STR, "function_alias": STR, "function_version": INT_OR_TEXT,
-                           "description": STR}, required=()),
+                           "description": STR, "secret": {"type": "string", "minLength": 16, "maxLength": 255}}, required=()),
     "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(INT_OR_TEXT),
-                           "description": NSTR}, required=()),
+                           "description": NSTR, "secret": NSTR}, required=()),
     "SubscriptionCreate": {"type": "object", "properties": {"source": STR}, "required": ["source"],
                            "additionalProperties": True},
 }
 SCHEMAS.update(REQUESTS)
 
-_ERROR_TEXT = {400: "Invalid input", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
+_ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong credentials", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
                409: "Conflict (runtime not available)", 503: "Event could not be accepted"}
 
 
@@ -302,8 +302,9 @@ PATHS: dict[str, Any] = {
         "delete": _op("Delete a webhook", 204, errors=(404,), params=ID),
     },
     "/v1/webhooks/{id}/invoke": {"post": _op(
-        "Invoke a webhook (no auth; query, form and JSON body merge into the input)", 202, "Invoked",
-        errors=(400, 404, 409, 503), params=ID, tag="events",
+        "Invoke a webhook (no token; query, form and JSON body merge into the input; a webhook with a secret "
+        "needs X-Hub-Signature-256: sha256=<HMAC-SHA256 of the body>)", 202, "Invoked",
+        errors=(400, 401, 404, 409, 503), params=ID, tag="events",
         request={"required": False, "content": {JSON: {"schema": {}},
                                                 "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/v1/events": {"get": _op(

@@ -22,6 +22,14 @@ from router.store.models import new_id
 SELF_TARGETED = ("cron",)
 
 
+# Options that are credentials: stored, used, never answered (a webhook's signing secret, a trust).
+SECRET_OPTIONS = ("secret", "trust_id")
+
+
+def public_options(options: dict | None) -> dict:
+    return {k: v for k, v in (options or {}).items() if k not in SECRET_OPTIONS}
+
+
 def serialize(row) -> dict:
     return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
             "types": list(row.types or ()), "filters": row.filters or {},
@@ -31,7 +39,7 @@ def serialize(row) -> dict:
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
-            "next_execution_time": format_time(row.next_execution_time), "options": row.options or {},
+            "next_execution_time": format_time(row.next_execution_time), "options": public_options(row.options),
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at)}
 
