@@ -55,6 +55,16 @@ class Worker:
         return self.process.returncode is None
 
 
+# What a runtime server inherits from Headwater's environment: enough to run, nothing more. An
+# operator's OS_PASSWORD, a database URL or a cloud token in Headwater's environment must never
+# reach user code.
+_INHERITED = ("PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "SYSTEMROOT")
+
+
+def runtime_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in _INHERITED or k.startswith("LC_")}
+
+
 class LocalEngine:
     name: ClassVar[str] = "local"
 
@@ -317,6 +327,7 @@ class LocalEngine:
             "--parent-pid", str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group, so stop() can signal the whole tree
+            env=runtime_environment(),
         )
         try:
             line = await asyncio.wait_for(process.stdout.readline(), STARTUP_TIMEOUT)

@@ -150,6 +150,8 @@ class Headwater:
         self.policy = Policy(config)  # a policy file that does not load stops start-up here
         self.keystone = Keystone(config) if config.auth.strategy == "keystone" else None
         self.public_routes: set[tuple[str, str]] = set(PUBLIC_ROUTES)
+        if self.keystone is not None:
+            self.executions.delegate = self.delegated_context
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
@@ -163,6 +165,19 @@ class Headwater:
         self.index_fresh_as_of = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
         self.dispatcher.refresh_index = self.refresh_index_for
         self.started_at: _dt.datetime | None = None
+
+    async def delegated_context(self, sub: plugins.Subscription) -> dict[str, Any]:
+        """What a run of a subscription made under Keystone carries: the creator it acts for, and,
+        when the subscription asks (options.keystone_token), a token of that user scoped to the
+        project through the trust, so the function can call OpenStack APIs. Never Headwater's own
+        service credentials."""
+        assert self.keystone is not None
+        token, identity = await self.keystone.trust_token(sub.options["trust_id"])
+        context: dict[str, Any] = {"user_id": identity.user_id}
+        if sub.options.get("keystone_token"):
+            context.update(keystone_token=token, keystone_url=self.config.keystone_authtoken.www_authenticate_uri,
+                           keystone_token_expires_at=identity.expires_at.isoformat() if identity.expires_at else None)
+        return context
 
     def source(self, kind: str) -> plugins.Source | None:
         return self.sources.get(kind)

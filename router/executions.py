@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -85,6 +86,9 @@ class ExecutionService:
         self.targets = TargetCache(store)
         self.limits = Limiter()
         self.results: ResultSinks | None = None  # set by the app once the bus exists
+        # Set by the app under Keystone: what a subscription's run adds to the function's context
+        # when it acts for its creator through a trust (user id, and a token when asked for).
+        self.delegate: Callable[[Subscription], Awaitable[dict[str, Any]]] | None = None
         self.journal = ExecutionJournal(store.db)
         self._background: set[asyncio.Task] = set()
         # Qinling's per-function execution `count`, summed in memory and written once a second:
@@ -183,7 +187,8 @@ class ExecutionService:
         return row
 
     async def execute(self, row: models.Execution, function: models.Function, version: int, *,
-                      event_id: str | None = None, cancellable: bool = False) -> ExecutionResult:
+                      event_id: str | None = None, cancellable: bool = False,
+                      context: dict[str, Any] | None = None) -> ExecutionResult:
         """Run a recorded execution on the engine; the caller records the outcome."""
         token = current_execution_id.set(row.id)
         self._running += 1
@@ -192,7 +197,7 @@ class ExecutionService:
             try:
                 spec = await self._spec(function, version)
                 request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
-                                           context={"execution_id": row.id, "function_id": function.id,
+                                           context={**(context or {}), "execution_id": row.id, "function_id": function.id,
                                                     "function_version": version, "project_id": row.project_id,
                                                     "event_id": event_id})
                 if cancellable:
@@ -230,7 +235,9 @@ class ExecutionService:
     # -- event executions ---------------------------------------------------------------------
 
     def _description(self, sub: Subscription) -> str:
-        return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}"
+        user = (sub.options or {}).get("user_id")
+        # Whose identity the run acts with (Keystone: the creator's, through its trust).
+        return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}" + (f" for user {user}" if user else "")
 
     async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False,
                                 execution_id: str | None = None) -> tuple[ExecutionRecord, models.Function, int, bool]:
@@ -337,7 +344,14 @@ class ExecutionService:
         # Only runs that a later tick may replace are tracked for cancelling: the others skip the
         # extra task and the watcher.
         replaceable = (sub.options or {}).get("overlap") == "replace"
-        result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable)
+        try:
+            context = await self.delegate(sub) if self.delegate is not None and (sub.options or {}).get("trust_id") else None
+        except Exception as exc:  # the trust is gone, or Keystone is down: a platform error, retried as such
+            log.warning("could not act for the subscription's creator: %s", exc, extra={"subscription_id": sub.id})
+            result = ExecutionResult.platform_error(f"Could not act for the subscription's creator: {exc}")
+        else:
+            result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable,
+                                        context=context)
         await self._settle(event, sub, policy, row, result, number)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))

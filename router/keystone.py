@@ -16,6 +16,8 @@ from router.config import Config
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 10_000
+# A trust token handed to a function keeps at least this long; a fresher one is fetched before.
+TRUST_TOKEN_MARGIN = _dt.timedelta(minutes=5)
 
 
 class KeystoneUnavailable(Exception):
@@ -67,6 +69,7 @@ class Keystone:
         self._cache_time = config.keystone_authtoken.token_cache_time
         self._clock = clock
         self._service_user_id: str | None = None
+        self._trust_tokens: dict[str, tuple[str, Identity]] = {}
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -135,12 +138,23 @@ class Keystone:
             raise KeystoneUnavailable(f"Keystone refused to create a trust ({resp.status_code}): {resp.text[:200]}")
         return resp.json()["trust"]["id"]
 
-    async def delete_trust(self, trust_id: str) -> None:
-        await asyncio.to_thread(self._request, "DELETE", f"/OS-TRUST/trusts/{trust_id}")
+    async def delete_trust(self, trust_id: str, user_token: str) -> bool:
+        """Delete a trust; only its trustor (or an admin) may, so the request carries the caller's
+        token. False when Keystone refused (the caller is another member of the project)."""
+        self._trust_tokens.pop(trust_id, None)
+        resp = await asyncio.to_thread(self._request, "DELETE", f"/OS-TRUST/trusts/{trust_id}",
+                                       headers={"X-Auth-Token": user_token}, authenticated=False)
+        return resp.status_code in (204, 404)
 
     async def trust_token(self, trust_id: str) -> tuple[str, Identity]:
-        """A token acting as the trustor in the trust's project, and who it speaks for."""
-        return await asyncio.to_thread(self._trust_token, trust_id)
+        """A token acting as the trustor in the trust's project, and who it speaks for; reused
+        while it has more than TRUST_TOKEN_MARGIN left, so a busy job asks Keystone rarely."""
+        cached = self._trust_tokens.get(trust_id)
+        if cached is not None and not _expired(cached[1], margin=TRUST_TOKEN_MARGIN):
+            return cached
+        fresh = await asyncio.to_thread(self._trust_token, trust_id)
+        self._trust_tokens[trust_id] = fresh
+        return fresh
 
     def _trust_token(self, trust_id: str) -> tuple[str, Identity]:
         from keystoneauth1 import exceptions
@@ -158,5 +172,5 @@ class Keystone:
                                expires_at=info.expires, trust_id=trust_id)
 
 
-def _expired(identity: Identity) -> bool:
-    return identity.expires_at is not None and identity.expires_at <= _dt.datetime.now(_dt.timezone.utc)
+def _expired(identity: Identity, margin: _dt.timedelta = _dt.timedelta(0)) -> bool:
+    return identity.expires_at is not None and identity.expires_at - margin <= _dt.datetime.now(_dt.timezone.utc)

@@ -6,9 +6,9 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, store
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, store
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
+from router.api.targets import check_target, delegation, delete_subscription, get_subscription, source_plugin
 from router.events import utcnow
 from router.store.models import new_id
 
@@ -35,8 +35,12 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest("Invalid input, name is longer than 255 characters.")
     schedule = source_plugin(request, "cron").validate_subscription(
         {k: body.get(k) for k in ("pattern", "first_execution_time", "count", "timezone")}, utcnow())
+    keystone_token = parse_bool(body.get("keystone_token"), "keystone_token", False)
     job_id = new_id()
     options = dict(schedule.get("options") or {})
+    if keystone_token:  # runs get a token of the creator, scoped to the project, in their context
+        options["keystone_token"] = True
+    options.update(await delegation(request))
     if schedule.get("timezone") not in (None, "UTC"):
         options["timezone"] = schedule["timezone"]
     row = await store(request).subscriptions.add(

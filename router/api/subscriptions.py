@@ -8,7 +8,7 @@ from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters, store
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
+from router.api.targets import check_target, delegation, delete_subscription, get_subscription, source_plugin
 from router.delivery import validate_delivery_policy
 from router import mapping
 from router.events import Event, InvalidEvent, utcnow
@@ -99,7 +99,11 @@ async def create(request: web.Request) -> web.Response:
     if kind in SELF_TARGETED:
         filters = {**filters, "subject": subscription_id}
     columns = {k: specific[k] for k in ("pattern", "first_execution_time", "next_execution_time", "count") if k in specific}
-    options = {**dict(body.get("options") or {}), **specific.get("options", {})}
+    # Credentials are Headwater's to set: a client naming a trust could act as its trustor.
+    options = {k: v for k, v in {**dict(body.get("options") or {}), **specific.get("options", {})}.items()
+               if k not in (*SECRET_OPTIONS, "user_id")}
+    if kind not in ("http",):  # runs happen later, without the caller: they act through a trust
+        options.update(await delegation(request))
     if expression not in (None, ""):
         options["filter"] = expression
     if body.get("input_mapping") is not None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from router import plugins
 from router.api.common import ctx, hw, parse_int, store
-from router.api.errors import BadRequest
+from router.api.errors import ApiError, BadRequest
+from router.keystone import KeystoneUnavailable
 from router.store import NotFound
+
+log = logging.getLogger(__name__)
 
 
 async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +40,22 @@ async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, 
     return {"function_alias": None, "function_id": function.id, "function_version": version}
 
 
+async def delegation(request: web.Request) -> dict[str, Any]:
+    """Options that let later runs act as the caller: under Keystone (with [auth] delegation =
+    trusts) a trust from the caller to Headwater's service user for the caller's project and
+    roles. Trusts, not application credentials: a trust needs no secret stored by Headwater (only
+    the service user can use it), and Keystone invalidates it with the user or the project."""
+    app = hw(request)
+    c = ctx(request)
+    if app.keystone is None or app.config.auth.delegation != "trusts" or c.identity is None:
+        return {}
+    try:
+        trust_id = await app.keystone.create_trust(c.token, c.identity)
+    except KeystoneUnavailable as exc:
+        raise ApiError(f"Identity service unavailable, try again later: {exc}", status=503) from None
+    return {"trust_id": trust_id, "user_id": c.user_id}
+
+
 def source_plugin(request: web.Request, kind: str) -> plugins.Source:
     app = hw(request)
     source = app.source(kind)
@@ -60,4 +80,13 @@ async def delete_subscription(request: web.Request, kind: str | None, label: str
     row = await get_subscription(request, kind, label)
     await store(request).subscriptions.delete(row.id)
     await app.reload_subscription(row.id)
+    trust_id = (row.options or {}).get("trust_id")
+    if trust_id and app.keystone is not None and ctx(request).token:
+        try:  # nothing may act for the creator any more (Headwater never uses it again either way)
+            deleted = await app.keystone.delete_trust(trust_id, ctx(request).token)
+        except KeystoneUnavailable:
+            deleted = False
+        if not deleted:
+            log.warning("trust of a deleted subscription left in Keystone", extra={"subscription_id": row.id,
+                                                                                   "trust_id": trust_id})
     return web.Response(status=204)
