@@ -83,8 +83,8 @@ async def create(request: web.Request) -> web.Response:
     if source in ("package", "swift"):
         if not runtime_id:
             raise BadRequest('"runtime_id" must be specified.')
-        runtime = await store(request).runtimes.get(runtime_id)
-        if not (c.is_admin or runtime.is_public or runtime.project_id == c.project_id):
+        runtime = await store(request).runtimes.find(runtime_id)  # visible to the caller's project only
+        if runtime is None:
             raise BadRequest(f"Runtime {runtime_id} not found.", status=404)
         if runtime.status != "available":
             raise BadRequest(f"Runtime {runtime_id} is not available.")

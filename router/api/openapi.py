@@ -44,6 +44,8 @@ def _list_of(key: str, item: str) -> dict:
 
 # An integer that forms send as text: either spelling is accepted.
 INT_OR_TEXT = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": r"^-?\d+$"}]}
+# The projects a private runtime is shared with.
+PROJECTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 80}, "maxItems": 1000}
 BOOL_OR_TEXT = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false", "True", "False", "1", "0"]}]}
 
 SCHEMAS: dict[str, Any] = {
@@ -105,8 +107,9 @@ FUNCTION_FIELDS = {
 }
 REQUESTS: dict[str, Any] = {
     "RuntimeCreate": _obj({"image": STR, "name": STR, "description": STR, "is_public": BOOL_OR_TEXT,
-                           "trusted": BOOL_OR_TEXT}, required=("image",)),
-    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR}, required=()),
+                           "trusted": BOOL_OR_TEXT, "projects": PROJECTS}, required=("image",)),
+    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR, "is_public": BOOL_OR_TEXT,
+                           "projects": PROJECTS}, required=()),
     "FunctionForm": _obj({**FUNCTION_FIELDS, "package": {"type": "string", "format": "binary"}}, required=("code",)),
     "FunctionJson": _obj({**FUNCTION_FIELDS, "code": {"oneOf": [STR, _ref("Code")]}}, required=("code",)),
     "FunctionUpdateForm": _obj({**{k: v for k, v in FUNCTION_FIELDS.items() if k != "runtime_id"},

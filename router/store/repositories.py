@@ -178,16 +178,37 @@ class Runtimes(Repository[models.Runtime]):
     model = models.Runtime
 
     def _visible(self):
-        # A project sees public runtimes and those private to it; writes are the admins' (policy).
-        return sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == self.scope)
+        # A project sees public runtimes, its own and private ones shared with it; writes are the
+        # admins' (policy).
+        return _runtime_visible_to(self.scope)
 
     async def visible(self, project_id: str | None) -> list[models.Runtime]:
-        """Public runtimes plus the project's own (all of them for project_id None)."""
+        """Public runtimes plus the project's own and those shared with it (all for project_id None)."""
         stmt = self._scoped(sa.select(models.Runtime).order_by(models.Runtime.created_at))
         if project_id is not None:
-            stmt = stmt.where(sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == project_id))
+            stmt = stmt.where(_runtime_visible_to(project_id))
         async with self.db.sessions() as session:
             return list((await session.execute(stmt)).scalars())
+
+
+    async def projects(self, runtime_id: str) -> list[str]:
+        stmt = (sa.select(models.RuntimeProject.project_id).where(models.RuntimeProject.runtime_id == runtime_id)
+                .order_by(models.RuntimeProject.project_id))
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+    async def share(self, runtime_id: str, projects: Sequence[str]) -> None:
+        """Replace the projects a private runtime is shared with."""
+        async with self.db.sessions() as session:
+            await session.execute(sa.delete(models.RuntimeProject).where(models.RuntimeProject.runtime_id == runtime_id))
+            session.add_all(models.RuntimeProject(runtime_id=runtime_id, project_id=p) for p in dict.fromkeys(projects))
+            await session.commit()
+
+
+def _runtime_visible_to(project_id: str | None):
+    shared = sa.select(models.RuntimeProject.runtime_id).where(models.RuntimeProject.project_id == project_id)
+    return sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == project_id,
+                  models.Runtime.id.in_(shared))
 
 
 class Functions(Repository[models.Function]):

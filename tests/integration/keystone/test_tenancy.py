@@ -334,3 +334,30 @@ async def test_events_reach_only_their_projects_subscriptions(world, identities)
     assert {e.subscription_id for e in bobs} == {subs[identities.p2]}
     assert all(e.project_id == identities.p2 for e in bobs)
     assert not await hw.store.executions.list(filters={"subscription_id": subs[identities.p1]})
+
+
+async def test_private_runtimes_are_visible_only_to_listed_projects(world, identities):
+    hw, admin_token, alice, bob, carol_token = world
+    admin = {"X-Auth-Token": admin_token}
+    resp = await hw.client.post("/v1/runtimes", json={"image": "python3", "is_public": False, "projects": [identities.p1]},
+                                headers=admin)
+    assert resp.status == 201, await resp.text()
+    private = await resp.json()
+    assert private["projects"] == [identities.p1]
+    mine = await (await hw.client.get(f"/v1/runtimes/{private['id']}", headers=alice.headers)).json()
+    assert "projects" not in mine, "who else may use a runtime is not a tenant's business"
+    assert private["id"] in {r["id"] for r in (await (await hw.client.get("/v1/runtimes", headers=alice.headers)).json())["runtimes"]}
+    assert (await hw.client.get(f"/v1/runtimes/{private['id']}", headers=bob.headers)).status == 404
+    assert private["id"] not in {r["id"] for r in (await (await hw.client.get("/v1/runtimes", headers=bob.headers)).json())["runtimes"]}
+    bob_with_it = Tenant(hw.client, bob.token, private["id"], bob.project_id)
+    form = aiohttp.FormData()
+    form.add_field("code", json.dumps({"source": "package"}))
+    form.add_field("runtime_id", private["id"])
+    form.add_field("package", PACKAGE, filename="p.zip")
+    assert (await hw.client.post("/v1/functions", data=form, headers=bob_with_it.headers)).status == 404
+    alice_with_it = Tenant(hw.client, alice.token, private["id"], alice.project_id)
+    await alice_with_it.function()
+    # Shared with P2 as well now: bob sees it.
+    resp = await hw.client.put(f"/v1/runtimes/{private['id']}", json={"projects": [identities.p1, identities.p2]}, headers=admin)
+    assert (await resp.json())["projects"] == sorted([identities.p1, identities.p2])
+    assert (await hw.client.get(f"/v1/runtimes/{private['id']}", headers=bob.headers)).status == 200
