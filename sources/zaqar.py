@@ -62,6 +62,9 @@ class ZaqarClient:
                 self._auth = _keystone_session(self._section)
             # keystoneauth caches the token and renews it near expiry; it is synchronous (requests).
             headers.update(await asyncio.to_thread(self._auth.get_auth_headers) or {})
+            # Under Keystone the queues are the token's project's: so are their messages' events
+            # (only that project's subscriptions may see them), whatever [zaqar] project_id says.
+            self.project_id = await asyncio.to_thread(self._auth.get_project_id) or self.project_id
         elif self.project_id:
             headers["X-Project-ID"] = self.project_id
         return headers
