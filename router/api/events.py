@@ -44,15 +44,17 @@ async def index(request: web.Request) -> web.Response:
     limit = parse_int(q.get("limit"), "limit", 100)
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be from 1 to 1000.")
+    # The request's own scope (store(request).scope: None for admins only) wins over any filter.
+    project = store(request).scope or ctx(request).list_scope(request)
     rows = await hw(request).history.query(
-        project_id=ctx(request).list_scope(request), source_kind=q.get("source_kind"),
+        project_id=project, source_kind=q.get("source_kind"),
         types=q.get("type", "").split(",") if q.get("type") else None, subject=q.get("subject"),
         since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"), limit=limit)
     return web.json_response({"events": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    row = await hw(request).history.get(request.match_info["id"], ctx(request).get_scope)
+    row = await hw(request).history.get(request.match_info["id"], store(request).scope)
     if row is None:
         raise NotFound(f"Event not found [id={request.match_info['id']}]")
     return web.json_response(serialize(row))
@@ -69,9 +71,11 @@ async def replay(request: web.Request) -> web.Response:
     sub_id = body.get("subscription_id")
     if not sub_id:
         raise BadRequest("Required param is missing. Required: {'subscription_id'}")
+    if not isinstance(sub_id, str):
+        raise BadRequest("Invalid input, subscription_id must be a string.")
+    await store(request).subscriptions.get(sub_id)  # another project's subscription: 404
     sub = app.index.get(sub_id)
-    scope = ctx(request).get_scope
-    if sub is None or (scope is not None and sub.project_id != scope):
+    if sub is None:
         raise NotFound(f"Subscription not found [id={sub_id}]")
     since = _time(body.get("since"), "since")
     if since is None:
