@@ -126,9 +126,10 @@ class _SourceContext:
         return await self._app.executions.cancel_for_subscription(subscription_id, reason, message=message,
                                                                   except_event=except_event)
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
         await self._app.executions.delivery.record_dead_letter(source=source, reason=reason, payload=payload,
-                                                               event_id=event_id, project_id="default")
+                                                               event_id=event_id, project_id=project_id)
 
 
 class Headwater:

@@ -142,8 +142,10 @@ class SourceContext(Protocol):
         for any other, the records are finished but the functions run on. Returns how many were
         stopped."""
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
-        """Record input that could not become an event, with the reason."""
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
+        """Record input that could not become an event, with the reason, in the project it came
+        from (only that project sees it)."""
 
 
 @runtime_checkable

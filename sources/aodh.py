@@ -144,7 +144,8 @@ class AodhSource:
         try:
             event = alarm_event(body, project_id=project_id, request_id=request.headers.get("x-openstack-request-id"))
         except MalformedAlarm as exc:
-            await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body)
+            await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body,
+                                  project_id=project_id)
             return web.json_response({"error": str(exc)}, status=400)
         await ctx.publish(event)
         log.info("aodh alarm %s %s -> %s", body["alarm_name"], body["previous"], body["current"], extra={"event_id": event.id})

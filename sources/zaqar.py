@@ -244,7 +244,8 @@ class ZaqarSource:
                                   body=message["body"], age=message.get("age"))
         except MalformedMessage as exc:
             await ctx.dead_letter(source=KIND, reason=f"malformed zaqar message in queue {queue!r}: {exc}",
-                                  payload=message, event_id=message_id if isinstance(message_id, str) else None)
+                                  payload=message, event_id=message_id if isinstance(message_id, str) else None,
+                                  project_id=self.client.project_id or "default")
             # Dead-lettered: deleting it stops Zaqar from handing the same poison message out forever.
             if isinstance(message_id, str) and message_id:
                 await self._delete(queue, message_id, claim_id, message_id)

@@ -271,7 +271,8 @@ class FakeContext:
         self.advances.append((subscription_id, scheduled, next_time, ok))
         return ok
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
         raise AssertionError("the cron source dead-letters nothing")
 
     async def active_executions(self, subscription_id: str) -> int:

@@ -41,8 +41,10 @@ class FakeContext:
         self.log.append(f"publish {event.id}")
         return {}
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
-        self.dead.append({"source": source, "reason": reason, "payload": payload, "event_id": event_id})
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
+        self.dead.append({"source": source, "reason": reason, "payload": payload, "event_id": event_id,
+                          "project_id": project_id})
         self.log.append(f"dead {event_id}")
 
     def add_route(self, method: str, path: str, handler, *, public: bool = False) -> None:
