@@ -83,9 +83,7 @@ async def create(request: web.Request) -> web.Response:
     if source in ("package", "swift"):
         if not runtime_id:
             raise BadRequest('"runtime_id" must be specified.')
-        runtime = await store(request).runtimes.find(runtime_id)  # visible to the caller's project only
-        if runtime is None:
-            raise BadRequest(f"Runtime {runtime_id} not found.", status=404)
+        runtime = await store(request).runtimes.get(runtime_id)  # found only if visible to the caller's project
         if runtime.status != "available":
             raise BadRequest(f"Runtime {runtime_id} is not available.")
     else:

@@ -67,8 +67,9 @@ class RuntimeProject(Base):
     that created it always sees it."""
 
     __tablename__ = "runtime_projects"
+    __table_args__ = (sa.Index("ix_runtime_projects_project_id", "project_id"),)
     runtime_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("runtimes.id", ondelete="CASCADE"), primary_key=True)
-    project_id: Mapped[str] = mapped_column(sa.String(80), primary_key=True, index=True)
+    project_id: Mapped[str] = mapped_column(sa.String(80), primary_key=True)
 
 
 class Function(_Common, Base):
