@@ -67,9 +67,10 @@ async def auth_middleware(request: web.Request, handler):
     request_id = request[REQUEST_ID_KEY]
     strategy = app.config.auth.strategy
     if route is None:  # no such route: aiohttp answers 404/405
-        request[CTX_KEY] = RequestContext(request_id=request_id, store=app.store)
+        request[CTX_KEY] = RequestContext("", False, roles=(), request_id=request_id, store=app.store)
         return await handler(request)
-    key = (request.method, route)
+    # HEAD is GET without the body: the same rule decides.
+    key = ("GET" if request.method == "HEAD" else request.method, route)
     public = key in app.public_routes
     if key in _DOWNLOADS and "token" in request.query:
         # An engine's download token stands for the owner for this one package; wrong or expired: 401.

@@ -141,3 +141,9 @@ def test_api_handlers_reach_the_store_only_through_the_request_scope():
             if re.search(r"hw\(request\)\.store\b|\bapp\.store\.(?!runtimes\.update)", line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+async def test_head_follows_the_rule_of_get(make_headwater):
+    hw = await make_headwater("null")
+    assert (await hw.client.head("/v1/functions")).status == 200
+    assert (await hw.client.head("/healthz")).status == 200
