@@ -144,6 +144,10 @@ class Identities:
 @pytest.fixture(scope="session")
 def identities() -> Identities:
     require_keystone()
+    return make_identities()
+
+
+def make_identities() -> Identities:
     admin = Admin()
     run = uuid.uuid4().hex[:8]  # names unique per test session: Keystone is shared between runs
     p1, p2 = admin.project(f"hw-p1-{run}"), admin.project(f"hw-p2-{run}")
