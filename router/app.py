@@ -140,7 +140,9 @@ class Headwater:
         self.metrics = Metrics()
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
-        self.index = SubscriptionIndex()
+        # Under Keystone an event reaches only its own project's subscriptions; with auth off there
+        # is one tenant (every request is project `default`), and sources' projects are labels.
+        self.index = SubscriptionIndex(per_project=config.auth.strategy == "keystone")
         self.change_listeners: list[Callable[[], None]] = []
         self.packages: plugins.PackageStore = _plugin("storage", config.storage.provider, "[storage] provider")(config)
         self.engine: plugins.Engine = _plugin("engine", config.engine.backend, "[engine] backend")(config, self.packages)

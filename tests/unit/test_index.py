@@ -205,3 +205,13 @@ def test_an_event_reaches_only_its_own_projects_subscriptions():
     assert ids(index.match_or_target(ev(projectid="p2", replayfor="theirs"))) == ["theirs"]
     index.remove("theirs")
     assert ids(index.match(ev(projectid="p2"))) == []
+
+
+def test_with_auth_off_there_is_one_tenant():
+    """noauth: every API request is project `default`, so subscriptions made through it must still
+    see events that sources stamp with the cloud's projects (a Swift account, a Zaqar project)."""
+    index = SubscriptionIndex([Subscription(id="s", project_id="default", source="swift")], per_project=False)
+    assert ids(index.match(ev(projectid="demo"))) == ["s"]
+    assert ids(index.match_or_target(ev(projectid="demo", replayfor="s"))) == ["s"]
+    index.replace_all([Subscription(id="t", project_id="default", source="swift")])
+    assert ids(index.match(ev(projectid="other"))) == ["t"]
