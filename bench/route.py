@@ -145,7 +145,7 @@ class Rig:
 
     def event(self, i: int) -> Event:
         return Event(id=f"bench-{i}", source="/bench", type="bench.tick", subject="bench", data={"i": i},
-                     extensions={"sourcekind": "bench"})
+                     extensions={"sourcekind": "bench", "projectid": "bench"})
 
     async def throughput(self, n: int, offset: int, feed: EventFeed | None = None) -> dict:
         """N events published back to back; event ids from `offset` on, unused by earlier runs (the
@@ -242,7 +242,7 @@ def match_cost(n: int, lookups: int) -> tuple:
     for j in range(200):
         name = names[rng.randrange(complete_groups)]
         events.append(Event(id=f"m{j}", source="/swift", type="org.openstack.swift.object.put", subject=f"{name}/{name}.jpg",
-                            data={"size": 100}, extensions={"sourcekind": "swift", "container": name}))
+                            data={"size": 100}, extensions={"sourcekind": "swift", "container": name, "projectid": "bench"}))
     matched = [len(index.match(e)) for e in events]
     rounds = max(1, lookups // len(events))
 

@@ -61,6 +61,15 @@ class Worker:
         return runtime_headers(self.token)
 
 
+def runtime_environment() -> dict[str, str]:
+    """What a runtime server inherits from Headwater's environment: enough to run, nothing more. An
+    operator's OS_PASSWORD, a database URL, a download-token secret or a cloud token in Headwater's
+    environment must never reach user code."""
+    env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_"))}
+    env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
+    return env
+
+
 class LocalEngine:
     name: ClassVar[str] = "local"
 
@@ -335,10 +344,9 @@ class LocalEngine:
         limits = self.config.resource_limits
         # The runtime gets no more of our environment than it needs: never our secrets (a download-token
         # secret, database or broker URLs with passwords), whatever user code manages to read.
-        env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_"))}
+        env = runtime_environment()
         env.update(HEADWATER_RUNTIME_MAX_UNPACKED_BYTES=str(limits.max_package_unpacked_size),
                    HEADWATER_RUNTIME_MAX_FILES=str(limits.max_package_files))
-        env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
         process = await asyncio.create_subprocess_exec(
             *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
             "--parent-pid", str(os.getpid()), *(arg for d in package_dirs for arg in ("--package-dir", str(d))),

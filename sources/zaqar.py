@@ -82,6 +82,9 @@ class ZaqarClient:
                 self._auth = _keystone_session(self._section)
             # keystoneauth caches the token and renews it near expiry; it is synchronous (requests).
             headers.update(await asyncio.to_thread(self._auth.get_auth_headers) or {})
+            # Under Keystone the queues are the token's project's: so are their messages' events
+            # (only that project's subscriptions may see them), whatever [zaqar] project_id says.
+            self.project_id = await asyncio.to_thread(self._auth.get_project_id) or self.project_id
         elif self.project_id:
             headers["X-Project-ID"] = self.project_id
         return headers
@@ -236,7 +239,7 @@ class ZaqarSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", PUSH_PATH, self.receive_push)
+        ctx.add_route("POST", PUSH_PATH, self.receive_push, public=True)
         ctx.on_subscriptions_changed(self.reconcile)
         self.reconcile()
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})
@@ -391,7 +394,8 @@ class ZaqarSource:
                                   body=message["body"], age=message.get("age"))
         except MalformedMessage as exc:
             await ctx.dead_letter(source=KIND, reason=f"malformed zaqar message in queue {queue!r}: {exc}",
-                                  payload=message, event_id=message_id if isinstance(message_id, str) else None)
+                                  payload=message, event_id=message_id if isinstance(message_id, str) else None,
+                                  project_id=self.client.project_id or "default")
             # Dead-lettered: deleting it stops Zaqar from handing the same poison message out forever.
             if isinstance(message_id, str) and message_id:
                 await self._delete(queue, message_id, claim_id, message_id)

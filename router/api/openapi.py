@@ -56,6 +56,8 @@ BOOL_OR_TEXT = {"oneOf": [{"type": "boolean", "nullable": True}, {"type": "integ
 INT_FILTER = {"type": "string", "pattern": r"^-?\d{1,18}$"}
 TIME_FILTER = {"type": "string", "format": "date-time"}
 TIME_OR_EMPTY = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}  # empty: no bound
+# The projects a private runtime is shared with.
+PROJECTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 80}, "maxItems": 1000}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"faultcode": {"type": "string", "enum": ["Client", "Server"]}, "faultstring": STR,
@@ -90,7 +92,7 @@ SCHEMAS: dict[str, Any] = {
                  "function_input": NSTR, "status": {"type": "string", "enum": ["running", "paused", "done", "cancelled"]},
                  "pattern": NSTR, "count": NINT, "first_execution_time": TIME, "next_execution_time": TIME}),
     "Webhook": _obj({**COMMON, "function_id": NSTR, "function_alias": NSTR, "function_version": NINT,
-                     "description": NSTR, "webhook_url": STR}),
+                     "description": NSTR, "webhook_url": STR, "signed": BOOL}),
     # Owned by the subscriptions API; documented by shape so it can grow without breaking this document.
     "Subscription": {"type": "object", "properties": {"id": STR, "source": STR, "kind": STR}, "required": ["id", "source"],
                      "additionalProperties": True},
@@ -131,8 +133,9 @@ FORM_FIELDS = {"name": STR, "description": STR, "entry": STR,
 VERSION_NUMBER = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1}, {"type": "string", "pattern": r"^\d{1,18}$"}]}
 REQUESTS: dict[str, Any] = {
     "RuntimeCreate": _obj({"image": NAME, "name": NSTR, "description": NSTR, "is_public": BOOL_OR_TEXT,
-                           "trusted": BOOL_OR_TEXT}, required=("image",)),
-    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR}, required=()),
+                           "trusted": BOOL_OR_TEXT, "projects": PROJECTS}, required=("image",)),
+    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR, "is_public": BOOL_OR_TEXT,
+                           "projects": PROJECTS}, required=()),
     # Forms carry text: the code object as JSON text. A multipart form uploads a package; a urlencoded
     # one (no file) names an image or a Swift object.
     "FunctionForm": _obj({**FORM_FIELDS, "code": {"type": "string", "enum": ['{"source": "package"}']},
@@ -160,9 +163,10 @@ REQUESTS: dict[str, Any] = {
     "JobUpdate": _obj({"name": NSTR, "function_input": NSTR, "status": _nullable({"type": "string"}), "pattern": NSTR,
                        "next_execution_time": NSTR}, required=()),
     "WebhookCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER,
-                           "description": STR}, required=(), anyOf=TARGET),
+                           "description": STR, "secret": {"type": "string", "minLength": 16, "maxLength": 255}},
+                          required=(), anyOf=TARGET),
     "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(VERSION_NUMBER),
-                           "description": NSTR}, required=()),
+                           "description": NSTR, "secret": NSTR}, required=()),
     "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
                                                             "function_id": UUID, "function_alias": NAME},
                            "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
@@ -183,7 +187,7 @@ REQUESTS: dict[str, Any] = {
 }
 SCHEMAS.update(REQUESTS)
 
-_ERROR_TEXT = {400: "Invalid input", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
+_ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong credentials", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
                409: "Conflict (runtime not available)", 503: "Event could not be accepted"}
 
 
@@ -358,8 +362,9 @@ PATHS: dict[str, Any] = {
         "delete": _op("Delete a webhook", 204, errors=(404,), params=ID),
     },
     "/v1/webhooks/{id}/invoke": {"post": _op(
-        "Invoke a webhook (no auth; query, form and JSON body merge into the input)", 202, "Invoked",
-        errors=(400, 404, 409, 503), params=ID, tag="events",
+        "Invoke a webhook (no token; query, form and JSON body merge into the input; a webhook with a secret "
+        "needs X-Hub-Signature-256: sha256=<HMAC-SHA256 of the body>)", 202, "Invoked",
+        errors=(400, 401, 404, 409, 503), params=ID, tag="events",
         request={"required": False, "content": {JSON: {"schema": {}},
                                                 "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/v1/events": {"get": _op(
