@@ -81,6 +81,7 @@ ACTIONS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("headwater:subscriptions:test", _READ, "Dry-run an event against the project's subscriptions.", [("POST", "/v1/subscriptions/test")]),
     ("headwater:subscriptions:list", _READ, "List subscriptions.", [("GET", "/v1/subscriptions")]),
     ("headwater:subscriptions:get", _READ, "Show a subscription.", [("GET", "/v1/subscriptions/{id}")]),
+    ("headwater:subscriptions:update", _WRITE, "Edit a subscription (name, filters, status...).", [("PUT", "/v1/subscriptions/{id}")]),
     ("headwater:subscriptions:delete", _WRITE, "Delete a subscription.", [("DELETE", "/v1/subscriptions/{id}")]),
     ("headwater:events:create", _WRITE + " or rule:service", "Post a CloudEvent into the project.", [("POST", "/v1/events")]),
     ("headwater:events:list", _READ, "List the project's event history.", [("GET", "/v1/events")]),
@@ -90,6 +91,15 @@ ACTIONS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
      "Keep the projectid a posted CloudEvent names instead of stamping the caller's project.", []),
     ("headwater:deadletters:list", _READ, "List dead letters.", [("GET", "/v1/deadletters")]),
     ("headwater:deadletters:get", _READ, "Show a dead letter.", [("GET", "/v1/deadletters/{id}")]),
+    ("headwater:deadletters:replay", _WRITE, "Publish a dead letter's event again and remove the letter.",
+     [("POST", "/v1/deadletters/{id}/replay")]),
+    ("headwater:deadletters:delete", _WRITE, "Discard a dead letter.", [("DELETE", "/v1/deadletters/{id}")]),
+    ("headwater:dashboard:tail", _READ, "Watch the project's events live (the dashboard's tail, `headwater events tail`).",
+     [("GET", "/dashboard/api/stream")]),
+    ("headwater:dashboard:minutes", _ADMIN, "Per-minute counts of the whole service (every project's events).",
+     [("GET", "/dashboard/api/minutes")]),
+    ("headwater:dashboard:check_filter", _READ, "Check a subscription filter, optionally against an event (nothing is stored).",
+     [("POST", "/dashboard/api/filter")]),
 ]
 
 # Answered without a token: discovery, health, the OpenAPI document, Qinling's unauthenticated
@@ -98,6 +108,9 @@ ACTIONS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
 PUBLIC_ROUTES: set[tuple[str, str]] = {
     ("GET", "/"), ("GET", "/v1"), ("GET", "/v1/"), ("GET", "/healthz"), ("GET", "/v1/openapi.json"),
     ("POST", "/v1/webhooks/{id}/invoke"),
+    # The dashboard's pages and static files hold no data: every call they make is an API request
+    # with the user's token, scoped and checked like any other.
+    ("GET", "/dashboard"), ("GET", "/dashboard/"), ("GET", "/dashboard/static/{name}"),
 }
 
 

@@ -94,9 +94,31 @@ def test_start_up_log_masks_credentials(tmp_path):
     assert "s3cret" not in repr(config.summary())
 
 
-def test_public_routes_are_only_discovery_health_openapi_and_webhook_invoke():
+def test_public_routes_are_only_discovery_health_openapi_webhook_invoke_and_dashboard_files():
+    # The dashboard's pages and static files hold no data; its API calls (tail, counts, filter
+    # check) are not public and each has a rule.
     assert PUBLIC_ROUTES == {("GET", "/"), ("GET", "/v1"), ("GET", "/v1/"), ("GET", "/healthz"),
-                             ("GET", "/v1/openapi.json"), ("POST", "/v1/webhooks/{id}/invoke")}
+                             ("GET", "/v1/openapi.json"), ("POST", "/v1/webhooks/{id}/invoke"),
+                             ("GET", "/dashboard"), ("GET", "/dashboard/"), ("GET", "/dashboard/static/{name}")}
+    rules = rule_for_route()
+    for route in (("GET", "/dashboard/api/stream"), ("GET", "/dashboard/api/minutes"), ("POST", "/dashboard/api/filter"),
+                  ("PUT", "/v1/subscriptions/{id}"), ("POST", "/v1/deadletters/{id}/replay"),
+                  ("DELETE", "/v1/deadletters/{id}")):
+        assert route in rules and route not in PUBLIC_ROUTES, route
+
+
+def test_new_integration_routes_follow_the_personas(tmp_path):
+    policy = Policy(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}}))
+    reader = {"roles": ["reader"], "project_id": "p1", "user_id": "carol"}
+    member = {"roles": ["member", "reader"], "project_id": "p1", "user_id": "alice"}
+    target = {"project_id": "p1"}
+    for rule in ("headwater:subscriptions:update", "headwater:deadletters:replay", "headwater:deadletters:delete"):
+        assert policy.allowed(rule, member, target) and not policy.allowed(rule, reader, target), rule
+        assert not policy.allowed(rule, member, {"project_id": "p2"}), rule
+    for rule in ("headwater:dashboard:tail", "headwater:dashboard:check_filter"):
+        assert policy.allowed(rule, reader, target), rule
+    assert not policy.allowed("headwater:dashboard:minutes", member, target)
+    assert policy.allowed("headwater:dashboard:minutes", {"roles": ["admin"], "project_id": "admin"}, target)
 
 
 async def test_every_answer_carries_a_request_id_and_writes_are_audited(make_headwater, caplog):
