@@ -9,6 +9,7 @@ from aiohttp import web
 
 from router import __version__
 from router.api.common import hw
+from router.policy import PUBLIC_ROUTES
 
 JSON = "application/json"
 
@@ -56,8 +57,10 @@ BOOL_OR_TEXT = {"oneOf": [{"type": "boolean", "nullable": True}, {"type": "integ
 INT_FILTER = {"type": "string", "pattern": r"^-?\d{1,18}$"}
 TIME_FILTER = {"type": "string", "format": "date-time"}
 TIME_OR_EMPTY = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}  # empty: no bound
+# A webhook's signing secret (printable ASCII).
+SECRET = {"type": "string", "pattern": "^[ -~]{16,255}$"}
 # The projects a private runtime is shared with.
-PROJECTS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 80}, "maxItems": 1000}
+PROJECTS = {"type": "array", "nullable": True, "items": {"type": "string", "minLength": 1, "maxLength": 80}, "maxItems": 1000}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"faultcode": {"type": "string", "enum": ["Client", "Server"]}, "faultstring": STR,
@@ -163,10 +166,11 @@ REQUESTS: dict[str, Any] = {
     "JobUpdate": _obj({"name": NSTR, "function_input": NSTR, "status": _nullable({"type": "string"}), "pattern": NSTR,
                        "next_execution_time": NSTR}, required=()),
     "WebhookCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER,
-                           "description": STR, "secret": {"type": "string", "minLength": 16, "maxLength": 255}},
-                          required=(), anyOf=TARGET),
+                           "description": STR, "secret": SECRET},
+                          required=(), anyOf=TARGET, additionalProperties=False),
     "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(VERSION_NUMBER),
-                           "description": NSTR, "secret": NSTR}, required=()),
+                           "description": NSTR,
+                           "secret": {"type": "string", "nullable": True, "anyOf": [SECRET, {"maxLength": 0}]}}, required=()),
     "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
                                                             "function_id": UUID, "function_alias": NAME},
                            "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
@@ -189,6 +193,12 @@ SCHEMAS.update(REQUESTS)
 
 _ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong credentials", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
                409: "Conflict (runtime not available)", 503: "Event could not be accepted"}
+# With [auth] strategy = keystone every operation but the public ones (router.policy.PUBLIC_ROUTES)
+# needs a token (401 without a valid one, WWW-Authenticate naming Keystone), is checked against its
+# policy rule (403) and answers 503 while Keystone cannot be reached.
+_AUTH_ERRORS = {"401": "No valid Keystone token (X-Auth-Token); WWW-Authenticate names Keystone",
+                "403": "The policy rule of this action does not allow the caller's roles",
+                "503": "Service unavailable (the identity service cannot be reached)"}
 
 
 def _json(schema: str, description: str) -> dict:
@@ -412,6 +422,19 @@ PATHS: dict[str, Any] = {
 }
 
 
+def _with_auth(paths: dict) -> dict:
+    """Every operation that needs a token (under Keystone) documents the answers authentication and
+    policy give; public ones stay anonymous. No security scheme is declared: with auth off
+    (noauth) no token is needed, and a document requiring one would be wrong there."""
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            if (method.upper(), path) in PUBLIC_ROUTES:
+                continue
+            for status, text in _AUTH_ERRORS.items():
+                op["responses"].setdefault(status, _json("Error", text))
+    return paths
+
+
 def document(public_url: str = "http://127.0.0.1:7070") -> dict:
     """The whole document, with the server's public URL."""
     return {
@@ -423,7 +446,7 @@ def document(public_url: str = "http://127.0.0.1:7070") -> dict:
                                 "difference from Qinling."},
         "servers": [{"url": public_url}],
         "tags": [{"name": t} for t in ("discovery", "qinling", "events", "headwater", "operations")],
-        "paths": copy.deepcopy(PATHS),
+        "paths": _with_auth(copy.deepcopy(PATHS)),
         "components": {"schemas": copy.deepcopy(SCHEMAS)},
     }
 

@@ -28,14 +28,21 @@ def _secret(body: dict) -> str | None:
     secret = body.get("secret")
     if secret is None:
         return None
-    if not isinstance(secret, str) or not 16 <= len(secret) <= 255 or not secret.isprintable():
-        raise BadRequest("Invalid input, secret must be a printable string of 16 to 255 characters.")
+    # Printable ASCII, as the OpenAPI document says: what every signing client can type and send.
+    if not isinstance(secret, str) or not 16 <= len(secret) <= 255 or not all(" " <= c <= "~" for c in secret):
+        raise BadRequest("Invalid input, secret must be a string of 16 to 255 printable ASCII characters.")
     return secret
+
+
+CREATE_FIELDS = ("function_id", "function_alias", "function_version", "description", "secret")
 
 
 async def create(request: web.Request) -> web.Response:
     app = hw(request)
     body = await json_body(request)
+    unknown = sorted(set(body) - set(CREATE_FIELDS))
+    if unknown:  # as for functions: a misspelt field (say, "secrett") must not leave a webhook unsigned
+        raise BadRequest(f"Unknown argument: {unknown[0][:50]!r}. Accepted: {', '.join(CREATE_FIELDS)}.")
     secret = _secret(body)  # the input is checked before anything is looked up
     target = await check_target(request, body)
     if body.get("description") is not None and len(str(body["description"])) > 255:

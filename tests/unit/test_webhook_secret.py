@@ -78,3 +78,15 @@ async def test_a_weak_or_malformed_secret_is_refused(make_headwater):
     for secret in ("short", 12345, "x" * 256, "tab\tinside-secret-value"):
         resp = await hw.client.post("/v1/webhooks", json={"function_id": "00000000-0000-0000-0000-000000000000", "secret": secret})
         assert resp.status == 400, secret
+
+
+async def test_a_misspelt_or_non_ascii_secret_is_a_400_and_no_webhook_is_made(make_headwater):
+    hw = await make_headwater("null")
+    await _webhook(hw)  # makes the function
+    function_id = (await hw.store.functions.list())[0].id
+    before = len(await hw.store.subscriptions.list())
+    for body, needle in (({"secrett": SECRET}, "Unknown argument: 'secrett'"),
+                         ({"secret": "é" * 20}, "printable ASCII")):
+        resp = await hw.client.post("/v1/webhooks", json={"function_id": function_id, **body})
+        assert resp.status == 400 and needle in (await resp.json())["faultstring"], await resp.text()
+    assert len(await hw.store.subscriptions.list()) == before
