@@ -89,6 +89,11 @@ class ZaqarClient:
             headers["X-Project-ID"] = self.project_id
         return headers
 
+    async def authenticate(self) -> str | None:
+        """Authenticate (Keystone) and return the project the queues belong to."""
+        await self._headers()
+        return self.project_id
+
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
@@ -213,6 +218,11 @@ class ZaqarSource:
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._leading: set[str] = set()
         self._work: set[asyncio.Task[Any]] = set()
+        # Under Keystone (per-project routing) the queues consumed are the source's own project's
+        # (the token's, or [zaqar] project_id): only that project's subscriptions may name them,
+        # else another tenant's subscription could have them drained into dead letters.
+        self.per_project = config.auth.strategy == "keystone"
+        self._owner_known = not (self.per_project and config.zaqar.auth_url)
 
     @property
     def queues(self) -> list[str]:
@@ -242,6 +252,10 @@ class ZaqarSource:
         ctx.add_route("POST", PUSH_PATH, self.receive_push, public=True)
         ctx.on_subscriptions_changed(self.reconcile)
         self.reconcile()
+        if not self._owner_known:
+            task = asyncio.get_running_loop().create_task(self._learn_owner(), name="headwater-zaqar-owner")
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})
 
     def wanted_queues(self) -> set[str]:
@@ -249,15 +263,33 @@ class ZaqarSource:
         names none takes every allowed queue."""
         assert self._ctx is not None
         wanted: set[str] = set()
-        if not self.claiming:
-            return wanted  # push only
+        if not self.claiming or not self._owner_known:
+            return wanted  # push only, or the token's project is not known yet
         for sub in self._ctx.subscriptions(KIND):
+            if self.per_project and sub.project_id != self.client.project_id:
+                continue  # another project's subscription: its events never come from these queues
             named = _named_queues(sub.filters or {})
             if named is None:
                 wanted |= self.allowed
             else:
                 wanted |= {q for q in named if isinstance(q, str) and (not self.allowed or q in self.allowed)}
         return wanted
+
+    async def _learn_owner(self) -> None:
+        """Authenticate once to learn the token's project (the queues' owner), then consume the
+        queues that project's subscriptions name; retried while Keystone cannot be reached."""
+        delay = 1.0
+        while not self._owner_known:
+            try:
+                await self.client.authenticate()
+            except Exception as exc:
+                log.warning("zaqar: cannot learn the token's project yet: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._owner_known = True
+        log.info("zaqar queues belong to project", extra={"project_id": self.client.project_id})
+        self.reconcile()
 
     def reconcile(self) -> None:
         """Start a claim loop for each newly wanted queue; stop those no subscription names any more
