@@ -474,6 +474,9 @@ class ZaqarSource:
         assert self._ctx is not None
         ctx = self._ctx
         token = self.config.zaqar.push_token
+        if self.per_project and not token:
+            # Under Keystone an unauthenticated push could put events into any project: closed.
+            return web.json_response({"error": "push is closed under Keystone until [zaqar] push_token is set"}, status=401)
         if token and request.headers.get(TOKEN_HEADER) != token:
             return web.json_response({"error": f"missing or wrong {TOKEN_HEADER}"}, status=401)
         raw = await request.read()
@@ -510,5 +513,8 @@ class ZaqarSource:
         # de-duplication of repeated pushes; otherwise every POST is a new event.
         key = body.get("id") if isinstance(body, dict) else None
         message_id = f"push-{queue}-{key}" if isinstance(key, (str, int)) and not isinstance(key, bool) else str(uuid.uuid4())
-        project_id = request.query.get("project_id") or self.client.project_id or "default"
+        # Under Keystone the push token is shared, so the caller may not choose the project: pushed
+        # messages are the source's project's, like the queues it claims from.
+        chosen = None if self.per_project else request.query.get("project_id")
+        project_id = chosen or self.client.project_id or "default"
         return message_event(queue=queue, project_id=project_id, message_id=message_id, body=body)

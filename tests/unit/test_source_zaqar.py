@@ -440,6 +440,31 @@ async def test_push_receiver_takes_zaqar_notifications(tmp_path):
         await source.stop()
 
 
+@pytest.mark.parametrize("push_token", [None, "s3cret"])
+async def test_under_keystone_push_needs_the_token_and_cannot_choose_the_project(tmp_path, push_token):
+    zaqar = {"url": "http://127.0.0.1:1", "queues": "", "project_id": "demo", **({"push_token": push_token} if push_token else {})}
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
+                                    "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
+                                    "zaqar": zaqar})
+    ctx = FakeContext(config, subscriptions=JOBS)
+    source = ZaqarSource(config)
+    await source.start(ctx)
+    client = TestClient(TestServer(ctx.app()))
+    await client.start_server()
+    try:
+        push = {"Message_Type": "Notification", "queue_name": "q", "body": {"n": 1}}
+        resp = await client.post(PUSH_PATH + "?project_id=victim", json=push, headers={"X-Headwater-Token": push_token or "x"})
+        if push_token is None:
+            assert resp.status == 401 and "push_token" in (await resp.json())["error"]
+            assert ctx.published == []
+        else:
+            assert resp.status == 202, await resp.text()
+            assert [e.project_id for e, _ in ctx.published] == ["demo"]
+    finally:
+        await client.close()
+        await source.stop()
+
+
 def test_client_id_defaults_to_a_stable_uuid(tmp_path):
     config = zaqar_config(tmp_path, "http://x")
     assert ZaqarClient(config).client_id == ZaqarClient(config).client_id
