@@ -30,7 +30,10 @@ STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when stopping a runtime 
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
-_RUNTIME_ENV = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING")
+# OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: where the runtime sends its execution spans ([tracing]); no
+# other OTEL_ variable (OTEL_EXPORTER_OTLP_HEADERS may hold a collector's credentials).
+_RUNTIME_ENV = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def _default_runtimes_dir() -> Path:

@@ -11,10 +11,15 @@ from engine.local import runtime_environment
 def test_local_runtimes_inherit_no_credentials(monkeypatch):
     for name in ("OS_PASSWORD", "OS_AUTH_URL", "OS_TOKEN", "DATABASE_URL", "AWS_SECRET_ACCESS_KEY", "HEADWATER_SECRET"):
         monkeypatch.setenv(name, "s3cret")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer s3cret")
+    monkeypatch.setenv("HEADWATER_RUNTIME_TOKEN", "s3cret")
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/v1/traces")
     env = runtime_environment()
-    assert "s3cret" not in env.values()
+    assert not any("s3cret" in v for v in env.values()), env
     assert env.get("LC_ALL") == "C.UTF-8" and "PATH" in env
+    # Where the runtime sends its spans (tracing) is no secret and it needs it.
+    assert env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == "http://collector:4318/v1/traces"
 
 
 def test_pod_specs_carry_no_credentials():
