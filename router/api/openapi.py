@@ -60,7 +60,7 @@ TIME_OR_EMPTY = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLengt
 # A webhook's signing secret (printable ASCII).
 SECRET = {"type": "string", "pattern": "^[ -~]{16,255}$"}
 # The projects a private runtime is shared with.
-PROJECTS = {"type": "array", "nullable": True, "items": {"type": "string", "minLength": 1, "maxLength": 80}, "maxItems": 1000}
+PROJECTS = {"type": "array", "nullable": True, "items": {"type": "string", "pattern": "^[!-~]{1,80}$"}, "maxItems": 1000}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"faultcode": {"type": "string", "enum": ["Client", "Server"]}, "faultstring": STR,

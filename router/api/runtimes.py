@@ -27,8 +27,10 @@ def _projects(body: dict) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > 1000 or not all(
-            isinstance(p, str) and 0 < len(p) <= 80 and p.isprintable() for p in value):
-        raise BadRequest("Invalid value for projects: a list of project ids (strings of at most 80 characters) is required.")
+            isinstance(p, str) and 0 < len(p) <= 80 and all("!" <= c <= "~" for c in p) for p in value):
+        # Keystone project ids are visible ASCII; the OpenAPI document says the same.
+        raise BadRequest("Invalid value for projects: a list of at most 1000 project ids (1 to 80 visible ASCII "
+                         "characters each) is required.")
     return value
 
 
