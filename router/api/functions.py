@@ -275,7 +275,7 @@ async def update(request: web.Request) -> web.Response:
         await app.packages.delete(PackageRef(row.project_id, row.id, 0, old_md5))
     if builds.build_state(values.get("code")) is not None:
         await _delete_artifact(app, old_row)
-        app.builds.start(row, (await app.store.runtimes.get(row.runtime_id)).image)
+        app.builds.start(row, (await store(request).runtimes.get(row.runtime_id)).image)
     if changes_code:
         # The next execution must start a worker with the new code, entry and limits.
         await app.engine.release(row.id, 0)

@@ -43,7 +43,6 @@ async def check_target(request: web.Request, body: dict[str, Any]) -> dict[str, 
 async def shown_targets(request: web.Request, rows) -> dict[str, dict[str, Any]]:
     """The function_id/function_version a job or webhook shows, by row id: for an alias target the
     alias's current function and version (what a run would use now), not the empty stored columns."""
-    app = hw(request)
     aliases: dict[tuple[str, str], dict[str, Any]] = {}
     shown = {}
     for row in rows:
@@ -53,7 +52,7 @@ async def shown_targets(request: web.Request, rows) -> dict[str, dict[str, Any]]
         key = (row.project_id, row.function_alias)
         if key not in aliases:
             try:
-                alias = await app.store.aliases.by_name(row.function_alias, project_id=row.project_id)
+                alias = await store(request).aliases.by_name(row.function_alias, project_id=row.project_id)
                 aliases[key] = {"function_id": alias.function_id, "function_version": alias.function_version}
             except NotFound:  # deleted since: nothing runs until it is back
                 aliases[key] = {"function_id": None, "function_version": None}

@@ -65,7 +65,7 @@ async def create(request: web.Request) -> web.Response:
         await app.packages.copy(PackageRef(function.project_id, function.id, 0, md5), row.version_number)
         if artifact is not None:
             await app.packages.copy(artifact, row.version_number)
-            await app.store.functions.update(function.id, {"code": builds.with_version(function.code, row.version_number, artifact.md5sum)})
+            await store(request).functions.update(function.id, {"code": builds.with_version(function.code, row.version_number, artifact.md5sum)})
     except Exception:
         await store(request).versions.delete(row.id)
         raise
@@ -116,7 +116,7 @@ async def delete(request: web.Request) -> web.Response:
     artifact = builds.artifact_ref(function, number)
     if artifact is not None:
         await app.packages.delete(artifact)
-        await app.store.functions.update(function.id, {"code": builds.with_version(function.code, number, None)})
+        await store(request).functions.update(function.id, {"code": builds.with_version(function.code, number, None)})
     log.info("function version deleted", extra={"function_id": function.id, "function_version": number})
     return web.Response(status=204)
 

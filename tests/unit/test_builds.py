@@ -40,7 +40,7 @@ def test_artifacts_of_the_function_and_its_versions():
     assert builds.artifact_ref(row, 2) is None
     failed = {"source": "package", "build": {"status": "error", "message": "./x.go:1: boom"}}
     result = builds.build_failure(failed)
-    assert (result.status, result.reason, result.output) == ("failed", "error", "./x.go:1: boom")
+    assert (result.status, result.reason, result.output) == ("failed", "build_failed", "./x.go:1: boom")
     assert builds.build_failure(row.code) is None
 
 
