@@ -286,7 +286,7 @@ class RoutedRig:
 
     async def run(self, n: int, prefix: str) -> dict:
         events = [Event(id=f"{prefix}-{i}", source="/bench", type="bench.tick", subject="bench", data={"i": i},
-                        extensions={"sourcekind": "bench"}) for i in range(n)]
+                        extensions={"sourcekind": "bench", "projectid": "bench"}) for i in range(n)]
         ids = [execution_id_for(e.source, e.id, self.subscription_id) for e in events]
         self.expected = set(ids)
         self.all_done = asyncio.get_running_loop().create_future()

@@ -148,7 +148,7 @@ class Rig:
 
     def event(self, i: int) -> Event:
         return Event(id=f"bench-{i}", source="/bench", type="bench.tick", subject="bench", data={"i": i},
-                     extensions={"sourcekind": "bench"})
+                     extensions={"sourcekind": "bench", "projectid": "bench"})
 
     async def throughput(self, n: int, offset: int, feed: EventFeed | None = None, concurrency: int = 100) -> dict:
         """N events published back to back, `concurrency` publishes at a time (as concurrent HTTP
@@ -251,7 +251,7 @@ def match_cost(n: int, lookups: int) -> tuple:
     for j in range(200):
         name = names[rng.randrange(complete_groups)]
         events.append(Event(id=f"m{j}", source="/swift", type="org.openstack.swift.object.put", subject=f"{name}/{name}.jpg",
-                            data={"size": 100}, extensions={"sourcekind": "swift", "container": name}))
+                            data={"size": 100}, extensions={"sourcekind": "swift", "container": name, "projectid": "bench"}))
     matched = [len(index.match(e)) for e in events]
     rounds = max(1, lookups // len(events))
 

@@ -36,7 +36,10 @@ _DIE_WITH_US = (_SETPRIV, "--pdeathsig", "KILL") if _SETPRIV else ()
 # Beyond the function's own timeout (which the runtime enforces): time to unpack the package and
 # import the module on a cold worker. Past it the runtime itself is stuck and gets restarted.
 HTTP_MARGIN = 30.0
-_RUNTIME_ENV = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING")
+# OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: where the runtime sends its execution spans ([tracing]); no
+# other OTEL_ variable (OTEL_EXPORTER_OTLP_HEADERS may hold a collector's credentials).
+_RUNTIME_ENV = ("PATH", "LANG", "TZ", "HOME", "TMPDIR", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def _default_runtimes_dir() -> Path:
@@ -65,6 +68,15 @@ class Worker:
     @property
     def headers(self) -> dict[str, str]:
         return runtime_headers(self.token)
+
+
+def runtime_environment() -> dict[str, str]:
+    """What a runtime server inherits from Headwater's environment: enough to run, nothing more. An
+    operator's OS_PASSWORD, a database URL, a download-token secret or a cloud token in Headwater's
+    environment must never reach user code."""
+    env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_"))}
+    env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
+    return env
 
 
 class LocalEngine:
@@ -374,11 +386,9 @@ class LocalEngine:
         limits = self.config.resource_limits
         # The runtime gets no more of our environment than it needs: never our secrets (a download-token
         # secret, database or broker URLs with passwords), whatever user code manages to read.
-        # OTEL_*: where the runtime sends its execution spans ([tracing]); no secret.
-        env = {k: v for k, v in os.environ.items() if k in _RUNTIME_ENV or k.startswith(("LC_", "HEADWATER_RUNTIME_", "OTEL_"))}
+        env = runtime_environment()
         env.update(HEADWATER_RUNTIME_MAX_UNPACKED_BYTES=str(limits.max_package_unpacked_size),
                    HEADWATER_RUNTIME_MAX_FILES=str(limits.max_package_files))
-        env.pop("HEADWATER_RUNTIME_TOKEN", None)  # each server makes its own credential
         process = await asyncio.create_subprocess_exec(
             *_DIE_WITH_US, *command, "--host", "127.0.0.1", "--port", "0", "--work-dir", str(work_dir),
             "--parent-pid", str(os.getpid()), *(arg for d in package_dirs for arg in ("--package-dir", str(d))),

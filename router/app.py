@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import datetime as _dt
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from router import __version__, download_tokens, plugins, tracing
+from router.api.common import CTX_KEY
 from router.bus import Bus
 from router.config import Config, ConfigError
 from router.dispatch import Dispatcher
@@ -29,7 +31,9 @@ from router.dashboard.feed import EventFeed
 from router.history import EventLog
 from router.results import ResultSinks
 from router.index import SOURCE_KIND_EXTENSION, SubscriptionIndex
+from router.keystone import Keystone
 from router.metrics import Metrics
+from router.policy import PUBLIC_ROUTES, Policy
 from router.store import Database, NotFound, Store
 from router.store import models
 
@@ -122,8 +126,18 @@ class _SourceContext:
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self._app.change_listeners.append(callback)
 
-    def add_route(self, method: str, path: str, handler) -> None:
+    def add_route(self, method: str, path: str, handler, *, public: bool = False) -> None:
         self._app.web.router.add_route(method, path, handler)
+        if public:  # answered without a Keystone token: the handler checks its own credentials
+            self._app.public_routes.add((method, path))
+
+    def caller_project(self, request: web.Request) -> tuple[str, bool]:
+        """The project of the API caller (from its token), and whether the caller may publish
+        events for any project (admins and services)."""
+        c = request[CTX_KEY]
+        may_any = self._app.policy.allowed("headwater:events:create_for_any_project", c.credentials,
+                                           {"project_id": c.project_id})
+        return c.project_id, may_any
 
     @property
     def coordination(self) -> plugins.Coordination:
@@ -144,9 +158,10 @@ class _SourceContext:
         return await self._app.executions.cancel_for_subscription(subscription_id, reason, message=message,
                                                                   except_event=except_event)
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
         await self._app.executions.delivery.record_dead_letter(source=source, reason=reason, payload=payload,
-                                                               event_id=event_id, project_id="default")
+                                                               event_id=event_id, project_id=project_id)
 
 
 def private_data_dir(path: Path) -> None:
@@ -167,7 +182,9 @@ class Headwater:
         private_data_dir(Path(config.data_dir))
         self.db = Database(config.database.connection, pool_size=config.database.pool_size)
         self.store = Store(self.db)
-        self.index = SubscriptionIndex()
+        # Under Keystone an event reaches only its own project's subscriptions; with auth off there
+        # is one tenant (every request is project `default`), and sources' projects are labels.
+        self.index = SubscriptionIndex(per_project=config.auth.strategy == "keystone")
         self.change_listeners: list[Callable[[], None]] = []
         self.packages: plugins.PackageStore = _plugin("storage", config.storage.provider, "[storage] provider")(config)
         # One coordination per process, shared by the engine (workers, locks) and the sources (leaders).
@@ -182,6 +199,11 @@ class Headwater:
         self.history = EventLog(config, self.store)
         self.feed = EventFeed()  # the live tail (dashboard, `headwater events tail`)
         self.download_secret = download_tokens.secret_from_config(config)
+        self.policy = Policy(config)  # a policy file that does not load stops start-up here
+        self.keystone = Keystone(config) if config.auth.strategy == "keystone" else None
+        self.public_routes: set[tuple[str, str]] = set(PUBLIC_ROUTES)
+        if self.keystone is not None:
+            self.executions.delegate = self.delegated_context
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
@@ -196,6 +218,19 @@ class Headwater:
         self.index_fresh_as_of = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
         self.dispatcher.refresh_index = self.refresh_index_for
         self.started_at: _dt.datetime | None = None
+
+    async def delegated_context(self, sub: plugins.Subscription) -> dict[str, Any]:
+        """What a run of a subscription made under Keystone carries: the creator it acts for, and,
+        when the subscription asks (options.keystone_token), a token of that user scoped to the
+        project through the trust, so the function can call OpenStack APIs. Never Headwater's own
+        service credentials."""
+        assert self.keystone is not None
+        token, identity = await self.keystone.trust_token(sub.options["trust_id"])
+        context: dict[str, Any] = {"user_id": identity.user_id}
+        if sub.options.get("keystone_token"):
+            context.update(keystone_token=token, keystone_url=self.config.keystone_authtoken.www_authenticate_uri,
+                           keystone_token_expires_at=identity.expires_at.isoformat() if identity.expires_at else None)
+        return context
 
     def source(self, kind: str) -> plugins.Source | None:
         return self.sources.get(kind)
@@ -345,6 +380,10 @@ async def serve(app: Headwater) -> None:
         # Inside the try: whatever fails here must still stop what app.start() started.
         await runner.setup()
         listener = await start_listener(runner, config, sock)
+        if config.auth.strategy == "noauth" and not _loopback(config.api.host):
+            log.warning("AUTHENTICATION IS OFF ([auth] strategy = noauth) on a non-loopback address: anyone who "
+                        "reaches %s:%s can read, run and delete every function. Set [auth] strategy = keystone.",
+                        config.api.host, config.api.port, extra={"host": config.api.host, "strategy": "noauth"})
         tune_for_server()
         log.info("API listening", extra={"host": config.api.host, "port": config.api.port, "public_url": config.api.public_url})
         await asyncio.Event().wait()
@@ -355,3 +394,10 @@ async def serve(app: Headwater) -> None:
             sock.close()
         await runner.cleanup()
         await app.stop()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="override [api] workers: server processes sharing the port and the bus")
 
     commands.add_parser("config-sample", help="print the documented sample configuration (every option at its default)")
+    commands.add_parser("policy-sample", help="print the default policy rules as a YAML policy file ([oslo_policy] policy_file)")
 
     upgrade = commands.add_parser("db-upgrade", help="apply database migrations (a progress line each) and exit")
     _config_option(upgrade)
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config-sample":
         sys.stdout.write(render_sample())
+        return 0
+    if args.command == "policy-sample":
+        from router.policy import sample
+
+        sys.stdout.write(sample())
         return 0
     try:
         config = load_config(args)

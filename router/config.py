@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,28 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("max_connections_per_client", "int", 256, "Connections one client address may hold open at once; more are closed on arrival (a slowloris holds hundreds).", minimum=1),
         _opt("request_header_timeout", "float", 20.0, "Seconds a client has to send a request's line and headers once it starts; a slower one is disconnected.", minimum=0.01),
         _opt("request_body_timeout", "float", 30.0, "Seconds a request body may stall (no bytes arriving) before the client is disconnected.", minimum=0.01),
+    ],
+    "auth": [
+        _opt("strategy", "str", "noauth", "How API requests are authenticated: noauth (every request is project `default` and admin; for one machine only) or keystone (a Keystone token in X-Auth-Token, see [keystone_authtoken]).", choices=("noauth", "keystone")),
+        _opt("delegation", "str", "trusts", "How work that runs later on a user's behalf (cron jobs, queue and object subscriptions, replays) acts as that user: a Keystone trust from the user to Headwater's service user, made when the subscription is created (keystone strategy only).", choices=("trusts", "none")),
+        _opt("function_token_ttl", "int", 900, "Seconds a token handed to a function that asks for one (options.keystone_token) stays useful; Keystone's own token lifetime caps it.", minimum=60),
+    ],
+    "keystone_authtoken": [
+        _opt("www_authenticate_uri", "str", None, "Keystone URL clients are sent to (WWW-Authenticate: Keystone uri=...). Default: auth_url."),
+        _opt("auth_url", "str", None, "Keystone URL Headwater's service user authenticates at and validates tokens against, e.g. http://keystone:5000/v3."),
+        _opt("auth_type", "str", "password", "How the service user authenticates (keystoneauth1 plugin name).", choices=("password",)),
+        _opt("username", "str", "headwater", "Service user name."),
+        _opt("password", "str", None, "Service user password."),
+        _opt("project_name", "str", "service", "Project the service user's token is scoped to."),
+        _opt("user_domain_name", "str", "Default", "Domain of the service user."),
+        _opt("project_domain_name", "str", "Default", "Domain of project_name."),
+        _opt("region_name", "str", None, "Region of the endpoints Headwater looks up in the catalog."),
+        _opt("token_cache_time", "int", 300, "Seconds a validated token is remembered before Keystone is asked again (never beyond the token's expiry; 0 turns the cache off).", minimum=0),
+        _opt("http_connect_timeout", "float", 5.0, "Seconds to wait for Keystone before a request is answered 503.", minimum=0.1),
+        _opt("service_token_roles", "list", ["service"], "Roles that make a token a service's (the `service` persona of the policy)."),
+    ],
+    "oslo_policy": [
+        _opt("policy_file", "path", None, "YAML or JSON file overriding policy rules (`headwater policy-sample` prints the defaults). A file that does not parse stops start-up."),
     ],
     "database": [
         _opt("connection", "str", None, "SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/headwater.db. Production: postgresql+asyncpg://user:pass@host/db."),
@@ -250,7 +273,7 @@ class Config:
         """The configuration in force, with secrets in URLs masked, for the start-up log."""
         out: dict[str, dict[str, Any]] = {}
         for section, options in self._values.items():
-            out[section] = {k: _mask(v) for k, v in options.items()}
+            out[section] = {k: ("***" if v is not None and _SECRET_NAME.search(k) else _mask(v)) for k, v in options.items()}
         return out
 
     @classmethod
@@ -341,6 +364,17 @@ def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
         low, default, high = limits[f"min_{kind}"], limits[f"default_{kind}"], limits[f"max_{kind}"]
         if not low <= default <= high:
             raise ConfigError(f"[resource_limits] default_{kind} = {default} must lie within min_{kind} ({low}) and max_{kind} ({high})")
+    keystone = values["keystone_authtoken"]
+    if values["auth"]["strategy"] == "keystone":
+        for option in ("auth_url", "password"):
+            if not keystone[option]:
+                raise ConfigError(f"[keystone_authtoken] {option} is required with [auth] strategy = keystone")
+    if keystone["www_authenticate_uri"] is None:
+        keystone["www_authenticate_uri"] = keystone["auth_url"]
+
+
+# Options whose values are credentials: never written to the start-up log.
+_SECRET_NAME = re.compile(r"password|secret|token$")
 
 
 def _mask(value: Any) -> Any:

@@ -9,7 +9,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -89,6 +89,9 @@ class ExecutionService:
         self.targets = TargetCache(store)
         self.limits = Limiter()
         self.results: ResultSinks | None = None  # set by the app once the bus exists
+        # Set by the app under Keystone: what a subscription's run adds to the function's context
+        # when it acts for its creator through a trust (user id, and a token when asked for).
+        self.delegate: Callable[[Subscription], Awaitable[dict[str, Any]]] | None = None
         self.journal = ExecutionJournal(store.db)
         self._background: set[asyncio.Task] = set()
         # Qinling's per-function execution `count`, summed in memory and written once a second:
@@ -207,7 +210,8 @@ class ExecutionService:
         return await self.engine.execute(request)
 
     async def execute(self, row: models.Execution, function: models.Function, version: int, *,
-                      event_id: str | None = None, cancellable: bool = False) -> ExecutionResult:
+                      event_id: str | None = None, cancellable: bool = False,
+                      context: dict[str, Any] | None = None) -> ExecutionResult:
         """Run a recorded execution on the engine; the caller records the outcome."""
         token = current_execution_id.set(row.id)
         self._running += 1
@@ -220,7 +224,7 @@ class ExecutionService:
                     if failed is not None:
                         return failed
                 request = ExecutionRequest(execution_id=row.id, function=spec, input=row.input, event_id=event_id,
-                                           context={"execution_id": row.id, "function_id": function.id,
+                                           context={**(context or {}), "execution_id": row.id, "function_id": function.id,
                                                     "function_version": version, "project_id": row.project_id,
                                                     "event_id": event_id})
                 if tracing.enabled:  # tested first: with tracing off, an execution pays one flag test
@@ -262,7 +266,9 @@ class ExecutionService:
     # -- event executions ---------------------------------------------------------------------
 
     def _description(self, sub: Subscription) -> str:
-        return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}"
+        user = (sub.options or {}).get("user_id")
+        # Whose identity the run acts with (Keystone: the creator's, through its trust).
+        return f"Created by {_KIND_LABELS.get(sub.kind, 'Subscription')} {sub.id}" + (f" for user {user}" if user else "")
 
     async def prepare_for_event(self, event: Event, sub: Subscription, *, claim: bool = False,
                                 execution_id: str | None = None) -> tuple[ExecutionRecord, models.Function, int, bool]:
@@ -370,11 +376,19 @@ class ExecutionService:
         # Only runs that a later tick may replace are tracked for cancelling: the others skip the
         # extra task and the watcher.
         replaceable = (sub.options or {}).get("overlap") == "replace"
-        if batch_of(sub):
-            # Joins its subscription's next batch: one run for many events, an outcome for each.
-            result = await self.batcher.submit(sub, event, row.input)
+        try:
+            context = await self._delegation(sub)
+        except Exception as exc:  # the trust is gone, or Keystone is down: a platform error, retried as such
+            log.warning("could not act for the subscription's creator: %s", exc, extra={"subscription_id": sub.id})
+            result = ExecutionResult.platform_error(f"Could not act for the subscription's creator: {exc}")
         else:
-            result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable)
+            if batch_of(sub):
+                # Joins its subscription's next batch: one run for many events, an outcome for each
+                # (the batch run acts for the subscription's creator itself).
+                result = await self.batcher.submit(sub, event, row.input)
+            else:
+                result = await self.execute(row, function, version, event_id=event.id, cancellable=replaceable,
+                                            context=context)
         await self._settle(event, sub, policy, row, result, number)
         if event.time is not None:
             self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
@@ -386,7 +400,18 @@ class ExecutionService:
         batch_id = derived_id("batch", sub.id, *sorted(f"{e.source}\x1f{e.id}" for e in events))
         run = ExecutionRecord(id=batch_id, input=batch_input, project_id=sub.project_id, subscription_id=sub.id)
         log.info("batch run", extra={"subscription_id": sub.id, "execution_id": batch_id, "size": len(events)})
-        return await self.execute(run, function, version, event_id=events[0].id)
+        try:
+            context = await self._delegation(sub)
+        except Exception as exc:  # as for a single event: a platform error, each member retried as such
+            log.warning("could not act for the subscription's creator: %s", exc, extra={"subscription_id": sub.id})
+            return ExecutionResult.platform_error(f"Could not act for the subscription's creator: {exc}")
+        return await self.execute(run, function, version, event_id=events[0].id, context=context)
+
+    async def _delegation(self, sub: Subscription) -> dict[str, Any] | None:
+        """The execution context that acts for the subscription's creator (its trust), if it has one."""
+        if self.delegate is None or not (sub.options or {}).get("trust_id"):
+            return None
+        return await self.delegate(sub)
 
     async def _settle(self, event: Event, sub: Subscription, policy: DeliveryPolicy, row: models.Execution,
                       result: ExecutionResult, number: int) -> None:

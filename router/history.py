@@ -174,17 +174,19 @@ class EventLog:
             return list((await session.execute(stmt)).scalars())
 
     async def received_by(self, *, subscription_id: str, project_id: str, source_kind: str, since: _dt.datetime,
-                          until: _dt.datetime | None = None, limit: int = 1000) -> list[models.EventRecord]:
+                          until: _dt.datetime | None = None, limit: int = 1000,
+                          other_projects: bool = True) -> list[models.EventRecord]:
         """The events a replay to one subscription chooses from, oldest first: those of its project,
-        and those it received (an execution of it names the event) whatever project the source
-        stamped on them: an OpenStack source's events carry the Swift account's or Zaqar queue's
-        project, which need not be the subscription's."""
+        and with `other_projects` those it received (an execution of it names the event) whatever
+        project the source stamped on them: with auth off an OpenStack source's events carry the
+        Swift account's or Zaqar queue's project, which need not be the subscription's. Under
+        Keystone it is off: a replay never reaches beyond the subscription's project."""
         table = models.EventRecord
         executions = models.Execution
         received = sa.select(executions.event_id).where(executions.subscription_id == subscription_id,
                                                         executions.event_id.is_not(None))
-        stmt = sa.select(table).where(table.source_kind == source_kind, table.received_at >= since,
-                                      sa.or_(table.project_id == project_id, table.id.in_(received)))
+        scope = sa.or_(table.project_id == project_id, table.id.in_(received)) if other_projects else table.project_id == project_id
+        stmt = sa.select(table).where(table.source_kind == source_kind, table.received_at >= since, scope)
         if until:
             stmt = stmt.where(table.received_at < until)
         stmt = stmt.order_by(table.received_at.asc(), table.id).limit(limit)

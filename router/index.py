@@ -421,12 +421,21 @@ class _Bucket:
         return out
 
 
-class SubscriptionIndex:
-    """Matches an event to its subscriptions by source kind, event type and filters."""
+def event_project(event: Event) -> str:
+    """The project an event belongs to; events that name none are the `default` project's."""
+    return event.extensions.get("projectid") or "default"
 
-    def __init__(self, subscriptions: Iterable[Subscription] = ()):
+
+class SubscriptionIndex:
+    """Matches an event to its subscriptions by project, source kind, event type and filters.
+    Subscriptions are filed per (project, source kind): an event reaches only its own project's
+    subscriptions, whatever their filters say. With `per_project` off (auth off: one tenant, every
+    request is the `default` project's admin) the project is not part of the key."""
+
+    def __init__(self, subscriptions: Iterable[Subscription] = (), *, per_project: bool = True):
+        self.per_project = per_project
         self._entries: dict[str, _Entry] = {}
-        self._buckets: dict[str, _Bucket] = collections.defaultdict(_Bucket)
+        self._buckets: dict[tuple[str, str], _Bucket] = collections.defaultdict(_Bucket)
         self._shared_types: dict[tuple, tuple] = {}
         for sub in subscriptions:
             self.put(sub)
@@ -451,15 +460,18 @@ class SubscriptionIndex:
         self.remove(sub.id)
         self._entries[sub.id] = entry
         if entry.slot[0] != "paused":
-            self._buckets[sub.source].add(entry)
+            self._buckets[(self._project(sub.project_id), sub.source)].add(entry)
 
     def remove(self, subscription_id: str) -> None:
         old = self._entries.pop(subscription_id, None)
         if old is not None and old.slot[0] != "paused":
-            self._buckets[old.sub.source].remove(old)
+            self._buckets[(self._project(old.sub.project_id), old.sub.source)].remove(old)
+
+    def _project(self, project_id: str) -> str:
+        return project_id if self.per_project else ""
 
     def replace_all(self, subscriptions: Iterable[Subscription]) -> None:
-        fresh = SubscriptionIndex()
+        fresh = SubscriptionIndex(per_project=self.per_project)
         for sub in subscriptions:
             try:
                 fresh.put(sub)
@@ -473,12 +485,14 @@ class SubscriptionIndex:
         target = event.extensions.get(REPLAY_FOR_EXTENSION)
         if target is not None:
             entry = self._entries.get(target)
-            return [entry.sub] if entry is not None else []
+            if entry is None or self._project(entry.sub.project_id) != self._project(event_project(event)):
+                return []
+            return [entry.sub]
         return self.match(event)
 
     def match(self, event: Event) -> list[Subscription]:
         kind = event.extensions.get(SOURCE_KIND_EXTENSION)
-        bucket = self._buckets.get(kind) if kind is not None else None
+        bucket = self._buckets.get((self._project(event_project(event)), kind)) if kind is not None else None
         if bucket is None:
             return []
         return bucket.match(event)

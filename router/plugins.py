@@ -120,8 +120,14 @@ class SourceContext(Protocol):
 
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None: ...
 
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        """Mount an aiohttp handler on the API (webhook receivers)."""
+    def add_route(self, method: str, path: str, handler: Handler, *, public: bool = False) -> None:
+        """Mount an aiohttp handler on the API (webhook receivers). A public route is answered
+        without a Keystone token, so its handler must check the caller itself (a shared token, a
+        signature); any other route passes authentication and policy first."""
+
+    def caller_project(self, request: Any) -> tuple[str, bool]:
+        """On a non-public route: the caller's project, and whether the caller may act for any
+        project (admins and services). Events a caller posts belong to its project."""
 
     async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
                                *, fired: bool = True) -> bool:
@@ -143,8 +149,10 @@ class SourceContext(Protocol):
         for any other, the records are finished but the functions run on. Returns how many were
         stopped."""
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
-        """Record input that could not become an event, with the reason."""
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
+        """Record input that could not become an event, with the reason, in the project it came
+        from (only that project sees it)."""
 
     coordination: Coordination
     """This process's coordination with the other replicas: a pull source elects a leader per

@@ -125,7 +125,7 @@ class AodhSource:
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
         self.token = endpoint_token(self.config)
-        ctx.add_route("POST", self.config.aodh.path, self.receive)
+        ctx.add_route("POST", self.config.aodh.path, self.receive, public=True)
 
     async def stop(self) -> None:
         self._ctx = None
@@ -147,7 +147,8 @@ class AodhSource:
         try:
             event = alarm_event(body, project_id=project_id, request_id=request.headers.get("x-openstack-request-id"))
         except MalformedAlarm as exc:
-            await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body)
+            await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body,
+                                  project_id=project_id)
             return web.json_response({"error": str(exc)}, status=400)
         await ctx.publish(event)
         log.info("aodh alarm %s %s -> %s", body["alarm_name"], body["previous"], body["current"], extra={"event_id": event.id})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import hmac
 import logging
 import uuid
 from typing import Any, ClassVar
@@ -18,6 +20,17 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_TYPE = "org.openstack.headwater.webhook.invoked"
 _IDEMPOTENCY_HEADERS = ("Idempotency-Key", "X-Idempotency-Key")
+
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+
+
+def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
+    """GitHub's webhook signature: `sha256=` + hex HMAC-SHA256 of the raw body, compared in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(header[len("sha256="):].strip().lower(), expected)
 
 
 def _fault(status: int, message: str) -> web.Response:
@@ -40,7 +53,7 @@ class HttpSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", "/v1/webhooks/{id}/invoke", self.invoke)
+        ctx.add_route("POST", "/v1/webhooks/{id}/invoke", self.invoke, public=True)
         ctx.add_route("POST", "/v1/events", self.ingest)
 
     async def stop(self) -> None:
@@ -56,6 +69,11 @@ class HttpSource:
         sub = self._ctx.subscription(webhook_id)
         if sub is None or sub.source != self.kind:
             return _fault(404, f"Webhook not found [id={webhook_id}]")
+        secret = sub.options.get("secret")
+        if secret and not signature_ok(secret, await request.read(), request.headers.get(SIGNATURE_HEADER)):
+            log.warning("webhook invoke refused: missing or wrong signature", extra={"subscription_id": sub.id})
+            return _fault(401, f"Missing or wrong {SIGNATURE_HEADER}: this webhook accepts only requests signed "
+                               "with its secret (sha256=<hex HMAC-SHA256 of the body>).")
         try:
             data = await self._webhook_input(request)
         except ValueError as exc:
@@ -105,6 +123,11 @@ class HttpSource:
             event = await self._read_cloudevent(request)
         except (InvalidEvent, ValueError) as exc:
             return _fault(400, f"Invalid CloudEvent: {exc}")
+        project, may_any = self._ctx.caller_project(request)
+        if not (may_any and event.project_id):
+            # The caller's project, whatever projectid the event names: only admins and services
+            # post for other projects.
+            event.extensions["projectid"] = project
         await self._ctx.publish(event)
         return web.json_response({"event_id": event.id}, status=202)
 

@@ -164,9 +164,13 @@ def to_event(notification: dict[str, Any], *, methods: frozenset[str], container
     parts = path.split("/", 3)
     account = parts[1] if len(parts) > 1 else str(target.get("id") or "")
     initiator = payload.get("initiator") if isinstance(payload.get("initiator"), dict) else {}
-    # The project is what keystonemiddleware put in X-Project-Id; without Keystone (tempauth) it is
-    # null, and the account name is the best owner there is (AUTH_<project id> under Keystone).
-    project_id = initiator.get("project_id") or (account[len(_RESELLER_PREFIX):] if account.startswith(_RESELLER_PREFIX) else account)
+    # The event belongs to the account's project (AUTH_<project id> under Keystone), not to whoever
+    # wrote into it (an ACL can let another project's user upload): only the owner's subscriptions
+    # may see it. An account without the prefix falls back to the requester's project.
+    if account.startswith(_RESELLER_PREFIX):
+        project_id = account[len(_RESELLER_PREFIX):]
+    else:
+        project_id = initiator.get("project_id") or account
     verb = method.lower()
     extensions: dict[str, Any] = {"projectid": project_id, "account": account, "container": container, "method": verb}
     data: dict[str, Any] = {

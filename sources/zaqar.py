@@ -82,9 +82,17 @@ class ZaqarClient:
                 self._auth = _keystone_session(self._section)
             # keystoneauth caches the token and renews it near expiry; it is synchronous (requests).
             headers.update(await asyncio.to_thread(self._auth.get_auth_headers) or {})
+            # Under Keystone the queues are the token's project's: so are their messages' events
+            # (only that project's subscriptions may see them), whatever [zaqar] project_id says.
+            self.project_id = await asyncio.to_thread(self._auth.get_project_id) or self.project_id
         elif self.project_id:
             headers["X-Project-ID"] = self.project_id
         return headers
+
+    async def authenticate(self) -> str | None:
+        """Authenticate (Keystone) and return the project the queues belong to."""
+        await self._headers()
+        return self.project_id
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -210,6 +218,11 @@ class ZaqarSource:
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._leading: set[str] = set()
         self._work: set[asyncio.Task[Any]] = set()
+        # Under Keystone (per-project routing) the queues consumed are the source's own project's
+        # (the token's, or [zaqar] project_id): only that project's subscriptions may name them,
+        # else another tenant's subscription could have them drained into dead letters.
+        self.per_project = config.auth.strategy == "keystone"
+        self._owner_known = not (self.per_project and config.zaqar.auth_url)
 
     @property
     def queues(self) -> list[str]:
@@ -236,9 +249,13 @@ class ZaqarSource:
 
     async def start(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        ctx.add_route("POST", PUSH_PATH, self.receive_push)
+        ctx.add_route("POST", PUSH_PATH, self.receive_push, public=True)
         ctx.on_subscriptions_changed(self.reconcile)
         self.reconcile()
+        if not self._owner_known:
+            task = asyncio.get_running_loop().create_task(self._learn_owner(), name="headwater-zaqar-owner")
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})
 
     def wanted_queues(self) -> set[str]:
@@ -246,15 +263,33 @@ class ZaqarSource:
         names none takes every allowed queue."""
         assert self._ctx is not None
         wanted: set[str] = set()
-        if not self.claiming:
-            return wanted  # push only
+        if not self.claiming or not self._owner_known:
+            return wanted  # push only, or the token's project is not known yet
         for sub in self._ctx.subscriptions(KIND):
+            if self.per_project and sub.project_id != self.client.project_id:
+                continue  # another project's subscription: its events never come from these queues
             named = _named_queues(sub.filters or {})
             if named is None:
                 wanted |= self.allowed
             else:
                 wanted |= {q for q in named if isinstance(q, str) and (not self.allowed or q in self.allowed)}
         return wanted
+
+    async def _learn_owner(self) -> None:
+        """Authenticate once to learn the token's project (the queues' owner), then consume the
+        queues that project's subscriptions name; retried while Keystone cannot be reached."""
+        delay = 1.0
+        while not self._owner_known:
+            try:
+                await self.client.authenticate()
+            except Exception as exc:
+                log.warning("zaqar: cannot learn the token's project yet: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._owner_known = True
+        log.info("zaqar queues belong to project", extra={"project_id": self.client.project_id})
+        self.reconcile()
 
     def reconcile(self) -> None:
         """Start a claim loop for each newly wanted queue; stop those no subscription names any more
@@ -391,7 +426,8 @@ class ZaqarSource:
                                   body=message["body"], age=message.get("age"))
         except MalformedMessage as exc:
             await ctx.dead_letter(source=KIND, reason=f"malformed zaqar message in queue {queue!r}: {exc}",
-                                  payload=message, event_id=message_id if isinstance(message_id, str) else None)
+                                  payload=message, event_id=message_id if isinstance(message_id, str) else None,
+                                  project_id=self.client.project_id or "default")
             # Dead-lettered: deleting it stops Zaqar from handing the same poison message out forever.
             if isinstance(message_id, str) and message_id:
                 await self._delete(queue, message_id, claim_id, message_id)
@@ -438,6 +474,9 @@ class ZaqarSource:
         assert self._ctx is not None
         ctx = self._ctx
         token = self.config.zaqar.push_token
+        if self.per_project and not token:
+            # Under Keystone an unauthenticated push could put events into any project: closed.
+            return web.json_response({"error": "push is closed under Keystone until [zaqar] push_token is set"}, status=401)
         if token and request.headers.get(TOKEN_HEADER) != token:
             return web.json_response({"error": f"missing or wrong {TOKEN_HEADER}"}, status=401)
         raw = await request.read()
@@ -474,5 +513,8 @@ class ZaqarSource:
         # de-duplication of repeated pushes; otherwise every POST is a new event.
         key = body.get("id") if isinstance(body, dict) else None
         message_id = f"push-{queue}-{key}" if isinstance(key, (str, int)) and not isinstance(key, bool) else str(uuid.uuid4())
-        project_id = request.query.get("project_id") or self.client.project_id or "default"
+        # Under Keystone the push token is shared, so the caller may not choose the project: pushed
+        # messages are the source's project's, like the queues it claims from.
+        chosen = None if self.per_project else request.query.get("project_id")
+        project_id = chosen or self.client.project_id or "default"
         return message_event(queue=queue, project_id=project_id, message_id=message_id, body=body)

@@ -5,16 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from router.api import aliases, deadletters, events, executions, functions, jobs, openapi, root, runtimes, subscriptions, versions, webhooks
-from router.api.common import APP_KEY, CTX_KEY, RequestContext
+from router.api.auth import auth_middleware, request_id_middleware
+from router.api.common import APP_KEY
 from router import tracing
 from router.api.errors import error_middleware
 from router.dashboard import web as dashboard
-
-
-@web.middleware
-async def context_middleware(request: web.Request, handler):
-    request[CTX_KEY] = RequestContext()
-    return await handler(request)
 
 
 @web.middleware
@@ -45,7 +40,8 @@ async def target_cache_middleware(request: web.Request, handler):
 
 
 def build_api(headwater) -> web.Application:
-    app = web.Application(middlewares=[tracing_middleware, error_middleware, context_middleware, target_cache_middleware],
+    app = web.Application(middlewares=[tracing_middleware, request_id_middleware, error_middleware, auth_middleware,
+                                       target_cache_middleware],
                           client_max_size=headwater.config.api.max_request_size)
     app[APP_KEY] = headwater
     for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi, dashboard):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, parse_int
+from router.api.common import ctx, format_time, parse_int, store
 from router.api.errors import BadRequest, json_body
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ async def _check_target(request: web.Request, function_id: Any, version: Any) ->
     number = parse_int(version, "function_version", 0)
     if number < 0:
         raise BadRequest("function_version must not be negative.")
-    app = hw(request)
-    function = await app.store.functions.get(function_id, project_id=ctx(request).project_id)
+    function = await store(request).functions.get(function_id, project_id=ctx(request).project_id)
     if number:
-        await app.store.versions.get_number(function.id, number)
+        await store(request).versions.get_number(function.id, number)
     return function.id, number
 
 
@@ -48,7 +47,7 @@ async def create(request: web.Request) -> web.Response:
     name = _text(body, "name")
     description = _text(body, "description")
     function_id, version = await _check_target(request, body["function_id"], body.get("function_version"))
-    row = await hw(request).store.aliases.add(name=name, function_id=function_id, function_version=version,
+    row = await store(request).aliases.add(name=name, function_id=function_id, function_version=version,
                                               description=description, project_id=ctx(request).project_id)
     log.info("alias created", extra={"alias": name, "function_id": function_id, "function_version": version})
     return web.json_response(serialize(row), status=201)
@@ -62,13 +61,13 @@ async def index(request: web.Request) -> web.Response:
     unknown = set(filters) - set(allowed)
     if unknown:
         raise BadRequest(f"Unknown argument: {sorted(unknown)[0]!r}. Accepted filters: {', '.join(allowed)}.")
-    rows = await hw(request).store.aliases.list(project_id=scope, filters=filters)
+    rows = await store(request).aliases.list(project_id=scope, filters=filters)
     return web.json_response({"function_aliases": [serialize(r) for r in rows]})
 
 
 async def _get(request: web.Request):
     # Names are unique per project only, so a name is always looked up in the caller's project.
-    return await hw(request).store.aliases.by_name(request.match_info["name"], project_id=ctx(request).project_id)
+    return await store(request).aliases.by_name(request.match_info["name"], project_id=ctx(request).project_id)
 
 
 async def show(request: web.Request) -> web.Response:
@@ -89,7 +88,7 @@ async def update(request: web.Request) -> web.Response:
             version = row.function_version if function_id == row.function_id else 0
         values["function_id"], values["function_version"] = await _check_target(request, function_id, version)
     if values:
-        row = await hw(request).store.aliases.update(row.id, values)
+        row = await store(request).aliases.update(row.id, values)
         log.info("alias updated", extra={"alias": row.name, "function_id": row.function_id,
                                           "function_version": row.function_version})
     return web.json_response(serialize(row))
@@ -97,7 +96,7 @@ async def update(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     row = await _get(request)
-    await hw(request).store.aliases.delete(row.id)
+    await store(request).aliases.delete(row.id)
     return web.Response(status=204)
 
 

@@ -13,15 +13,33 @@ from router.safejson import INT_MAX, INT_MIN
 
 APP_KEY = web.AppKey("headwater", object)
 CTX_KEY = web.RequestKey("ctx", object) if hasattr(web, "RequestKey") else "ctx"
+REQUEST_ID_KEY = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
+RULE_KEY = web.RequestKey("policy_rule", str) if hasattr(web, "RequestKey") else "policy_rule"
 
 
 class RequestContext:
-    """Who is asking. With auth off (the only mode so far) every request is project `default`
-    and admin, as in Qinling."""
+    """Who is asking, and the one place a request's project scope comes from. With [auth]
+    strategy = noauth every request is project `default` and admin, as Qinling without Keystone.
+    `store` is the database as this caller may see it: every query through it is limited to the
+    caller's project (admins: every project), so a handler cannot forget the scope."""
 
-    def __init__(self, project_id: str = "default", is_admin: bool = True):
+    def __init__(self, project_id: str = "default", is_admin: bool = True, *, user_id: str | None = None,
+                 roles: tuple[str, ...] = ("admin", "member", "reader"), request_id: str = "", token: str | None = None,
+                 identity: Any = None, store: Any = None):
         self.project_id = project_id
         self.is_admin = is_admin
+        self.user_id = user_id
+        self.roles = tuple(roles)
+        self.request_id = request_id
+        self.token = token
+        self.identity = identity
+        self.store = store.scoped(None if is_admin else project_id) if store is not None else None
+
+    @property
+    def credentials(self) -> dict[str, Any]:
+        """What policy rules check (oslo.policy's creds)."""
+        return {"user_id": self.user_id, "project_id": self.project_id, "roles": list(self.roles),
+                "is_admin": self.is_admin}
 
     def list_scope(self, request: web.Request) -> str | None:
         """The project a list is limited to; None means every project (admins only)."""
@@ -45,6 +63,11 @@ def hw(request: web.Request):
 
 def ctx(request: web.Request) -> RequestContext:
     return request[CTX_KEY]
+
+
+def store(request: web.Request):
+    """The store as the caller may see it (router.store.ScopedStore)."""
+    return request[CTX_KEY].store
 
 
 def format_time(value: _dt.datetime | None) -> str | None:
@@ -108,15 +131,3 @@ def list_filters(request: web.Request, allowed: tuple[str, ...]) -> dict[str, st
             raise BadRequest(f"Unknown argument: {name!r}. Accepted filters: {', '.join(allowed) or 'none'}.")
         out[name] = value
     return out
-
-
-def check_download_token(request: web.Request, function_id: str, version: int) -> None:
-    """A pod fetching its package presents a short-lived token scoped to this function version; a
-    token that is present but wrong or expired is refused (401). Without a token the request is
-    an ordinary API call (auth off: allowed, as in Qinling)."""
-    from router import download_tokens
-    from router.api.errors import ApiError
-
-    token = request.query.get("token")
-    if token is not None and not download_tokens.verify(hw(request).download_secret, token, function_id, version):
-        raise ApiError("Invalid or expired download token.", status=401)

@@ -7,7 +7,7 @@ import uuid
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_int, require_uuid
+from router.api.common import ctx, format_time, hw, list_filters, parse_int, require_uuid, store
 from router.api.errors import ApiError
 from router.api.events import REPLAY_OF
 from router.events import Event, InvalidEvent
@@ -28,14 +28,14 @@ async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, (*_FILTERS, "limit"))
     filters.pop("limit", None)
     limit = parse_int(request.query.get("limit"), "limit")
-    rows = await hw(request).store.dead_letters.list(project_id=ctx(request).list_scope(request), filters=filters,
+    rows = await store(request).dead_letters.list(project_id=ctx(request).list_scope(request), filters=filters,
                                                      limit=limit)
     return web.json_response({"deadletters": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
     letter_id = require_uuid(request.match_info["id"])
-    row = await hw(request).store.dead_letters.get(letter_id, project_id=ctx(request).get_scope)
+    row = await store(request).dead_letters.get(letter_id, project_id=ctx(request).get_scope)
     return web.json_response(serialize(row))
 
 
@@ -59,7 +59,7 @@ async def replay(request: web.Request) -> web.Response:
     only, when it names one) and remove the letter; 409 when it holds no event."""
     app = hw(request)
     letter_id = require_uuid(request.match_info["id"])
-    row = await app.store.dead_letters.get(letter_id, project_id=ctx(request).get_scope)
+    row = await store(request).dead_letters.get(letter_id)  # another project's letter: 404
     try:
         event = replay_copy(row)
     except InvalidEvent as exc:
@@ -68,14 +68,14 @@ async def replay(request: web.Request) -> web.Response:
     await app.history.record_now(event)
     await app.bus.publish(event)
     app.feed.offer(event)
-    await app.store.dead_letters.delete(letter_id)
+    await store(request).dead_letters.delete(letter_id)
     return web.json_response({"deadletter_id": letter_id, "event_id": event.id,
                               "subscription_id": row.subscription_id}, status=202)
 
 
 async def discard(request: web.Request) -> web.Response:
     letter_id = require_uuid(request.match_info["id"])
-    await hw(request).store.dead_letters.delete(letter_id, project_id=ctx(request).get_scope)
+    await store(request).dead_letters.delete(letter_id)  # another project's letter: 404
     return web.Response(status=204)
 
 

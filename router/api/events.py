@@ -8,7 +8,7 @@ import uuid
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, parse_bool, parse_int
+from router.api.common import ctx, format_time, hw, parse_bool, parse_int, store
 from router.api.errors import BadRequest, json_body
 from router.events import Event, execution_id_for
 from router.filters import FilterError, compile_filter
@@ -44,8 +44,10 @@ async def index(request: web.Request) -> web.Response:
     limit = parse_int(q.get("limit"), "limit", 100)
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be from 1 to 1000.")
+    # The request's own scope (store(request).scope: None for admins only) wins over any filter.
+    project = store(request).scope or ctx(request).list_scope(request)
     rows = await hw(request).history.query(
-        project_id=ctx(request).list_scope(request), source_kind=q.get("source_kind"),
+        project_id=project, source_kind=q.get("source_kind"),
         types=q.get("type", "").split(",") if q.get("type") else None, subject=q.get("subject"),
         since=_time(q.get("since"), "since"), until=_time(q.get("until"), "until"), limit=limit)
     return web.json_response({"events": [serialize(r) for r in rows]})
@@ -85,7 +87,7 @@ async def show(request: web.Request) -> web.Response:
     unknown = set(request.query) - {"subscription_id"}
     if unknown:
         raise BadRequest(f"Unknown argument: {', '.join(sorted(unknown))!r}. Accepted: subscription_id.")
-    scope = ctx(request).get_scope
+    scope = store(request).scope
     row = await hw(request).history.get(request.match_info["id"], scope)
     if row is None:
         raise NotFound(f"Event not found [id={request.match_info['id']}]")
@@ -111,10 +113,10 @@ async def replay(request: web.Request) -> web.Response:
     if not sub_id:
         raise BadRequest("Required param is missing. Required: {'subscription_id'}")
     if not isinstance(sub_id, str):
-        raise BadRequest("subscription_id must be a string.")
+        raise BadRequest("Invalid input, subscription_id must be a string.")
+    await store(request).subscriptions.get(sub_id)  # another project's subscription: 404
     sub = app.index.get(sub_id)
-    scope = ctx(request).get_scope
-    if sub is None or (scope is not None and sub.project_id != scope):
+    if sub is None:
         raise NotFound(f"Subscription not found [id={sub_id}]")
     since = _time(body.get("since"), "since")
     if since is None:
@@ -134,8 +136,11 @@ async def replay(request: web.Request) -> web.Response:
     if statuses is not None and (not isinstance(statuses, list) or not set(statuses) <= {"success", "failed", "error", "running"}):
         raise BadRequest("execution_status must be one or more of success, failed, error, running.")
 
+    # With projects (Keystone) a subscription receives only its project's events, and so replays
+    # only those; with auth off (one tenant) also those it received whatever project a source stamped.
     rows = await app.history.received_by(subscription_id=sub.id, project_id=sub.project_id, source_kind=sub.source,
-                                         since=since, until=until, limit=limit)
+                                         since=since, until=until, limit=limit,
+                                         other_projects=not app.index.per_project)
     own = compile_subscription(sub)
     wanted: list[Event] = []
     for row in rows:
@@ -148,7 +153,7 @@ async def replay(request: web.Request) -> web.Response:
             continue
         wanted.append(event)
     if statuses is not None and wanted:
-        executions = await app.store.executions.list(filters={"subscription_id": sub.id, "status": "in:" + ",".join(statuses)})
+        executions = await store(request).executions.list(filters={"subscription_id": sub.id, "status": "in:" + ",".join(statuses)})
         chosen = {e.event_id for e in executions}
         wanted = [e for e in wanted if e.id in chosen]
     nonce = uuid.uuid4().hex[:12] if force else None

@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, format_time_ms, hw, list_filters, parse_bool, parse_int
+from router.api.common import ctx, format_time, format_time_ms, hw, list_filters, parse_bool, parse_int, store
 from router.api.errors import BadRequest, json_body
 from router.executions import FINISHED, render_input
 from router.mapping import parse_qinling_input
@@ -49,22 +49,22 @@ async def create(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("function_id", "function_alias", "function_version", "status", "description",
                                      "subscription_id", "event_id", "created_at", "updated_at"))
-    rows = await hw(request).store.executions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    rows = await store(request).executions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"executions": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    row = await hw(request).store.executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    row = await store(request).executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
     return web.json_response(serialize(row))
 
 
 async def logs(request: web.Request) -> web.Response:
-    row = await hw(request).store.executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    row = await store(request).executions.get(request.match_info["id"], project_id=ctx(request).get_scope)
     return web.Response(text=row.logs or "", content_type="text/plain")
 
 
 async def delete(request: web.Request) -> web.Response:
-    await hw(request).store.executions.delete(request.match_info["id"], project_id=ctx(request).get_scope)
+    await store(request).executions.delete(request.match_info["id"], project_id=ctx(request).get_scope)
     return web.Response(status=204)
 
 

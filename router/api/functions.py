@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from router import builds
-from router.api.common import check_download_token, ctx, format_time, hw, list_filters, parse_bool, parse_int, require_uuid
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, parse_int, require_uuid, store
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router import safejson
 from router.plugins import PackageRef
@@ -109,12 +109,10 @@ async def create(request: web.Request) -> web.Response:
     if source in ("package", "swift"):
         if not runtime_id:
             raise BadRequest('"runtime_id" must be specified.')
-        runtime = await app.store.runtimes.get(runtime_id)
+        runtime = await store(request).runtimes.get(runtime_id)  # found only if visible to the caller's project
         compiled = builds.needs_build(app.config, runtime.image)
         if compiled and source == "swift":
             raise BadRequest(f"Runtime {runtime_id} compiles its functions: upload a package (code source 'package'), not a Swift object.")
-        if not (c.is_admin or runtime.is_public or runtime.project_id == c.project_id):
-            raise BadRequest(f"Runtime {runtime_id} not found.", status=404)
         if runtime.status != "available":
             raise BadRequest(f"Runtime {runtime_id} is not available.")
     else:
@@ -134,7 +132,7 @@ async def create(request: web.Request) -> web.Response:
         if compiled:
             code["build"] = {"status": builds.BUILDING}
         try:
-            row = await app.store.functions.add(id=function_id, code=code, **values)
+            row = await store(request).functions.add(id=function_id, code=code, **values)
         except Exception:
             await app.packages.delete(PackageRef(c.project_id, function_id, 0, md5))
             raise
@@ -147,27 +145,26 @@ async def create(request: web.Request) -> web.Response:
         if not app.packages.swift_enabled:
             raise BadRequest("Swift object not supported: no Swift store is configured ([storage] swift_url).")
         await app.packages.check_swift(c.project_id, str(swift["container"]), str(swift["object"]))
-        row = await app.store.functions.add(
+        row = await store(request).functions.add(
             code={"source": "swift", "swift": {"container": str(swift["container"]), "object": str(swift["object"])}}, **values)
     else:
         if not code.get("image"):
             raise BadRequest("Image must be provided for image type function.")
-        row = await app.store.functions.add(code={"source": "image", "image": code["image"]}, **values)
+        row = await store(request).functions.add(code={"source": "image", "image": code["image"]}, **values)
     return web.json_response(serialize(row), status=201)
 
 
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
     filters = list_filters(request, ("name", "runtime_id", "description", "entry"))
-    rows = await hw(request).store.functions.list(project_id=c.list_scope(request), filters=filters)
+    rows = await store(request).functions.list(project_id=c.list_scope(request), filters=filters)
     return web.json_response({"functions": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.StreamResponse:
     app = hw(request)
-    row = await app.store.functions.get(request.match_info["id"], project_id=ctx(request).get_scope)
+    row = await store(request).functions.get(request.match_info["id"], project_id=ctx(request).get_scope)
     if request.query.get("download", "").lower() in ("true", "1", "yes"):
-        check_download_token(request, row.id, 0)
         if row.code.get("source") == "image":
             raise BadRequest("Download image function is not allowed.", status=405)
         if row.code.get("source") == "swift":
@@ -213,7 +210,7 @@ def _update_code(fields: dict[str, Any], package: bytes | None) -> dict | None:
 async def update(request: web.Request) -> web.Response:
     app = hw(request)
     c = ctx(request)
-    row = old_row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
+    row = old_row = await store(request).functions.get(request.match_info["id"], project_id=c.get_scope)
     fields, package = await _form(request)
     code = _update_code(fields, package)
     values: dict[str, Any] = {}
@@ -238,7 +235,7 @@ async def update(request: web.Request) -> web.Response:
     old_md5 = row.code.get("md5sum")
     new_md5 = None
     if changes_code:
-        if await app.store.subscriptions.using_function(row.id, kind="job", active_only=True):
+        if await store(request).subscriptions.using_function(row.id, kind="job", active_only=True):
             raise NotAllowed("The function is still associated with running job(s).")
     if code is not None:
         source = row.code.get("source")
@@ -269,7 +266,7 @@ async def update(request: web.Request) -> web.Response:
     if not values:
         return web.json_response(serialize(row))
     try:
-        row = await app.store.functions.update(row.id, values)
+        row = await store(request).functions.update(row.id, values)
     except Exception:
         if new_md5 and new_md5 != old_md5:
             await app.packages.delete(PackageRef(row.project_id, row.id, 0, new_md5))
@@ -278,7 +275,7 @@ async def update(request: web.Request) -> web.Response:
         await app.packages.delete(PackageRef(row.project_id, row.id, 0, old_md5))
     if builds.build_state(values.get("code")) is not None:
         await _delete_artifact(app, old_row)
-        app.builds.start(row, (await app.store.runtimes.get(row.runtime_id)).image)
+        app.builds.start(row, (await store(request).runtimes.get(row.runtime_id)).image)
     if changes_code:
         # The next execution must start a worker with the new code, entry and limits.
         await app.engine.release(row.id, 0)
@@ -298,7 +295,7 @@ def _count(body: dict) -> int:
 async def function_for_admin(request: web.Request):
     if not ctx(request).is_admin:
         raise NotAllowed()
-    return await hw(request).store.functions.get(request.match_info["id"])
+    return await store(request).functions.get(request.match_info["id"])
 
 
 async def detach_version(request: web.Request, function_id: str, version: int) -> web.Response:
@@ -347,21 +344,21 @@ async def workers(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     app = hw(request)
     c = ctx(request)
-    row = await app.store.functions.get(request.match_info["id"], project_id=c.get_scope)
+    row = await store(request).functions.get(request.match_info["id"], project_id=c.get_scope)
     if row.project_id != c.project_id:
         raise NotAllowed("Function can only be deleted by its owner.")
-    if await app.store.subscriptions.using_function(row.id, kind="job", active_only=True):
+    if await store(request).subscriptions.using_function(row.id, kind="job", active_only=True):
         raise NotAllowed("The function is still associated with running job(s).")
-    if await app.store.subscriptions.using_function(row.id, kind="webhook"):
+    if await store(request).subscriptions.using_function(row.id, kind="webhook"):
         raise NotAllowed("The function is still associated with webhook(s).")
-    if await app.store.aliases.list(filters={"function_id": row.id}, limit=1):
+    if await store(request).aliases.list(filters={"function_id": row.id}, limit=1):
         raise NotAllowed("The function is still associated with function alias(es).")
-    if await app.store.subscriptions.using_function(row.id, kind="subscription"):
+    if await store(request).subscriptions.using_function(row.id, kind="subscription"):
         raise NotAllowed("The function is still associated with subscription(s).")
     await app.engine.release(row.id)
-    versions = await app.store.versions.for_function(row.id)
+    versions = await store(request).versions.for_function(row.id)
     # Finished jobs go with the function (Qinling allowed the delete; a foreign key would refuse it).
-    for job_id in await app.store.functions.delete_with_finished_jobs(row.id):
+    for job_id in await store(request).functions.delete_with_finished_jobs(row.id):
         await app.reload_subscription(job_id)
     if row.code.get("source") == "package":
         await app.packages.delete(PackageRef(row.project_id, row.id, 0, row.code.get("md5sum")))

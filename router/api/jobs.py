@@ -6,9 +6,9 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, store
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, delete_subscription, get_subscription, shown_target, shown_targets, source_plugin
+from router.api.targets import check_target, delegation, delete_subscription, get_subscription, shown_target, shown_targets, source_plugin
 from router.events import utcnow
 from router.store.models import new_id
 
@@ -36,11 +36,15 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest("Invalid input, name is longer than 255 characters.")
     schedule = source_plugin(request, "cron").validate_subscription(
         {k: body.get(k) for k in ("pattern", "first_execution_time", "count", "timezone")}, utcnow())
+    keystone_token = parse_bool(body.get("keystone_token"), "keystone_token", False)
     job_id = new_id()
     options = dict(schedule.get("options") or {})
+    if keystone_token:  # runs get a token of the creator, scoped to the project, in their context
+        options["keystone_token"] = True
+    options.update(await delegation(request))
     if schedule.get("timezone") not in (None, "UTC"):
         options["timezone"] = schedule["timezone"]
-    row = await app.store.subscriptions.add(
+    row = await store(request).subscriptions.add(
         id=job_id, source="cron", kind="job", filters={"subject": job_id}, name=body.get("name"), function_input=function_input,
         pattern=schedule.get("pattern"), first_execution_time=schedule.get("first_execution_time"),
         next_execution_time=schedule["next_execution_time"], count=schedule.get("count"), status="running",
@@ -52,7 +56,7 @@ async def create(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("name", "function_id", "function_alias", "status", "pattern"))
     filters["kind"] = "job"
-    rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    rows = await store(request).subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     shown = await shown_targets(request, rows)
     return web.json_response({"jobs": [serialize(r, shown[r.id]) for r in rows]})
 
@@ -107,7 +111,7 @@ async def update(request: web.Request) -> web.Response:
     if status is not None:
         values["status"] = status
     if values:
-        row = await app.store.subscriptions.update(row.id, values)
+        row = await store(request).subscriptions.update(row.id, values)
         await app.reload_subscription(row.id)
         log.info("job updated", extra={"subscription_id": row.id, "fields": sorted(values), "status": row.status})
     return web.json_response(serialize(row, await shown_target(request, row)))

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from router import __version__
 from router.api.common import hw
+from router.policy import PUBLIC_ROUTES
 
 JSON = "application/json"
 
@@ -56,6 +57,10 @@ BOOL_OR_TEXT = {"oneOf": [{"type": "boolean", "nullable": True}, {"type": "integ
 INT_FILTER = {"type": "string", "pattern": r"^-?\d{1,18}$"}
 TIME_FILTER = {"type": "string", "format": "date-time"}
 TIME_OR_EMPTY = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}  # empty: no bound
+# A webhook's signing secret (printable ASCII).
+SECRET = {"type": "string", "pattern": "^[ -~]{16,255}$"}
+# The projects a private runtime is shared with.
+PROJECTS = {"type": "array", "nullable": True, "items": {"type": "string", "pattern": "^[!-~]{1,80}$"}, "maxItems": 1000}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"faultcode": {"type": "string", "enum": ["Client", "Server"]}, "faultstring": STR,
@@ -92,7 +97,7 @@ SCHEMAS: dict[str, Any] = {
                  "function_input": NSTR, "status": {"type": "string", "enum": ["running", "paused", "done", "cancelled"]},
                  "pattern": NSTR, "count": NINT, "first_execution_time": TIME, "next_execution_time": TIME}),
     "Webhook": _obj({**COMMON, "function_id": NSTR, "function_alias": NSTR, "function_version": NINT,
-                     "description": NSTR, "webhook_url": STR}),
+                     "description": NSTR, "webhook_url": STR, "signed": BOOL}),
     # Owned by the subscriptions API; documented by shape so it can grow without breaking this document.
     "Subscription": {"type": "object", "properties": {"id": STR, "source": STR, "kind": STR}, "required": ["id", "source"],
                      "additionalProperties": True},
@@ -133,8 +138,9 @@ FORM_FIELDS = {"name": STR, "description": STR, "entry": STR,
 VERSION_NUMBER = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1}, {"type": "string", "pattern": r"^\d{1,18}$"}]}
 REQUESTS: dict[str, Any] = {
     "RuntimeCreate": _obj({"image": NAME, "name": NSTR, "description": NSTR, "is_public": BOOL_OR_TEXT,
-                           "trusted": BOOL_OR_TEXT}, required=("image",)),
-    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR}, required=()),
+                           "trusted": BOOL_OR_TEXT, "projects": PROJECTS}, required=("image",)),
+    "RuntimeUpdate": _obj({"image": STR, "name": STR, "description": STR, "is_public": BOOL_OR_TEXT,
+                           "projects": PROJECTS}, required=()),
     # Forms carry text: the code object as JSON text. A multipart form uploads a package; a urlencoded
     # one (no file) names an image or a Swift object.
     "FunctionForm": _obj({**FORM_FIELDS, "code": {"type": "string", "enum": ['{"source": "package"}']},
@@ -162,9 +168,11 @@ REQUESTS: dict[str, Any] = {
     "JobUpdate": _obj({"name": NSTR, "function_input": NSTR, "status": _nullable({"type": "string"}), "pattern": NSTR,
                        "next_execution_time": NSTR}, required=()),
     "WebhookCreate": _obj({"function_id": UUID, "function_alias": NAME, "function_version": VERSION_NUMBER,
-                           "description": STR}, required=(), anyOf=TARGET),
+                           "description": STR, "secret": SECRET},
+                          required=(), anyOf=TARGET, additionalProperties=False),
     "WebhookUpdate": _obj({"function_id": NSTR, "function_alias": NSTR, "function_version": _nullable(VERSION_NUMBER),
-                           "description": NSTR}, required=()),
+                           "description": NSTR,
+                           "secret": {"type": "string", "nullable": True, "anyOf": [SECRET, {"maxLength": 0}]}}, required=()),
     "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
                                                             "function_id": UUID, "function_alias": NAME},
                            "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
@@ -185,8 +193,14 @@ REQUESTS: dict[str, Any] = {
 }
 SCHEMAS.update(REQUESTS)
 
-_ERROR_TEXT = {400: "Invalid input", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
+_ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong credentials", 403: "Operation not allowed", 404: "Not found", 405: "Method not allowed",
                409: "Conflict (runtime not available)", 503: "Event could not be accepted"}
+# With [auth] strategy = keystone every operation but the public ones (router.policy.PUBLIC_ROUTES)
+# needs a token (401 without a valid one, WWW-Authenticate naming Keystone), is checked against its
+# policy rule (403) and answers 503 while Keystone cannot be reached.
+_AUTH_ERRORS = {"401": "No valid Keystone token (X-Auth-Token); WWW-Authenticate names Keystone",
+                "403": "The policy rule of this action does not allow the caller's roles",
+                "503": "Service unavailable (the identity service cannot be reached)"}
 
 
 def _json(schema: str, description: str) -> dict:
@@ -360,8 +374,9 @@ PATHS: dict[str, Any] = {
         "delete": _op("Delete a webhook", 204, errors=(404,), params=ID),
     },
     "/v1/webhooks/{id}/invoke": {"post": _op(
-        "Invoke a webhook (no auth; query, form and JSON body merge into the input)", 202, "Invoked",
-        errors=(400, 404, 409, 503), params=ID, tag="events",
+        "Invoke a webhook (no token; query, form and JSON body merge into the input; a webhook with a secret "
+        "needs X-Hub-Signature-256: sha256=<HMAC-SHA256 of the body>)", 202, "Invoked",
+        errors=(400, 401, 404, 409, 503), params=ID, tag="events",
         request={"required": False, "content": {JSON: {"schema": {}},
                                                 "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/v1/events": {"get": _op(
@@ -409,6 +424,19 @@ PATHS: dict[str, Any] = {
 }
 
 
+def _with_auth(paths: dict) -> dict:
+    """Every operation that needs a token (under Keystone) documents the answers authentication and
+    policy give; public ones stay anonymous. No security scheme is declared: with auth off
+    (noauth) no token is needed, and a document requiring one would be wrong there."""
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            if (method.upper(), path) in PUBLIC_ROUTES:
+                continue
+            for status, text in _AUTH_ERRORS.items():
+                op["responses"].setdefault(status, _json("Error", text))
+    return paths
+
+
 def document(public_url: str = "http://127.0.0.1:7070") -> dict:
     """The whole document, with the server's public URL."""
     return {
@@ -420,7 +448,7 @@ def document(public_url: str = "http://127.0.0.1:7070") -> dict:
                                 "difference from Qinling."},
         "servers": [{"url": public_url}],
         "tags": [{"name": t} for t in ("discovery", "qinling", "events", "headwater", "operations")],
-        "paths": copy.deepcopy(PATHS),
+        "paths": _with_auth(copy.deepcopy(PATHS)),
         "components": {"schemas": copy.deepcopy(SCHEMAS)},
     }
 

@@ -6,26 +6,42 @@ import logging
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid
+from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid, store
 from router.api.errors import BadRequest, ConflictError, NotAllowed, json_body
-from router.store import NotFound
 
 log = logging.getLogger(__name__)
 
 
-def serialize(row) -> dict:
-    return {"id": row.id, "name": row.name, "image": row.image, "description": row.description,
-            "is_public": row.is_public, "trusted": row.trusted, "status": row.status, "project_id": row.project_id,
-            "created_at": format_time(row.created_at), "updated_at": format_time(row.updated_at)}
+def serialize(row, projects: list[str] | None = None) -> dict:
+    doc = {"id": row.id, "name": row.name, "image": row.image, "description": row.description,
+           "is_public": row.is_public, "trusted": row.trusted, "status": row.status, "project_id": row.project_id,
+           "created_at": format_time(row.created_at), "updated_at": format_time(row.updated_at)}
+    if projects is not None:  # who a private runtime is shared with: the admins' business only
+        doc["projects"] = projects
+    return doc
+
+
+def _projects(body: dict) -> list[str] | None:
+    """`projects`: the project ids a private runtime is shared with (Qinling's runtime access)."""
+    value = body.get("projects")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 1000 or not all(
+            isinstance(p, str) and 0 < len(p) <= 80 and all("!" <= c <= "~" for c in p) for p in value):
+        # Keystone project ids are visible ASCII; the OpenAPI document says the same.
+        raise BadRequest("Invalid value for projects: a list of at most 1000 project ids (1 to 80 visible ASCII "
+                         "characters each) is required.")
+    return value
+
+
+async def _serialize(request: web.Request, row) -> dict:
+    return serialize(row, await store(request).runtimes.projects(row.id) if ctx(request).is_admin else None)
 
 
 async def _visible(request: web.Request, runtime_id: str):
     require_uuid(runtime_id)
-    row = await hw(request).store.runtimes.get(runtime_id)
-    c = ctx(request)
-    if not (c.is_admin or row.is_public or row.project_id == c.project_id):
-        raise NotFound(f"Runtime not found [id={runtime_id}]")
-    return row
+    # The scoped store finds public runtimes, the project's own and those shared with it only.
+    return await store(request).runtimes.get(runtime_id)
 
 
 async def create(request: web.Request) -> web.Response:
@@ -38,18 +54,21 @@ async def create(request: web.Request) -> web.Response:
     for field in ("image", "name", "description"):
         if body.get(field) is not None and (not isinstance(body[field], str) or len(body[field]) > 255):
             raise BadRequest(f"Invalid value for {field}: a string of at most 255 characters is required.")
+    projects = _projects(body)
     # Engines without runtime pools (local) can run a runtime at once; pool engines (kubernetes)
     # build one first: `creating` until the pool is ready, then `available` (or `error`).
     app = hw(request)
     create_pool = getattr(app.engine, "create_pool", None)
     trusted = parse_bool(body.get("trusted"), "trusted", True)
-    row = await app.store.runtimes.add(
+    row = await store(request).runtimes.add(
         image=body["image"], name=body.get("name"), description=body.get("description"),
         is_public=parse_bool(body.get("is_public"), "is_public", True), trusted=trusted,
         status="creating" if create_pool else "available", project_id=c.project_id)
+    if projects:
+        await store(request).runtimes.share(row.id, projects)
     if create_pool:
         app.executions.spawn(_build_pool(app, create_pool, row.id, row.image, trusted))
-    return web.json_response(serialize(row), status=201)
+    return web.json_response(await _serialize(request, row), status=201)
 
 
 async def _build_pool(app, create_pool, runtime_id: str, image: str, trusted: bool) -> None:
@@ -82,12 +101,12 @@ async def _rebuild_pool(app, update_pool, runtime_id: str, image: str, previous:
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
     list_filters(request, ())  # no filters: unknown parameters are refused, as WSME does
-    rows = await hw(request).store.runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
+    rows = await store(request).runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
     return web.json_response({"runtimes": [serialize(r) for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
-    return web.json_response(serialize(await _visible(request, request.match_info["id"])))
+    return web.json_response(await _serialize(request, await _visible(request, request.match_info["id"])))
 
 
 UPDATABLE = ("name", "description", "image")
@@ -101,7 +120,12 @@ async def update(request: web.Request) -> web.Response:
     app = hw(request)
     row = await _visible(request, request.match_info["id"])
     body = await json_body(request)
+    projects = _projects(body)
     values = {}
+    if body.get("is_public") is not None:
+        is_public = parse_bool(body["is_public"], "is_public")
+        if is_public != row.is_public:
+            values["is_public"] = is_public
     for field in UPDATABLE:
         value = body.get(field)
         if value is None:
@@ -113,8 +137,8 @@ async def update(request: web.Request) -> web.Response:
     if "image" in values:
         if row.status != "available":
             raise ConflictError(f"Runtime {row.id} is not available.")
-        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
-            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+        for function in await store(request).functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await store(request).versions.for_function(function.id)]
             for number in versions:
                 if await app.engine.workers(function.id, number):
                     raise NotAllowed(f"Runtime {row.id} is still in use by functions.")
@@ -124,10 +148,12 @@ async def update(request: web.Request) -> web.Response:
         values["status"] = "upgrading"
     previous = row.image
     if values:
-        row = await app.store.runtimes.update(row.id, values)
+        row = await store(request).runtimes.update(row.id, values)
+    if projects is not None:
+        await store(request).runtimes.share(row.id, projects)
     if "image" in values and update_pool is not None:
         app.executions.spawn(_rebuild_pool(app, update_pool, row.id, values["image"], previous))
-    return web.json_response(serialize(row))
+    return web.json_response(await _serialize(request, row))
 
 
 async def pool(request: web.Request) -> web.Response:
@@ -143,8 +169,8 @@ async def pool(request: web.Request) -> web.Response:
         total, available = await engine_pool(row.id)
     else:
         total = 0
-        for function in await app.store.functions.list(filters={"runtime_id": row.id}):
-            versions = [0] + [v.version_number for v in await app.store.versions.for_function(function.id)]
+        for function in await store(request).functions.list(filters={"runtime_id": row.id}):
+            versions = [0] + [v.version_number for v in await store(request).versions.for_function(function.id)]
             for number in versions:
                 total += len(await app.engine.workers(function.id, number))
         available = 0
@@ -156,12 +182,12 @@ async def delete(request: web.Request) -> web.Response:
         raise NotAllowed()
     row = await _visible(request, request.match_info["id"])
     app = hw(request)
-    if await app.store.functions.list(filters={"runtime_id": row.id}, limit=1):
+    if await store(request).functions.list(filters={"runtime_id": row.id}, limit=1):
         raise NotAllowed(f"Runtime {row.id} is still in use.")
     delete_pool = getattr(app.engine, "delete_pool", None)
     if delete_pool is not None:
         await delete_pool(row.id)
-    await app.store.runtimes.delete(row.id)
+    await store(request).runtimes.delete(row.id)
     return web.Response(status=204)
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from router.api.common import ctx, format_time, hw, list_filters
+from router.api.common import ctx, format_time, hw, list_filters, store
 from router.api.errors import BadRequest, json_body
-from router.api.targets import check_target, get_subscription, source_plugin, delete_subscription
+from router.api.targets import check_target, delegation, delete_subscription, get_subscription, source_plugin
 from router.batching import BatchError, validate_batch
 from router.delivery import validate_delivery_policy
 from router import mapping
@@ -23,6 +23,19 @@ from router.store.models import new_id
 SELF_TARGETED = ("cron",)
 
 
+# Options that are credentials: stored, used, never answered (a webhook's signing secret, a trust).
+SECRET_OPTIONS = ("secret", "trust_id")
+
+
+def public_options(options: dict | None) -> dict:
+    """Options as shown to clients: no secret or trust, and the sinks inside them masked like
+    `sinks` (they are the same list)."""
+    shown = {k: v for k, v in (options or {}).items() if k not in SECRET_OPTIONS}
+    if isinstance(shown.get("sinks"), list):
+        shown["sinks"] = _public_sinks(shown["sinks"])
+    return shown
+
+
 def serialize(row) -> dict:
     return {"id": row.id, "name": row.name, "description": row.description, "source": row.source, "kind": row.kind,
             "types": list(row.types or ()), "filters": row.filters or {},
@@ -33,16 +46,9 @@ def serialize(row) -> dict:
             "function_id": row.function_id,
             "function_version": row.function_version, "function_alias": row.function_alias,
             "input": row.function_input, "status": row.status, "pattern": row.pattern, "count": row.count,
-            "next_execution_time": format_time(row.next_execution_time), "options": _public_options(row.options or {}),
+            "next_execution_time": format_time(row.next_execution_time), "options": public_options(row.options),
             "project_id": row.project_id, "created_at": format_time(row.created_at),
             "updated_at": format_time(row.updated_at)}
-
-
-def _public_options(options: dict) -> dict:
-    """Options as shown to clients: the sinks inside them masked like `sinks` (they are the same list)."""
-    if isinstance(options.get("sinks"), list):
-        return {**options, "sinks": _public_sinks(options["sinks"])}
-    return options
 
 
 def _public_sinks(sinks: list[dict]) -> list[dict]:
@@ -101,7 +107,11 @@ async def create(request: web.Request) -> web.Response:
     if kind in SELF_TARGETED:
         filters = {**filters, "subject": subscription_id}
     columns = {k: specific[k] for k in ("pattern", "first_execution_time", "next_execution_time", "count") if k in specific}
-    options = {**dict(body.get("options") or {}), **specific.get("options", {})}
+    # Credentials are Headwater's to set: a client naming a trust could act as its trustor.
+    options = {k: v for k, v in {**dict(body.get("options") or {}), **specific.get("options", {})}.items()
+               if k not in (*SECRET_OPTIONS, "user_id")}
+    if kind not in ("http",):  # runs happen later, without the caller: they act through a trust
+        options.update(await delegation(request))
     if expression not in (None, ""):
         options["filter"] = expression
     if body.get("input_mapping") is not None:
@@ -117,7 +127,7 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest(str(exc)) from None
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
-    row = await app.store.subscriptions.add(
+    row = await store(request).subscriptions.add(
         id=subscription_id, source=kind, types=types, filters=filters, name=body.get("name"),
         description=body.get("description"), function_input=body.get("input"), options=options, status="running",
         project_id=ctx(request).project_id, **columns, **target)
@@ -127,7 +137,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("source", "kind", "name", "function_id", "function_alias", "status"))
-    rows = await hw(request).store.subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
+    rows = await store(request).subscriptions.list(project_id=ctx(request).list_scope(request), filters=filters)
     return web.json_response({"subscriptions": [serialize(r) for r in rows]})
 
 
@@ -168,7 +178,7 @@ async def update(request: web.Request) -> web.Response:
         if body["status"] not in ("running", "paused"):
             raise BadRequest("status must be running or paused.")
         values["status"] = body["status"]
-    updated = await app.store.subscriptions.update(row.id, values)
+    updated = await store(request).subscriptions.update(row.id, values)
     await app.reload_subscription(row.id)
     return web.json_response(serialize(updated))
 

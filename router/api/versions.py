@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from router import builds
-from router.api.common import check_download_token, ctx, format_time, hw, parse_bool, parse_int
+from router.api.common import ctx, format_time, hw, parse_bool, parse_int, store
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router.api.functions import detach_version, function_for_admin, scale_version
 from router.plugins import PackageRef
@@ -26,7 +26,7 @@ def serialize(row) -> dict:
 
 async def _function(request: web.Request, *, owner_only: bool = False):
     c = ctx(request)
-    function = await hw(request).store.functions.get(request.match_info["id"], project_id=c.get_scope)
+    function = await store(request).functions.get(request.match_info["id"], project_id=c.get_scope)
     if owner_only and function.project_id != c.project_id:
         # Qinling: an admin acting on another project's function gets 404, not the function.
         raise NotFound(f"Function not found [id={function.id}]")
@@ -54,20 +54,20 @@ async def create(request: web.Request) -> web.Response:
     if builds.build_state(function.code) is not None and artifact is None:
         raise BadRequest(f"Function {function.id} is {builds.status(function.code)}: a version of a compiled function "
                          "snapshots its built artifact, so create it once the function is available.", status=409)
-    existing = await app.store.versions.for_function(function.id)
+    existing = await store(request).versions.for_function(function.id)
     if len(existing) >= MAX_VERSIONS:
         raise NotAllowed(f"Can not exceed maximum number({MAX_VERSIONS}) of versions")
     if existing and existing[-1].md5sum == md5:
         raise NotAllowed(f"Function package not changed since the latest version {existing[-1].version_number}.")
-    row = await app.store.versions.add_next(function.id, project_id=function.project_id, description=description,
+    row = await store(request).versions.add_next(function.id, project_id=function.project_id, description=description,
                                             md5sum=md5, max_versions=MAX_VERSIONS)
     try:
         await app.packages.copy(PackageRef(function.project_id, function.id, 0, md5), row.version_number)
         if artifact is not None:
             await app.packages.copy(artifact, row.version_number)
-            await app.store.functions.update(function.id, {"code": builds.with_version(function.code, row.version_number, artifact.md5sum)})
+            await store(request).functions.update(function.id, {"code": builds.with_version(function.code, row.version_number, artifact.md5sum)})
     except Exception:
-        await app.store.versions.delete(row.id)
+        await store(request).versions.delete(row.id)
         raise
     log.info("function version created", extra={"function_id": function.id, "function_version": row.version_number})
     return web.json_response(serialize(row), status=201)
@@ -75,7 +75,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     function = await _function(request)
-    rows = await hw(request).store.versions.for_function(function.id)
+    rows = await store(request).versions.for_function(function.id)
     return web.json_response({"function_versions": [serialize(r) for r in rows]})
 
 
@@ -83,9 +83,8 @@ async def show(request: web.Request) -> web.StreamResponse:
     app = hw(request)
     function = await _function(request)
     number = _number(request)
-    row = await app.store.versions.get_number(function.id, number)
+    row = await store(request).versions.get_number(function.id, number)
     if parse_bool(request.query.get("download"), "download"):
-        check_download_token(request, function.id, number)
         ref = PackageRef(function.project_id, function.id, number, row.md5sum)
         if parse_bool(request.query.get("artifact"), "artifact"):
             # What an engine's pod runs for a compiled runtime: the version's built artifact.
@@ -102,22 +101,22 @@ async def delete(request: web.Request) -> web.Response:
     app = hw(request)
     function = await _function(request, owner_only=True)
     number = _number(request)
-    row = await app.store.versions.get_number(function.id, number)
-    if await app.store.subscriptions.using_function(function.id, version=number, kind="job", active_only=True):
+    row = await store(request).versions.get_number(function.id, number)
+    if await store(request).subscriptions.using_function(function.id, version=number, kind="job", active_only=True):
         raise NotAllowed("The function version is still associated with running job(s).")
-    if await app.store.subscriptions.using_function(function.id, version=number, kind="webhook"):
+    if await store(request).subscriptions.using_function(function.id, version=number, kind="webhook"):
         raise NotAllowed("The function version is still associated with webhook(s).")
-    if await app.store.aliases.list(filters={"function_id": function.id, "function_version": number}, limit=1):
+    if await store(request).aliases.list(filters={"function_id": function.id, "function_version": number}, limit=1):
         raise NotAllowed("The function version is still associated with function alias(es).")
-    if await app.store.subscriptions.using_function(function.id, version=number, kind="subscription"):
+    if await store(request).subscriptions.using_function(function.id, version=number, kind="subscription"):
         raise NotAllowed("The function version is still associated with subscription(s).")
     await app.engine.release(function.id, number)
-    await app.store.versions.delete(row.id)
+    await store(request).versions.delete(row.id)
     await app.packages.delete(PackageRef(function.project_id, function.id, number, row.md5sum))
     artifact = builds.artifact_ref(function, number)
     if artifact is not None:
         await app.packages.delete(artifact)
-        await app.store.functions.update(function.id, {"code": builds.with_version(function.code, number, None)})
+        await store(request).functions.update(function.id, {"code": builds.with_version(function.code, number, None)})
     log.info("function version deleted", extra={"function_id": function.id, "function_version": number})
     return web.Response(status=204)
 
@@ -126,7 +125,7 @@ async def _admin_version(request: web.Request):
     function = await function_for_admin(request)
     number = _number(request)
     if number:
-        await hw(request).store.versions.get_number(function.id, number)
+        await store(request).versions.get_number(function.id, number)
     return function, number
 
 

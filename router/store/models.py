@@ -1,4 +1,4 @@
-"""The tables: runtimes, functions and their versions and aliases, subscriptions, executions, dead letters."""
+"""The tables: runtimes (and the projects private ones are shared with), functions and their versions and aliases, subscriptions, executions, dead letters."""
 
 from __future__ import annotations
 
@@ -60,6 +60,16 @@ class Runtime(_Common, Base):
     status: Mapped[str] = mapped_column(sa.String(32), nullable=False)
     is_public: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, default=True)
     trusted: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, default=True)
+
+
+class RuntimeProject(Base):
+    """A project a private runtime is shared with (Qinling's runtime access); the admins' project
+    that created it always sees it."""
+
+    __tablename__ = "runtime_projects"
+    __table_args__ = (sa.Index("ix_runtime_projects_project_id", "project_id"),)
+    runtime_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("runtimes.id", ondelete="CASCADE"), primary_key=True)
+    project_id: Mapped[str] = mapped_column(sa.String(80), primary_key=True)
 
 
 class Function(_Common, Base):

@@ -61,10 +61,19 @@ def _condition(column: sa.ColumnElement, op: str, value: Any) -> sa.ColumnElemen
 class Repository(Generic[M]):
     model: type[M]
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, scope: str | None = None):
         self.db = db
+        # The project a request may see (router.api's RequestContext.store); None: every project.
+        # Every query below applies it, whatever project_id its caller passes.
+        self.scope = scope
 
-    def _scoped(self, stmt, project_id: str | None):
+    def _visible(self):
+        """The condition that limits rows to the scope (runtimes widen it to public ones)."""
+        return self.model.project_id == self.scope
+
+    def _scoped(self, stmt, project_id: str | None = None):
+        if self.scope is not None:
+            stmt = stmt.where(self._visible())
         return stmt if project_id is None else stmt.where(self.model.project_id == project_id)
 
     async def get(self, id_: str, *, project_id: str | None = None) -> M:
@@ -150,7 +159,7 @@ class Repository(Generic[M]):
             raise NotFound(f"{self.model.__name__} not found [id={id_}]")
 
     async def count(self, **where: Any) -> int:
-        stmt = sa.select(sa.func.count()).select_from(self.model)
+        stmt = self._scoped(sa.select(sa.func.count()).select_from(self.model))
         for name, value in where.items():
             column = getattr(self.model, name)
             stmt = stmt.where(column.in_(value) if isinstance(value, (list, tuple)) else column == value)
@@ -176,13 +185,38 @@ def _constraint(exc: IntegrityError) -> str:
 class Runtimes(Repository[models.Runtime]):
     model = models.Runtime
 
+    def _visible(self):
+        # A project sees public runtimes, its own and private ones shared with it; writes are the
+        # admins' (policy).
+        return _runtime_visible_to(self.scope)
+
     async def visible(self, project_id: str | None) -> list[models.Runtime]:
-        """Public runtimes plus the project's own (all of them for project_id None)."""
-        stmt = sa.select(models.Runtime).order_by(models.Runtime.created_at)
+        """Public runtimes plus the project's own and those shared with it (all for project_id None)."""
+        stmt = self._scoped(sa.select(models.Runtime).order_by(models.Runtime.created_at))
         if project_id is not None:
-            stmt = stmt.where(sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == project_id))
+            stmt = stmt.where(_runtime_visible_to(project_id))
         async with self.db.sessions() as session:
             return list((await session.execute(stmt)).scalars())
+
+
+    async def projects(self, runtime_id: str) -> list[str]:
+        stmt = (sa.select(models.RuntimeProject.project_id).where(models.RuntimeProject.runtime_id == runtime_id)
+                .order_by(models.RuntimeProject.project_id))
+        async with self.db.sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
+    async def share(self, runtime_id: str, projects: Sequence[str]) -> None:
+        """Replace the projects a private runtime is shared with."""
+        async with self.db.sessions() as session:
+            await session.execute(sa.delete(models.RuntimeProject).where(models.RuntimeProject.runtime_id == runtime_id))
+            session.add_all(models.RuntimeProject(runtime_id=runtime_id, project_id=p) for p in dict.fromkeys(projects))
+            await session.commit()
+
+
+def _runtime_visible_to(project_id: str | None):
+    shared = sa.select(models.RuntimeProject.runtime_id).where(models.RuntimeProject.project_id == project_id)
+    return sa.or_(models.Runtime.is_public.is_(True), models.Runtime.project_id == project_id,
+                  models.Runtime.id.in_(shared))
 
 
 class Functions(Repository[models.Function]):
@@ -223,8 +257,8 @@ class FunctionVersions(Repository[models.FunctionVersion]):
     model = models.FunctionVersion
 
     async def get_number(self, function_id: str, number: int) -> models.FunctionVersion:
-        stmt = sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id,
-                                                       models.FunctionVersion.version_number == number)
+        stmt = self._scoped(sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id,
+                                                                    models.FunctionVersion.version_number == number))
         async with self.db.sessions() as session:
             row = (await session.execute(stmt)).scalar_one_or_none()
         if row is None:
@@ -232,7 +266,7 @@ class FunctionVersions(Repository[models.FunctionVersion]):
         return row
 
     async def for_function(self, function_id: str) -> list[models.FunctionVersion]:
-        stmt = sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id).order_by(models.FunctionVersion.version_number)
+        stmt = self._scoped(sa.select(models.FunctionVersion).where(models.FunctionVersion.function_id == function_id)).order_by(models.FunctionVersion.version_number)
         async with self.db.sessions() as session:
             return list((await session.execute(stmt)).scalars())
 
@@ -320,7 +354,7 @@ class Subscriptions(Repository[models.Subscription]):
 
     async def using_function(self, function_id: str, *, version: int | None = None, kind: str | None = None,
                              active_only: bool = False) -> list[models.Subscription]:
-        stmt = sa.select(models.Subscription).where(models.Subscription.function_id == function_id)
+        stmt = self._scoped(sa.select(models.Subscription).where(models.Subscription.function_id == function_id))
         if version is not None:
             stmt = stmt.where(models.Subscription.function_version == version)
         if kind is not None:
@@ -384,14 +418,23 @@ class DeadLetters(Repository[models.DeadLetter]):
 
 
 class Store:
-    """All repositories over one database."""
+    """All repositories over one database; `scoped(project)` is the same store limited to one
+    project's rows (what an API request sees)."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, scope: str | None = None):
         self.db = db
-        self.runtimes = Runtimes(db)
-        self.functions = Functions(db)
-        self.versions = FunctionVersions(db)
-        self.aliases = FunctionAliases(db)
-        self.subscriptions = Subscriptions(db)
-        self.executions = Executions(db)
-        self.dead_letters = DeadLetters(db)
+        self.scope = scope
+        self.runtimes = Runtimes(db, scope)
+        self.functions = Functions(db, scope)
+        self.versions = FunctionVersions(db, scope)
+        self.aliases = FunctionAliases(db, scope)
+        self.subscriptions = Subscriptions(db, scope)
+        self.executions = Executions(db, scope)
+        self.dead_letters = DeadLetters(db, scope)
+
+    def scoped(self, project_id: str | None) -> Store:
+        if project_id is None and self.scope is None:
+            return self
+        if self.scope is not None and project_id != self.scope:
+            raise ValueError("a scoped store cannot be widened or moved to another project")
+        return Store(self.db, project_id)

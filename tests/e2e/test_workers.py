@@ -109,7 +109,10 @@ def shared_bus(request):
 def test_two_workers_share_the_port_and_one_that_dies_is_replaced(tmp_path, shared_bus):
     config = shared_bus
     with Server(tmp_path, config, extra_args=("--workers", "2")) as server:
-        first = wait_for(lambda: len(children(server.proc.pid)) == 2 and children(server.proc.pid), "two workers never started")
+        # Both listening, not only started: the survivor must be serving when the victim dies (a
+        # slower start-up, e.g. loading the policy, left it still starting: connection refused).
+        first = wait_for(lambda: len(children(server.proc.pid)) == 2 and server.log().count("API listening") >= 2
+                         and children(server.proc.pid), "two workers never started listening")
         runtime = server.request("POST", "/v1/runtimes", {"image": "python3"}).json()["id"]
         created = server.multipart("/v1/functions", {"runtime_id": runtime, "entry": "main.main",
                                                       "code": json.dumps({"source": "package"})},

@@ -252,7 +252,7 @@ class FakeContext:
     def on_subscriptions_changed(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
 
-    def add_route(self, method: str, path: str, handler: Any) -> None:
+    def add_route(self, method: str, path: str, handler: Any, *, public: bool = False) -> None:
         raise AssertionError("the cron source mounts no routes")
 
     async def advance_schedule(self, subscription_id: str, scheduled: dt.datetime, next_time: dt.datetime | None,
@@ -271,7 +271,8 @@ class FakeContext:
         self.advances.append((subscription_id, scheduled, next_time, ok))
         return ok
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
         raise AssertionError("the cron source dead-letters nothing")
 
     async def active_executions(self, subscription_id: str) -> int:

@@ -138,7 +138,7 @@ def test_invalid_filters_name_the_fault(filters, expression, fault):
 
 
 def sub(id_, filters=None, expression=None, types=()):
-    return Subscription(id=id_, project_id="p", source="swift", filters=filters or {}, types=types,
+    return Subscription(id=id_, project_id="p1", source="swift", filters=filters or {}, types=types,
                         options={"filter": expression} if expression else {})
 
 
@@ -199,7 +199,7 @@ def test_filters_the_index_decides_alone(filters, decided):
 
 def test_index_decided_filters_still_match_exactly():
     index = SubscriptionIndex([sub("s", {"count": "7"}), sub("p", {"subject": {"prefix": "photos/c"}})])
-    event = Event(id="x", source="/s", type="t", subject="photos/cat.jpg", extensions={"sourcekind": "swift", "count": 7})
+    event = Event(id="x", source="/s", type="t", subject="photos/cat.jpg", extensions={"sourcekind": "swift", "count": 7, "projectid": "p1"})
     # "7" (string filter) must not match 7 (number attribute): the predicate still runs for it.
     assert [s.id for s in index.match(event)] == ["p"]
 

@@ -215,3 +215,20 @@ async def test_flush_waits_for_the_batch_the_writer_is_writing(make_headwater):
     await flushing
     assert not done_early
     assert await hw.history.get("held-1", None) is not None
+
+
+async def test_replay_under_keystone_stays_in_the_subscriptions_project(make_headwater):
+    # Under Keystone (per-project index) a replay never reaches beyond the subscription's project,
+    # even for an event id its executions name: another project may reuse that id. With auth off
+    # (one tenant) such an event is the subscription's, as above.
+    hw = await make_headwater("null")
+    for event_id, project in (("own", "p1"), ("shared", "p2")):
+        hw.history.record(Event(id=event_id, source=f"/swift/AUTH_{project}/c", type="org.openstack.swift.object.put",
+                                subject="c/o", data={}, extensions={"projectid": project, "sourcekind": "swift"}))
+    await hw.history.flush()
+    await hw.store.executions.add(project_id="p1", subscription_id="sub-1", event_id="shared", status="success")
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    query = dict(subscription_id="sub-1", project_id="p1", source_kind="swift", since=since)
+    assert [r.id for r in await hw.history.received_by(**query, other_projects=False)] == ["own"]
+    assert sorted(r.id for r in await hw.history.received_by(**query, other_projects=True)) == ["own", "shared"]
+    assert hw.index.per_project is False  # auth off here: the API replays with other_projects on

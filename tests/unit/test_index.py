@@ -8,7 +8,7 @@ from router.plugins import Subscription
 
 
 def ev(kind="swift", type_="object.put", subject=None, **ext):
-    return Event(id="e", source="/s", type=type_, subject=subject, extensions={"sourcekind": kind, **ext})
+    return Event(id="e", source="/s", type=type_, subject=subject, extensions={"sourcekind": kind, "projectid": "p1", **ext})
 
 
 def ids(subs):
@@ -17,29 +17,29 @@ def ids(subs):
 
 def test_matches_by_source_type_and_filters():
     index = SubscriptionIndex([
-        Subscription(id="all-swift", project_id="p", source="swift"),
-        Subscription(id="puts", project_id="p", source="swift", types=("object.put",)),
-        Subscription(id="deletes", project_id="p", source="swift", types=("object.delete",)),
-        Subscription(id="photos", project_id="p", source="swift", filters={"container": "photos"}),
-        Subscription(id="photos-put", project_id="p", source="swift", types=("object.put",), filters={"container": "photos", "projectid": "p1"}),
-        Subscription(id="zaqar", project_id="p", source="zaqar"),
+        Subscription(id="all-swift", project_id="p1", source="swift"),
+        Subscription(id="puts", project_id="p1", source="swift", types=("object.put",)),
+        Subscription(id="deletes", project_id="p1", source="swift", types=("object.delete",)),
+        Subscription(id="photos", project_id="p1", source="swift", filters={"container": "photos"}),
+        Subscription(id="photos-put", project_id="p1", source="swift", types=("object.put",), filters={"container": "photos", "projectid": "p1"}),
+        Subscription(id="zaqar", project_id="p1", source="zaqar"),
     ])
     assert ids(index.match(ev(container="photos", projectid="p1"))) == ["all-swift", "photos", "photos-put", "puts"]
-    assert ids(index.match(ev(container="photos", projectid="p2"))) == ["all-swift", "photos", "puts"]
+    assert ids(index.match(ev(container="photos", projectid="p2"))) == [], "another project's event"
     assert ids(index.match(ev(type_="object.delete", container="docs"))) == ["all-swift", "deletes"]
     assert ids(index.match(ev(kind="aodh"))) == []
     assert index.match(Event(id="x", source="/s", type="t")) == [], "an event without a source kind routes nowhere"
 
 
 def test_webhook_style_subject_targeting():
-    index = SubscriptionIndex(Subscription(id=f"w{i}", project_id="p", source="http", filters={"subject": f"w{i}"}) for i in range(1000))
+    index = SubscriptionIndex(Subscription(id=f"w{i}", project_id="p1", source="http", filters={"subject": f"w{i}"}) for i in range(1000))
     assert ids(index.match(ev(kind="http", subject="w7"))) == ["w7"]
     assert index.match(ev(kind="http", subject="nope")) == []
 
 
 def test_put_replaces_and_remove_forgets():
-    index = SubscriptionIndex([Subscription(id="a", project_id="p", source="swift", filters={"container": "x"})])
-    index.put(Subscription(id="a", project_id="p", source="swift", filters={"container": "y"}))
+    index = SubscriptionIndex([Subscription(id="a", project_id="p1", source="swift", filters={"container": "x"})])
+    index.put(Subscription(id="a", project_id="p1", source="swift", filters={"container": "y"}))
     assert index.match(ev(container="x")) == []
     assert ids(index.match(ev(container="y"))) == ["a"]
     index.remove("a")
@@ -49,21 +49,21 @@ def test_put_replaces_and_remove_forgets():
 
 def test_paused_subscriptions_route_nothing_but_cron_ticks_still_run():
     index = SubscriptionIndex([
-        Subscription(id="paused", project_id="p", source="swift", status="paused"),
-        Subscription(id="job", project_id="p", source="cron", status="done", filters={"subject": "job"}),
+        Subscription(id="paused", project_id="p1", source="swift", status="paused"),
+        Subscription(id="job", project_id="p1", source="cron", status="done", filters={"subject": "job"}),
     ])
     assert index.match(ev()) == []
     assert ids(index.match(ev(kind="cron", subject="job"))) == ["job"]
 
 
 def test_of_source_and_replace_all():
-    index = SubscriptionIndex([Subscription(id="a", project_id="p", source="cron")])
-    index.replace_all([Subscription(id="b", project_id="p", source="cron"), Subscription(id="c", project_id="p", source="http")])
+    index = SubscriptionIndex([Subscription(id="a", project_id="p1", source="cron")])
+    index.replace_all([Subscription(id="b", project_id="p1", source="cron"), Subscription(id="c", project_id="p1", source="http")])
     assert ids(index.of_source("cron")) == ["b"] and index.get("a") is None
 
 
 def sub(id_, filters=None, types=(), expression=None, status="running", source="swift"):
-    return Subscription(id=id_, project_id="p", source=source, filters=filters or {}, types=types, status=status,
+    return Subscription(id=id_, project_id="p1", source=source, filters=filters or {}, types=types, status=status,
                         options={"filter": expression} if expression else {})
 
 
@@ -115,14 +115,14 @@ def test_a_subscription_put_twice_matches_once_and_as_last_put():
 
 def test_a_filter_on_an_attribute_the_event_lacks_does_not_match():
     index = SubscriptionIndex([
-        sub("exact", {"projectid": "p1"}),
+        sub("exact", {"account": "p1"}),
         sub("prefix", {"subject": {"prefix": "a"}}),
         sub("suffix", {"subject": {"suffix": "a"}}),
         sub("glob", {"subject": {"glob": "*"}}),
-        sub("absent", {"projectid": {"exists": False}}),
+        sub("absent", {"account": {"exists": False}}),
     ])
     assert ids(index.match(ev())) == ["absent"]
-    assert ids(index.match(ev(subject="a", projectid="p1"))) == ["exact", "glob", "prefix", "suffix"]
+    assert ids(index.match(ev(subject="a", account="p1"))) == ["exact", "glob", "prefix", "suffix"]
     assert ids(index.match(ev(subject=7))) == ["absent"], "a prefix or suffix needs a string"
 
 
@@ -134,7 +134,7 @@ def test_what_the_index_did_not_prove_is_still_tested():
         sub("typed", {"container": "photos"}, types=("object.put",)),
     ])
     match = lambda **kw: ids(index.match(Event(id="e", source="/s", type=kw.pop("type", "object.put"), data=kw.pop("data", None),
-                                               subject=kw.pop("subject", None), extensions={"sourcekind": "swift", **kw})))
+                                               subject=kw.pop("subject", None), extensions={"sourcekind": "swift", "projectid": "p1", **kw})))
     assert match(subject="photos/a1.jpg") == ["glob-after"]
     assert match(subject="photos/c1.jpg") == [] and match(subject="photos/a1.png") == []
     assert match(subject="x/1z/cat.jpg") == ["glob-before"]
@@ -169,7 +169,7 @@ def test_matches_what_each_filter_alone_matches():
         index.put(new)
         live[id_] = new
         if step % 5 == 0:
-            event = Event(id="e", source="/s", type=rng.choice(["t1", "t2"]), subject=text(0, 24), extensions={"sourcekind": "swift"})
+            event = Event(id="e", source="/s", type=rng.choice(["t1", "t2"]), subject=text(0, 24), extensions={"sourcekind": "swift", "projectid": "p1"})
             expected = [s.id for s in live.values() if s.status == "running" and (not s.types or event.type in s.types)
                         and compile_subscription(s).matches(event)]
             got = [s.id for s in index.match(event)]
@@ -191,3 +191,27 @@ def test_a_bag_keeps_its_lengths_through_repeated_puts_and_drops():
     assert bag.lengths == (2, 4)  # "xy" is still of length 2
     bag.drop("xy")
     assert bag.lengths == (4,) and dict(bag) == {"abcd": ("s2",)}
+
+
+def test_an_event_reaches_only_its_own_projects_subscriptions():
+    """Enforced in matching, whatever a subscription's filter says (even one naming the other
+    project, or none at all); a replay aimed at another project's subscription goes nowhere."""
+    mine = Subscription(id="mine", project_id="p1", source="swift")
+    theirs = Subscription(id="theirs", project_id="p2", source="swift", filters={"projectid": "p1"})
+    index = SubscriptionIndex([mine, theirs])
+    assert ids(index.match(ev(projectid="p1"))) == ["mine"]
+    assert ids(index.match(ev(projectid="p2"))) == []
+    assert ids(index.match_or_target(ev(projectid="p1", replayfor="theirs"))) == []
+    assert ids(index.match_or_target(ev(projectid="p2", replayfor="theirs"))) == ["theirs"]
+    index.remove("theirs")
+    assert ids(index.match(ev(projectid="p2"))) == []
+
+
+def test_with_auth_off_there_is_one_tenant():
+    """noauth: every API request is project `default`, so subscriptions made through it must still
+    see events that sources stamp with the cloud's projects (a Swift account, a Zaqar project)."""
+    index = SubscriptionIndex([Subscription(id="s", project_id="default", source="swift")], per_project=False)
+    assert ids(index.match(ev(projectid="demo"))) == ["s"]
+    assert ids(index.match_or_target(ev(projectid="demo", replayfor="s"))) == ["s"]
+    index.replace_all([Subscription(id="t", project_id="default", source="swift")])
+    assert ids(index.match(ev(projectid="other"))) == ["t"]

@@ -101,6 +101,8 @@ async def test_malformed_post_is_dead_lettered_and_answered_400(aodh):
         assert resp.status == 400
     assert [d["source"] for d in aodh.ctx.dead] == ["aodh", "aodh"]
     assert "not a JSON object" in aodh.ctx.dead[0]["reason"] and "missing keys" in aodh.ctx.dead[1]["reason"]
+    resp = await aodh.post("/v1/aodh/alarms?token=t0k&project_id=P2", data="{not json")
+    assert aodh.ctx.dead[-1]["project_id"] == "P2", "a dead letter belongs to the alarm's project"
     # and the endpoint keeps working
     resp = await aodh.post("/v1/aodh/alarms?token=t0k", data=captured("sample-aodh-rest-notifier-post.jsonl")["body"])
     assert resp.status == 202 and len(aodh.ctx.published) == 1

@@ -50,12 +50,17 @@ class FakeContext:
         self.log.append(f"publish {event.id}")
         return {}
 
-    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None) -> None:
-        self.dead.append({"source": source, "reason": reason, "payload": payload, "event_id": event_id})
+    async def dead_letter(self, *, source: str, reason: str, payload: Any, event_id: str | None = None,
+                          project_id: str = "default") -> None:
+        self.dead.append({"source": source, "reason": reason, "payload": payload, "event_id": event_id,
+                          "project_id": project_id})
         self.log.append(f"dead {event_id}")
 
-    def add_route(self, method: str, path: str, handler) -> None:
+    def add_route(self, method: str, path: str, handler, *, public: bool = False) -> None:
         self.routes.append((method, path, handler))
+
+    def caller_project(self, request) -> tuple[str, bool]:
+        return "default", True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -136,13 +141,15 @@ def test_object_put_becomes_an_event_with_container_object_and_size():
     assert data["etag"] is None and data["project_id"] == "test"
 
 
-def test_project_comes_from_keystone_header_when_present_and_etag_from_metadata_headers():
+def test_project_is_the_accounts_owner_not_the_writer_and_etag_from_metadata_headers():
+    # A user of project `demo` writing into AUTH_test (an ACL allows it): the event is test's,
+    # so only test's subscriptions see it.
     notification = copy.deepcopy(by_path_and_action("v1/AUTH_test/demo/hello.txt", "put"))
     notification["payload"]["initiator"]["project_id"] = "demo"
     notification["payload"]["target"]["metadata"]["http_header_etag"] = '"5a105e8b9d40e1329780d62ea2265d8a"'
     notification["payload"]["target"]["metadata"]["http_header_content_type"] = "text/plain"
     event = to_event(notification, methods=ALL_METHODS, container_events=False)
-    assert event.project_id == "demo"
+    assert event.project_id == "test"
     assert event.data["etag"] == "5a105e8b9d40e1329780d62ea2265d8a" and event.data["content_type"] == "text/plain"
 
 
@@ -236,7 +243,7 @@ def test_object_suffix(name, suffix):
 
 def test_filters_express_container_plus_suffix():
     """`photos` + `*.jpg` with today's exact-match index: {"container": "photos", "objectsuffix": "jpg"}."""
-    index = SubscriptionIndex([Subscription(id="s1", project_id="p", source="swift", filters={"container": "photos", "objectsuffix": "jpg"})])
+    index = SubscriptionIndex([Subscription(id="s1", project_id="test", source="swift", filters={"container": "photos", "objectsuffix": "jpg"})])
     base = by_path_and_action("v1/AUTH_test/demo/hello.txt", "put")
 
     def event_for(container: str, obj: str) -> Event:

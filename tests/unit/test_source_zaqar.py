@@ -233,6 +233,26 @@ async def test_queues_come_from_subscriptions_without_a_restart(tmp_path):
             await source.stop()
 
 
+async def test_under_keystone_only_the_queues_projects_subscriptions_name_its_queues(tmp_path):
+    # The queues are the source's project's ("demo"): a subscription of another project naming one
+    # cannot receive its events (per-project routing), so it must not have them claimed either
+    # (they would be dead-lettered as wanted by nobody).
+    async with FakeZaqar() as zaqar:
+        config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
+                                        "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
+                                        "zaqar": {"url": zaqar.url, "queues": "", "poll_interval": "0.05", "project_id": "demo"}})
+        ctx = FakeContext(config)
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            ctx.put(Subscription(id="s-intruder", project_id="other", source="zaqar", filters={"queue": "orders"}))
+            assert source.queues == []
+            ctx.put(on_queue("orders", "s-orders"))  # the queue owner's own subscription
+            assert source.queues == ["orders"]
+        finally:
+            await source.stop()
+
+
 async def test_one_replica_polls_a_queue_and_another_takes_over_when_it_stops(tmp_path):
     """Two replicas with one coordination (as etcd would give them): only the leader claims; when it
     goes, its leadership goes with it and the other replica polls the queue."""
@@ -415,6 +435,31 @@ async def test_push_receiver_takes_zaqar_notifications(tmp_path):
             await client.post(PUSH_PATH, json={"Message_Type": "Notification", "queue_name": "q", "body": {"id": "k1"}},
                               headers={"X-Headwater-Token": "s3cret"})
         assert ctx.published[-1][0].id == ctx.published[-2][0].id
+    finally:
+        await client.close()
+        await source.stop()
+
+
+@pytest.mark.parametrize("push_token", [None, "s3cret"])
+async def test_under_keystone_push_needs_the_token_and_cannot_choose_the_project(tmp_path, push_token):
+    zaqar = {"url": "http://127.0.0.1:1", "queues": "", "project_id": "demo", **({"push_token": push_token} if push_token else {})}
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
+                                    "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
+                                    "zaqar": zaqar})
+    ctx = FakeContext(config, subscriptions=JOBS)
+    source = ZaqarSource(config)
+    await source.start(ctx)
+    client = TestClient(TestServer(ctx.app()))
+    await client.start_server()
+    try:
+        push = {"Message_Type": "Notification", "queue_name": "q", "body": {"n": 1}}
+        resp = await client.post(PUSH_PATH + "?project_id=victim", json=push, headers={"X-Headwater-Token": push_token or "x"})
+        if push_token is None:
+            assert resp.status == 401 and "push_token" in (await resp.json())["error"]
+            assert ctx.published == []
+        else:
+            assert resp.status == 202, await resp.text()
+            assert [e.project_id for e, _ in ctx.published] == ["demo"]
     finally:
         await client.close()
         await source.stop()
