@@ -26,21 +26,15 @@ port_open 5432 || command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgres
 port_open 5672 || command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
 port_open 4222 || command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 port_open 6379 || command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The go runtime builds functions with Go (Debian's golang-go, Go >= 1.19), the php runtime runs
+# them with the PHP CLI (php-cli, PHP >= 8.0, with its posix and pcntl extensions).
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+command -v php >/dev/null 2>&1 || missing+=(php-cli)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "services: installing ${missing[*]}"
   apt update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-
-# The go runtime builds functions with Go (Debian's golang-go, Go >= 1.19), the php runtime runs
-# them with the PHP CLI (php-cli, PHP >= 8.0, with its posix and pcntl extensions).
-if ! command -v go >/dev/null 2>&1; then
-  echo "services: installing Go"
-  need_pkg go golang-go
-fi
-if ! command -v php >/dev/null 2>&1; then
-  echo "services: installing the PHP CLI"
-  need_pkg php php-cli
+  DEBIAN_FRONTEND=noninteractive apt install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { echo "services: apt-get install ${missing[*]} failed" >&2; exit 1; }
 fi
 
 if ! port_open 5432; then
