@@ -36,7 +36,7 @@ async def new_function(engine, tmp: Path) -> FunctionSpec:
         zf.writestr("main.py", MAIN_PY)
     function_id = str(uuid.uuid4())
     md5 = await engine.packages.put("bench", function_id, 0, path.read_bytes())
-    return FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1",
+    return FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/runtime-python3:0.1.0",
                         code={"source": "package"}, entry="main.main", cpu=100, memory_size=64 * 1024 * 1024, timeout=10,
                         package=PackageRef("bench", function_id, 0, md5), project_id="bench")
 
@@ -89,7 +89,7 @@ async def run(args) -> dict:
                 engine = KubernetesEngine(config, FilesystemPackageStore(config))
                 await engine.start()
                 try:
-                    await engine.create_pool("python3", "headwater/python3-runtime:1")
+                    await engine.create_pool("python3", "headwater/runtime-python3:0.1.0")
                     deadline = time.monotonic() + 60
                     while (await engine.pool("python3"))[1] < args.replicas and time.monotonic() < deadline:
                         await asyncio.sleep(0.1)

@@ -118,8 +118,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("replicas", "int", 3, "Warm pods per runtime pool (one Deployment per runtime); claimed pods are replaced.", minimum=0),
         _opt("resolver", "str", "podip", "How the engine reaches a pod: podip (the pod IP, for an engine inside the cluster) or nodeport (a NodePort Service per worker, for an engine outside it).", choices=("podip", "nodeport")),
         _opt("node_address", "str", None, "Node address for the nodeport resolver. Default: the first node's ExternalIP, else InternalIP."),
-        _opt("runtime_port", "int", 9090, "Port the runtime server listens on inside a pool pod.", minimum=1, maximum=65535),
-        _opt("runtime_command", "list", ["python", "/opt/headwater/server.py", "--host", "$(POD_IP)", "--port", "9090", "--work-dir", "/var/headwater/work"], "Container command of pool pods; $(POD_IP) comes from the downward API so the runtime listens on the pod's IP only."),
+        _opt("runtime_port", "int", 9090, "Port the runtime server listens on inside a pool pod (given to the image's own entrypoint as HEADWATER_RUNTIME_PORT, with the pod's IP as HEADWATER_RUNTIME_HOST).", minimum=1, maximum=65535),
         _opt("worker_wait", "float", 60.0, "Seconds an execution waits for a ready pool pod before it fails with 'Not enough workers available'.", minimum=0.1),
         _opt("rollout_timeout", "float", 300.0, "Seconds a pool resize or image update may take before it is rolled back.", minimum=1),
         _opt("image_pull_secrets", "list", [], "Secrets pool and image-function pods pull their images with."),
@@ -304,9 +303,18 @@ class Config:
         return cls(values, read)
 
 
+# Options that existed once: naming one stops start-up with what replaced it, not a bare "unknown".
+REMOVED = {
+    ("kubernetes", "runtime_command"): "each runtime image starts its own server by its ENTRYPOINT/CMD "
+                                       "(runtimes/*/Dockerfile, published as headwater/runtime-<name>); delete the option",
+}
+
+
 def _validate_section(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     known = {opt.name: opt for opt in SCHEMA[section]}
     for name in raw:
+        if (section, name) in REMOVED:
+            raise ConfigError(f"option [{section}] {name} was removed: {REMOVED[section, name]}")
         if name not in known:
             raise ConfigError(f"unknown option [{section}] {name}; known: {', '.join(sorted(known))}")
     out: dict[str, Any] = {}

@@ -609,7 +609,7 @@ class KubernetesEngine:
     async def create_pool(self, runtime_id: str, image: str, replicas: int | None = None, trusted: bool = True) -> str:
         """Create the runtime's pool Deployment unless it exists; returns the image the pool runs."""
         body = manifests.pool_deployment(runtime_id, image, replicas=self.options.replicas if replicas is None else replicas,
-                                         command=self.options.runtime_command, port=self.port, trusted=trusted,
+                                         port=self.port, trusted=trusted,
                                          rollout_timeout=self.options.rollout_timeout, pull_secrets=self.options.image_pull_secrets,
                                          env=self._runtime_env())
         try:

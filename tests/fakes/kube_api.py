@@ -22,7 +22,9 @@ No real API server can be installed on the test machines, so this one serves, ov
   (127.x.y.N, so every pod can listen on the same port), expanding ``$(VAR)`` from env and the
   downward API, mapping the image's files/binaries and emptyDir volumes onto a per-pod directory,
   probing ``readinessProbe.httpGet``, reporting Pending/Running/Succeeded/Failed with container
-  states, ``ErrImagePull`` for unknown images, ``activeDeadlineSeconds``, restarts for
+  states, ``ErrImagePull`` then ``ImagePullBackOff`` for an image it does not know (it knows only the
+  runtime images, read from runtimes/*/Dockerfile, and the official ``python``: tests/fakes/kube_images.py),
+  ``CreateContainerConfigError`` when ``runAsNonRoot`` meets an image that runs as root, ``activeDeadlineSeconds``, restarts for
   ``restartPolicy: Always``, and serving the container's output as the pod log;
 * NodePort Services with a small kube-proxy forwarding 127.0.0.1:<nodePort> to a ready endpoint.
 
@@ -48,7 +50,6 @@ import re
 import shutil
 import signal
 import string
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -57,64 +58,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.kube_images import FakeImage, default_images
+
 LOG = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 PULL_ERRORS = ("ErrImagePull", "ImagePullBackOff")
 EVENT_LOG_SIZE = 20000
-
-
-@dataclasses.dataclass
-class FakeImage:
-    """What the fake kubelet knows of an image: its ENTRYPOINT/CMD, the files it contains (container
-    path → host path), binaries mapped to host programs, and its working directory."""
-
-    entrypoint: list[str] = dataclasses.field(default_factory=list)
-    cmd: list[str] = dataclasses.field(default_factory=list)
-    files: dict[str, str] = dataclasses.field(default_factory=dict)
-    binaries: dict[str, str] = dataclasses.field(default_factory=dict)
-    workdir: str = "/"
-
-
-def python3_runtime_image() -> FakeImage:
-    """runtimes/python3/Dockerfile, as the fake kubelet runs it."""
-    return FakeImage(
-        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
-        files={"/opt/headwater/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
-               "/opt/headwater/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
-        binaries={"python": sys.executable, "python3": sys.executable},
-        workdir="/var/headwater",
-    )
-
-
-def shared_server_runtime_image(runtime: str) -> FakeImage:
-    """runtimes/go/Dockerfile and runtimes/php/Dockerfile (the shared server with another language's
-    worker), as the fake kubelet runs them: the toolchain is the host's (go, php on PATH)."""
-    return FakeImage(
-        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
-        # The launcher finds the shared server (server.py and its headwater_runtime package) beside
-        # its own folder in the source tree, as below it in the image.
-        files={"/opt/headwater/server.py": str(REPO / "runtimes" / runtime / "server.py"),
-               "/opt/headwater/python3/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
-               "/opt/headwater/python3/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
-        binaries={"python": sys.executable, "python3": sys.executable},
-        workdir="/var/headwater",
-    )
-
-
-def python_image() -> FakeImage:
-    """A bare python image (for image functions): `python -c ...` works."""
-    return FakeImage(cmd=["python3"], binaries={"python": sys.executable, "python3": sys.executable, "sh": "/bin/sh"})
-
-
-def default_images() -> dict[str, FakeImage]:
-    runtime = python3_runtime_image()
-    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image(),
-            "headwater/go-runtime": shared_server_runtime_image("go"), "headwater/php-runtime": shared_server_runtime_image("php")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1107,6 +1060,12 @@ class FakeKubernetes:
                 await asyncio.sleep(0.5)
                 reason = "ImagePullBackOff"
             return
+        if (refusal := _non_root_refusal(pod, container, image)) is not None:
+            # The kubelet checks before it starts anything, and keeps the pod Pending.
+            self._pod_status(rt, containerStatuses=[{
+                "name": cname, "image": container["image"], "imageID": _image_id(container["image"]), "ready": False, "restartCount": 0,
+                "state": {"waiting": {"reason": "CreateContainerConfigError", "message": refusal}}}])
+            return
         restarts = 0
         deadline = pod["spec"].get("activeDeadlineSeconds")
         loop = asyncio.get_running_loop()
@@ -1164,7 +1123,7 @@ class FakeKubernetes:
         os.makedirs(cwd, exist_ok=True)
         rt.log_path = rt.root / f"{cname}-{restarts}.log"
         log = open(rt.log_path, "wb")
-        proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(rootfs), "HOSTNAME": rt.name, **env}
+        proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(rootfs), "HOSTNAME": rt.name, **image.env, **env}
         try:
             rt.process = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=proc_env, stdin=asyncio.subprocess.DEVNULL,
                                                               stdout=log, stderr=log, start_new_session=True,
@@ -1304,6 +1263,20 @@ class FakeKubernetes:
     def pod_pid(self, ns: str, name: str) -> int | None:
         rt = self._pods.get((ns, name))
         return rt.process.pid if rt and rt.process else None
+
+
+def _non_root_refusal(pod: dict, container: dict, image: FakeImage) -> str | None:
+    """The kubelet's runAsNonRoot check: an image whose USER is root (or unset) and no runAsUser."""
+    pod_ctx, ctx = pod["spec"].get("securityContext") or {}, container.get("securityContext") or {}
+    if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+        return None
+    uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    user = str(uid) if uid is not None else image.user.split(":", 1)[0]
+    if user in ("", "0", "root"):
+        return "container has runAsNonRoot and image will run as root"
+    if uid is None and not user.isdigit():
+        return f"container has runAsNonRoot and image has non-numeric user ({user}), cannot verify user is non-root"
+    return None
 
 
 def _rs_uid_prefix(dep: dict) -> str:

@@ -19,7 +19,7 @@ from engine.kubernetes.engine import PoolBroken
 from engine.packages import FilesystemPackageStore
 from router import download_tokens
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
-from tests.fakes.kube_api import FakeImage
+from tests.fakes.kube_images import FakeImage
 from tests.conditions import eventually
 from tests.fakes.kube_cluster import kube_cluster
 from tests.processes import pid_path
@@ -54,7 +54,7 @@ if isinstance(data, dict):
     sys.exit(data.get("exit", 0))
 '''
 
-RUNTIME_IMAGE = "headwater/python3-runtime:1"
+RUNTIME_IMAGE = "headwater/runtime-python3:0.1.0"
 
 
 class Env:
@@ -186,7 +186,11 @@ async def test_claim_relabels_out_of_the_pool_and_the_pool_refills(env):
     spec = dep["spec"]["template"]["spec"]
     container = spec["containers"][0]
     assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
-    assert "$(POD_IP)" in container["command"] and container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # No command: the image's own entrypoint runs its server, told the pod's IP and the port.
+    assert "command" not in container and "args" not in container
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HEADWATER_RUNTIME_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["HEADWATER_RUNTIME_PORT"]["value"] == str(engine.port)
     assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
 
 
@@ -263,11 +267,13 @@ async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
 
 
 @pytest.mark.parametrize("image,reason", [
-    # The pool's command names an executable the image does not have: containerd's StartError.
-    (FakeImage(binaries={}), "StartError"),
+    # The image's entrypoint names an executable the image does not have: containerd's StartError.
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={}, user="1000"), "StartError"),
     # The executable exists but the server exits at once (its file is missing): a crash loop.
-    (FakeImage(binaries={"python": sys.executable}), "CrashLoopBackOff"),
-], ids=["start-error", "crash-loop"])
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={"python": sys.executable}, user="1000"), "CrashLoopBackOff"),
+    # An image that runs as root: the pool's runAsNonRoot makes the kubelet refuse to start it.
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={"python": sys.executable}), "CreateContainerConfigError"),
+], ids=["start-error", "crash-loop", "root-image"])
 async def test_a_pool_whose_server_cannot_start_is_broken_with_the_reason(env, image, reason):
     env.fake.images["example/broken-runtime"] = image
     engine = await env.engine(replicas=2)
@@ -282,22 +288,22 @@ async def test_a_pool_whose_server_cannot_start_is_broken_with_the_reason(env, i
 
 
 async def test_pool_update_rolls_out_and_a_bad_image_rolls_back(env):
-    env.fake.images["headwater/python3-runtime-next"] = env.fake.images["headwater/python3-runtime"]
+    env.fake.images["headwater/runtime-python3-next"] = env.fake.images["headwater/runtime-python3"]
     engine = await env.engine(replicas=2, rollout_timeout=4)
     await engine.create_pool("python3", RUNTIME_IMAGE)
     name = manifests.pool_name("python3")
-    assert await engine.update_pool("python3", "headwater/python3-runtime-next:2") is True
+    assert await engine.update_pool("python3", "headwater/runtime-python3-next:2") is True
     images = {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
-    assert images == {"headwater/python3-runtime-next:2"}
+    assert images == {"headwater/runtime-python3-next:2"}
 
     assert await engine.update_pool("python3", "example/missing:9") is False
     dep = env.fake.get("deployments", env.cluster.namespace, name)
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/python3-runtime-next:2"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/runtime-python3-next:2"
     await eventually(lambda: {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
-                     == {"headwater/python3-runtime-next:2"})
+                     == {"headwater/runtime-python3-next:2"})
     # Executions kept working on the rolled-back pool.
     fn = await env.function(engine)
-    fn = dataclasses.replace(fn, runtime_image="headwater/python3-runtime-next:2")
+    fn = dataclasses.replace(fn, runtime_image="headwater/runtime-python3-next:2")
     assert (await engine.execute(req(fn, "rolled"))).output == "Hello, rolled"
 
 
@@ -353,8 +359,9 @@ async def test_package_download_uses_a_scoped_short_lived_token(env):
 def image_fn(env, tmp_path):
     script = tmp_path / "fn.py"
     script.write_text(IMAGE_FN)
+    # Image function pods run as non-root (runAsNonRoot): the image names a numeric non-root USER.
     env.fake.images["example/fn"] = FakeImage(entrypoint=["python", "/app/fn.py"], files={"/app/fn.py": str(script)},
-                                              binaries={"python": __import__("sys").executable})
+                                              binaries={"python": __import__("sys").executable}, user="1000")
 
     def make(timeout: int = 5, image: str = "example/fn:1") -> FunctionSpec:
         return FunctionSpec(id=str(uuid.uuid4()), version=0, runtime_id=None, runtime_image=None,
