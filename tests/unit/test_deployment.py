@@ -61,7 +61,7 @@ def test_the_objects_the_engine_creates_validate_too():
     from engine.kubernetes import manifests
 
     pool = manifests.pool_deployment("3f1c2d4e-0000-4000-8000-000000000001", "headwater/runtime-python3:0.1.0",
-                                     replicas=3, command=[], port=9090)
+                                     replicas=3, port=9090)
     kubernetes_validate.validate(pool, KUBERNETES_VERSION, strict=True)
 
 

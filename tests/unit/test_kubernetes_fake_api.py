@@ -4,17 +4,20 @@ selectors, the three patch types, 409 on stale resourceVersion, watch replay/410
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from tests.fakes.kube_api import ApiError, FakeKubernetes, json_patch, merge_patch, parse_selector, selector_matches, strategic_merge
+from tests.fakes.kube_images import FakeImage, default_images
 
 
 @pytest.fixture
 async def kube():
-    fake = FakeKubernetes()
+    # The official python image (root, CMD python3) besides the runtime images: these pods run scripts.
+    fake = FakeKubernetes({**default_images(), "python": FakeImage(cmd=["python3"], binaries={"python3": sys.executable})})
     await fake.start()
     api = client.ApiClient(client.Configuration(host=fake.url))
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
