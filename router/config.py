@@ -38,6 +38,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("data_dir", "path", None, "Where the SQLite database and packages live. Default: $XDG_DATA_HOME/headwater or ~/.local/share/headwater."),
         _opt("log_level", "str", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         _opt("log_format", "str", "json", "Log line format: one JSON object per line, or human-readable text.", choices=("json", "text")),
+        _opt("roles", "list", ["api", "router", "engine", "sources"], "What this process runs, so a deployment can split them: api (the HTTP API, webhooks and POST /v1/events; without it only /healthz and /metrics are served), router (consumes the bus and runs what it routes), engine (runs executions: api and router need it), sources (cron, Zaqar, Swift, Aodh; each queue polled by its elected replica)."),
     ],
     "api": [
         _opt("host", "str", "127.0.0.1", "Address the API listens on."),
@@ -349,8 +350,23 @@ def _coerce(section: str, opt: Option, value: Any) -> Any:
     return result
 
 
+ROLES = ("api", "router", "engine", "sources")
+
+
+def _check_roles(roles: list[str]) -> None:
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ConfigError(f"[DEFAULT] roles = {', '.join(roles) or '(empty)'}: each must be one of {', '.join(ROLES)}"
+                          + (f" (not {', '.join(unknown)})" if unknown else ""))
+    # Executions run in the process that accepted them (a sync API call) or dispatched them.
+    for role in ("api", "router"):
+        if role in roles and "engine" not in roles:
+            raise ConfigError(f"[DEFAULT] roles: {role} runs executions in its own process and needs engine beside it")
+
+
 def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
     """Defaults that depend on other options, and cross-option checks."""
+    _check_roles(values["DEFAULT"]["roles"])
     data_dir = values["DEFAULT"]["data_dir"] or default_data_dir()
     values["DEFAULT"]["data_dir"] = Path(data_dir)
     if values["database"]["connection"] is None:
