@@ -50,6 +50,7 @@ import re
 import shutil
 import signal
 import string
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -357,7 +358,9 @@ class FakeKubernetes:
         self.restart_backoff = restart_backoff
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.rv = 0
-        self.events: list[tuple[int, str, str, str, dict]] = []  # sorted by resourceVersion
+        # (resourceVersion, plural, namespace, type, object, labels before the change), sorted by resourceVersion
+        self.events: list[tuple[int, str, str, str, dict, dict | None]] = []
+        self._labels: dict[tuple[str, str, str], dict] = {}  # each live object's labels, for the above
         self.changed = asyncio.Condition()
         self.url = ""
         self.responses: list[tuple[str, str, int]] = []  # (method, path, status) of every API request, for tests
@@ -437,7 +440,13 @@ class FakeKubernetes:
         return str(self.rv)
 
     def _emit(self, kind: str, plural: str, ns: str, obj: dict) -> None:
-        self.events.append((int(obj["metadata"]["resourceVersion"]), plural, ns, kind, copy.deepcopy(obj)))
+        # The labels before this change ride along: a label-selector watch must see an object that
+        # stops matching as DELETED (the API server's watch cache does this; pool claims rely on it).
+        key = (plural, ns, obj["metadata"]["name"])
+        before = self._labels.pop(key, None) if kind == "DELETED" else self._labels.get(key)
+        if kind != "DELETED":
+            self._labels[key] = dict(obj["metadata"].get("labels") or {})
+        self.events.append((int(obj["metadata"]["resourceVersion"]), plural, ns, kind, copy.deepcopy(obj), before))
         if len(self.events) > 2 * EVENT_LOG_SIZE:
             del self.events[:EVENT_LOG_SIZE]
         self._dirty.set()
@@ -792,10 +801,14 @@ class FakeKubernetes:
         try:
             while not self._stopping:
                 start = bisect.bisect_right(self.events, cursor, key=lambda e: e[0])
-                for rv, plural, obj_ns, kind, obj in self.events[start:]:
+                for rv, plural, obj_ns, kind, obj, before in self.events[start:]:
                     cursor = rv
                     if wanted(plural, obj_ns, obj):
-                        await send(kind, obj)
+                        matched_before = before is not None and selector_matches(reqs, before)
+                        await send("ADDED" if kind == "MODIFIED" and before is not None and not matched_before else kind, obj)
+                    elif kind == "MODIFIED" and before is not None and plural == res.plural and (ns is None or obj_ns == ns) \
+                            and selector_matches(reqs, before) and field_matches(fields, obj):
+                        await send("DELETED", obj)  # it left the selection
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
@@ -1338,3 +1351,15 @@ def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion in command/args/env ($$(VAR) escapes it)."""
     out = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text.replace("$$(", "\0("))
     return out.replace("\0(", "$(")
+
+
+async def _serve_until_stdin_closes() -> None:
+    """Run the fake cluster in a process of its own, as a real API server is (benchmarks: its
+    controllers and kubelet then do not share the engine's event loop). Prints its URL, stops at EOF."""
+    async with FakeKubernetes() as fake:
+        print(fake.url, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_until_stdin_closes())
