@@ -405,13 +405,17 @@ class KubernetesEngine:
             workers = await self._workers(key, fresh=True)
             if self._overloaded(load, await self._others_load(key, fresh=True), workers):
                 try:
-                    await self._claim(fn, 1)
+                    claimed = await self._claim(fn, 1)
                 except (NoWorkers, PoolBroken):
                     if not workers:
                         raise
                     # Busy but served: better a queue on the existing workers than an error.
                     LOG.warning("function %s could not scale up; using its %d worker(s)", fn.id, len(workers))
-                workers = await self._workers(key, fresh=True)
+                else:
+                    # Under the lock nobody else adds workers for this function: the list just read plus
+                    # ours is current, without another read of coordination (an etcd round trip).
+                    workers = {**workers, **{w.pod: w for w in claimed}}
+                    self._cache[key] = (time.monotonic(), workers)
             if not workers:
                 raise NoWorkers(f"function {fn.id} version {fn.version} has no worker")
             return self._least_busy(workers)

@@ -315,8 +315,13 @@ async def test_worker_deleted_behind_the_engines_back_is_replaced(env):
     fn = await env.function(engine)
     assert (await engine.execute(req(fn))).status == "success"
     (worker,) = await engine.workers(fn.id, 0)
+    runtime = env.cluster.fake._pods.get((env.cluster.namespace, worker)) if env.cluster.fake is not None else None
     await env.kill(worker)
-    await eventually(lambda: env.gone(worker))  # removed once the kubelet has killed its container
+    await eventually(lambda: env.gone(worker))
+    if runtime is not None:
+        # The object goes before the fake kubelet has killed the process: a request sent in between
+        # would be a worker lost mid-request (the next test's case), not one deleted before it.
+        await eventually(lambda: runtime.process is None or runtime.process.returncode is not None)
     result = await engine.execute(req(fn, "again"))
     assert (result.status, result.output) == ("success", "Hello, again")
     assert await engine.workers(fn.id, 0) != [worker]
