@@ -73,9 +73,10 @@ def _package_app(config: Config, downloads: list) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def kube_cluster(data_dir: Path, *, separate_process: bool = False) -> AsyncIterator[Cluster]:
+async def kube_cluster(data_dir: Path, *, separate_process: bool = False, probe_interval: float = 0.05) -> AsyncIterator[Cluster]:
     """A fresh namespace on the fake cluster (or on the real one), and a package server for its pods.
-    `separate_process` runs the fake in a process of its own, as a real API server is (benchmarks)."""
+    `separate_process` runs the fake in a process of its own, as a real API server is (benchmarks);
+    `probe_interval` caps its kubelet's probe periods (1 s or more: probes as a real kubelet runs them)."""
     config = Config.load(overrides={"DEFAULT": {"data_dir": str(data_dir)}})
     downloads: list = []
     runner = web.AppRunner(_package_app(config, downloads), access_log=None)
@@ -88,13 +89,13 @@ async def kube_cluster(data_dir: Path, *, separate_process: bool = False) -> Asy
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     fake, fake_url, process = None, None, None
     if not KUBECONFIG and separate_process:
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.fakes.kube_api", cwd=str(REPO),
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.fakes.kube_api", str(probe_interval), cwd=str(REPO),
                                                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         fake_url = (await process.stdout.readline()).decode().strip()
         if not fake_url.startswith("http://"):
             raise RuntimeError(f"the fake cluster process did not start (exit code {await process.wait()})")
     elif not KUBECONFIG:
-        fake = FakeKubernetes()
+        fake = FakeKubernetes(probe_interval=probe_interval)
         fake_url = await fake.start()
     namespace = f"hw-test-{uuid.uuid4().hex[:8]}"
     try:
