@@ -207,8 +207,14 @@ class Headwater:
         self.results = ResultSinks(config, self.bus)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
-        self.sources: dict[str, plugins.Source] = {
-            name: _plugin("source", name, "[sources] enabled")(config) for name in config.sources.enabled}
+        self.roles = frozenset(config.default.roles)
+        # The http source's events arrive as API requests: it runs with the api role; the others
+        # (pollers, schedules, consumers) with the sources role.
+        self.sources: dict[str, plugins.Source] = {}
+        for name in config.sources.enabled:
+            source_class = _plugin("source", name, "[sources] enabled")
+            if ("api" if getattr(source_class, "part_of_api", False) else "sources") in self.roles:
+                self.sources[name] = source_class(config)
         from router.api import build_api  # the API imports this module's types; import late
 
         self.web = build_api(self)
@@ -239,24 +245,29 @@ class Headwater:
         revision = await self.db.migrate()
         await self.reload_subscriptions()
         await self.coordination.start()
-        await self.engine.start()
-        await self.executions.start()
-        await self.builds.resume()
+        if "engine" in self.roles:
+            await self.engine.start()
+        await self.executions.start()  # its journal records what this process's sources and API do too
+        if "engine" in self.roles:
+            await self.builds.resume()
         await self.history.start()
         await self.bus.start()
-        await self.dispatcher.start()
-        # A bus that keeps nothing across a restart (memory) lost every retry that was waiting:
-        # put them all back now. Durable buses kept theirs; the periodic pass catches any lost.
-        await self.executions.redrive_retries(self.index.get, all_waiting=not self.bus_durable)
+        if "router" in self.roles:
+            await self.dispatcher.start()
+            # A bus that keeps nothing across a restart (memory) lost every retry that was waiting:
+            # put them all back now. Durable buses kept theirs; the periodic pass catches any lost.
+            await self.executions.redrive_retries(self.index.get, all_waiting=not self.bus_durable)
         for source in self.sources.values():
             await source.start(_SourceContext(self, source.kind))
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
-        self._redriver = asyncio.get_running_loop().create_task(self._redrive_loop())
+        if "router" in self.roles:
+            self._redriver = asyncio.get_running_loop().create_task(self._redrive_loop())
         self.started_at = utcnow()
         log.info("headwater started", extra={
             "version": __version__, "config_files": list(self.config.files), "schema_revision": revision,
             "database": self.db.url.render_as_string(hide_password=True), "bus": self.config.bus.backend,
             "engine": self.config.engine.backend, "sources": list(self.sources), "subscriptions": len(self.index),
+            "roles": sorted(self.roles),
             "public_url": self.config.api.public_url})
 
     @property
@@ -271,12 +282,14 @@ class Headwater:
                 await asyncio.gather(task, return_exceptions=True)
         for source in reversed(list(self.sources.values())):
             await source.stop()
-        await self.dispatcher.stop()
+        if "router" in self.roles:
+            await self.dispatcher.stop()
         await self.executions.stop()
         await self.history.stop()
         await self.results.close()
         await self.bus.close()
-        await self.engine.stop()
+        if "engine" in self.roles:
+            await self.engine.stop()
         await self.coordination.stop()
         await self.packages.close()
         await self.db.dispose()

@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", help="override [api] port")
     serve.add_argument("--data-dir", help="override [DEFAULT] data_dir")
     serve.add_argument("--workers", help="override [api] workers: server processes sharing the port and the bus")
+    serve.add_argument("--roles", help="override [DEFAULT] roles: what this process runs, comma-separated "
+                                       "from api, router, engine, sources (default all)")
 
     commands.add_parser("config-sample", help="print the documented sample configuration (every option at its default)")
     commands.add_parser("policy-sample", help="print the default policy rules as a YAML policy file ([oslo_policy] policy_file)")
@@ -99,7 +101,7 @@ def _admin(args: argparse.Namespace, config: Config) -> int:
 def load_config(args: argparse.Namespace) -> Config:
     overrides = {"api": {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
                          "workers": getattr(args, "workers", None)},
-                 "DEFAULT": {"data_dir": getattr(args, "data_dir", None)}}
+                 "DEFAULT": {"data_dir": getattr(args, "data_dir", None), "roles": getattr(args, "roles", None)}}
     return Config.load(args.config_file, overrides)
 
 

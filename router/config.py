@@ -38,6 +38,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("data_dir", "path", None, "Where the SQLite database and packages live. Default: $XDG_DATA_HOME/headwater or ~/.local/share/headwater."),
         _opt("log_level", "str", "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         _opt("log_format", "str", "json", "Log line format: one JSON object per line, or human-readable text.", choices=("json", "text")),
+        _opt("roles", "list", ["api", "router", "engine", "sources"], "What this process runs, so a deployment can split them: api (the HTTP API, webhooks and POST /v1/events; without it only /healthz and /metrics are served), router (consumes the bus and runs what it routes), engine (runs executions: api and router need it), sources (cron, Zaqar, Swift, Aodh; each queue polled by its elected replica)."),
     ],
     "api": [
         _opt("host", "str", "127.0.0.1", "Address the API listens on."),
@@ -118,8 +119,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("replicas", "int", 3, "Warm pods per runtime pool (one Deployment per runtime); claimed pods are replaced.", minimum=0),
         _opt("resolver", "str", "podip", "How the engine reaches a pod: podip (the pod IP, for an engine inside the cluster) or nodeport (a NodePort Service per worker, for an engine outside it).", choices=("podip", "nodeport")),
         _opt("node_address", "str", None, "Node address for the nodeport resolver. Default: the first node's ExternalIP, else InternalIP."),
-        _opt("runtime_port", "int", 9090, "Port the runtime server listens on inside a pool pod.", minimum=1, maximum=65535),
-        _opt("runtime_command", "list", ["python", "/opt/headwater/server.py", "--host", "$(POD_IP)", "--port", "9090", "--work-dir", "/var/headwater/work"], "Container command of pool pods; $(POD_IP) comes from the downward API so the runtime listens on the pod's IP only."),
+        _opt("runtime_port", "int", 9090, "Port the runtime server listens on inside a pool pod (given to the image's own entrypoint as HEADWATER_RUNTIME_PORT, with the pod's IP as HEADWATER_RUNTIME_HOST).", minimum=1, maximum=65535),
         _opt("worker_wait", "float", 60.0, "Seconds an execution waits for a ready pool pod before it fails with 'Not enough workers available'.", minimum=0.1),
         _opt("rollout_timeout", "float", 300.0, "Seconds a pool resize or image update may take before it is rolled back.", minimum=1),
         _opt("image_pull_secrets", "list", [], "Secrets pool and image-function pods pull their images with."),
@@ -304,9 +304,18 @@ class Config:
         return cls(values, read)
 
 
+# Options that existed once: naming one stops start-up with what replaced it, not a bare "unknown".
+REMOVED = {
+    ("kubernetes", "runtime_command"): "each runtime image starts its own server by its ENTRYPOINT/CMD "
+                                       "(runtimes/*/Dockerfile, published as headwater/runtime-<name>); delete the option",
+}
+
+
 def _validate_section(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     known = {opt.name: opt for opt in SCHEMA[section]}
     for name in raw:
+        if (section, name) in REMOVED:
+            raise ConfigError(f"option [{section}] {name} was removed: {REMOVED[section, name]}")
         if name not in known:
             raise ConfigError(f"unknown option [{section}] {name}; known: {', '.join(sorted(known))}")
     out: dict[str, Any] = {}
@@ -341,8 +350,23 @@ def _coerce(section: str, opt: Option, value: Any) -> Any:
     return result
 
 
+ROLES = ("api", "router", "engine", "sources")
+
+
+def _check_roles(roles: list[str]) -> None:
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ConfigError(f"[DEFAULT] roles = {', '.join(roles) or '(empty)'}: each must be one of {', '.join(ROLES)}"
+                          + (f" (not {', '.join(unknown)})" if unknown else ""))
+    # Executions run in the process that accepted them (a sync API call) or dispatched them.
+    for role in ("api", "router"):
+        if role in roles and "engine" not in roles:
+            raise ConfigError(f"[DEFAULT] roles: {role} runs executions in its own process and needs engine beside it")
+
+
 def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
     """Defaults that depend on other options, and cross-option checks."""
+    _check_roles(values["DEFAULT"]["roles"])
     data_dir = values["DEFAULT"]["data_dir"] or default_data_dir()
     values["DEFAULT"]["data_dir"] = Path(data_dir)
     if values["database"]["connection"] is None:

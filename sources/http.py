@@ -40,6 +40,8 @@ def _fault(status: int, message: str) -> web.Response:
 
 class HttpSource:
     kind: ClassVar[str] = "http"
+    # Its events arrive as API requests: it runs with the API (the `api` role), not with the pollers.
+    part_of_api: ClassVar[bool] = True
 
     def __init__(self, config: Config):
         self.config = config

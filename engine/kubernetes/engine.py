@@ -131,6 +131,10 @@ class KubernetesEngine:
         self._reported: dict[tuple[str, int], int] = {}  # what the other engines last heard of our load
         self._publishers: dict[tuple[str, int], asyncio.Task] = {}
         self._pools: dict[str, str] = {}  # runtime id → image the pool runs, as far as this engine knows
+        # runtime id → its ready unclaimed pods as a watch last showed them: a claim is then one PATCH
+        # (no LIST first); a stale entry costs a 409 and the next pod, never a wrong claim.
+        self._ready_pods: dict[str, dict[str, Any]] = {}
+        self._pool_watchers: dict[str, asyncio.Task] = {}
         self._pool_locks: dict[str, asyncio.Lock] = {}
         self._updating: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task] = []
@@ -401,13 +405,17 @@ class KubernetesEngine:
             workers = await self._workers(key, fresh=True)
             if self._overloaded(load, await self._others_load(key, fresh=True), workers):
                 try:
-                    await self._claim(fn, 1)
+                    claimed = await self._claim(fn, 1)
                 except (NoWorkers, PoolBroken):
                     if not workers:
                         raise
                     # Busy but served: better a queue on the existing workers than an error.
                     LOG.warning("function %s could not scale up; using its %d worker(s)", fn.id, len(workers))
-                workers = await self._workers(key, fresh=True)
+                else:
+                    # Under the lock nobody else adds workers for this function: the list just read plus
+                    # ours is current, without another read of coordination (an etcd round trip).
+                    workers = {**workers, **{w.pod: w for w in claimed}}
+                    self._cache[key] = (time.monotonic(), workers)
             if not workers:
                 raise NoWorkers(f"function {fn.id} version {fn.version} has no worker")
             return self._least_busy(workers)
@@ -450,6 +458,14 @@ class KubernetesEngine:
         deadline = loop.time() + self.options.worker_wait
         selector = f"{L_POOL}={label_value(fn.runtime_id)}"
         claimed: list[Worker] = []
+        # Ready pods the pool watch knows of first: one PATCH each, no LIST.
+        known = self._ready_pods.get(fn.runtime_id, {})
+        for name in random.sample(list(known), len(known)):  # engines racing for one pool spread over its pods
+            if len(claimed) >= count:
+                break
+            pod = known.pop(name, None)
+            if pod is not None and (worker := await self._try_claim(pod, fn)) is not None:
+                claimed.append(worker)
         while len(claimed) < count:
             pods = await self.core.list_namespaced_pod(self.namespace, label_selector=selector)
             ready = [p for p in pods.items if _ready(p)]
@@ -601,6 +617,11 @@ class KubernetesEngine:
                 known = self._pools.get(runtime_id)
                 if known is None:
                     known = await self.create_pool(runtime_id, image)
+        if runtime_id not in self._pool_watchers:
+            self._pool_watchers[runtime_id] = task = asyncio.get_running_loop().create_task(
+                self._watch_pool(runtime_id), name=f"kubernetes-pool-watch-{runtime_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if known != image and (runtime_id, image) not in self._updating:
             # The runtime's image changed (runtime update): roll the pool over in the background.
             self._updating.add((runtime_id, image))
@@ -609,7 +630,7 @@ class KubernetesEngine:
     async def create_pool(self, runtime_id: str, image: str, replicas: int | None = None, trusted: bool = True) -> str:
         """Create the runtime's pool Deployment unless it exists; returns the image the pool runs."""
         body = manifests.pool_deployment(runtime_id, image, replicas=self.options.replicas if replicas is None else replicas,
-                                         command=self.options.runtime_command, port=self.port, trusted=trusted,
+                                         port=self.port, trusted=trusted,
                                          rollout_timeout=self.options.rollout_timeout, pull_secrets=self.options.image_pull_secrets,
                                          env=self._runtime_env())
         try:
@@ -622,6 +643,36 @@ class KubernetesEngine:
         current = dep.spec.template.spec.containers[0].image
         self._pools[runtime_id] = current
         return current
+
+    async def _watch_pool(self, runtime_id: str) -> None:
+        """Keep _ready_pods[runtime_id] current: list once, then follow a watch of the pool's pods (a pod
+        claimed by anyone leaves the selection: DELETED); list again whenever the watch ends or fails."""
+        selector = f"{L_POOL}={label_value(runtime_id)}"
+        ready = self._ready_pods.setdefault(runtime_id, {})
+        while True:
+            w = watch.Watch()
+            try:
+                pods = await self.core.list_namespaced_pod(self.namespace, label_selector=selector)
+                ready.clear()
+                ready.update({p.metadata.name: p for p in pods.items if _ready(p)})
+                async for event in w.stream(self.core.list_namespaced_pod, self.namespace, label_selector=selector,
+                                            resource_version=pods.metadata.resource_version, timeout_seconds=300):
+                    pod = event["object"]
+                    if event["type"] == "ERROR" or not hasattr(pod, "metadata"):
+                        break  # 410 Gone and the like: list afresh
+                    if event["type"] == "DELETED" or not _ready(pod):
+                        ready.pop(pod.metadata.name, None)
+                    else:
+                        ready[pod.metadata.name] = pod
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - claims fall back to listing meanwhile
+                LOG.debug("watch of pool %s ended: %s", runtime_id, exc)
+                ready.clear()
+                await asyncio.sleep(1.0)
+            finally:
+                w.stop()
+                await w.close()
 
     async def wait_pool_ready(self, runtime_id: str, image: str, timeout: float | None = None) -> int:
         """Wait until the runtime's pool has a ready pod (returns how many are ready); PoolBroken
@@ -645,6 +696,10 @@ class KubernetesEngine:
     async def delete_pool(self, runtime_id: str) -> None:
         """Delete the runtime's pool; claimed workers are not pool pods any more and stay until released."""
         self._pools.pop(runtime_id, None)
+        watcher = self._pool_watchers.pop(runtime_id, None)
+        if watcher is not None:
+            watcher.cancel()
+        self._ready_pods.pop(runtime_id, None)
         try:
             await self.apps.delete_namespaced_deployment(manifests.pool_name(runtime_id), self.namespace, propagation_policy="Background")
         except ApiException as exc:

@@ -47,10 +47,11 @@ def pool_name(runtime_id: str) -> str:
     return dns_name("hw-pool", runtime_id)
 
 
-def pool_deployment(runtime_id: str, image: str, *, replicas: int, command: list[str], port: int, trusted: bool = True,
+def pool_deployment(runtime_id: str, image: str, *, replicas: int, port: int, trusted: bool = True,
                     rollout_timeout: float = 300, pull_secrets: list[str] = (), env: dict[str, str] | None = None) -> dict[str, Any]:
     """One Deployment per runtime. Pods leave the pool by losing the `pool` label, so the ReplicaSet
-    releases and replaces them: the pool refills instead of running dry (Qinling kept the selector label)."""
+    releases and replaces them: the pool refills instead of running dry (Qinling kept the selector label).
+    The container has no command: each runtime image starts its own server (runtimes/*/Dockerfile)."""
     rid = label_value(runtime_id)
     labels = {MANAGED_BY: "headwater", L_RUNTIME: rid, L_POOL: rid}
     return {
@@ -70,10 +71,11 @@ def pool_deployment(runtime_id: str, image: str, *, replicas: int, command: list
                     "terminationGracePeriodSeconds": 5,
                     "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
                     "containers": [{
-                        "name": RUNTIME_CONTAINER, "image": image, "command": list(command),
+                        "name": RUNTIME_CONTAINER, "image": image,
                         "ports": [{"name": "http", "containerPort": port}],
                         # The runtime listens on the pod IP only (downward API), never on 0.0.0.0.
-                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        "env": [{"name": "HEADWATER_RUNTIME_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                {"name": "HEADWATER_RUNTIME_PORT", "value": str(port)},
                                 *({"name": k, "value": v} for k, v in sorted((env or {}).items()))],
                         "readinessProbe": {"httpGet": {"path": "/ping", "port": port}, "periodSeconds": 1,
                                            "timeoutSeconds": 1, "failureThreshold": 3},

@@ -44,6 +44,9 @@ def build_api(headwater) -> web.Application:
                                        target_cache_middleware],
                           client_max_size=headwater.config.api.max_request_size)
     app[APP_KEY] = headwater
+    if "api" not in headwater.config.default.roles:
+        root.probe_routes(app)  # a process without the api role still answers its probes
+        return app
     for module in (root, runtimes, functions, versions, aliases, executions, webhooks, jobs, subscriptions, deadletters, events, openapi, dashboard):
         module.routes(app)
     return app

@@ -21,7 +21,8 @@ async def v1(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     app = hw(request)
     return web.json_response({"status": "ok", "version": __version__, "subscriptions": len(app.index),
-                              "bus": app.config.bus.backend, "engine": app.config.engine.backend})
+                              "bus": app.config.bus.backend, "engine": app.config.engine.backend,
+                              "roles": list(app.config.default.roles)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -33,5 +34,10 @@ def routes(app: web.Application) -> None:
     app.router.add_get("/", versions)
     app.router.add_get("/v1", v1)
     app.router.add_get("/v1/", v1)
+    probe_routes(app)
+
+
+def probe_routes(app: web.Application) -> None:
+    """What every process serves, whatever its roles: the probes' and Prometheus' routes."""
     app.router.add_get("/healthz", health)
     app.router.add_get("/metrics", metrics)

@@ -747,8 +747,10 @@ function serverMain(args) {
     const i = args.indexOf(name);
     return i >= 0 && i + 1 < args.length ? args[i + 1] : dflt;
   };
-  const host = opt('--host', '0.0.0.0');
-  const port = Number(opt('--port', '9090'));
+  // In a pool pod the engine sets these (the pod's own IP, the configured port), so the image's own
+  // entrypoint serves without a command of the engine's.
+  const host = opt('--host', process.env.HEADWATER_RUNTIME_HOST || '0.0.0.0');
+  const port = Number(opt('--port', process.env.HEADWATER_RUNTIME_PORT || '9090'));
   const workDir = opt('--work-dir', path.join(os.tmpdir(), 'headwater-nodejs'));
   const parentPid = Number(opt('--parent-pid', '0'));
   const sandbox = opt('--sandbox', process.env.HEADWATER_RUNTIME_SANDBOX || 'auto');

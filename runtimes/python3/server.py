@@ -95,8 +95,11 @@ async def _reap_orphans() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=9090, help="0 picks a free port (printed as LISTENING host:port)")
+    # In a pool pod the engine sets these (the pod's own IP, the configured port), so the image's
+    # own entrypoint serves without a command of the engine's.
+    parser.add_argument("--host", default=os.environ.get("HEADWATER_RUNTIME_HOST") or "0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("HEADWATER_RUNTIME_PORT") or 9090),
+                        help="0 picks a free port (printed as LISTENING host:port)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "headwater-python3"))
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     parser.add_argument("--sandbox", choices=("auto", "uid", "off"), default=os.environ.get("HEADWATER_RUNTIME_SANDBOX", "auto"),

@@ -91,7 +91,7 @@ async def env(request, tmp_path):
             await engine.stop()
 
 
-def spec(ref: PackageRef, entry: str = "main.main", timeout: int = 5, image: str = "openstackqinling/python3-runtime") -> FunctionSpec:
+def spec(ref: PackageRef, entry: str = "main.main", timeout: int = 5, image: str = "headwater/runtime-python3:0.1.0") -> FunctionSpec:
     return FunctionSpec(id=ref.function_id, version=ref.version, runtime_id="rt", runtime_image=image, code={"source": "package"},
                         entry=entry, cpu=100, memory_size=33554432, timeout=timeout, package=ref, project_id=ref.project_id)
 
@@ -229,7 +229,7 @@ async def test_build_compiles_a_package_once_and_the_artifact_runs(env):
     engine, ref, tmp_path = env
     store = engine.packages
     go_ref = dataclasses.replace(ref, md5sum=await store.put("proj", ref.function_id, 0, make_zip(tmp_path / "go.zip", {"handler.go": GO_HANDLER})))
-    go = dataclasses.replace(spec(go_ref, "handler.Hello", image="headwater/go-runtime"), runtime_id="rt-go")
+    go = dataclasses.replace(spec(go_ref, "handler.Hello", image="headwater/runtime-go:0.1.0"), runtime_id="rt-go")
     built = await engine.build(go)
     assert built.ok and built.artifact, built.message
     with zipfile.ZipFile(io.BytesIO(built.artifact)) as zf:
@@ -241,6 +241,6 @@ async def test_build_compiles_a_package_once_and_the_artifact_runs(env):
     broken_ref = dataclasses.replace(ref, function_id=str(uuid.uuid4()))
     broken_ref = dataclasses.replace(broken_ref, md5sum=await store.put("proj", broken_ref.function_id, 0, make_zip(
         tmp_path / "broken.zip", {"handler.go": "package handler\n\nfunc Hello() string { return nope }\n"})))
-    failed = await engine.build(dataclasses.replace(spec(broken_ref, "handler.Hello", image="headwater/go-runtime"), runtime_id="rt-go"))
+    failed = await engine.build(dataclasses.replace(spec(broken_ref, "handler.Hello", image="headwater/runtime-go:0.1.0"), runtime_id="rt-go"))
     assert not failed.ok and failed.artifact is None
     assert "undefined: nope" in failed.message and "handler.go:3" in failed.message

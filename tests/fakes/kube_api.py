@@ -22,7 +22,9 @@ No real API server can be installed on the test machines, so this one serves, ov
   (127.x.y.N, so every pod can listen on the same port), expanding ``$(VAR)`` from env and the
   downward API, mapping the image's files/binaries and emptyDir volumes onto a per-pod directory,
   probing ``readinessProbe.httpGet``, reporting Pending/Running/Succeeded/Failed with container
-  states, ``ErrImagePull`` for unknown images, ``activeDeadlineSeconds``, restarts for
+  states, ``ErrImagePull`` then ``ImagePullBackOff`` for an image it does not know (it knows only the
+  runtime images, read from runtimes/*/Dockerfile, and the official ``python``: tests/fakes/kube_images.py),
+  ``CreateContainerConfigError`` when ``runAsNonRoot`` meets an image that runs as root, ``activeDeadlineSeconds``, restarts for
   ``restartPolicy: Always``, and serving the container's output as the pod log;
 * NodePort Services with a small kube-proxy forwarding 127.0.0.1:<nodePort> to a ready endpoint.
 
@@ -57,64 +59,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.kube_images import FakeImage, default_images
+
 LOG = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 PULL_ERRORS = ("ErrImagePull", "ImagePullBackOff")
 EVENT_LOG_SIZE = 20000
-
-
-@dataclasses.dataclass
-class FakeImage:
-    """What the fake kubelet knows of an image: its ENTRYPOINT/CMD, the files it contains (container
-    path → host path), binaries mapped to host programs, and its working directory."""
-
-    entrypoint: list[str] = dataclasses.field(default_factory=list)
-    cmd: list[str] = dataclasses.field(default_factory=list)
-    files: dict[str, str] = dataclasses.field(default_factory=dict)
-    binaries: dict[str, str] = dataclasses.field(default_factory=dict)
-    workdir: str = "/"
-
-
-def python3_runtime_image() -> FakeImage:
-    """runtimes/python3/Dockerfile, as the fake kubelet runs it."""
-    return FakeImage(
-        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
-        files={"/opt/headwater/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
-               "/opt/headwater/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
-        binaries={"python": sys.executable, "python3": sys.executable},
-        workdir="/var/headwater",
-    )
-
-
-def shared_server_runtime_image(runtime: str) -> FakeImage:
-    """runtimes/go/Dockerfile and runtimes/php/Dockerfile (the shared server with another language's
-    worker), as the fake kubelet runs them: the toolchain is the host's (go, php on PATH)."""
-    return FakeImage(
-        cmd=["python", "/opt/headwater/server.py", "--host", "0.0.0.0", "--port", "9090", "--work-dir", "/var/headwater/work"],
-        # The launcher finds the shared server (server.py and its headwater_runtime package) beside
-        # its own folder in the source tree, as below it in the image.
-        files={"/opt/headwater/server.py": str(REPO / "runtimes" / runtime / "server.py"),
-               "/opt/headwater/python3/server.py": str(REPO / "runtimes" / "python3" / "server.py"),
-               "/opt/headwater/python3/headwater_runtime": str(REPO / "runtimes" / "python3" / "headwater_runtime")},
-        binaries={"python": sys.executable, "python3": sys.executable},
-        workdir="/var/headwater",
-    )
-
-
-def python_image() -> FakeImage:
-    """A bare python image (for image functions): `python -c ...` works."""
-    return FakeImage(cmd=["python3"], binaries={"python": sys.executable, "python3": sys.executable, "sh": "/bin/sh"})
-
-
-def default_images() -> dict[str, FakeImage]:
-    runtime = python3_runtime_image()
-    return {"openstackqinling/python3-runtime": runtime, "headwater/python3-runtime": runtime, "python": python_image(),
-            "headwater/go-runtime": shared_server_runtime_image("go"), "headwater/php-runtime": shared_server_runtime_image("php")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +358,9 @@ class FakeKubernetes:
         self.restart_backoff = restart_backoff
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.rv = 0
-        self.events: list[tuple[int, str, str, str, dict]] = []  # sorted by resourceVersion
+        # (resourceVersion, plural, namespace, type, object, labels before the change), sorted by resourceVersion
+        self.events: list[tuple[int, str, str, str, dict, dict | None]] = []
+        self._labels: dict[tuple[str, str, str], dict] = {}  # each live object's labels, for the above
         self.changed = asyncio.Condition()
         self.url = ""
         self.responses: list[tuple[str, str, int]] = []  # (method, path, status) of every API request, for tests
@@ -484,7 +440,13 @@ class FakeKubernetes:
         return str(self.rv)
 
     def _emit(self, kind: str, plural: str, ns: str, obj: dict) -> None:
-        self.events.append((int(obj["metadata"]["resourceVersion"]), plural, ns, kind, copy.deepcopy(obj)))
+        # The labels before this change ride along: a label-selector watch must see an object that
+        # stops matching as DELETED (the API server's watch cache does this; pool claims rely on it).
+        key = (plural, ns, obj["metadata"]["name"])
+        before = self._labels.pop(key, None) if kind == "DELETED" else self._labels.get(key)
+        if kind != "DELETED":
+            self._labels[key] = dict(obj["metadata"].get("labels") or {})
+        self.events.append((int(obj["metadata"]["resourceVersion"]), plural, ns, kind, copy.deepcopy(obj), before))
         if len(self.events) > 2 * EVENT_LOG_SIZE:
             del self.events[:EVENT_LOG_SIZE]
         self._dirty.set()
@@ -839,10 +801,14 @@ class FakeKubernetes:
         try:
             while not self._stopping:
                 start = bisect.bisect_right(self.events, cursor, key=lambda e: e[0])
-                for rv, plural, obj_ns, kind, obj in self.events[start:]:
+                for rv, plural, obj_ns, kind, obj, before in self.events[start:]:
                     cursor = rv
                     if wanted(plural, obj_ns, obj):
-                        await send(kind, obj)
+                        matched_before = before is not None and selector_matches(reqs, before)
+                        await send("ADDED" if kind == "MODIFIED" and before is not None and not matched_before else kind, obj)
+                    elif kind == "MODIFIED" and before is not None and plural == res.plural and (ns is None or obj_ns == ns) \
+                            and selector_matches(reqs, before) and field_matches(fields, obj):
+                        await send("DELETED", obj)  # it left the selection
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
@@ -1107,6 +1073,12 @@ class FakeKubernetes:
                 await asyncio.sleep(0.5)
                 reason = "ImagePullBackOff"
             return
+        if (refusal := _non_root_refusal(pod, container, image)) is not None:
+            # The kubelet checks before it starts anything, and keeps the pod Pending.
+            self._pod_status(rt, containerStatuses=[{
+                "name": cname, "image": container["image"], "imageID": _image_id(container["image"]), "ready": False, "restartCount": 0,
+                "state": {"waiting": {"reason": "CreateContainerConfigError", "message": refusal}}}])
+            return
         restarts = 0
         deadline = pod["spec"].get("activeDeadlineSeconds")
         loop = asyncio.get_running_loop()
@@ -1164,7 +1136,7 @@ class FakeKubernetes:
         os.makedirs(cwd, exist_ok=True)
         rt.log_path = rt.root / f"{cname}-{restarts}.log"
         log = open(rt.log_path, "wb")
-        proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(rootfs), "HOSTNAME": rt.name, **env}
+        proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(rootfs), "HOSTNAME": rt.name, **image.env, **env}
         try:
             rt.process = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=proc_env, stdin=asyncio.subprocess.DEVNULL,
                                                               stdout=log, stderr=log, start_new_session=True,
@@ -1306,6 +1278,20 @@ class FakeKubernetes:
         return rt.process.pid if rt and rt.process else None
 
 
+def _non_root_refusal(pod: dict, container: dict, image: FakeImage) -> str | None:
+    """The kubelet's runAsNonRoot check: an image whose USER is root (or unset) and no runAsUser."""
+    pod_ctx, ctx = pod["spec"].get("securityContext") or {}, container.get("securityContext") or {}
+    if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+        return None
+    uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    user = str(uid) if uid is not None else image.user.split(":", 1)[0]
+    if user in ("", "0", "root"):
+        return "container has runAsNonRoot and image will run as root"
+    if uid is None and not user.isdigit():
+        return f"container has runAsNonRoot and image has non-numeric user ({user}), cannot verify user is non-root"
+    return None
+
+
 def _rs_uid_prefix(dep: dict) -> str:
     return "rs-" + dep["metadata"]["uid"] + "-"
 
@@ -1365,3 +1351,16 @@ def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion in command/args/env ($$(VAR) escapes it)."""
     out = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text.replace("$$(", "\0("))
     return out.replace("\0(", "$(")
+
+
+async def _serve_until_stdin_closes(probe_interval: float) -> None:
+    """Run the fake cluster in a process of its own, as a real API server is (benchmarks: its
+    controllers and kubelet then do not share the engine's event loop). Prints its URL, stops at EOF."""
+    async with FakeKubernetes(probe_interval=probe_interval) as fake:
+        print(fake.url, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+if __name__ == "__main__":
+    # An optional argument: the shortest probe period (default: the tests' compressed 0.05 s).
+    asyncio.run(_serve_until_stdin_closes(float(sys.argv[1]) if len(sys.argv) > 1 else 0.05))

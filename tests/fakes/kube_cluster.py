@@ -3,9 +3,11 @@ HEADWATER_TEST_KUBECONFIG names a kubeconfig), plus the package download endpoin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,20 +20,22 @@ from router.config import Config
 from tests.fakes.kube_api import FakeKubernetes
 
 KUBECONFIG = os.environ.get("HEADWATER_TEST_KUBECONFIG")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
 class Cluster:
-    fake: FakeKubernetes | None
+    fake: FakeKubernetes | None  # the in-process fake (None: a real cluster, or the fake in its own process)
     namespace: str
     public_url: str
     downloads: list[tuple[str, int, int]]  # (function id, version, HTTP status) of each package download
+    fake_url: str | None = None  # the fake's API URL, in-process or not; None on a real cluster
 
     def overrides(self, data_dir: Path, **kubernetes: Any) -> dict[str, dict[str, Any]]:
         """Config overrides for an engine on this cluster."""
         kube = {"namespace": self.namespace, "replicas": 3, "worker_wait": 20, "rollout_timeout": 20, **kubernetes}
-        if self.fake is not None:
-            kube["kube_host"] = self.fake.url
+        if self.fake_url is not None:
+            kube["kube_host"] = self.fake_url
         else:
             kube["kubeconfig"] = KUBECONFIG
         return {"DEFAULT": {"data_dir": str(data_dir)}, "api": {"public_url": self.public_url},
@@ -69,8 +73,10 @@ def _package_app(config: Config, downloads: list) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def kube_cluster(data_dir: Path) -> AsyncIterator[Cluster]:
-    """A fresh namespace on the fake cluster (or on the real one), and a package server for its pods."""
+async def kube_cluster(data_dir: Path, *, separate_process: bool = False, probe_interval: float = 0.05) -> AsyncIterator[Cluster]:
+    """A fresh namespace on the fake cluster (or on the real one), and a package server for its pods.
+    `separate_process` runs the fake in a process of its own, as a real API server is (benchmarks);
+    `probe_interval` caps its kubelet's probe periods (1 s or more: probes as a real kubelet runs them)."""
     config = Config.load(overrides={"DEFAULT": {"data_dir": str(data_dir)}})
     downloads: list = []
     runner = web.AppRunner(_package_app(config, downloads), access_log=None)
@@ -81,15 +87,25 @@ async def kube_cluster(data_dir: Path) -> AsyncIterator[Cluster]:
     site = web.TCPSite(runner, "0.0.0.0" if KUBECONFIG else "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    fake = None if KUBECONFIG else FakeKubernetes()
-    if fake is not None:
-        await fake.start()
+    fake, fake_url, process = None, None, None
+    if not KUBECONFIG and separate_process:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.fakes.kube_api", str(probe_interval), cwd=str(REPO),
+                                                       stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        fake_url = (await process.stdout.readline()).decode().strip()
+        if not fake_url.startswith("http://"):
+            raise RuntimeError(f"the fake cluster process did not start (exit code {await process.wait()})")
+    elif not KUBECONFIG:
+        fake = FakeKubernetes(probe_interval=probe_interval)
+        fake_url = await fake.start()
     namespace = f"hw-test-{uuid.uuid4().hex[:8]}"
     try:
-        yield Cluster(fake=fake, namespace=namespace, public_url=f"http://{bind}:{port}", downloads=downloads)
+        yield Cluster(fake=fake, namespace=namespace, public_url=f"http://{bind}:{port}", downloads=downloads, fake_url=fake_url)
     finally:
         if fake is not None:
             await fake.stop()
+        elif process is not None:
+            process.stdin.close()  # it stops at EOF, its pods with it
+            await process.wait()
         else:
             await _delete_namespace(namespace)
         await runner.cleanup()

@@ -177,7 +177,7 @@ async def main(overrides, functions):
     config = Config.load(overrides=overrides)
     engine = KubernetesEngine(config, FilesystemPackageStore(config))
     await engine.start()
-    specs = [FunctionSpec(id=f, version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1", code={"source": "package"},
+    specs = [FunctionSpec(id=f, version=0, runtime_id="python3", runtime_image="headwater/runtime-python3:0.1.0", code={"source": "package"},
                           entry="main.main", cpu=100, memory_size=33554432, timeout=5) for f in functions]
     claims = await asyncio.gather(*(engine.scale_up(s) for s in specs), return_exceptions=True)
     print(json.dumps({f: (c if isinstance(c, list) else repr(c)) for f, c in zip(functions, claims)}), flush=True)
@@ -207,7 +207,7 @@ async def test_two_engine_processes_never_share_a_pod_and_a_dead_ones_claims_are
         engine = KubernetesEngine(config, FilesystemPackageStore(config))
         await engine.start()
         theirs = [f"b-{uuid.uuid4().hex[:8]}" for _ in range(5)]
-        mine = [FunctionSpec(id=f"a-{uuid.uuid4().hex[:8]}", version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1",
+        mine = [FunctionSpec(id=f"a-{uuid.uuid4().hex[:8]}", version=0, runtime_id="python3", runtime_image="headwater/runtime-python3:0.1.0",
                              code={"source": "package"}, entry="main.main", cpu=100, memory_size=33554432, timeout=5) for _ in range(5)]
         other = await asyncio.create_subprocess_exec(
             sys.executable, "-c", ENGINE_PROCESS, json.dumps({k: {o: str(v) for o, v in opts.items()} for k, opts in overrides.items()}),
@@ -287,7 +287,7 @@ async def test_scale_up_counts_the_running_executions_of_every_engine(etcd, tmp_
             await engine.start()
         function_id = f"f-{uuid.uuid4().hex[:8]}"
         md5 = await engines[0].packages.put("proj", function_id, 0, make_zip({"main.py": "import time\ndef wait(**kw):\n    time.sleep(60)\n"}))
-        fn = FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/python3-runtime:1",
+        fn = FunctionSpec(id=function_id, version=0, runtime_id="python3", runtime_image="headwater/runtime-python3:0.1.0",
                           code={"source": "package"}, entry="main.wait", cpu=100, memory_size=64 * 1024 * 1024, timeout=90,
                           package=PackageRef("proj", function_id, 0, md5), project_id="proj")
 

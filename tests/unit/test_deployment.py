@@ -61,7 +61,7 @@ def test_the_objects_the_engine_creates_validate_too():
     from engine.kubernetes import manifests
 
     pool = manifests.pool_deployment("3f1c2d4e-0000-4000-8000-000000000001", "headwater/runtime-python3:0.1.0",
-                                     replicas=3, command=[], port=9090)
+                                     replicas=3, port=9090)
     kubernetes_validate.validate(pool, KUBERNETES_VERSION, strict=True)
 
 
@@ -198,3 +198,51 @@ def test_a_pod_disruption_budget_keeps_one_replica():
     selector = _one("Deployment", "headwater")["spec"]["selector"]["matchLabels"]
     assert budget["spec"]["selector"]["matchLabels"] == selector
     assert budget["spec"]["minAvailable"] >= 1
+
+
+RUNTIME_DOCKERFILES = sorted(ROOT.glob("runtimes/*/Dockerfile"))
+
+
+@pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=[p.parent.name for p in RUNTIME_DOCKERFILES])
+def test_each_runtime_image_starts_its_own_server_as_a_non_root_user(dockerfile):
+    """A pool pod has no command and runAsNonRoot: the image's entrypoint must run a server that is in
+    the image, and its USER must be a numeric non-root uid (the kubelet cannot check a name)."""
+    from engine.kubernetes import manifests
+    from tests.fakes.kube_images import parse_dockerfile
+
+    image = parse_dockerfile(dockerfile, ROOT / "runtimes")
+    assert image.entrypoint, f"{dockerfile} has no exec-form ENTRYPOINT"
+    program, server = image.entrypoint[0], image.entrypoint[1]
+    assert program in image.binaries, f"{dockerfile}: the entrypoint's {program} is not what the image provides"
+    assert server in image.files, f"{dockerfile}: the entrypoint's {server} is not copied into the image"
+    uid = image.user.split(":", 1)[0]
+    assert uid.isdigit() and int(uid) != 0, f"{dockerfile}: USER {image.user!r} is not a numeric non-root uid"
+    # What the pool pod sets is what the server reads (python3's server serves go and php too).
+    pool = manifests.pool_deployment("rt", "img", replicas=1, port=9090)
+    container = pool["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container and "args" not in container
+    source = (ROOT / "runtimes" / ("nodejs/server.js" if dockerfile.parent.name == "nodejs" else "python3/server.py")).read_text()
+    for name in ("HEADWATER_RUNTIME_HOST", "HEADWATER_RUNTIME_PORT", "HEADWATER_RUNTIME_TOKEN", "HEADWATER_RUNTIME_PACKAGE_URLS"):
+        assert name in source, f"the {dockerfile.parent.name} server never reads {name}, which pool pods are given"
+    assert {e["name"] for e in container["env"]} >= {"HEADWATER_RUNTIME_HOST", "HEADWATER_RUNTIME_PORT"}
+
+
+def test_the_build_script_publishes_the_names_the_fake_cluster_serves():
+    from tests.fakes.kube_images import RUNTIME_IMAGE_PREFIX, default_images
+
+    script = (ROOT / "runtimes" / "build.sh").read_text()
+    registry, _, prefix = RUNTIME_IMAGE_PREFIX.rstrip("-").partition("/")
+    assert f'registry=${{2:-{registry}}}' in script and f'"$registry/{prefix}-$name:$version"' in script
+    assert set(default_images()) == {RUNTIME_IMAGE_PREFIX + p.parent.name for p in RUNTIME_DOCKERFILES}
+    for doc in ("README.md", "runtimes/README.md"):
+        assert "runtimes/build.sh" in (ROOT / doc).read_text() or "build.sh" in (ROOT / doc).read_text(), doc
+
+
+def test_the_deployed_roles_are_valid_and_include_what_the_probes_need(deployed_config):
+    config, _, container = deployed_config
+    roles = set(config.default.roles)
+    args = container["args"]
+    if "--roles" in args:
+        roles = set(args[args.index("--roles") + 1].split(","))
+    # The probes answer in every process; a replica that takes traffic also needs the API.
+    assert roles <= {"api", "router", "engine", "sources"} and "api" in roles

@@ -46,7 +46,7 @@ async def test_kubernetes_engine_through_the_api(tmp_path):
         client = TestClient(TestServer(app.web, host="127.0.0.1", port=port))
         await client.start_server()
         try:
-            runtime = await (await client.post("/v1/runtimes", json={"image": "openstackqinling/python3-runtime:0.0.2"})).json()
+            runtime = await (await client.post("/v1/runtimes", json={"image": "headwater/runtime-python3:0.1.0"})).json()
             assert runtime["status"] == "creating"
 
             async def available():

@@ -78,7 +78,7 @@ async def test_go_and_php_functions_on_the_kubernetes_engine(tmp_path):
                     return row if row["status"] != "running" else None
                 return await until(finished, timeout=60)
 
-            go = await runtime("headwater/go-runtime:latest")
+            go = await runtime("headwater/runtime-go:0.1.0")
             built = await function(go, "handler.Hello", "handler.go", GO_OK)
             assert built["status"] == "building"
             assert (await settled(built["id"]))["status"] == "available"
@@ -100,7 +100,7 @@ async def test_go_and_php_functions_on_the_kubernetes_engine(tmp_path):
             assert (run["status"], run["reason"]) == ("error", "build_failed"), run
             assert "notDefinedAnywhere" in json.loads(run["result"])["output"]
 
-            php = await runtime("headwater/php-runtime:latest")
+            php = await runtime("headwater/runtime-php:0.1.0")
             hello = await function(php, "hello.main", "hello.php", PHP_OK)
             assert hello["status"] == "available"
             run = await webhook(hello["id"], {"name": "webhook"})

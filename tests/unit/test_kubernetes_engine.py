@@ -19,10 +19,11 @@ from engine.kubernetes.engine import PoolBroken
 from engine.packages import FilesystemPackageStore
 from router import download_tokens
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef
-from tests.fakes.kube_api import FakeImage
+from tests.fakes.kube_images import FakeImage
 from tests.conditions import eventually
 from tests.fakes.kube_cluster import kube_cluster
 from tests.processes import pid_path
+from tests.services import require_program
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,8 @@ if isinstance(data, dict):
     sys.exit(data.get("exit", 0))
 '''
 
-RUNTIME_IMAGE = "headwater/python3-runtime:1"
+RUNTIME_IMAGE = "headwater/runtime-python3:0.1.0"
+NODE_IMAGE = "headwater/runtime-nodejs:0.1.0"
 
 
 class Env:
@@ -65,9 +67,44 @@ class Env:
 
     @property
     def fake(self):
+        """The fake cluster, for what only it can do (serve a made-up image, count 409s); skips on a real one."""
         if self.cluster.fake is None:
             pytest.skip("needs the fake cluster's internals")
         return self.cluster.fake
+
+    # What the tests check goes through the Kubernetes API, so it holds on the fake and on a real cluster.
+
+    def _api(self):
+        return self.engines[0]
+
+    def _dict(self, obj) -> dict:
+        return self._api().api.sanitize_for_serialization(obj)
+
+    async def pods(self, selector: str | None = None, *, terminating: bool = False) -> list[dict]:
+        found = await self._api().core.list_namespaced_pod(self.cluster.namespace, label_selector=selector or "")
+        return [self._dict(p) for p in found.items if terminating or p.metadata.deletion_timestamp is None]
+
+    async def pod(self, name: str) -> dict | None:
+        from kubernetes_asyncio.client.rest import ApiException
+        try:
+            return self._dict(await self._api().core.read_namespaced_pod(name, self.cluster.namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def gone(self, name: str) -> bool:
+        return await self.pod(name) is None
+
+    async def deployment(self, name: str) -> dict:
+        return self._dict(await self._api().apps.read_namespaced_deployment(name, self.cluster.namespace))
+
+    async def services(self) -> list[dict]:
+        return [self._dict(s) for s in (await self._api().core.list_namespaced_service(self.cluster.namespace)).items]
+
+    async def kill(self, name: str) -> None:
+        """Delete a pod at once, behind the engine's back (the kubelet kills its processes)."""
+        await self._api().core.delete_namespaced_pod(name, self.cluster.namespace, grace_period_seconds=0)
 
     async def engine(self, engine_options: dict | None = None, **kube) -> KubernetesEngine:
         config = self.cluster.config(self.tmp_path, engine=engine_options, **kube)
@@ -86,9 +123,6 @@ class Env:
         return FunctionSpec(id=function_id, version=0, runtime_id=runtime, runtime_image=RUNTIME_IMAGE, code={"source": "package"},
                             entry=entry, cpu=100, memory_size=64 * 1024 * 1024, timeout=timeout,
                             package=PackageRef("proj", function_id, 0, md5), project_id="proj")
-
-    def pods(self, selector: str | None = None) -> list[dict]:
-        return [p for p in self.fake.list("pods", self.cluster.namespace, selector) if "deletionTimestamp" not in p["metadata"]]
 
 
 @pytest.fixture
@@ -113,7 +147,7 @@ def req(fn: FunctionSpec, input=None) -> ExecutionRequest:
 async def test_concurrency_one_worker_for_three_then_exactly_two_for_six_then_detach(env):
     engine = await env.engine(replicas=3)
     fn = await env.function(engine, "main.sleep", timeout=60)
-    if env.fake is not None:
+    if env.cluster.fake is not None:
         # Each run waits for all three to have started (a folder on this machine): served one after
         # another they would time out.
         folder = os.path.dirname(pid_path())
@@ -129,15 +163,38 @@ async def test_concurrency_one_worker_for_three_then_exactly_two_for_six_then_de
     assert [r.status for r in results] == ["success"] * 6, results
     workers = await engine.workers(fn.id, 0)
     assert len(workers) == 2
-    labelled = env.pods(f"{manifests.L_FUNCTION}={fn.id}")
+    labelled = await env.pods(f"{manifests.L_FUNCTION}={fn.id}")
     assert sorted(p["metadata"]["name"] for p in labelled) == workers
 
     await engine.release(fn.id)
     assert await engine.workers(fn.id, 0) == []
-    await eventually(lambda: not env.fake.list("pods", env.cluster.namespace, f"{manifests.L_FUNCTION}={fn.id}"))
+    await eventually(lambda: _none(env.pods(f"{manifests.L_FUNCTION}={fn.id}", terminating=True)))
     # The pool never ran dry: claimed pods were replaced, released ones are not returned to it.
-    await eventually(lambda: len([p for p in env.pods(f"{manifests.L_POOL}=python3")
-                                  if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]) == 3)
+    await eventually(lambda: _ready_pool_pods(env, 3))
+
+
+NODE_JS = "exports.hello = async (context, input) => `Hello from ${process.release.name}, ${input}`;\n"
+
+
+async def test_a_nodejs_function_runs_on_the_nodejs_runtime_image(env):
+    """The nodejs pool runs headwater/runtime-nodejs by that image's own entrypoint (Qinling's one global
+    command put `python …` into every pool, and the nodejs pool crash-looped)."""
+    if env.cluster.fake is not None:
+        require_program("node", "the fake kubelet runs the image's node as the host's")
+    engine = await env.engine(replicas=1)
+    path = env.tmp_path / "node.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("index.js", NODE_JS)
+    function_id = str(uuid.uuid4())
+    md5 = await engine.packages.put("proj", function_id, 0, path.read_bytes())
+    fn = FunctionSpec(id=function_id, version=0, runtime_id="nodejs", runtime_image=NODE_IMAGE, code={"source": "package"},
+                      entry="index.hello", cpu=100, memory_size=64 * 1024 * 1024, timeout=10,
+                      package=PackageRef("proj", function_id, 0, md5), project_id="proj")
+    result = await engine.execute(req(fn, "Kubernetes"))
+    assert (result.status, result.output) == ("success", "Hello from node, Kubernetes"), result
+    (worker,) = await engine.workers(fn.id, 0)
+    container = (await env.pod(worker))["spec"]["containers"][0]
+    assert container["image"] == NODE_IMAGE and "command" not in container
 
 
 async def test_idle_workers_are_released_after_the_expiration(env):
@@ -146,7 +203,7 @@ async def test_idle_workers_are_released_after_the_expiration(env):
     assert (await engine.execute(req(fn, "idle"))).output == "Hello, idle"
     (worker,) = await engine.workers(fn.id, 0)
     await eventually(lambda: _empty(engine, fn), timeout=6)
-    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, worker) is None, timeout=5)
+    await eventually(lambda: env.gone(worker), timeout=30)
     # Released, not broken: the next execution claims a fresh pod.
     assert (await engine.execute(req(fn, "back"))).output == "Hello, back"
     assert (await engine.workers(fn.id, 0)) != [worker]
@@ -172,22 +229,52 @@ async def test_claim_relabels_out_of_the_pool_and_the_pool_refills(env):
     fn = await env.function(engine)
     assert (await engine.execute(req(fn, "pool"))).status == "success"
     (worker,) = await engine.workers(fn.id, 0)
-    pod = env.fake.get("pods", env.cluster.namespace, worker)
+    pod = await env.pod(worker)
     labels = pod["metadata"]["labels"]
     assert manifests.L_POOL not in labels and labels[manifests.L_FUNCTION] == fn.id and labels[manifests.L_RUNTIME] == "python3"
     # The ReplicaSet let go of it (no owner) and made a replacement.
-    await eventually(lambda: not env.fake.get("pods", env.cluster.namespace, worker)["metadata"].get("ownerReferences"))
-    await eventually(lambda: len(env.pods(f"{manifests.L_POOL}=python3")) == 2)
+    await eventually(lambda: _unowned(env, worker))
+    await eventually(lambda: _count(env.pods(f"{manifests.L_POOL}=python3"), 2))
     total, available = await engine.pool("python3")
     assert total == 3
     await eventually(lambda: _available(engine, 2))
     # The pool pod template: hardening, downward-API host, readiness probe, no service account token.
-    dep = env.fake.get("deployments", env.cluster.namespace, manifests.pool_name("python3"))
+    dep = await env.deployment(manifests.pool_name("python3"))
     spec = dep["spec"]["template"]["spec"]
     container = spec["containers"][0]
     assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
-    assert "$(POD_IP)" in container["command"] and container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # No command: the image's own entrypoint runs its server, told the pod's IP and the port.
+    assert "command" not in container and "args" not in container
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HEADWATER_RUNTIME_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["HEADWATER_RUNTIME_PORT"]["value"] == str(engine.port)
     assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+
+
+async def _none(listing) -> bool:
+    return not await listing
+
+
+async def _count(listing, n: int) -> bool:
+    return len(await listing) == n
+
+
+async def _present(env, name: str) -> bool:
+    return await env.pod(name) is not None
+
+
+async def _unowned(env, name: str) -> bool:
+    return not (await env.pod(name))["metadata"].get("ownerReferences")
+
+
+async def _pool_images(env, images: set[str]) -> bool:
+    return {p["spec"]["containers"][0]["image"] for p in await env.pods(f"{manifests.L_POOL}=python3")} == images
+
+
+async def _ready_pool_pods(env, n: int) -> bool:
+    pods = await env.pods(f"{manifests.L_POOL}=python3")
+    return len([p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                       for c in (p.get("status") or {}).get("conditions") or [])]) == n
 
 
 async def _available(engine, n):
@@ -206,9 +293,10 @@ async def test_racing_claims_conflict_and_move_on(env):
     pods = [p for c in claims for p in c]
     assert len(pods) == 8 and len(set(pods)) == 8
     for fn, (pod,) in zip(fns, claims):
-        assert env.fake.get("pods", env.cluster.namespace, pod)["metadata"]["labels"][manifests.L_FUNCTION] == fn.id
-    conflicts = [r for r in env.fake.responses if r[0] == "PATCH" and r[2] == 409]
-    assert conflicts, "no claim ever raced (test did not exercise the 409 path)"
+        assert (await env.pod(pod))["metadata"]["labels"][manifests.L_FUNCTION] == fn.id
+    if env.cluster.fake is not None:  # a real API server's answers are not recorded
+        conflicts = [r for r in env.fake.responses if r[0] == "PATCH" and r[2] == 409]
+        assert conflicts, "no claim ever raced (test did not exercise the 409 path)"
 
 
 async def test_scale_up_and_scale_down_never_below_one(env):
@@ -227,10 +315,13 @@ async def test_worker_deleted_behind_the_engines_back_is_replaced(env):
     fn = await env.function(engine)
     assert (await engine.execute(req(fn))).status == "success"
     (worker,) = await engine.workers(fn.id, 0)
-    runtime = env.fake._pods[(env.cluster.namespace, worker)]
-    env.fake._delete("pods", env.cluster.namespace, worker, grace=0)
-    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, worker) is None)
-    await eventually(lambda: runtime.process is None or runtime.process.returncode is not None)  # its socket is closed
+    runtime = env.cluster.fake._pods.get((env.cluster.namespace, worker)) if env.cluster.fake is not None else None
+    await env.kill(worker)
+    await eventually(lambda: env.gone(worker))
+    if runtime is not None:
+        # The object goes before the fake kubelet has killed the process: a request sent in between
+        # would be a worker lost mid-request (the next test's case), not one deleted before it.
+        await eventually(lambda: runtime.process is None or runtime.process.returncode is not None)
     result = await engine.execute(req(fn, "again"))
     assert (result.status, result.output) == ("success", "Hello, again")
     assert await engine.workers(fn.id, 0) != [worker]
@@ -242,7 +333,7 @@ async def test_a_worker_killed_mid_request_is_reported_and_replaced(env):
     running = asyncio.create_task(engine.execute(req(fn, {"seconds": 60})))
     await eventually(lambda: sum(engine._inflight.values()) == 1, timeout=60)
     (worker,) = await engine.workers(fn.id, 0)
-    env.fake._delete("pods", env.cluster.namespace, worker, grace=0)
+    await env.kill(worker)
     result = await asyncio.wait_for(running, 60)
     assert (result.status, result.reason) == ("error", "worker_lost"), result
     assert worker in result.output and "may have run in part" in result.output
@@ -263,11 +354,13 @@ async def test_unpullable_runtime_image_fails_fast_with_the_reason(env):
 
 
 @pytest.mark.parametrize("image,reason", [
-    # The pool's command names an executable the image does not have: containerd's StartError.
-    (FakeImage(binaries={}), "StartError"),
+    # The image's entrypoint names an executable the image does not have: containerd's StartError.
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={}, user="1000"), "StartError"),
     # The executable exists but the server exits at once (its file is missing): a crash loop.
-    (FakeImage(binaries={"python": sys.executable}), "CrashLoopBackOff"),
-], ids=["start-error", "crash-loop"])
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={"python": sys.executable}, user="1000"), "CrashLoopBackOff"),
+    # An image that runs as root: the pool's runAsNonRoot makes the kubelet refuse to start it.
+    (FakeImage(entrypoint=["python", "/opt/headwater/server.py"], binaries={"python": sys.executable}), "CreateContainerConfigError"),
+], ids=["start-error", "crash-loop", "root-image"])
 async def test_a_pool_whose_server_cannot_start_is_broken_with_the_reason(env, image, reason):
     env.fake.images["example/broken-runtime"] = image
     engine = await env.engine(replicas=2)
@@ -282,22 +375,21 @@ async def test_a_pool_whose_server_cannot_start_is_broken_with_the_reason(env, i
 
 
 async def test_pool_update_rolls_out_and_a_bad_image_rolls_back(env):
-    env.fake.images["headwater/python3-runtime-next"] = env.fake.images["headwater/python3-runtime"]
+    env.fake.images["headwater/runtime-python3-next"] = env.fake.images["headwater/runtime-python3"]
     engine = await env.engine(replicas=2, rollout_timeout=4)
     await engine.create_pool("python3", RUNTIME_IMAGE)
     name = manifests.pool_name("python3")
-    assert await engine.update_pool("python3", "headwater/python3-runtime-next:2") is True
-    images = {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
-    assert images == {"headwater/python3-runtime-next:2"}
+    assert await engine.update_pool("python3", "headwater/runtime-python3-next:2") is True
+    images = {p["spec"]["containers"][0]["image"] for p in await env.pods(f"{manifests.L_POOL}=python3")}
+    assert images == {"headwater/runtime-python3-next:2"}
 
     assert await engine.update_pool("python3", "example/missing:9") is False
-    dep = env.fake.get("deployments", env.cluster.namespace, name)
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/python3-runtime-next:2"
-    await eventually(lambda: {p["spec"]["containers"][0]["image"] for p in env.pods(f"{manifests.L_POOL}=python3")}
-                     == {"headwater/python3-runtime-next:2"})
+    dep = await env.deployment(name)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "headwater/runtime-python3-next:2"
+    await eventually(lambda: _pool_images(env, {"headwater/runtime-python3-next:2"}))
     # Executions kept working on the rolled-back pool.
     fn = await env.function(engine)
-    fn = dataclasses.replace(fn, runtime_image="headwater/python3-runtime-next:2")
+    fn = dataclasses.replace(fn, runtime_image="headwater/runtime-python3-next:2")
     assert (await engine.execute(req(fn, "rolled"))).output == "Hello, rolled"
 
 
@@ -320,10 +412,10 @@ async def test_nodeport_resolver_reaches_the_worker_through_a_service(env):
     result = await engine.execute(req(fn, "nodeport"))
     assert (result.status, result.output) == ("success", "Hello, nodeport")
     (worker,) = await engine.workers(fn.id, 0)
-    (svc,) = env.fake.list("services", env.cluster.namespace)
+    (svc,) = await env.services()
     assert svc["spec"]["type"] == "NodePort" and svc["spec"]["selector"] == {manifests.L_WORKER: worker}
     await engine.release(fn.id)
-    await eventually(lambda: not env.fake.list("services", env.cluster.namespace))  # owned by the pod: collected
+    await eventually(lambda: _none(env.services()))  # owned by the pod: collected
 
 
 async def test_package_download_uses_a_scoped_short_lived_token(env):
@@ -353,8 +445,9 @@ async def test_package_download_uses_a_scoped_short_lived_token(env):
 def image_fn(env, tmp_path):
     script = tmp_path / "fn.py"
     script.write_text(IMAGE_FN)
+    # Image function pods run as non-root (runAsNonRoot): the image names a numeric non-root USER.
     env.fake.images["example/fn"] = FakeImage(entrypoint=["python", "/app/fn.py"], files={"/app/fn.py": str(script)},
-                                              binaries={"python": __import__("sys").executable})
+                                              binaries={"python": __import__("sys").executable}, user="1000")
 
     def make(timeout: int = 5, image: str = "example/fn:1") -> FunctionSpec:
         return FunctionSpec(id=str(uuid.uuid4()), version=0, runtime_id=None, runtime_image=None,
@@ -380,7 +473,7 @@ async def test_image_function_runs_in_its_own_pod_with_container_limits_and_is_d
     assert container["resources"]["limits"] == {"cpu": "200m", "memory": str(64 * 1024 * 1024)}
     assert "resources" not in pod["spec"] and pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["automountServiceAccountToken"] is False
-    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, pod["metadata"]["name"]) is None)
+    await eventually(lambda: env.gone(pod["metadata"]["name"]))
 
     request = req(fn, {"exit": 0, "key": "value"})  # a JSON object arrives whole, in HEADWATER_INPUT
     result = await engine.execute(request)
@@ -394,7 +487,7 @@ async def test_image_function_timeout_kills_and_deletes_the_pod(env, image_fn):
     result = await engine.execute(request)
     assert (result.status, result.reason, result.output) == ("failed", "timeout", "Function execution timeout.")
     name = _created_pod(env, request.execution_id)["metadata"]["name"]
-    assert env.fake.get("pods", env.cluster.namespace, name) is None
+    assert await env.gone(name)
 
 
 async def test_an_image_pod_cancelled_just_before_stop_is_still_deleted(env, image_fn):
@@ -404,12 +497,14 @@ async def test_an_image_pod_cancelled_just_before_stop_is_still_deleted(env, ima
     request = req(image_fn(timeout=30), {"sleep": 30})
     running = asyncio.ensure_future(engine.execute(request))
     name = manifests.dns_name("hw-exec", request.execution_id, limit=63)
-    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, name) is not None)
+    await eventually(lambda: _present(env, name))
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
     await engine.stop()
-    assert env.fake.get("pods", env.cluster.namespace, name) is None
+    env.engines.remove(engine)
+    await env.engine(replicas=0)  # the API is reached through an engine
+    assert await env.gone(name)
 
 
 async def test_image_function_failure_is_seen_at_once(env, image_fn):
@@ -426,7 +521,7 @@ async def test_image_function_with_unpullable_image_is_an_error(env, image_fn):
     result = await engine.execute(request)
     assert result.status == "error" and "ErrImagePull" in result.output
     name = _created_pod(env, request.execution_id)["metadata"]["name"]
-    await eventually(lambda: env.fake.get("pods", env.cluster.namespace, name) is None)
+    await eventually(lambda: env.gone(name))
 
 
 @pytest.mark.parametrize("answer", [401, None], ids=["credentials-refused", "unreachable"])

@@ -4,17 +4,20 @@ selectors, the three patch types, 409 on stale resourceVersion, watch replay/410
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from tests.fakes.kube_api import ApiError, FakeKubernetes, json_patch, merge_patch, parse_selector, selector_matches, strategic_merge
+from tests.fakes.kube_images import FakeImage, default_images
 
 
 @pytest.fixture
 async def kube():
-    fake = FakeKubernetes()
+    # The official python image (root, CMD python3) besides the runtime images: these pods run scripts.
+    fake = FakeKubernetes({**default_images(), "python": FakeImage(cmd=["python3"], binaries={"python3": sys.executable})})
     await fake.start()
     api = client.ApiClient(client.Configuration(host=fake.url))
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
@@ -101,7 +104,15 @@ async def test_watch_replays_from_a_resource_version_and_times_out(kube):
     async for event in w.stream(core.list_namespaced_pod, "t", label_selector="step", resource_version=str(start), timeout_seconds=1):
         seen.append((event["type"], event["object"].metadata.labels.get("step")))
     await w.close()
-    assert ("MODIFIED", "2") in seen
+    # As the API server's watch cache: a change that brings an object into the selection is ADDED.
+    assert ("ADDED", "2") in seen
+    await core.patch_namespaced_pod("p1", "t", {"metadata": {"labels": {"step": None}}})
+    left = []
+    w = watch.Watch()
+    async for event in w.stream(core.list_namespaced_pod, "t", label_selector="step", resource_version=str(start), timeout_seconds=1):
+        left.append((event["type"], event["object"].metadata.name))
+    await w.close()
+    assert left[-1] == ("DELETED", "p1")  # and one that leaves it is DELETED (pool watches rely on it)
     fake.events[:] = fake.events[-1:]  # compact the log: old versions are gone
     resp = await core.api_client.call_api("/api/v1/namespaces/t/pods", "GET", query_params=[("watch", "true"), ("resourceVersion", "1")],
                                           _preload_content=False, auth_settings=["BearerToken"])

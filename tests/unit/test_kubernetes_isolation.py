@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_pool_pods_are_hardened_and_get_the_runtime_credential():
     token = pool_runtime_token(b"secret")
-    dep = manifests.pool_deployment("rt", "img", replicas=1, command=["python"], port=9090,
+    dep = manifests.pool_deployment("rt", "img", replicas=1, port=9090,
                                     env={"HEADWATER_RUNTIME_TOKEN": token, "HEADWATER_RUNTIME_PACKAGE_URLS": "http://api/v1/functions/"})
     spec = dep["spec"]["template"]["spec"]
     container = spec["containers"][0]

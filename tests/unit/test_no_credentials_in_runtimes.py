@@ -23,13 +23,13 @@ def test_local_runtimes_inherit_no_credentials(monkeypatch):
 
 
 def test_pod_specs_carry_no_credentials():
-    pool = manifests.pool_deployment("rt", "img", replicas=1, command=["python"], port=9090)
+    pool = manifests.pool_deployment("rt", "img", replicas=1, port=9090)
     pod = manifests.image_pod("p", image="img", function_id="f", version=0, execution_id="e", args=[], input_json="{}",
                               cpu=100, memory=1 << 25, timeout=5)
     for spec in (pool["spec"]["template"]["spec"], pod["spec"]):
         assert spec["automountServiceAccountToken"] is False
         names = {e["name"] for c in spec["containers"] for e in c.get("env", [])}
-        assert names <= {"POD_IP", "HEADWATER_INPUT", "HEADWATER_EXECUTION_ID"}, names
+        assert names <= {"HEADWATER_RUNTIME_HOST", "HEADWATER_RUNTIME_PORT", "HEADWATER_INPUT", "HEADWATER_EXECUTION_ID"}, names
         assert not any("envFrom" in c for c in spec["containers"])
         text = json.dumps(spec).lower()
         assert "password" not in text and "x-auth-token" not in text
