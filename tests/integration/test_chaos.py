@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from router.events import Event, derived_id
 from tests.e2e.server import Server, free_port, make_zip
 from tests.integration.test_durability import BROKERS, BusPlace, Records, pg_url, publish_all, require  # noqa: F401
+from tests.integration.tcpproxy import TcpProxy
 from tests.integration.test_etcd_coordination import etcd  # noqa: F401 - the etcd-server fixture
 from tests.processes import shared_dir
 
@@ -88,12 +89,18 @@ class Replica:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        # Its own public URL: packages its pods fetch come from this replica, whichever one stored them.
-        (data_dir / "replica.conf").write_text(f"[api]\npublic_url = {self.url}\n")
+        self.public_url(self.url)
         self.server: Server | None = None
         self.kills = 0
 
+    def public_url(self, url: str) -> None:
+        """The address pods and clients reach the API at (a load balancer in front of every replica)."""
+        (self.data_dir / "replica.conf").write_text(f"[api]\npublic_url = {url}\n")
+
     def start(self) -> Server:
+        log = self.data_dir / "server.log"
+        if log.exists():  # keep each life's log for a post-mortem
+            log.rename(self.data_dir / f"server.log.{self.kills}")
         server = Server(self.data_dir, self.config,
                         extra_args=("--port", str(self.port), "--config-file", str(self.data_dir / "replica.conf")))
         server.port, server.url = self.port, self.url  # argparse keeps the last --port: ours
@@ -191,6 +198,13 @@ def peak_concurrency(lines: list[str], kills: list[float]) -> tuple[int, int]:
     return peak, unfinished
 
 
+async def dead_letters(records: Records) -> dict:
+    async with records.engine.connect() as conn:
+        rows = (await conn.execute(sa.text("SELECT subscription_id, left(reason, 160) AS reason, count(*) AS n FROM dead_letters "
+                                           "GROUP BY 1, 2"))).all()
+    return {(r.subscription_id, r.reason): r.n for r in rows}
+
+
 async def finished_count(records: Records, subscription_id: str) -> int:
     return (await records.counts(subscription_id))["finished"]
 
@@ -248,7 +262,8 @@ async def test_three_replicas_killed_in_turn_lose_nothing_and_run_nothing_twice(
 
         deadline = time.monotonic() + (300 if STREAM_EVENTS >= 1000 else 90)
         while not await all_done():
-            assert time.monotonic() < deadline, f"not done: {await records.counts(stream_sub)} {await records.counts(limited_sub)}"
+            assert time.monotonic() < deadline, (f"not done: {await records.counts(stream_sub)} {await records.counts(limited_sub)}; "
+                                                 f"dead letters: {await dead_letters(records)}")
             assert not chaos.done(), chaos.exception()
             await asyncio.sleep(0.5)
         chaos.cancel()
@@ -330,3 +345,89 @@ async def _eventually(probe, timeout: float):
             return value
         assert asyncio.get_running_loop().time() < deadline, f"{probe.__name__} never held"
         await asyncio.sleep(0.2)
+
+
+# -- a package stored through one replica runs on every replica ----------------------------------
+
+class LoadBalancer(TcpProxy):
+    """Round robin over the replicas' ports: each new connection goes to the next replica."""
+
+    def __init__(self, ports: list[int]):
+        super().__init__("127.0.0.1", ports[0])
+        self.ports, self.turn = ports, 1  # the first connection goes to the second replica, not the one that stored the package
+        self.by_port = {port: 0 for port in ports}
+
+    async def _accept(self, client_reader, client_writer) -> None:
+        port = self.ports[self.turn % len(self.ports)]
+        self.turn += 1
+        self.by_port[port] += 1
+        self.target = ("127.0.0.1", port)  # read by the connect that follows, before any await
+        await super()._accept(client_reader, client_writer)
+
+
+HELLO = "def main(name='nobody', **kw):\n    return 'hello ' + name\n"
+
+
+def run_on(server: Server, function_id: str, name: str) -> dict:
+    resp = server.request("POST", "/v1/executions", {"function_id": function_id, "input": {"name": name}}, timeout=120)
+    assert resp.status == 201, resp.text
+    return resp.json()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["local", "kubernetes"])
+async def test_a_package_uploaded_through_one_replica_runs_on_the_others(engine, pg_url, etcd, tmp_path, capsys):  # noqa: F811
+    require("rabbitmq")
+    place = BusPlace("rabbitmq")
+    packages = Path(shared_dir("headwater-chaos-packages-"))
+    cluster_context = None
+    extra, image = "", "python3"
+    if engine == "kubernetes":
+        from tests.fakes.kube_cluster import kube_cluster
+
+        cluster_context = kube_cluster(tmp_path / "cluster")
+        cluster = await cluster_context.__aenter__()
+        if cluster.fake is None:
+            pytest.skip("three replicas on the fake cluster; a real one is covered by the engine suite")
+        extra = (f"[kubernetes]\nkube_host = {cluster.fake.url}\nnamespace = {cluster.namespace}\nreplicas = 2\n"
+                 "worker_wait = 60\nrollout_timeout = 60\n")
+        image = "headwater/python3-runtime:1"
+    config = replica_config(pg_url, "rabbitmq", place.url(), etcd, packages, engine=engine, extra=extra)
+    replicas = [Replica(name, tmp_path / name, config) for name in ("r1", "r2", "r3")]
+    # One public URL in front of all three (as the layout in docs/ha.md has it): pods fetch packages
+    # through it, so each download may reach any replica, which must find the package whoever stored it.
+    balancer = await LoadBalancer([r.port for r in replicas]).start()
+    try:
+        for replica in replicas:
+            replica.public_url(f"http://127.0.0.1:{balancer.port}")
+            await asyncio.to_thread(replica.start().wait_ready)
+        first = replicas[0].server
+        runtime = await asyncio.to_thread(first.request, "POST", "/v1/runtimes", {"image": image, "name": "python3"})
+        assert runtime.status == 201, runtime.text
+        runtime_id = runtime.json()["id"]
+
+        async def runtime_available():
+            got = await asyncio.to_thread(first.request, "GET", f"/v1/runtimes/{runtime_id}")
+            assert got.json()["status"] != "error", got.text
+            return got.json()["status"] == "available"
+
+        await _eventually(runtime_available, 120)
+        form = {"runtime_id": runtime_id, "code": json.dumps({"source": "package"}), "entry": "main.main"}
+        function = await asyncio.to_thread(first.multipart, "/v1/functions", form, {"package": make_zip({"main.py": HELLO})})
+        assert function.status == 201, function.text
+        function_id = function.json()["id"]
+        outcomes = {}
+        for replica in replicas[1:]:  # never through the replica that stored it
+            outcome = await asyncio.to_thread(run_on, replica.server, function_id, replica.name)
+            outcomes[replica.name] = outcome
+            assert (outcome["status"], json.loads(outcome["result"])["output"]) == ("success", f"hello {replica.name}"), outcome
+        with capsys.disabled():
+            print(f"\n[packages/{engine}] stored through r1 ({'swift' if OPENSTACK else 'filesystem, shared dir'}), ran on r2 "
+                  f"and r3; connections through the public URL by replica: {list(balancer.by_port.values())}")
+    finally:
+        for replica in replicas:
+            replica.stop()
+        await balancer.close()
+        if cluster_context is not None:
+            await cluster_context.__aexit__(None, None, None)
+        await place.cleanup()
