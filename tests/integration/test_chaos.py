@@ -33,6 +33,7 @@ STREAM_EVENTS = int(os.environ.get("HEADWATER_CHAOS_EVENTS", "5000"))
 LIMITED_EVENTS = min(120, STREAM_EVENTS)
 MAX_CONCURRENCY = 2
 KILL_EVERY = 5.0
+FUNCTION_TIMEOUT = 1  # seconds: the runtime kills a run that outlives it
 STREAM_TYPE, LIMITED_TYPE = "chaos.stream", "chaos.limited"
 
 # The package store every replica shares: real Swift when the OpenStack harness is up, else the
@@ -152,7 +153,7 @@ def tick(**kw):
 def create_function(server: Server, source: str, entry: str) -> str:
     runtime = server.request("POST", "/v1/runtimes", {"image": "python3"})
     assert runtime.status == 201, runtime.text
-    form = {"runtime_id": runtime.json()["id"], "code": json.dumps({"source": "package"}), "entry": entry, "timeout": "1"}
+    form = {"runtime_id": runtime.json()["id"], "code": json.dumps({"source": "package"}), "entry": entry, "timeout": str(FUNCTION_TIMEOUT)}
     function = server.multipart("/v1/functions", form, {"package": make_zip({"main.py": source})})
     assert function.status == 201, function.text
     return function.json()["id"]
@@ -172,8 +173,9 @@ def stream(n: int, tag: str, kind: str) -> list[Event]:
 
 def peak_concurrency(lines: list[str], kills: list[float]) -> tuple[int, int]:
     """The most runs of the limited function at once, from its own start/end times, and how many
-    runs never ended (killed with their replica: they count as running until the first kill after
-    their start, when the kernel killed them with it)."""
+    runs never ended: killed with their replica (the kernel kills a runtime's processes with it), or
+    by the runtime at the function's timeout. Such a run counts as running until the first kill
+    after its start or until its timeout, whichever comes first."""
     starts: dict[str, list[float]] = {}
     ends: dict[str, list[float]] = {}
     for line in lines:
@@ -189,7 +191,7 @@ def peak_concurrency(lines: list[str], kills: list[float]) -> tuple[int, int]:
                 finished.remove(end)
             else:
                 unfinished += 1
-                end = next((k for k in sorted(kills) if k >= b), float("inf"))
+                end = min(next((k for k in sorted(kills) if k >= b), float("inf")), b + FUNCTION_TIMEOUT)
             edges += [(b, 1), (end, -1)]
     running = peak = 0
     for _, step in sorted(edges, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
@@ -319,6 +321,9 @@ async def test_three_replicas_killed_in_turn_lose_nothing_and_run_nothing_twice(
             await asyncio.gather(chaos, return_exceptions=True)
         for replica in replicas:
             replica.stop()
+        # For a post-mortem: the side effects and kill times beside the replicas' logs.
+        (tmp_path / "effects.log").write_text(side_effects.read_text())
+        (tmp_path / "kills.txt").write_text("\n".join(map(repr, kills)))
         with contextlib.suppress(Exception):
             await publisher.close()
         await records.close()
