@@ -184,14 +184,17 @@ def peak_concurrency(lines: list[str], kills: list[float]) -> tuple[int, int]:
     edges: list[tuple[float, int]] = []
     unfinished = 0
     for i, begun in starts.items():
-        finished = sorted(ends.get(i, []))
-        for b in sorted(begun):
-            end = next((e for e in finished if e >= b), None)
-            if end is not None:
-                finished.remove(end)
-            else:
-                unfinished += 1
-                end = min(next((k for k in sorted(kills) if k >= b), float("inf")), b + FUNCTION_TIMEOUT)
+        # A run that was killed and run again has two starts and one end: an end belongs to the
+        # latest start before it (its own run), the earlier start is the killed run.
+        open_runs = sorted(begun)
+        for end in sorted(ends.get(i, [])):
+            b = max((x for x in open_runs if x <= end), default=None)
+            if b is not None:
+                open_runs.remove(b)
+                edges += [(b, 1), (end, -1)]
+        for b in open_runs:
+            unfinished += 1
+            end = min(next((k for k in sorted(kills) if k >= b), float("inf")), b + FUNCTION_TIMEOUT)
             edges += [(b, 1), (end, -1)]
     running = peak = 0
     for _, step in sorted(edges, key=lambda e: (e[0], e[1])):  # an end before a start at the same instant
@@ -436,3 +439,12 @@ async def test_a_package_uploaded_through_one_replica_runs_on_the_others(engine,
         if cluster_context is not None:
             await cluster_context.__aexit__(None, None, None)
         await place.cleanup()
+
+
+def test_peak_concurrency_pairs_a_rerun_with_its_own_end():
+    """The checker itself: event 1 was killed at 10.5 and run again at 12; event 2 ran 12.02–12.07.
+    At most two ran at once (pairing the re-run's end with the killed start would make it three)."""
+    lines = ["start 1 10.0", "start 2 12.02", "start 1 12.0", "end 1 12.05", "end 2 12.07", "start 3 12.06", "end 3 12.1"]
+    assert peak_concurrency(lines, kills=[10.5]) == (2, 1)
+    assert peak_concurrency(["start 1 10.0", "start 2 10.2"], kills=[]) == (2, 2)  # no kill: the timeout ends them
+    assert peak_concurrency(["start 1 10.0", "start 2 11.5"], kills=[]) == (1, 2)
