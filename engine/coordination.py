@@ -17,6 +17,9 @@ from router.config import Config
 
 LOG = logging.getLogger(__name__)
 
+# How often a process waiting for a shared permit looks again when the one it watched is not the one freed.
+PERMIT_RECHECK_SECONDS = 0.25
+
 
 class CoordinationError(RuntimeError):
     """The coordination service could not be reached or refused the operation."""
@@ -79,6 +82,16 @@ class Coordinator(abc.ABC):
     async def loads(self, function_id: str, version: int) -> dict[str, int]:
         """engine id → running executions of the function version, as each process last reported."""
 
+    @abc.abstractmethod
+    def permit(self, name: str, limit: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of `limit` permits of `name` shared by every process (a counting semaphore), held
+        for the block; a dead holder's permits end with its lease."""
+
+    @abc.abstractmethod
+    async def reserve_rate(self, name: str, interval: float) -> float:
+        """Reserve the next slot of a rate shared by every process (one event per `interval`
+        seconds, no bursts) and return how many seconds to wait until it comes."""
+
 
 # ---------------------------------------------------------------------------------------------
 # In-process
@@ -92,6 +105,28 @@ class MemoryState:
         self.locks: dict[str, asyncio.Lock] = {}
         self.leaders: dict[str, str] = {}
         self.loads: dict[tuple[str, int], dict[str, int]] = {}
+        self.permits: dict[str, _LocalPermits] = {}
+        self.rates: dict[str, float] = {}  # name → the time (monotonic) the next slot is due
+
+
+class _LocalPermits:
+    """A counting semaphore whose limit may change between uses (the subscription's limits were edited)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, limit: int) -> AsyncIterator[None]:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.held < limit)
+            self.held += 1
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.held -= 1
+                self.changed.notify_all()
 
 
 class MemoryCoordinator(Coordinator):
@@ -153,6 +188,15 @@ class MemoryCoordinator(Coordinator):
     async def loads(self, function_id: str, version: int) -> dict[str, int]:
         return dict(self.state.loads.get((function_id, version), {}))
 
+    def permit(self, name: str, limit: int) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.state.permits.setdefault(name, _LocalPermits()).hold(limit)
+
+    async def reserve_rate(self, name: str, interval: float) -> float:
+        now = time.monotonic()
+        due = max(now, self.state.rates.get(name, now))
+        self.state.rates[name] = due + interval
+        return due - now
+
 
 # ---------------------------------------------------------------------------------------------
 # etcd
@@ -167,7 +211,11 @@ class EtcdCoordinator(Coordinator):
     * ``locks/<name>``  → holder token, under the lease (a dead holder's locks expire);
     * ``leaders/<name>`` → engine id, under the lease;
     * ``loads/<function_id>/<version>/<engine id>`` → running executions there, under the lease (so a
-      dead engine's load disappears with it).
+      dead engine's load disappears with it);
+    * ``permits/<name>/<slot>`` → holder token, slot in 0..limit-1, created only if absent, under
+      the lease (a dead holder's permits come back after `lease_ttl`);
+    * ``rates/<name>`` → the wall-clock time the next slot of the rate is due, moved on by
+      compare-and-set (so the replicas' clocks must agree, as NTP keeps them).
     """
 
     def __init__(self, engine_id: str, *, host: str = "127.0.0.1", port: int = 2379, protocol: str = "http",
@@ -335,6 +383,59 @@ class EtcdCoordinator(Coordinator):
     async def loads(self, function_id: str, version: int) -> dict[str, int]:
         found = await self._guard(self.client.get_prefix(self._k("loads", function_id, str(version)) + b"/"))
         return {kv.key.decode().rsplit("/", 1)[1]: int(kv.value) for kv in found}
+
+    @contextlib.asynccontextmanager
+    async def permit(self, name: str, limit: int) -> AsyncIterator[None]:
+        prefix = self._k("permits", name) + b"/"
+        token = f"{self.engine_id}:{uuid.uuid4().hex}".encode()
+        tx = self.client.transactions if self.client is not None else None
+        key = None
+        while key is None:
+            held = {kv.key: kv for kv in await self._guard(self.client.get_prefix(prefix))}
+            for slot in range(limit):
+                candidate = prefix + str(slot).encode()
+                if candidate in held:
+                    continue
+                ok, _ = await self._guard(self.client.transaction(
+                    compare=[tx.create(candidate) == 0], success=[tx.put(candidate, token, lease=self.lease)], failure=[]))
+                if ok:
+                    key = candidate
+                    break
+            else:
+                # All taken: wait for one to be given back (or to expire with its holder's lease),
+                # then look again; the timeout bounds the wait when the slot freed is another one.
+                busy = [kv for k, kv in held.items() if int(k.rsplit(b"/", 1)[1]) < limit]
+                if busy:
+                    oldest = min(busy, key=lambda kv: kv.mod_revision)
+                    try:
+                        await self.client.watch_once(oldest.key, timeout=PERMIT_RECHECK_SECONDS,
+                                                     start_revision=oldest.mod_revision + 1,
+                                                     kind=self._aetcd.rtypes.EventKind.DELETE)
+                    except self._aetcd.exceptions.WatchTimeoutError:
+                        pass
+                    except self._aetcd.exceptions.ClientError as exc:
+                        raise CoordinationError(f"etcd at {self.host}:{self.port}: {exc}") from exc
+                else:
+                    await asyncio.sleep(PERMIT_RECHECK_SECONDS)
+        try:
+            yield
+        finally:
+            # Only our own token: if our lease lapsed meanwhile the slot may be someone else's now.
+            with contextlib.suppress(Exception):
+                await self.client.transaction(compare=[tx.value(key) == token], success=[tx.delete(key)], failure=[])
+
+    async def reserve_rate(self, name: str, interval: float) -> float:
+        key = self._k("rates", name)
+        tx = self.client.transactions if self.client is not None else None
+        while True:
+            got = await self._guard(self.client.get(key))
+            now = time.time()
+            due = max(now, float(got.value)) if got is not None else now
+            seen = tx.mod(key) == got.mod_revision if got is not None else tx.create(key) == 0
+            ok, _ = await self._guard(self.client.transaction(
+                compare=[seen], success=[tx.put(key, repr(due + interval).encode(), lease=self.lease)], failure=[]))
+            if ok:
+                return due - now
 
     async def _guard(self, awaitable):
         if self.client is None:

@@ -194,6 +194,9 @@ class Headwater:
             config, self.packages, coordinator=self.coordination)
         self.bus: Bus = _plugin("bus", config.bus.backend, "[bus] backend")(config)
         self.executions = ExecutionService(config, self.store, self.engine, self.metrics)
+        if config.engine.coordination != "memory":
+            # Subscriptions' limits hold across the replicas sharing this coordination (docs/ha.md).
+            self.executions.limits.shared = self.coordination
         self.builds = Builds(config, self.store, self.packages, self.engine, spawn=self.executions.spawn,
                              on_change=self.executions.targets.clear)
         self.history = EventLog(config, self.store)

@@ -13,6 +13,7 @@ from router.delivery import RETRY_TOPIC, clean, retry_copy, retry_marks
 from router.events import Event, derived_id, execution_id_for
 from router.executions import ExecutionService
 from router.index import SubscriptionIndex, source_kind
+from router.limits import LeadingConsumer
 from router.log import current_event_id
 from router.metrics import Metrics
 from router.plugins import Subscription
@@ -89,8 +90,14 @@ class Dispatcher:
         events ask at the same time)."""
         started = self._parked_consumers.get(subscription_id)
         if started is None or (started.done() and started.exception() is not None):
-            started = self._parked_consumers[subscription_id] = asyncio.ensure_future(self.bus.consume(
-                parked_topic(subscription_id), self.group, self.handle_parked, prefetch=self.prefetch))
+            topic, shared, sub = parked_topic(subscription_id), self.executions.limits.shared, self.index.get(subscription_id)
+            if shared is not None and sub is not None and ((sub.options or {}).get("limits") or {}).get("ordered"):
+                # Ordered across replicas: one replica at a time consumes (router.limits).
+                consuming = LeadingConsumer(self.bus, shared, f"ordered-{subscription_id}", topic, self.group,
+                                            self.handle_parked, self.prefetch).start()
+            else:
+                consuming = self.bus.consume(topic, self.group, self.handle_parked, prefetch=self.prefetch)
+            started = self._parked_consumers[subscription_id] = asyncio.ensure_future(consuming)
         await asyncio.shield(started)
 
     async def park(self, event: Event, sub: Subscription, attempt: int = 1, last_status: str | None = None) -> None:

@@ -1,18 +1,22 @@
 """Per-subscription flow control: a ceiling on concurrent executions, a rate (token bucket), and
-optional ordering by partition key. Over-limit events wait their turn — none is dropped. They wait
-on the subscription's own parking topic of the bus (see router.dispatch), so one subscription's
-backlog never holds the delivery slots other subscriptions' events need."""
+optional ordering by partition key; across replicas when given the shared Coordination. Over-limit
+events wait their turn — none is dropped. They wait on the subscription's own parking topic of the
+bus (see router.dispatch), so one subscription's backlog never holds the delivery slots other
+subscriptions' events need."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from router.events import Event
-from router.plugins import Subscription
+from router.plugins import Coordination, Subscription
+
+log = logging.getLogger(__name__)
 
 RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
@@ -121,19 +125,28 @@ class _SubscriptionGate:
             per_second = rate["count"] / RATE_UNITS[rate["per"]]
             # A burst of one: events are spread evenly, not let through in clumps.
             self.bucket: _TokenBucket | None = _TokenBucket(per_second, 1.0, clock)
+            self.interval = 1.0 / per_second
         else:
             self.bucket = None
+        # Shared rates: this process asks for one reservation at a time, in arrival order.
+        self.reserving = asyncio.Lock()
         self.sequencer = _KeyedSequencer() if spec.get("ordered") else None
         self.running = 0
         self.peak = 0
 
 
 class Limiter:
-    """Holds one gate per limited subscription; unlimited subscriptions pass straight through."""
+    """Holds one gate per limited subscription; unlimited subscriptions pass straight through.
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    With `shared` (the replicas' Coordination, e.g. etcd) max_concurrency and rate hold across every
+    replica: a run holds a shared permit besides this process's slot, and rate slots are reserved
+    from one shared schedule. Ordering across replicas comes from the dispatcher: one replica at a
+    time consumes an ordered subscription's parking topic. Without it, limits are per process."""
+
+    def __init__(self, clock: Clock | None = None, shared: Coordination | None = None) -> None:
         self._gates: dict[str, _SubscriptionGate] = {}
         self.clock = clock or Clock()
+        self.shared = shared
 
     def _gate(self, sub: Subscription) -> _SubscriptionGate | None:
         spec = (sub.options or {}).get("limits")
@@ -166,12 +179,74 @@ class Limiter:
                 key = event.partition_key or event.subject or ""
                 await stack.enter_async_context(gate.sequencer.turn(key))
             if gate.bucket is not None:
-                await gate.bucket.take()
+                if self.shared is None:
+                    await gate.bucket.take()
+                else:
+                    async with gate.reserving:
+                        delay = await self.shared.reserve_rate(f"rate/{sub.id}", gate.interval)
+                    if delay > 0:
+                        await self.clock.sleep(delay)
             if gate.semaphore is not None:
+                # This process's slot first: at most max_concurrency of its waiters ask the others.
                 await stack.enter_async_context(gate.semaphore)
+                if self.shared is not None:
+                    await stack.enter_async_context(self.shared.permit(f"concurrency/{sub.id}", gate.spec["max_concurrency"]))
             gate.running += 1
             gate.peak = max(gate.peak, gate.running)
             try:
                 yield
             finally:
                 gate.running -= 1
+
+
+# How often the replica consuming an ordered subscription's parking topic confirms it still leads
+# (and how often the others ask whether it is gone).
+ORDERED_LEAD_CHECK_SECONDS = 1.0
+
+
+class LeadingConsumer:
+    """Consumes one topic only while this replica leads `name` among the replicas: ordering across
+    replicas, since events of one key taken by two replicas at once could run in either order.
+    The others keep the topic's group (so nothing published is lost) and take over when the
+    leader's lease ends."""
+
+    def __init__(self, bus: Any, coordination: Coordination, name: str, topic: str, group: str, handler: Any,
+                 prefetch: int | None, check: float = ORDERED_LEAD_CHECK_SECONDS):
+        self.bus, self.coordination, self.name = bus, coordination, name
+        self.topic, self.group, self.handler, self.prefetch, self.check = topic, group, handler, prefetch, check
+        self.consumer: Any = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> LeadingConsumer:
+        await self.bus.ensure_group(self.topic, self.group)
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name=f"lead-{self.name}")
+        return self
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                leads = await self.coordination.campaign(self.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # coordination unreachable: stop consuming, another may lead now
+                log.exception("ordered: coordination did not answer", extra={"topic": self.topic})
+                leads = False
+            if leads and self.consumer is None:
+                self.consumer = await self.bus.consume(self.topic, self.group, self.handler, prefetch=self.prefetch)
+                log.info("ordered: this replica consumes the topic", extra={"topic": self.topic})
+            elif not leads and self.consumer is not None:
+                consumer, self.consumer = self.consumer, None
+                await consumer.cancel()
+                log.info("ordered: another replica consumes the topic", extra={"topic": self.topic})
+            await asyncio.sleep(self.check)
+
+    async def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            await consumer.cancel()
+        with contextlib.suppress(Exception):
+            await self.coordination.resign(self.name)

@@ -292,6 +292,15 @@ class Coordination(Protocol):
         """engine id → running executions of the function version, as each process last reported:
         what scale-up decisions count, so that they see every replica's load."""
 
+    def permit(self, name: str, limit: int) -> AbstractAsyncContextManager[None]:
+        """Hold one of `limit` permits of `name` shared by every replica for the block (a
+        subscription's max_concurrency); waits while all are held. A dead replica's permits come
+        back when its lease ends, never later."""
+
+    async def reserve_rate(self, name: str, interval: float) -> float:
+        """Reserve the next slot of a rate shared by every replica (one per `interval` seconds, no
+        bursts): returns the seconds to wait before using it (a subscription's rate limit)."""
+
 
 class EngineBusy(RuntimeError):
     """The engine cannot take more work right now; the caller should back off and retry."""
