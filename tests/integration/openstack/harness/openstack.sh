@@ -338,7 +338,15 @@ batch_size = 1
 [notifier]
 batch_size = 1
 CONF
-  if [ "$2" = keystone ]; then authtoken_section >> "$1"; fi
+  if [ "$2" = keystone ]; then
+    # Aodh's paste pipeline has authtoken read a configuration of its own (oslo_config_project),
+    # which would be /etc/aodh/aodh.conf: point it at this one.
+    local paste=${1%.conf}-api-paste.ini
+    sed "s|^oslo_config_project = aodh\$|&\noslo_config_file = $1|" \
+      "$("$DIR/venv-aodh/bin/python" -c 'import aodh.api, os; print(os.path.dirname(aodh.api.__file__))')/api-paste.ini" > "$paste"
+    sed -i "s|^\[api\]\$|&\npaste_config = $paste|" "$1"
+    authtoken_section >> "$1"
+  fi
 }
 
 # Keystone mode's service user (role `service` in project `service`: it may validate tokens), one
@@ -388,7 +396,13 @@ cmd_start() {
     write_zaqar_conf "$RUN/zaqar/zaqar.conf" "$ZAQAR_PORT" ""
     spawn zaqar-server "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$RUN/zaqar/zaqar.conf"
   fi
-  if [ -n "$KEYSTONE_URL" ]; then keystone_setup; fi
+  if [ -n "$KEYSTONE_URL" ]; then
+    keystone_setup
+    if port_open "$ZAQAR_KS_PORT"; then log "zaqar (keystone) already up"; else
+      write_zaqar_conf "$RUN/zaqar/zaqar-keystone.conf" "$ZAQAR_KS_PORT" keystone
+      spawn zaqar-server-keystone "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$RUN/zaqar/zaqar-keystone.conf"
+    fi
+  fi
   if port_open "$SWIFT_PORT"; then log "swift already up"; else
     write_swift_conf
     local n
@@ -417,10 +431,6 @@ cmd_start() {
   wait_http swift "http://127.0.0.1:$SWIFT_PORT/info" 60
   wait_http aodh "http://127.0.0.1:$AODH_PORT/" 90
   if [ -n "$KEYSTONE_URL" ]; then
-    if ! port_open "$ZAQAR_KS_PORT"; then
-      write_zaqar_conf "$RUN/zaqar/zaqar-keystone.conf" "$ZAQAR_KS_PORT" keystone
-      spawn zaqar-server-keystone "$DIR/venv-zaqar/bin/zaqar-server" --config-file "$RUN/zaqar/zaqar-keystone.conf"
-    fi
     wait_http zaqar-keystone "http://127.0.0.1:$ZAQAR_KS_PORT/v2/ping" 60
     wait_http swift-keystone "http://127.0.0.1:$SWIFT_KS_PORT/info" 60
     wait_http aodh-keystone "http://127.0.0.1:$AODH_KS_PORT/" 90
