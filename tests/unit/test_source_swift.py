@@ -23,16 +23,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 class FakeCredentials:
-    """router.plugins.Credentials with a token per subscription id; counts the fresh ones asked for."""
+    """router.plugins.Credentials with a token per subscription id; records the fresh ones asked for,
+    and hands out `renewed[id]` from then on (as Keystone gives a new token for a trust)."""
 
-    def __init__(self, tokens: dict[str, str] | None = None, *, active: bool | None = None):
+    def __init__(self, tokens: dict[str, str] | None = None, *, active: bool | None = None,
+                 renewed: dict[str, str] | None = None):
         self.tokens = dict(tokens or {})
+        self.renewed = dict(renewed or {})
         self.active = bool(tokens) if active is None else active
         self.fresh: list[str] = []
 
     async def token(self, subscription: Subscription, *, fresh: bool = False) -> str | None:
         if fresh:
             self.fresh.append(subscription.id)
+            self.tokens[subscription.id] = self.renewed.get(subscription.id, self.tokens.get(subscription.id))
         return self.tokens.get(subscription.id) if self.active else None
 
 

@@ -111,8 +111,10 @@ class FakeZaqar:
 
     async def post(self, request: web.Request) -> web.Response:
         self.headers.append(dict(request.headers))
+        project = self.project(request) if "X-Auth-Token" in request.headers else None
+        owner = {"project": project} if project else {}
         body = await request.json()
-        ids = [self.add(request.match_info["q"], m["body"], ttl=m.get("ttl", 3600)) for m in body["messages"]]
+        ids = [self.add(request.match_info["q"], m["body"], ttl=m.get("ttl", 3600), **owner) for m in body["messages"]]
         return web.json_response({"resources": [f"/v2/queues/{request.match_info['q']}/messages/{i}" for i in ids]}, status=201)
 
 
@@ -277,7 +279,7 @@ async def test_under_keystone_each_projects_queue_is_claimed_with_its_subscripti
         config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
                                         "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
                                         "zaqar": {"url": zaqar.url, "queues": "", "poll_interval": "0.05"}})
-        credentials = FakeCredentials({"s-p1": "expired-p1", "s-p2": "token-p2"})
+        credentials = FakeCredentials({"s-p1": "expired-p1", "s-p2": "token-p2"}, renewed={"s-p1": "token-p1"})
         ctx = FakeContext(config, credentials=credentials)
         source = ZaqarSource(config)
         await source.start(ctx)
@@ -294,7 +296,6 @@ async def test_under_keystone_each_projects_queue_is_claimed_with_its_subscripti
             assert event.id == in_p2 and event.extensions["projectid"] == "p2"
             # p1's kept token is refused: the next claim asks for a fresh one.
             await wait_for(lambda: "s-p1" in credentials.fresh)
-            credentials.tokens["s-p1"] = "token-p1"
             in_p1 = zaqar.add("orders", {"for": "p1"}, project="p1")
             await wait_for(lambda: len(ctx.published) == 2)
             assert (ctx.published[1][0].id, ctx.published[1][0].extensions["projectid"]) == (in_p1, "p1")
