@@ -65,6 +65,8 @@ def _keystone_ports() -> dict[str, int]:
     names = ("HEADWATER_ZAQAR_KEYSTONE_PORT", "HEADWATER_SWIFT_KEYSTONE_PORT", "HEADWATER_AODH_KEYSTONE_PORT")
     if all(os.environ.get(n) for n in names):
         return {n: int(os.environ[n]) for n in names}
+    if MODE == "up" and os.environ.get("HEADWATER_KEYSTONE_URL"):
+        return {n: free_port() for n in names}
     if MODE in ("1", "true", "yes"):
         out = subprocess.run(["bash", str(HARNESS), "env"], capture_output=True, text=True, timeout=30).stdout
         found = dict(word.split("=", 1) for word in out.split() if "=" in word)
@@ -87,7 +89,7 @@ def openstack() -> Any:
         pytest.skip("real OpenStack services not requested: run `tests/integration/openstack/harness/openstack.sh up` "
                     "and set HEADWATER_OPENSTACK=1 (or HEADWATER_OPENSTACK=up to let the tests start them)")
     started = False
-    env = {**os.environ, **{n: str(p) for n, p in PORTS.items()}}
+    env = {**os.environ, **{n: str(p) for n, p in {**PORTS, **KEYSTONE_PORTS}.items() if p}}
     if MODE == "up":
         # With a Keystone given (keystone.sh env), the harness runs its Keystone-auth servers too.
         # A run of its own (ports, Redis database, state directory); still take the machine's

@@ -18,7 +18,7 @@
 #   openstack.sh env       the environment the tests read (eval "$(openstack.sh env)")
 #
 # Each run takes free ports and an empty Redis database (Redis is shared), chosen at `start` (or
-# given as HEADWATER_{ZAQAR,SWIFT,AODH}_PORT), and keeps its configuration, logs, pids and data in
+# given as HEADWATER_{ZAQAR,SWIFT,AODH}_PORT and HEADWATER_{ZAQAR,SWIFT,AODH}_KEYSTONE_PORT), and keeps its configuration, logs, pids and data in
 # $HEADWATER_OPENSTACK_RUN (default $HEADWATER_OPENSTACK_DIR/run): two runs with different run
 # directories never collide. The harness is shared by whoever uses this machine: run it under
 # `flock /tmp/headwater-openstack.lock …`, start to stop.
@@ -100,8 +100,9 @@ choose_run() {
   OBJ_PORT=${OBJ_PORT:-$(free_port)}; CONT_PORT=${CONT_PORT:-$(free_port)}; ACCT_PORT=${ACCT_PORT:-$(free_port)}
   REDIS_DB=${REDIS_DB:-${HEADWATER_OPENSTACK_REDIS_DB:-$(free_redis_db)}}
   if [ -n "$KEYSTONE_URL" ]; then
-    ZAQAR_KS_PORT=${ZAQAR_KS_PORT:-$(free_port)}; SWIFT_KS_PORT=${SWIFT_KS_PORT:-$(free_port)}
-    AODH_KS_PORT=${AODH_KS_PORT:-$(free_port)}
+    ZAQAR_KS_PORT=${ZAQAR_KS_PORT:-${HEADWATER_ZAQAR_KEYSTONE_PORT:-$(free_port)}}
+    SWIFT_KS_PORT=${SWIFT_KS_PORT:-${HEADWATER_SWIFT_KEYSTONE_PORT:-$(free_port)}}
+    AODH_KS_PORT=${AODH_KS_PORT:-${HEADWATER_AODH_KEYSTONE_PORT:-$(free_port)}}
   fi
   cat > "$RUN/env" <<ENV
 ZAQAR_PORT=$ZAQAR_PORT SWIFT_PORT=$SWIFT_PORT AODH_PORT=$AODH_PORT
