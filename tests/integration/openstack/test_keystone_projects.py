@@ -221,7 +221,8 @@ async def test_the_zaqar_sink_posts_a_result_into_its_subscriptions_project_queu
     async def landed(token: str):
         status, listed = await call("GET", f"{ZAQAR_KS_URL}/v2/queues/{results}/messages?echo=true", token)
         return (listed or {}).get("messages") if status == 200 else None
-    (message,) = await eventually(lambda: landed(ids.bob.token()))
+    bob = ids.bob.token()
+    (message,) = await eventually(lambda: landed(bob))
     assert message["body"]["data"]["output"] == {"n": 1} and message["body"]["projectid"] == ids.p2
     assert not await landed(ids.alice.token()), "P2's result reached P1's queue"
 
