@@ -27,6 +27,7 @@ from router.builds import Builds
 from router.executions import ExecutionService, InvalidTarget, TargetUnavailable
 from router.gctuning import tune_for_server
 from router.connguard import ConnectionGuard
+from router.credentials import TrustCredentials
 from router.dashboard.feed import EventFeed
 from router.history import EventLog
 from router.results import ResultSinks
@@ -79,6 +80,10 @@ class _SourceContext:
     @property
     def durable(self) -> bool:
         return self._app.bus_durable
+
+    @property
+    def credentials(self) -> plugins.Credentials:
+        return self._app.credentials
 
     async def publish(self, event: Event, *, expect: Sequence[str] = (), settle: bool = False) -> dict[str, str]:
         event.extensions[SOURCE_KIND_EXTENSION] = self._kind
@@ -207,7 +212,10 @@ class Headwater:
         self.public_routes: set[tuple[str, str]] = set(PUBLIC_ROUTES)
         if self.keystone is not None:
             self.executions.delegate = self.delegated_context
-        self.results = ResultSinks(config, self.bus)
+        # Calls to OpenStack services on a project's behalf (sources, the Zaqar sink) act through
+        # the subscription's trust, never as Headwater's service user in another project.
+        self.credentials = TrustCredentials(self.keystone)
+        self.results = ResultSinks(config, self.bus, credentials=self.credentials, subscription=self.index.get)
         self.executions.results = self.results
         self.dispatcher = Dispatcher(self.bus, self.index, self.executions, self.metrics, prefetch=config.bus.prefetch)
         self.roles = frozenset(config.default.roles)

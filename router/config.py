@@ -188,7 +188,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("queues", "list", [], "Optional allow-list of queues. The source consumes the queues its subscriptions name (filters {\"queue\": …}), starting when the first subscription on a queue is created and stopping when the last is deleted; when this is set, subscriptions on other queues are refused and subscriptions naming no queue take all of these."),
         _opt("claim", "bool", True, "Claim messages from the queues subscriptions name. False: push only (Zaqar push subscriptions to /v1/zaqar/push), so a pushed message, which stays in its queue, is not also claimed and run twice."),
         _opt("max_in_flight", "int", 20, "Messages of one queue processed at once (claimed and not yet deleted).", minimum=1, maximum=1000),
-        _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set."),
+        _opt("project_id", "str", "default", "X-Project-ID sent to a Zaqar without Keystone, and the project of the events; ignored for the header when auth_url is set. Under [auth] strategy = keystone each subscription's queues are its own project's, claimed with its creator's trust."),
         _opt("client_id", "str", None, "Client-ID (a UUID) Headwater identifies itself with. Default: a stable UUID derived from the host name."),
         _opt("claim_ttl", "int", 300, "Seconds a claim holds its messages; an unfinished message is claimed again after this (Zaqar allows 60..43200).", minimum=60, maximum=43200),
         _opt("claim_grace", "int", 60, "Extra seconds of message life beyond the claim (Zaqar allows 60..43200).", minimum=60, maximum=43200),
@@ -206,7 +206,7 @@ SCHEMA: dict[str, list[Option]] = {
     "aodh": [
         _opt("path", "str", "/v1/aodh/alarms", "Path of the endpoint Aodh alarm actions POST to (the alarm action is <public_url><path>)."),
         _opt("token", "str", None, "Token an alarm action must carry as ?token=<this> in its URL (Aodh's plain http notifier sends no credentials); `register` adds it. Default: a random token kept in <data_dir>/aodh-token.key, so the endpoint never takes unauthenticated alarms."),
-        _opt("endpoint", "str", "http://127.0.0.1:8042", "Aodh API, for registering alarms (python -m sources.aodh register)."),
+        _opt("endpoint", "str", "http://127.0.0.1:8042", "Aodh API: for registering alarms (python -m sources.aodh register), and under [auth] strategy = keystone for confirming that an alarm action's alarm belongs to the project its URL names (asked with a token of that project's aodh subscription, through its trust; unconfirmed actions are refused 403)."),
         _opt("project_id", "str", "default", "Project of alarm events whose action URL names none (register puts ?project_id= in the URL)."),
     ],
 }

@@ -156,6 +156,10 @@ class Keystone:
         self._trust_tokens[trust_id] = fresh
         return fresh
 
+    def forget_trust_token(self, trust_id: str) -> None:
+        """Drop the kept token of a trust (a service refused it): the next trust_token asks anew."""
+        self._trust_tokens.pop(trust_id, None)
+
     def _trust_token(self, trust_id: str) -> tuple[str, Identity]:
         from keystoneauth1 import exceptions
 

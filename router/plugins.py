@@ -94,10 +94,31 @@ class PublishRefused(Exception):
         self.status = status
 
 
+class CredentialsUnavailable(RuntimeError):
+    """No token for the project now: Keystone did not answer, or the subscription's trust is gone."""
+
+
+class Credentials(Protocol):
+    """Keystone tokens for calls to OpenStack services (Zaqar, Swift, Aodh) on a project's behalf."""
+
+    active: bool
+    """False without Keystone ([auth] strategy = noauth): `token` then always answers None."""
+
+    async def token(self, subscription: Subscription, *, fresh: bool = False) -> str | None:
+        """A token that acts for the subscription's creator in the subscription's project (through
+        its trust), kept and renewed before it expires; `fresh` drops the kept one first (after a
+        401). None when Headwater runs without Keystone or the subscription has no trust. Raises
+        CredentialsUnavailable."""
+
+
 class SourceContext(Protocol):
     """What the router offers a running source."""
 
     config: Config
+
+    credentials: Credentials
+    """Tokens that act for a subscription's creator in its project, for the source's own calls to
+    the service its events come from (claiming a project's Zaqar queues, asking Aodh whose alarm it is)."""
 
     durable: bool
     """True when the bus keeps a published event across a crash of this process (rabbitmq, nats)."""
@@ -390,4 +411,10 @@ class Sink(Protocol):
     def validate_target(self, target: dict[str, Any]) -> dict[str, Any]: ...
 
     async def send(self, event: Event, target: dict[str, Any]) -> None:
-        """Deliver a result event to the target; raise on failure so the delivery policy can retry."""
+        """Deliver a result event to the target; raise on failure so the delivery policy can retry.
+        The event's subject is the subscription's id and its `projectid` the subscription's project."""
+
+    # Optional, for sinks that call OpenStack services as the subscription's creator:
+    # def use_credentials(self, credentials: Credentials, subscription: Callable[[str], Subscription | None]) -> None
+    #     Called once, before the first send, with the router's Credentials and a lookup of
+    #     subscriptions by id.

@@ -5,6 +5,7 @@ against loops) or to a sink plugin (http callback, zaqar, …)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from router import plugins
@@ -54,9 +55,13 @@ def result_event(*, execution_id: str, subscription_id: str, project_id: str, fu
 
 
 class ResultSinks:
-    def __init__(self, config: Config, bus: Bus):
+    def __init__(self, config: Config, bus: Bus, *, credentials: plugins.Credentials | None = None,
+                 subscription: Callable[[str], plugins.Subscription | None] | None = None):
         self.config = config
         self.bus = bus
+        # Given to sinks that call OpenStack services as the subscription's creator (use_credentials).
+        self.credentials = credentials
+        self.subscription = subscription or (lambda _id: None)
         self.max_depth = config.events.max_chain_depth
         self._sinks: dict[str, plugins.Sink] = {}
 
@@ -67,6 +72,8 @@ class ResultSinks:
                 sink = self._sinks[kind] = plugins.load("sink", kind)(self.config)
             except plugins.PluginNotFound as exc:
                 raise SinkSpecError(f"sinks: {exc}") from None
+            if self.credentials is not None and hasattr(sink, "use_credentials"):
+                sink.use_credentials(self.credentials, self.subscription)
         return sink
 
     def validate(self, specs: Any) -> list[dict[str, Any]]:

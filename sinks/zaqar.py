@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -14,6 +15,7 @@ import aiohttp
 
 from router.config import Config
 from router.events import Event
+from router.plugins import Credentials, CredentialsUnavailable, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class ZaqarSink:
         self._section = section
         self._auth: Any = None
         self._session: aiohttp.ClientSession | None = None
+        self._credentials: Credentials | None = None
+        self._subscription: Callable[[str], Subscription | None] = lambda _id: None
+
+    def use_credentials(self, credentials: Credentials, subscription: Callable[[str], Subscription | None]) -> None:
+        """Under Keystone a result goes to its subscription's project's queue, posted as the
+        subscription's creator (its trust): never into Headwater's own project, where every
+        tenant's results would mix."""
+        self._credentials = credentials if credentials.active else None
+        self._subscription = subscription
 
     def validate_target(self, target: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(target, dict):
@@ -69,13 +80,18 @@ class ZaqarSink:
         body = event.to_dict() if target["format"] == "cloudevent" else event.data
         url = f"{self.url}/v2/queues/{quote(target['queue'], safe='')}/messages"
         payload = {"messages": [{"ttl": target["ttl"], "body": body}]}
-        try:
-            async with self._http().post(url, json=payload, headers=await self._headers()) as resp:
-                if resp.status != 201:
-                    raise SinkFailed(f"zaqar queue {target['queue']!r} refused the result: {resp.status} {(await resp.text())[:300]}")
-                resources = (await resp.json(content_type=None)).get("resources", [])
-        except aiohttp.ClientError as exc:
-            raise SinkFailed(f"zaqar at {self.url} unreachable: {exc}") from exc
+        for fresh in (False, True):
+            headers = await self._headers(event, fresh=fresh)
+            try:
+                async with self._http().post(url, json=payload, headers=headers) as resp:
+                    if resp.status == 401 and not fresh and "X-Auth-Token" in headers:
+                        continue  # the kept token was revoked or ran out early: once more with a new one
+                    if resp.status != 201:
+                        raise SinkFailed(f"zaqar queue {target['queue']!r} refused the result: {resp.status} {(await resp.text())[:300]}")
+                    resources = (await resp.json(content_type=None)).get("resources", [])
+                    break
+            except aiohttp.ClientError as exc:
+                raise SinkFailed(f"zaqar at {self.url} unreachable: {exc}") from exc
         # "message" is a reserved LogRecord attribute: naming an extra so raises KeyError after the post.
         log.info("result posted to zaqar", extra={"event_id": event.id, "queue": target["queue"],
                                                   "message_href": resources[0] if resources else None})
@@ -90,8 +106,20 @@ class ZaqarSink:
             self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
         return self._session
 
-    async def _headers(self) -> dict[str, str]:
+    async def _headers(self, event: Event, *, fresh: bool = False) -> dict[str, str]:
         headers = {"Client-ID": self.client_id, "Content-Type": "application/json", "Accept": "application/json"}
+        if self._credentials is not None:
+            sub = self._subscription(str(event.subject))
+            try:
+                token = await self._credentials.token(sub, fresh=fresh) if sub is not None else None
+            except CredentialsUnavailable as exc:
+                raise SinkFailed(f"no Keystone token for the subscription's project: {exc}") from None
+            if token is None:
+                raise SinkFailed(f"subscription {event.subject} has no delegated identity (a Keystone trust) to post "
+                                 "its results to its project's Zaqar with; create it again under Keystone "
+                                 "with [auth] delegation = trusts")
+            headers["X-Auth-Token"] = token
+            return headers
         if self._section.auth_url:
             if self._auth is None:
                 self._auth = _keystone_session(self._section)

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
 
 from router.config import Config, persistent_secret
 from router.events import Event, derived_id, utcnow
-from router.plugins import SourceContext, SubscriptionInvalid
+from router.plugins import CredentialsUnavailable, SourceContext, SubscriptionInvalid
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,16 @@ def alarm_event(body: Any, *, project_id: str, request_id: str | None = None) ->
 
 
 TOKEN_FILE = "aodh-token.key"
+_VERIFIED_MAX = 10_000  # alarms whose project Aodh confirmed, kept (an alarm never changes project)
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class NotVerified(Exception):
+    """Aodh did not confirm that the alarm is the claimed project's; `status` is the answer to give."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class AodhSource:
@@ -108,6 +119,12 @@ class AodhSource:
     def __init__(self, config: Config):
         self.config = config
         self._ctx: SourceContext | None = None
+        # Under Keystone the action URL's project_id is only a claim (the URL and its token are
+        # shared): Aodh is asked, as a creator of that project's subscriptions, whether the alarm
+        # is the project's, before its event may reach the project.
+        self.verify = config.auth.strategy == "keystone"
+        self._verified: dict[str, str] = {}
+        self._session: aiohttp.ClientSession | None = None
 
     def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
         for field in ("pattern", "first_execution_time", "count"):
@@ -129,6 +146,9 @@ class AodhSource:
 
     async def stop(self) -> None:
         self._ctx = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def receive(self, request: web.Request) -> web.Response:
         """One alarm action. Aodh retries nothing on an HTTP error and sets no timeout, so this
@@ -150,9 +170,57 @@ class AodhSource:
             await ctx.dead_letter(source=KIND, reason=f"malformed aodh alarm action: {exc}", payload=body,
                                   project_id=project_id)
             return web.json_response({"error": str(exc)}, status=400)
+        if self.verify:
+            try:
+                await self._confirm(ctx, body["alarm_id"], project_id)
+            except NotVerified as exc:
+                log.warning("aodh alarm action refused: %s", exc, extra={"event_id": event.id, "project_id": project_id})
+                return web.json_response({"error": str(exc)}, status=exc.status)
         await ctx.publish(event)
         log.info("aodh alarm %s %s -> %s", body["alarm_name"], body["previous"], body["current"], extra={"event_id": event.id})
         return web.json_response({"event_id": event.id}, status=202)
+
+
+    async def _confirm(self, ctx: SourceContext, alarm_id: str, project_id: str) -> None:
+        """Ask Aodh ([aodh] endpoint) for the alarm with a token of the claimed project (the trust
+        of one of its aodh subscriptions): Aodh shows a project's token only that project's alarms,
+        so a 200 naming the project is the proof. Raises NotVerified."""
+        if self._verified.get(alarm_id) == project_id:
+            return
+        subs = [s for s in ctx.subscriptions(KIND) if s.project_id == project_id and (s.options or {}).get("trust_id")]
+        if not subs:
+            raise NotVerified(403, f"no aodh subscription of project {project_id} with a Keystone trust to confirm "
+                                   f"that alarm {alarm_id} is the project's")
+        url = f"{self.config.aodh.endpoint.rstrip('/')}/v2/alarms/{alarm_id}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        unavailable = "no token"
+        for sub in subs:
+            for fresh in (False, True):
+                try:
+                    token = await ctx.credentials.token(sub, fresh=fresh)
+                    if token is None:
+                        break
+                    async with self._session.get(url, headers={"X-Auth-Token": token, "Accept": "application/json"}) as resp:
+                        status = resp.status
+                        alarm = await resp.json(content_type=None) if status == 200 else None
+                except CredentialsUnavailable as exc:
+                    unavailable = str(exc)  # that creator's trust is gone: another subscription's may serve
+                    break
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    raise NotVerified(503, f"Aodh at {self.config.aodh.endpoint} could not be asked about alarm "
+                                           f"{alarm_id}: {type(exc).__name__}") from None
+                if status == 401 and not fresh:
+                    continue  # the kept token was refused: once more with a new one
+                if status == 200 and isinstance(alarm, dict) and alarm.get("project_id") == project_id:
+                    if len(self._verified) >= _VERIFIED_MAX:
+                        self._verified.clear()
+                    self._verified[alarm_id] = project_id
+                    return
+                if status in (200, 403, 404):
+                    raise NotVerified(403, f"alarm {alarm_id} is not an alarm of project {project_id} (Aodh)")
+                raise NotVerified(503, f"Aodh answered {status} when asked about alarm {alarm_id}")
+        raise NotVerified(503, f"no Keystone token of project {project_id} to ask Aodh with: {unavailable}")
 
 
 # ---------------------------------------------------------------------------------------------

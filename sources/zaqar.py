@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from router.config import Config
 from router.events import Event, InvalidEvent, utcnow
-from router.plugins import SourceContext, SubscriptionInvalid
+from router.plugins import CredentialsUnavailable, SourceContext, Subscription, SubscriptionInvalid
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,32 @@ def default_client_id() -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"headwater.{socket.gethostname()}"))
 
 
+TokenSource = Callable[[bool], Awaitable[str]]
+
+
 class ZaqarClient:
     """The few Zaqar v2 REST calls the consume path needs, over aiohttp. Identity: X-Project-ID for a
-    Zaqar without Keystone, or a keystoneauth1 token when [zaqar] auth_url is set."""
+    Zaqar without Keystone; a keystoneauth1 token of [zaqar]'s user when [zaqar] auth_url is set; or,
+    given `token` (called with True after Zaqar answered 401, for a new one), a token of one
+    project, e.g. a subscription creator's through its trust."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, project_id: str | None = None, token: TokenSource | None = None):
         section = config.zaqar
         self.url = section.url.rstrip("/")
-        self.project_id = section.project_id
+        self.project_id = project_id or section.project_id
         self.client_id = section.client_id or default_client_id()
         self._section = section
         self._auth: Any = None
+        self._token = token
+        self._stale = False  # Zaqar refused the last token: ask for a new one
         self._session: aiohttp.ClientSession | None = None
 
     async def _headers(self) -> dict[str, str]:
         headers = {"Client-ID": self.client_id, "Content-Type": "application/json", "Accept": "application/json"}
-        if self._section.auth_url:
+        if self._token is not None:
+            fresh, self._stale = self._stale, False
+            headers["X-Auth-Token"] = await self._token(fresh)
+        elif self._section.auth_url:
             if self._auth is None:
                 self._auth = _keystone_session(self._section)
             # keystoneauth caches the token and renews it near expiry; it is synchronous (requests).
@@ -93,6 +104,10 @@ class ZaqarClient:
         """Authenticate (Keystone) and return the project the queues belong to."""
         await self._headers()
         return self.project_id
+
+    def _refused(self, status: int) -> None:
+        if status == 401:  # a token revoked or run out before its time: the next call gets a new one
+            self._stale = True
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -114,6 +129,7 @@ class ZaqarClient:
             if resp.status == 204:
                 return None
             if resp.status != 201:
+                self._refused(resp.status)
                 raise ZaqarError(f"claim on {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
             body = await resp.json(content_type=None)
             location = resp.headers.get("Location", "")
@@ -133,6 +149,7 @@ class ZaqarClient:
             if resp.status in (403, 404):
                 # 403: our claim expired and another consumer holds it; 404: gone already.
                 return False
+            self._refused(resp.status)
             raise ZaqarError(f"delete of {message_id} in {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
 
     async def renew(self, queue: str, claim_id: str, *, ttl: int, grace: int) -> None:
@@ -140,6 +157,7 @@ class ZaqarClient:
         async with self._http().patch(f"{self._queue_url(queue)}/claims/{quote(claim_id, safe='')}",
                                       json={"ttl": ttl, "grace": grace}, headers=await self._headers()) as resp:
             if resp.status != 204:
+                self._refused(resp.status)
                 raise ZaqarError(f"renewal of claim {claim_id} on {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
 
     async def release(self, queue: str, claim_id: str) -> None:
@@ -147,6 +165,7 @@ class ZaqarClient:
         async with self._http().delete(f"{self._queue_url(queue)}/claims/{quote(claim_id, safe='')}",
                                        headers=await self._headers()) as resp:
             if resp.status not in (204, 404):
+                self._refused(resp.status)
                 raise ZaqarError(f"release of claim {claim_id} answered {resp.status}")
 
     async def post(self, queue: str, messages: list[dict[str, Any]]) -> list[str]:
@@ -154,6 +173,7 @@ class ZaqarClient:
         async with self._http().post(f"{self._queue_url(queue)}/messages", json={"messages": messages},
                                      headers=await self._headers()) as resp:
             if resp.status != 201:
+                self._refused(resp.status)
                 raise ZaqarError(f"post to {queue!r} answered {resp.status}: {(await resp.text())[:300]}")
             body = await resp.json(content_type=None)
         return list(body.get("resources", []))
@@ -214,25 +234,35 @@ class ZaqarSource:
         # Renew a claim well before it runs out: a third of its ttl leaves two renewals of slack.
         self.renew_interval = self.claim_ttl / 3
         self.client = ZaqarClient(config)
+        # Under Keystone, the clients of the projects whose queues are claimed as a subscription's
+        # creator (its trust), one per project; the service user's own project uses self.client.
+        self._clients: dict[str, ZaqarClient] = {}
         self._ctx: SourceContext | None = None
-        self._consumers: dict[str, asyncio.Task[None]] = {}
-        self._leading: set[str] = set()
+        # (project, queue) → its claim loop: two projects' queues of one name are two queues.
+        self._consumers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._leading: set[tuple[str, str]] = set()
         self._work: set[asyncio.Task[Any]] = set()
-        # Under Keystone (per-project routing) the queues consumed are the source's own project's
-        # (the token's, or [zaqar] project_id): only that project's subscriptions may name them,
-        # else another tenant's subscription could have them drained into dead letters.
+        # Under Keystone (per-project routing) a subscription's queues are its own project's: claimed
+        # with its creator's token (its trust), or, for the project of [zaqar]'s user, with that
+        # user's. A subscription with neither consumes nothing, else another tenant's subscription
+        # could have the service project's queues drained into dead letters.
         self.per_project = config.auth.strategy == "keystone"
         self._owner_known = not (self.per_project and config.zaqar.auth_url)
 
     @property
     def queues(self) -> list[str]:
         """The queues this replica's subscriptions want consumed (each polled by one replica at a time)."""
+        return sorted({queue for _, queue in self._consumers})
+
+    @property
+    def consumed(self) -> list[tuple[str, str]]:
+        """(project, queue) of every queue consumed: under Keystone each project's queues are its own."""
         return sorted(self._consumers)
 
     @property
     def leading(self) -> list[str]:
         """The queues this replica polls now: those whose leadership it holds among the replicas."""
-        return sorted(self._leading)
+        return sorted({queue for _, queue in self._leading})
 
     def validate_subscription(self, params: dict[str, Any], now: _dt.datetime) -> dict[str, Any]:
         for field in ("pattern", "first_execution_time", "count"):
@@ -258,22 +288,64 @@ class ZaqarSource:
             task.add_done_callback(self._work.discard)
         log.info("zaqar source started", extra={"queues": self.queues, "url": self.client.url})
 
-    def wanted_queues(self) -> set[str]:
-        """The queues the current subscriptions name (within the allow-list); a subscription that
-        names none takes every allowed queue."""
+    def wanted_queues(self) -> set[tuple[str, str]]:
+        """(project, queue) of the queues the current subscriptions name (within the allow-list); a
+        subscription that names none takes every allowed queue."""
         assert self._ctx is not None
-        wanted: set[str] = set()
-        if not self.claiming or not self._owner_known:
-            return wanted  # push only, or the token's project is not known yet
+        wanted: set[tuple[str, str]] = set()
+        if not self.claiming:
+            return wanted  # push only
         for sub in self._ctx.subscriptions(KIND):
-            if self.per_project and sub.project_id != self.client.project_id:
-                continue  # another project's subscription: its events never come from these queues
+            project = self._project_of(sub)
+            if project is None:
+                continue  # no identity to claim its project's queues with (yet)
             named = _named_queues(sub.filters or {})
             if named is None:
-                wanted |= self.allowed
+                queues = set(self.allowed)
             else:
-                wanted |= {q for q in named if isinstance(q, str) and (not self.allowed or q in self.allowed)}
+                queues = {q for q in named if isinstance(q, str) and (not self.allowed or q in self.allowed)}
+            wanted |= {(project, q) for q in queues}
         return wanted
+
+    def _project_of(self, sub: Subscription) -> str | None:
+        """Whose queues the subscription's are, if this source can claim them: without Keystone
+        the one project's ([zaqar] project_id); under Keystone the subscription's own, through its
+        trust or, in the project of [zaqar]'s user, that user's token."""
+        if not self.per_project:
+            return self.client.project_id
+        if self._owner_known and sub.project_id == self.client.project_id:
+            return sub.project_id
+        assert self._ctx is not None
+        if self._ctx.credentials.active and (sub.options or {}).get("trust_id"):
+            return sub.project_id
+        return None
+
+    def _client(self, project: str) -> ZaqarClient:
+        if not self.per_project or (self._owner_known and project == self.client.project_id):
+            return self.client
+        client = self._clients.get(project)
+        if client is None:
+            async def token(fresh: bool) -> str:
+                return await self._project_token(project, fresh)
+            client = self._clients[project] = ZaqarClient(self.config, project_id=project, token=token)
+        return client
+
+    async def _project_token(self, project: str, fresh: bool) -> str:
+        """A token of the project from the trust of one of its Zaqar subscriptions (any: each acts
+        for a member of the project, and every one of them may read the project's queues)."""
+        assert self._ctx is not None
+        failure = "none has a trust"
+        for sub in self._ctx.subscriptions(KIND):
+            if sub.project_id != project or not (sub.options or {}).get("trust_id"):
+                continue
+            try:
+                token = await self._ctx.credentials.token(sub, fresh=fresh)
+            except CredentialsUnavailable as exc:
+                failure = str(exc)  # that creator may be gone: another subscription's may serve
+                continue
+            if token:
+                return token
+        raise ZaqarError(f"no token for project {project}'s queues from its subscriptions' trusts: {failure}")
 
     async def _learn_owner(self) -> None:
         """Authenticate once to learn the token's project (the queues' owner), then consume the
@@ -297,13 +369,15 @@ class ZaqarSource:
         if self._ctx is None:
             return
         wanted = self.wanted_queues()
-        for queue in wanted - set(self._consumers):
-            self._consumers[queue] = asyncio.get_running_loop().create_task(
-                self._consume(self._ctx, queue), name=f"headwater-zaqar-{queue}")
-            log.info("zaqar queue consumed", extra={"queue": queue})
-        for queue in set(self._consumers) - wanted:
-            self._consumers.pop(queue).cancel()
-            log.info("zaqar queue no longer consumed: no subscription names it", extra={"queue": queue})
+        for key in wanted - set(self._consumers):
+            project, queue = key
+            self._consumers[key] = asyncio.get_running_loop().create_task(
+                self._consume(self._ctx, project, queue), name=f"headwater-zaqar-{queue}")
+            log.info("zaqar queue consumed", extra={"queue": queue, "project_id": project})
+        for key in set(self._consumers) - wanted:
+            self._consumers.pop(key).cancel()
+            log.info("zaqar queue no longer consumed: no subscription names it",
+                     extra={"queue": key[1], "project_id": key[0]})
 
     async def stop(self) -> None:
         tasks = [*self._consumers.values(), *self._work]
@@ -314,11 +388,15 @@ class ZaqarSource:
         # Claimed but unfinished messages are not released: like a crash, they come back when the
         # claim expires, and their deterministic ids make a second run a no-op where one happened.
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.close()
+        for client in (self.client, *self._clients.values()):
+            await client.close()
+        self._clients = {}
 
     # -- claim loop ----------------------------------------------------------------------------
 
-    async def _consume(self, ctx: SourceContext, queue: str) -> None:
+    async def _consume(self, ctx: SourceContext, project: str, queue: str) -> None:
+        client = self._client(project)
+        key = (project, queue)
         in_flight = 0
         room = asyncio.Condition()
 
@@ -328,23 +406,23 @@ class ZaqarSource:
                 in_flight -= n
                 room.notify_all()
 
-        leadership = f"zaqar-queue-{self.client.project_id or 'token'}-{queue}"
+        leadership = f"zaqar-queue-{project or 'token'}-{queue}"
         loop = asyncio.get_running_loop()
         checked_at = loop.time()
         try:
             while True:
                 # One replica polls each queue; the others stand by and take over when it dies (its
                 # leadership ends with its coordination lease). A leader re-checks once a second.
-                if queue not in self._leading or loop.time() - checked_at >= LEADER_CHECK_SECONDS:
+                if key not in self._leading or loop.time() - checked_at >= LEADER_CHECK_SECONDS:
                     checked_at = loop.time()
-                    if not await self._lead(ctx, leadership, queue):
+                    if not await self._lead(ctx, leadership, key):
                         await asyncio.sleep(self.poll_interval)
                         continue
                 async with room:
                     await room.wait_for(lambda: in_flight < self.max_in_flight)
                     free = self.max_in_flight - in_flight
                 try:
-                    claimed = await self.client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace,
+                    claimed = await client.claim(queue, ttl=self.claim_ttl, grace=self.claim_grace,
                                                       limit=min(self.claim_limit, free))
                 except asyncio.CancelledError:
                     raise
@@ -357,36 +435,37 @@ class ZaqarSource:
                     continue
                 claim_id, messages = claimed
                 in_flight += len(messages)
-                task = loop.create_task(self._handle_claim(ctx, queue, claim_id, messages, finished))
+                task = loop.create_task(self._handle_claim(ctx, client, queue, claim_id, messages, finished))
                 self._work.add(task)
                 task.add_done_callback(self._work.discard)
         finally:
-            self._leading.discard(queue)
+            self._leading.discard(key)
             with contextlib.suppress(Exception):
                 await ctx.coordination.resign(leadership)
 
-    async def _lead(self, ctx: SourceContext, leadership: str, queue: str) -> bool:
+    async def _lead(self, ctx: SourceContext, leadership: str, key: tuple[str, str]) -> bool:
         """Whether this replica polls the queue now (and log when that changes)."""
         try:
             leads = await ctx.coordination.campaign(leadership)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("zaqar: coordination did not answer; not polling the queue until it does", extra={"queue": queue})
+            log.exception("zaqar: coordination did not answer; not polling the queue until it does", extra={"queue": key[1]})
             leads = False
-        if leads != (queue in self._leading):
-            (self._leading.add if leads else self._leading.discard)(queue)
+        if leads != (key in self._leading):
+            (self._leading.add if leads else self._leading.discard)(key)
             log.info("zaqar: this replica polls the queue" if leads else "zaqar: another replica polls the queue",
-                     extra={"queue": queue})
+                     extra={"queue": key[1], "project_id": key[0]})
         return leads
 
-    async def _handle_claim(self, ctx: SourceContext, queue: str, claim_id: str, messages: list[Any], finished) -> None:
+    async def _handle_claim(self, ctx: SourceContext, client: ZaqarClient, queue: str, claim_id: str,
+                            messages: list[Any], finished) -> None:
         """Process one claim's messages side by side, renewing the claim until all are done."""
-        renewer = asyncio.get_running_loop().create_task(self._renew(queue, claim_id))
+        renewer = asyncio.get_running_loop().create_task(self._renew(client, queue, claim_id))
         try:
             async def one(message: Any) -> bool:
                 try:
-                    return await self.process(ctx, queue, claim_id, message)
+                    return await self.process(ctx, queue, claim_id, message, client=client)
                 finally:
                     await finished(1)
             results = await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
@@ -396,41 +475,44 @@ class ZaqarSource:
         if not all(r is True for r in results):
             # The router refused some: hand them back now rather than after the claim ttl.
             try:
-                await self.client.release(queue, claim_id)
+                await client.release(queue, claim_id)
             except Exception:
                 log.warning("zaqar claim release failed; messages return at claim expiry", extra={"queue": queue})
             await asyncio.sleep(self.poll_interval)
 
-    async def _renew(self, queue: str, claim_id: str) -> None:
+    async def _renew(self, client: ZaqarClient, queue: str, claim_id: str) -> None:
         """The visibility-timeout heartbeat: extend the claim every renew_interval while its messages run."""
         while True:
             await asyncio.sleep(self.renew_interval)
             try:
-                await self.client.renew(queue, claim_id, ttl=self.claim_ttl, grace=self.claim_grace)
+                await client.renew(queue, claim_id, ttl=self.claim_ttl, grace=self.claim_grace)
                 log.debug("zaqar claim renewed", extra={"queue": queue, "claim_id": claim_id})
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("zaqar claim renewal failed; will try again", extra={"queue": queue, "claim_id": claim_id})
 
-    async def process(self, ctx: SourceContext, queue: str, claim_id: str | None, message: Any) -> bool:
-        """Publish one claimed message, then delete it with its claim id. False when the router did
-        not take it (the message stays claimed and comes back)."""
+    async def process(self, ctx: SourceContext, queue: str, claim_id: str | None, message: Any, *,
+                      client: ZaqarClient | None = None) -> bool:
+        """Publish one claimed message (claimed with `client`, default the source's own), then
+        delete it with its claim id. False when the router did not take it (the message stays
+        claimed and comes back). The event is the project's whose queue it came from."""
+        client = client or self.client
         message_id = message.get("id") if isinstance(message, dict) else None
         try:
             if not isinstance(message_id, str) or not message_id:
                 raise MalformedMessage("message has no id")
             if "body" not in message:
                 raise MalformedMessage("message has no body")
-            event = message_event(queue=queue, project_id=self.client.project_id or "default", message_id=message_id,
+            event = message_event(queue=queue, project_id=client.project_id or "default", message_id=message_id,
                                   body=message["body"], age=message.get("age"))
         except MalformedMessage as exc:
             await ctx.dead_letter(source=KIND, reason=f"malformed zaqar message in queue {queue!r}: {exc}",
                                   payload=message, event_id=message_id if isinstance(message_id, str) else None,
-                                  project_id=self.client.project_id or "default")
+                                  project_id=client.project_id or "default")
             # Dead-lettered: deleting it stops Zaqar from handing the same poison message out forever.
             if isinstance(message_id, str) and message_id:
-                await self._delete(queue, message_id, claim_id, message_id)
+                await self._delete(client, queue, message_id, claim_id, message_id)
             return True
         extra = {"event_id": event.id, "queue": queue, "message_id": message_id}
         if not ctx.matching(event):
@@ -438,8 +520,8 @@ class ZaqarSource:
             # kept as a dead letter an operator can list, not deleted without a trace.
             await ctx.dead_letter(source=KIND, reason=f"zaqar message in queue {queue!r} matched no subscription "
                                   "(their types or filters exclude it); removed from the queue", payload=message,
-                                  event_id=event.id)
-            await self._delete(queue, message_id, claim_id, event.id)
+                                  event_id=event.id, project_id=client.project_id or "default")
+            await self._delete(client, queue, message_id, claim_id, event.id)
             return True
         try:
             # Only once this returns is the message safe elsewhere: on the bus, or (memory bus)
@@ -450,13 +532,13 @@ class ZaqarSource:
         except Exception:
             log.exception("zaqar message not taken by the router; it will be claimed again", extra=extra)
             return False
-        await self._delete(queue, message_id, claim_id, event.id)
+        await self._delete(client, queue, message_id, claim_id, event.id)
         log.info("zaqar message published", extra=extra)
         return True
 
-    async def _delete(self, queue: str, message_id: str, claim_id: str | None, event_id: str) -> None:
+    async def _delete(self, client: ZaqarClient, queue: str, message_id: str, claim_id: str | None, event_id: str) -> None:
         try:
-            if not await self.client.delete_message(queue, message_id, claim_id):
+            if not await client.delete_message(queue, message_id, claim_id):
                 log.warning("zaqar message was no longer ours to delete (claim expired); a redelivery is de-duplicated",
                             extra={"event_id": event_id, "queue": queue})
         except asyncio.CancelledError:

@@ -56,6 +56,10 @@ def _public_sinks(sinks: list[dict]) -> list[dict]:
     return [{k: ("***" if k == "secret" else v) for k, v in sink.items()} for sink in sinks]
 
 
+def _posts_to_openstack(sinks: Any) -> bool:
+    return isinstance(sinks, list) and any(isinstance(s, dict) and s.get("kind") == "zaqar" for s in sinks)
+
+
 def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
     """Types, filters and filter expression, validated and compiled once here (a 400 names the fault)."""
     types = body.get("types") or []
@@ -110,8 +114,6 @@ async def create(request: web.Request) -> web.Response:
     # Credentials are Headwater's to set: a client naming a trust could act as its trustor.
     options = {k: v for k, v in {**dict(body.get("options") or {}), **specific.get("options", {})}.items()
                if k not in (*SECRET_OPTIONS, "user_id")}
-    if kind not in ("http",):  # runs happen later, without the caller: they act through a trust
-        options.update(await delegation(request))
     if expression not in (None, ""):
         options["filter"] = expression
     if body.get("input_mapping") is not None:
@@ -127,6 +129,11 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest(str(exc)) from None
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
+    # Runs happen later, without the caller: they act through a trust. So do the results a Zaqar
+    # sink posts (into the caller's project's queue), whatever the source. Made last, once the
+    # request is known good, so a refused one leaves no trust behind.
+    if kind not in ("http",) or _posts_to_openstack(options.get("sinks")):
+        options.update(await delegation(request))
     row = await store(request).subscriptions.add(
         id=subscription_id, source=kind, types=types, filters=filters, name=body.get("name"),
         description=body.get("description"), function_input=body.get("input"), options=options, status="running",

@@ -77,3 +77,35 @@ async def test_send_logs_without_raising_after_the_post(tmp_path, caplog):
     assert len(zaqar.messages) == 1
     record = next(r for r in caplog.records if r.getMessage() == "result posted to zaqar")
     assert record.message_href.startswith("/v2/queues/results/messages/")
+
+
+async def test_under_keystone_a_result_is_posted_as_its_subscriptions_creator_into_its_project(tmp_path):
+    """With Keystone credentials the sink posts with the token of the result's subscription (its
+    trust), so the message lands in that project's queue; a refused token is replaced once; a
+    subscription without a trust gets no fallback to Headwater's own project."""
+    from router.plugins import Subscription
+    from tests.unit.test_source_swift import FakeCredentials
+
+    async with FakeZaqar() as zaqar:
+        zaqar.tokens = {"tok-p2": "p2"}
+        sink = ZaqarSink(sink_config(tmp_path, zaqar.url))
+        credentials = FakeCredentials({"s-p2": "stale"}, renewed={"s-p2": "tok-p2"})
+        subs = {"s-p2": Subscription(id="s-p2", project_id="p2", source="http", options={"trust_id": "t2"}),
+                "s-none": Subscription(id="s-none", project_id="p1", source="http")}
+        sink.use_credentials(credentials, subs.get)
+        try:
+            event = result_event()
+            event.subject, event.extensions["projectid"] = "s-p2", "p2"
+            await sink.send(event, {"queue": "results"})
+            (message,) = zaqar.messages.values()
+            assert message["project"] == "p2" and message["body"]["id"] == "res-1"
+            assert zaqar.headers[-1]["X-Auth-Token"] == "tok-p2" and "X-Project-ID" not in zaqar.headers[-1]
+            assert credentials.fresh == ["s-p2"]  # "stale" was refused once, then replaced
+
+            orphan = result_event()
+            orphan.subject = "s-none"
+            with pytest.raises(SinkFailed, match="subscription s-none has no delegated identity"):
+                await sink.send(orphan, {"queue": "results"})
+            assert len(zaqar.messages) == 1
+        finally:
+            await sink.close()

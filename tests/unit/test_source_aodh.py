@@ -156,3 +156,81 @@ def test_subscription_validation(tmp_path, filters, fault):
     with pytest.raises(SubscriptionInvalid, match=fault):
         source.validate_subscription({"filters": filters}, None)
     assert source.validate_subscription({"filters": {"alarmname": "cpu", "severity": "critical", "alarmstate": "alarm"}}, None) == {}
+
+
+class FakeAodhApi:
+    """GET /v2/alarms/{id} as Aodh under keystonemiddleware answers it: a project's token sees only
+    that project's alarms (404 for another's), an unknown token is a 401."""
+
+    def __init__(self, alarms: dict[str, str], tokens: dict[str, str]):
+        from aiohttp import web
+
+        self.alarms, self.tokens, self.asked = alarms, tokens, []
+        app = web.Application()
+        app.router.add_get("/v2/alarms/{id}", self.get)
+        self.server = TestServer(app)
+
+    async def get(self, request):
+        from aiohttp import web
+
+        token = request.headers.get("X-Auth-Token")
+        self.asked.append(token)
+        if token not in self.tokens:
+            return web.json_response({"error_message": "The request you have made requires authentication."}, status=401)
+        alarm_id = request.match_info["id"]
+        if self.alarms.get(alarm_id) != self.tokens[token]:
+            return web.json_response({"error_message": f"Alarm {alarm_id} not found"}, status=404)
+        return web.json_response({"alarm_id": alarm_id, "project_id": self.alarms[alarm_id]})
+
+
+def _alarm_post(alarm_id: str) -> dict:
+    return {"alarm_name": "a", "alarm_id": alarm_id, "severity": "low", "previous": "ok", "current": "alarm",
+            "reason": "", "reason_data": {}}
+
+
+async def test_under_keystone_an_alarm_reaches_only_the_project_aodh_says_it_is_of(tmp_path):
+    """The action URL's project_id is a claim anyone with the shared URL token can write: Aodh,
+    asked with a token of that project's subscription (its trust), must confirm it."""
+    from router.plugins import Subscription
+    from tests.unit.test_source_swift import FakeCredentials
+
+    api = FakeAodhApi(alarms={"alarm-p1": "p1", "alarm-p2": "p2"}, tokens={"tok-p1": "p1", "tok-p2": "p2"})
+    await api.server.start_server()
+    config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
+                                    "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
+                                    "aodh": {"token": "t0k", "endpoint": str(api.server.make_url("")).rstrip("/")}})
+    credentials = FakeCredentials({"s-p1": "stale-p1", "s-p2": "tok-p2"}, renewed={"s-p1": "tok-p1"})
+    ctx = FakeContext(config, credentials=credentials, kind="aodh")
+    source = AodhSource(config)
+    await source.start(ctx)
+    client = TestClient(TestServer(ctx.app()))
+    await client.start_server()
+    try:
+        for sub_id, project in (("s-p1", "p1"), ("s-p2", "p2")):
+            ctx.put(Subscription(id=sub_id, project_id=project, source="aodh", options={"trust_id": f"t-{project}"}))
+        ctx.put(Subscription(id="s-p3", project_id="p3", source="aodh"))  # no trust: cannot ask Aodh
+
+        # P2's alarm, claimed for P1: Aodh does not know it as P1's.
+        resp = await client.post("/v1/aodh/alarms?project_id=p1&token=t0k", json=_alarm_post("alarm-p2"))
+        assert resp.status == 403 and "not an alarm of project p1" in (await resp.json())["error"]
+        assert "s-p1" in credentials.fresh  # p1's kept token was refused (401) and asked anew once
+        # A project with no subscription that can ask: refused, naming why.
+        resp = await client.post("/v1/aodh/alarms?project_id=p3&token=t0k", json=_alarm_post("alarm-p2"))
+        assert resp.status == 403 and "no aodh subscription of project p3" in (await resp.json())["error"]
+        assert ctx.published == []
+
+        resp = await client.post("/v1/aodh/alarms?project_id=p2&token=t0k", json=_alarm_post("alarm-p2"))
+        assert resp.status == 202, await resp.text()
+        ((event, _),) = ctx.published
+        assert event.extensions["projectid"] == "p2"
+        asked = len(api.asked)
+        resp = await client.post("/v1/aodh/alarms?project_id=p2&token=t0k", json=_alarm_post("alarm-p2"))
+        assert resp.status == 202 and len(api.asked) == asked  # confirmed once: an alarm never changes project
+
+        await api.server.close()  # Aodh gone: an unconfirmed alarm is a 503, not a guess
+        resp = await client.post("/v1/aodh/alarms?project_id=p1&token=t0k", json=_alarm_post("alarm-p1"))
+        assert resp.status == 503 and "could not be asked" in (await resp.json())["error"]
+    finally:
+        await client.close()
+        await source.stop()
+        await api.server.close()

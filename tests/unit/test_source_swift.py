@@ -22,14 +22,34 @@ from sources.swift import SwiftSource, object_suffix, to_event, unwrap
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+class FakeCredentials:
+    """router.plugins.Credentials with a token per subscription id; records the fresh ones asked for,
+    and hands out `renewed[id]` from then on (as Keystone gives a new token for a trust)."""
+
+    def __init__(self, tokens: dict[str, str] | None = None, *, active: bool | None = None,
+                 renewed: dict[str, str] | None = None):
+        self.tokens = dict(tokens or {})
+        self.renewed = dict(renewed or {})
+        self.active = bool(tokens) if active is None else active
+        self.fresh: list[str] = []
+
+    async def token(self, subscription: Subscription, *, fresh: bool = False) -> str | None:
+        if fresh:
+            self.fresh.append(subscription.id)
+            self.tokens[subscription.id] = self.renewed.get(subscription.id, self.tokens.get(subscription.id))
+        return self.tokens.get(subscription.id) if self.active else None
+
+
 class FakeContext:
     """A SourceContext that records what a source publishes and dead-letters."""
 
     def __init__(self, config: Config, *, durable: bool = False, fail: BaseException | None = None,
-                 subscriptions: list[Subscription] = (), kind: str = "zaqar", coordination=None):
+                 subscriptions: list[Subscription] = (), kind: str = "zaqar", coordination=None,
+                 credentials: FakeCredentials | None = None):
         from engine.coordination import MemoryCoordinator
 
         self.config = config
+        self.credentials = credentials or FakeCredentials()
         # One replica on its own unless a test shares a coordination between several contexts.
         self.coordination = coordination or MemoryCoordinator("this-replica")
         self.kind = kind

@@ -26,7 +26,9 @@ class FakeZaqar:
     (claims: 201 + Location, 204 when empty; delete needs the claim id: 403 without it)."""
 
     def __init__(self, log: list[str] | None = None):
-        self.messages: dict[str, dict[str, Any]] = {}  # id → {"body", "ttl", "queue", "claim"}
+        self.messages: dict[str, dict[str, Any]] = {}  # id → {"body", "ttl", "queue", "claim", "project"?}
+        # Keystone: token → its project; a token not here is refused 401, as by keystonemiddleware.
+        self.tokens: dict[str, str] = {}
         self.headers: list[dict[str, str]] = []
         self.log = log if log is not None else []
         app = web.Application()
@@ -54,12 +56,23 @@ class FakeZaqar:
         self.messages[mid] = {"body": body, "ttl": 300, "queue": queue, "claim": None, **extra}
         return mid
 
+    def project(self, request: web.Request) -> str | None:
+        token = request.headers.get("X-Auth-Token")
+        if token is None:
+            return request.headers.get("X-Project-ID")
+        if token not in self.tokens:
+            raise web.HTTPUnauthorized()
+        return self.tokens[token]
+
     async def claim(self, request: web.Request) -> web.Response:
         self.headers.append(dict(request.headers))
+        project = self.project(request)
         body = await request.json()
         assert 60 <= body["ttl"] <= 43200 and 60 <= body["grace"] <= 43200
         queue, limit = request.match_info["q"], int(request.query.get("limit", 10))
-        free = [(mid, m) for mid, m in self.messages.items() if m["queue"] == queue and m["claim"] is None][:limit]
+        # A queue is its project's: another project's queue of the same name is another queue.
+        free = [(mid, m) for mid, m in self.messages.items()
+                if m["queue"] == queue and m["claim"] is None and m.get("project", project) == project][:limit]
         if not free:
             return web.Response(status=204)
         cid = str(uuid.uuid4())
@@ -98,8 +111,10 @@ class FakeZaqar:
 
     async def post(self, request: web.Request) -> web.Response:
         self.headers.append(dict(request.headers))
+        project = self.project(request) if "X-Auth-Token" in request.headers else None
+        owner = {"project": project} if project else {}
         body = await request.json()
-        ids = [self.add(request.match_info["q"], m["body"], ttl=m.get("ttl", 3600)) for m in body["messages"]]
+        ids = [self.add(request.match_info["q"], m["body"], ttl=m.get("ttl", 3600), **owner) for m in body["messages"]]
         return web.json_response({"resources": [f"/v2/queues/{request.match_info['q']}/messages/{i}" for i in ids]}, status=201)
 
 
@@ -249,6 +264,42 @@ async def test_under_keystone_only_the_queues_projects_subscriptions_name_its_qu
             assert source.queues == []
             ctx.put(on_queue("orders", "s-orders"))  # the queue owner's own subscription
             assert source.queues == ["orders"]
+        finally:
+            await source.stop()
+
+
+async def test_under_keystone_each_projects_queue_is_claimed_with_its_subscriptions_trust(tmp_path):
+    """Two projects name a queue "orders": each project's own queue is claimed with a token of its
+    subscription's trust, and a message becomes an event of the queue's project only. A token
+    Zaqar refuses (401) is replaced by a fresh one, and claiming goes on."""
+    from tests.unit.test_source_swift import FakeCredentials
+
+    async with FakeZaqar() as zaqar:
+        zaqar.tokens = {"token-p1": "p1", "token-p2": "p2"}
+        config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "auth": {"strategy": "keystone"},
+                                        "keystone_authtoken": {"auth_url": "http://127.0.0.1:9/v3", "password": "unused"},
+                                        "zaqar": {"url": zaqar.url, "queues": "", "poll_interval": "0.05"}})
+        credentials = FakeCredentials({"s-p1": "expired-p1", "s-p2": "token-p2"}, renewed={"s-p1": "token-p1"})
+        ctx = FakeContext(config, credentials=credentials)
+        source = ZaqarSource(config)
+        await source.start(ctx)
+        try:
+            ctx.put(Subscription(id="s-p1", project_id="p1", source="zaqar", filters={"queue": "orders"},
+                                 options={"trust_id": "t1"}))
+            ctx.put(Subscription(id="s-p2", project_id="p2", source="zaqar", filters={"queue": "orders"},
+                                 options={"trust_id": "t2"}))
+            ctx.put(Subscription(id="s-none", project_id="p3", source="zaqar", filters={"queue": "orders"}))
+            assert source.consumed == [("p1", "orders"), ("p2", "orders")]  # p3 has no trust to claim with
+            in_p2 = zaqar.add("orders", {"for": "p2"}, project="p2")
+            await wait_for(lambda: ctx.published)
+            ((event, _),) = ctx.published
+            assert event.id == in_p2 and event.extensions["projectid"] == "p2"
+            # p1's kept token is refused: the next claim asks for a fresh one.
+            await wait_for(lambda: "s-p1" in credentials.fresh)
+            in_p1 = zaqar.add("orders", {"for": "p1"}, project="p1")
+            await wait_for(lambda: len(ctx.published) == 2)
+            assert (ctx.published[1][0].id, ctx.published[1][0].extensions["projectid"]) == (in_p1, "p1")
+            assert not zaqar.messages  # both deleted, each with its own project's token
         finally:
             await source.stop()
 

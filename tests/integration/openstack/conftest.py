@@ -60,6 +60,26 @@ SWIFT_URL = f"http://127.0.0.1:{SWIFT_PORT}"
 AODH_URL = f"http://127.0.0.1:{AODH_PORT}"
 
 
+def _keystone_ports() -> dict[str, int]:
+    """The ports of the harness's Keystone-auth servers (run when Keystone was given at `start`)."""
+    names = ("HEADWATER_ZAQAR_KEYSTONE_PORT", "HEADWATER_SWIFT_KEYSTONE_PORT", "HEADWATER_AODH_KEYSTONE_PORT")
+    if all(os.environ.get(n) for n in names):
+        return {n: int(os.environ[n]) for n in names}
+    if MODE == "up" and os.environ.get("HEADWATER_KEYSTONE_URL"):
+        return {n: free_port() for n in names}
+    if MODE in ("1", "true", "yes"):
+        out = subprocess.run(["bash", str(HARNESS), "env"], capture_output=True, text=True, timeout=30).stdout
+        found = dict(word.split("=", 1) for word in out.split() if "=" in word)
+        if all(n in found for n in names):
+            return {n: int(found[n]) for n in names}
+    return {n: 0 for n in names}
+
+
+KEYSTONE_PORTS = _keystone_ports()
+ZAQAR_KS_URL, SWIFT_KS_URL, AODH_KS_URL = (f"http://127.0.0.1:{KEYSTONE_PORTS[n]}" for n in (
+    "HEADWATER_ZAQAR_KEYSTONE_PORT", "HEADWATER_SWIFT_KEYSTONE_PORT", "HEADWATER_AODH_KEYSTONE_PORT"))
+
+
 @pytest.fixture(scope="session")
 def openstack() -> Any:
     if MODE not in ("1", "true", "yes", "up"):
@@ -69,8 +89,9 @@ def openstack() -> Any:
         pytest.skip("real OpenStack services not requested: run `tests/integration/openstack/harness/openstack.sh up` "
                     "and set HEADWATER_OPENSTACK=1 (or HEADWATER_OPENSTACK=up to let the tests start them)")
     started = False
-    env = {**os.environ, **{n: str(p) for n, p in PORTS.items()}}
+    env = {**os.environ, **{n: str(p) for n, p in {**PORTS, **KEYSTONE_PORTS}.items() if p}}
     if MODE == "up":
+        # With a Keystone given (keystone.sh env), the harness runs its Keystone-auth servers too.
         # A run of its own (ports, Redis database, state directory); still take the machine's
         # harness lock around the whole test run, as the README says.
         env.setdefault("HEADWATER_OPENSTACK_RUN", tempfile.mkdtemp(prefix="headwater-openstack-run-"))
