@@ -177,8 +177,12 @@ REQUESTS: dict[str, Any] = {
     "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
                                                             "function_id": UUID, "function_alias": NAME},
                            "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
-    "SubscriptionBatch": _obj({"subscriptions": {"type": "array", "items": _ref("SubscriptionCreate"), "minItems": 1,
-                                                 "maxItems": MAX_BATCH}}),
+    # Items as SubscriptionCreate, listed without the fields it leaves open (so generated examples are
+    # ones a server must accept or answer 404 for).
+    "SubscriptionBatch": _obj({"subscriptions": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": {
+        "type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
+                                         "function_id": UUID, "function_alias": NAME},
+        "required": ["source"], "anyOf": TARGET, "additionalProperties": False}}}),
     # A CloudEvent in structured mode (https://github.com/cloudevents/spec): the attributes Headwater checks.
     "CloudEvent": {"type": "object", "properties": {
         "specversion": {"type": "string", "enum": ["1.0"]}, "id": NAME, "source": NAME, "type": NAME, "subject": NSTR,

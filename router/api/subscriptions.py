@@ -149,8 +149,9 @@ async def _columns(request: web.Request, body: Any, targets: dict, delegated: li
 async def create(request: web.Request) -> web.Response:
     app = hw(request)
     columns = await _columns(request, await json_body(request), {}, [])
-    row = await store(request).subscriptions.add(**columns)
-    await app.reload_subscription(row.id)
+    # As a batch of one: a Core insert, and the index files the row as written (no read back).
+    (row,), revision = await store(request).subscriptions.add_many([columns])
+    await app.subscription_feed.apply_written(revision, [row])
     return web.json_response(serialize(row), status=201)
 
 

@@ -335,7 +335,8 @@ async def record_subscription_change(session, ids: Sequence[str]) -> int:
     """Bump the subscriptions' revision and log `ids` under it, in the caller's transaction, as its
     last statement before the commit: the counter row's lock, held to the commit, makes revisions
     commit in order (so a reader never sees revision N without N-1)."""
-    await session.flush()  # the caller's own rows first: the counter is always locked last
+    if hasattr(session, "flush"):  # an ORM session: the caller's own rows first, the counter always last
+        await session.flush()
     counter = models.SubscriptionRevision.__table__
     bumped = await session.execute(sa.update(counter).where(counter.c.id == 1)
                                    .values(revision=counter.c.revision + 1).returning(counter.c.revision))
@@ -372,13 +373,13 @@ class Subscriptions(Repository[models.Subscription]):
         now = models.utcnow()
         values = [{"id": models.new_id(), "kind": "subscription", "types": [], "filters": {}, "function_version": 0,
                    "status": "running", "options": {}, **row, "created_at": now, "updated_at": None} for row in rows]
-        async with self.db.sessions() as session:
-            try:
-                await session.execute(sa.insert(table), values)
-                revision = await record_subscription_change(session, [v["id"] for v in values])
-                await session.commit()
-            except IntegrityError as exc:
-                raise Conflict(f"Duplicate entry for subscriptions: {_constraint(exc)}") from None
+        try:
+            # A connection, not an ORM session: nothing here needs the unit of work, and it costs.
+            async with self.db.engine.begin() as conn:
+                await conn.execute(sa.insert(table), values if len(values) > 1 else values[0])
+                revision = await record_subscription_change(conn, [v["id"] for v in values])
+        except IntegrityError as exc:
+            raise Conflict(f"Duplicate entry for subscriptions: {_constraint(exc)}") from None
         return [models.Subscription(**v) for v in values], revision
 
     async def revision(self) -> int:
