@@ -37,12 +37,11 @@ from router.metrics import Metrics
 from router.policy import PUBLIC_ROUTES, Policy
 from router.store import Database, NotFound, Store
 from router.store import models
+from router.subscription_feed import SubscriptionFeed
 
 log = logging.getLogger(__name__)
 
-INDEX_REFRESH_SECONDS = 5.0
 REDRIVE_SECONDS = 60.0  # how often retries overdue on the bus are looked for
-REFRESH_MARGIN = _dt.timedelta(seconds=2)
 
 
 def _plugin(kind: str, name: str, option: str) -> type:
@@ -231,9 +230,9 @@ class Headwater:
         self.web = build_api(self)
         self._refresher: asyncio.Task | None = None
         self._redriver: asyncio.Task | None = None
-        self._refreshing: asyncio.Task | None = None
-        self.index_fresh_as_of = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
-        self.dispatcher.refresh_index = self.refresh_index_for
+        # The index follows the table: own writes at once, other replicas' through the change log.
+        self.subscription_feed = SubscriptionFeed(self.store.subscriptions, self.index, subscription_view, self._notify)
+        self.dispatcher.refresh_index = self.subscription_feed.catch_up
         self.started_at: _dt.datetime | None = None
 
     async def delegated_context(self, sub: plugins.Subscription) -> dict[str, Any]:
@@ -270,7 +269,7 @@ class Headwater:
             await self.executions.redrive_retries(self.index.get, all_waiting=not self.bus_durable)
         for source in self.sources.values():
             await source.start(_SourceContext(self, source.kind))
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        self._refresher = asyncio.get_running_loop().create_task(self.subscription_feed.follow())
         if "router" in self.roles:
             self._redriver = asyncio.get_running_loop().create_task(self._redrive_loop())
         self.started_at = utcnow()
@@ -309,44 +308,11 @@ class Headwater:
     # -- the index follows the table -----------------------------------------------------------
 
     async def reload_subscriptions(self) -> None:
-        started = utcnow()
-        rows = await self.store.subscriptions.all()
-        self.index.replace_all(subscription_view(row) for row in rows)
-        self.index_fresh_as_of = max(self.index_fresh_as_of, started)
-        self._notify()
-
-    async def refresh_index_for(self, event_time: _dt.datetime) -> bool:
-        """Before an event is dropped as unmatched: if it was published after this replica's index
-        was last refreshed, another replica may have created a matching subscription since. Load
-        the rows changed since the last refresh (one query shared by concurrent callers) and say
-        whether anything changed."""
-        if event_time <= self.index_fresh_as_of:
-            return False
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_changed())
-        return await asyncio.shield(self._refreshing)
-
-    async def _refresh_changed(self) -> bool:
-        started = utcnow()
-        # A margin for clocks that disagree a little between replicas and the database.
-        rows = await self.store.subscriptions.changed_since(self.index_fresh_as_of - REFRESH_MARGIN)
-        for row in rows:
-            try:
-                self.index.put(subscription_view(row))
-            except Exception:
-                log.exception("subscription left out of the index", extra={"subscription_id": row.id})
-        self.index_fresh_as_of = max(self.index_fresh_as_of, started)
-        if rows:
-            self._notify()
-        return bool(rows)
+        await self.subscription_feed.load()
 
     async def reload_subscription(self, subscription_id: str) -> None:
-        row = await self.store.subscriptions.find(subscription_id)
-        if row is None:
-            self.index.remove(subscription_id)
-        else:
-            self.index.put(subscription_view(row))
-        self._notify()
+        """This process changed a subscription: the index follows at once."""
+        await self.subscription_feed.apply(subscription_id)
 
     def _notify(self) -> None:
         for callback in self.change_listeners:
@@ -359,15 +325,6 @@ class Headwater:
                 await self.executions.redrive_retries(self.index.get, all_waiting=False)
             except Exception:
                 log.exception("looking for retries lost by the bus failed; will look again")
-
-    async def _refresh_loop(self) -> None:
-        # Other replicas change the table too; a periodic full reload keeps this one's index honest.
-        while True:
-            await asyncio.sleep(INDEX_REFRESH_SECONDS)
-            try:
-                await self.reload_subscriptions()
-            except Exception:
-                log.exception("subscription index refresh failed; keeping the previous index")
 
 
 def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -435,6 +435,9 @@ class SubscriptionIndex:
     def __init__(self, subscriptions: Iterable[Subscription] = (), *, per_project: bool = True):
         self.per_project = per_project
         self._entries: dict[str, _Entry] = {}
+        # source kind → its subscriptions: sources ask for theirs at every change (cron, zaqar), and
+        # that must cost what they hold, not the whole table.
+        self._by_source: dict[str, dict[str, Subscription]] = {}
         self._buckets: dict[tuple[str, str], _Bucket] = collections.defaultdict(_Bucket)
         self._shared_types: dict[tuple, tuple] = {}
         for sub in subscriptions:
@@ -448,7 +451,7 @@ class SubscriptionIndex:
         return entry.sub if entry else None
 
     def of_source(self, source: str) -> list[Subscription]:
-        return [e.sub for e in self._entries.values() if e.sub.source == source]
+        return list(self._by_source.get(source, {}).values())
 
     def all(self) -> list[Subscription]:
         return [e.sub for e in self._entries.values()]
@@ -459,11 +462,17 @@ class SubscriptionIndex:
         entry = _file(sub, compile_subscription(sub), self._shared_types)
         self.remove(sub.id)
         self._entries[sub.id] = entry
+        self._by_source.setdefault(sub.source, {})[sub.id] = sub
         if entry.slot[0] != "paused":
             self._buckets[(self._project(sub.project_id), sub.source)].add(entry)
 
     def remove(self, subscription_id: str) -> None:
         old = self._entries.pop(subscription_id, None)
+        if old is not None:
+            of_source = self._by_source[old.sub.source]
+            del of_source[subscription_id]
+            if not of_source:
+                del self._by_source[old.sub.source]
         if old is not None and old.slot[0] != "paused":
             self._buckets[(self._project(old.sub.project_id), old.sub.source)].remove(old)
 
@@ -478,6 +487,7 @@ class SubscriptionIndex:
             except FilterError as exc:  # one unusable row must not stop the others from routing
                 log.error("subscription left out of the index: %s", exc, extra={"subscription_id": sub.id})
         self._entries, self._buckets, self._shared_types = fresh._entries, fresh._buckets, fresh._shared_types
+        self._by_source = fresh._by_source
 
     def match_or_target(self, event: Event) -> list[Subscription]:
         """A replay (extension `replayfor`) goes to the one subscription it was replayed for;

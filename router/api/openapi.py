@@ -9,6 +9,7 @@ from aiohttp import web
 
 from router import __version__
 from router.api.common import hw
+from router.api.subscriptions import MAX_BATCH
 from router.policy import PUBLIC_ROUTES
 
 JSON = "application/json"
@@ -176,6 +177,12 @@ REQUESTS: dict[str, Any] = {
     "SubscriptionCreate": {"type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
                                                             "function_id": UUID, "function_alias": NAME},
                            "required": ["source"], "anyOf": TARGET, "additionalProperties": True},
+    # Items as SubscriptionCreate, listed without the fields it leaves open (so generated examples are
+    # ones a server must accept or answer 404 for).
+    "SubscriptionBatch": _obj({"subscriptions": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": {
+        "type": "object", "properties": {"source": {"type": "string", "enum": list(SOURCE_KINDS)},
+                                         "function_id": UUID, "function_alias": NAME},
+        "required": ["source"], "anyOf": TARGET, "additionalProperties": False}}}),
     # A CloudEvent in structured mode (https://github.com/cloudevents/spec): the attributes Headwater checks.
     "CloudEvent": {"type": "object", "properties": {
         "specversion": {"type": "string", "enum": ["1.0"]}, "id": NAME, "source": NAME, "type": NAME, "subject": NSTR,
@@ -400,6 +407,9 @@ PATHS: dict[str, Any] = {
         "post": _op("Create a subscription", 201, "Subscription", errors=(400, 404), request=_body("SubscriptionCreate"),
                     tag="headwater"),
     },
+    "/v1/subscriptions/batch": {"post": _op(
+        "Create many subscriptions in one transaction: all or none (a 400 or 404 names the first bad one)", 201,
+        "SubscriptionList", errors=(400, 404), request=_body("SubscriptionBatch"), tag="headwater")},
     "/v1/subscriptions/test": {"post": _op(
         "Which subscriptions a CloudEvent would match (nothing runs)", 200, "SubscriptionDryRun", errors=(400,),
         params=SCOPE + [_query("source_kind", STR)], tag="headwater",

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters, store
-from router.api.errors import BadRequest, json_body
+from router.api.errors import ApiError, BadRequest, json_body
 from router.api.targets import check_target, delegation, delete_subscription, get_subscription, source_plugin
 from router.batching import BatchError, validate_batch
 from router.delivery import validate_delivery_policy
@@ -17,6 +17,8 @@ from router.index import SOURCE_KIND_EXTENSION
 from router.limits import LimitError, validate_limits
 from router.results import SinkSpecError
 from router.filters import FilterError, compile_filter
+from router.plugins import SubscriptionInvalid
+from router.store import NotFound
 from router.store.models import new_id
 
 # Sources whose events are aimed at one subscription: its id is the event's subject.
@@ -97,15 +99,21 @@ def _check_shape(body: dict) -> tuple[list[str], dict, Any]:
     return types, filters, expression
 
 
-async def create(request: web.Request) -> web.Response:
+async def _columns(request: web.Request, body: Any, targets: dict, delegated: list) -> dict[str, Any]:
+    """One subscription to create, validated (a 400 names the fault), as the columns to insert.
+    `targets` caches checked targets and `delegated` the caller's trust, shared by a batch."""
     app = hw(request)
-    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("A subscription must be a JSON object.")
     kind = body.get("source")
     if not kind or not isinstance(kind, str):
         raise BadRequest("Required param is missing. Required: {'source'}")
     source = source_plugin(request, kind)
     types, filters, expression = _check_shape(body)
-    target = await check_target(request, body)
+    key = tuple(repr(body.get(k)) for k in ("function_id", "function_version", "function_alias"))
+    if key not in targets:
+        targets[key] = await check_target(request, body)
+    target = targets[key]
     specific = source.validate_subscription({k: v for k, v in body.items() if k not in ("function_id", "function_version", "function_alias")}, utcnow())
     subscription_id = new_id()
     if kind in SELF_TARGETED:
@@ -129,17 +137,56 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest(str(exc)) from None
     if specific.get("timezone") not in (None, "UTC"):
         options["timezone"] = specific["timezone"]
+    name, description = body.get("name"), body.get("description")
+    for label, value in (("name", name), ("description", description)):
+        if value is not None and (not isinstance(value, str) or len(value) > 255):
+            raise BadRequest(f"Invalid input, {label} must be a string of at most 255 characters.")
     # Runs happen later, without the caller: they act through a trust. So do the results a Zaqar
-    # sink posts (into the caller's project's queue), whatever the source. Made last, once the
-    # request is known good, so a refused one leaves no trust behind.
+    # sink posts (into the caller's project's queue), whatever the source. Made last, once this
+    # subscription is known good (one trust per request, shared by a batch's items).
     if kind not in ("http",) or _posts_to_openstack(options.get("sinks")):
-        options.update(await delegation(request))
-    row = await store(request).subscriptions.add(
-        id=subscription_id, source=kind, types=types, filters=filters, name=body.get("name"),
-        description=body.get("description"), function_input=body.get("input"), options=options, status="running",
-        project_id=ctx(request).project_id, **columns, **target)
-    await app.reload_subscription(row.id)
+        if not delegated:
+            delegated.append(await delegation(request))
+        options.update(delegated[0])
+    return dict(id=subscription_id, source=kind, types=types, filters=filters, name=name, description=description,
+                function_input=body.get("input"), options=options, status="running",
+                project_id=ctx(request).project_id, **columns, **target)
+
+
+async def create(request: web.Request) -> web.Response:
+    app = hw(request)
+    columns = await _columns(request, await json_body(request), {}, [])
+    # As a batch of one: a Core insert, and the index files the row as written (no read back).
+    (row,), revision = await store(request).subscriptions.add_many([columns])
+    await app.subscription_feed.apply_written(revision, [row])
     return web.json_response(serialize(row), status=201)
+
+
+MAX_BATCH = 1000  # subscriptions per POST /v1/subscriptions/batch
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    """POST /v1/subscriptions/batch {"subscriptions": [...]}: each as POST /v1/subscriptions takes
+    it, all created in one transaction or none (the first bad one is named: subscriptions[i])."""
+    app = hw(request)
+    body = await json_body(request)
+    items = body.get("subscriptions")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("subscriptions must be a non-empty list of subscriptions.")
+    if len(items) > MAX_BATCH:
+        raise BadRequest(f"subscriptions holds {len(items)} items; at most {MAX_BATCH} per request.")
+    targets: dict = {}
+    delegated: list = []
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            rows.append(await _columns(request, item, targets, delegated))
+        except (ApiError, NotFound, SubscriptionInvalid) as exc:
+            status = exc.status if isinstance(exc, ApiError) else 404 if isinstance(exc, NotFound) else 400
+            raise ApiError(f"subscriptions[{i}]: {exc}", status=status) from None
+    created, revision = await store(request).subscriptions.add_many(rows)
+    await app.subscription_feed.apply_written(revision, created)
+    return web.json_response({"subscriptions": [serialize(r) for r in created]}, status=201)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -215,9 +262,10 @@ async def dry_run(request: web.Request) -> web.Response:
 
 def routes(app: web.Application) -> None:
     app.router.add_post("/v1/subscriptions/test", dry_run)
+    app.router.add_post("/v1/subscriptions/batch", create_batch)
     app.router.add_post("/v1/subscriptions", create)
     app.router.add_get("/v1/subscriptions", index)
-    # Not "test" (POST /v1/subscriptions/test), so each path has one resource and one Allow header.
-    app.router.add_get("/v1/subscriptions/{id:(?!test$)[^{}/]+}", show)
-    app.router.add_put("/v1/subscriptions/{id:(?!test$)[^{}/]+}", update)
-    app.router.add_delete("/v1/subscriptions/{id:(?!test$)[^{}/]+}", delete)
+    # Not "test" or "batch" (POST routes of their own), so each path has one resource and one Allow header.
+    app.router.add_get("/v1/subscriptions/{id:(?!(?:test|batch)$)[^{}/]+}", show)
+    app.router.add_put("/v1/subscriptions/{id:(?!(?:test|batch)$)[^{}/]+}", update)
+    app.router.add_delete("/v1/subscriptions/{id:(?!(?:test|batch)$)[^{}/]+}", delete)

@@ -1,4 +1,4 @@
-"""The tables: runtimes (and the projects private ones are shared with), functions and their versions and aliases, subscriptions, executions, dead letters."""
+"""The tables: runtimes (and the projects private ones are shared with), functions and their versions and aliases, subscriptions (and their change log), executions, dead letters."""
 
 from __future__ import annotations
 
@@ -132,6 +132,27 @@ class Subscription(_Common, Base):
     status: Mapped[str] = mapped_column(sa.String(32), nullable=False, default="running")
     # Source-specific and policy settings (timezone, input mapping, delivery, sinks), as JSON.
     options: Mapped[dict[str, Any]] = mapped_column(sa.JSON, nullable=False, default=dict)
+
+
+class SubscriptionRevision(Base):
+    """One row: the subscriptions table's revision, bumped by every transaction that changes it.
+
+    Writers take the row's lock last and hold it to their commit, so revisions commit in order:
+    a replica that sees revision N also sees every change up to N (router.subscription_feed)."""
+
+    __tablename__ = "subscription_revision"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    revision: Mapped[int] = mapped_column(sa.BigInteger, nullable=False, default=0)
+
+
+class SubscriptionChange(Base):
+    """Which subscriptions one revision created, changed or deleted (a delete leaves only this
+    row behind). Pruned after a while; a replica that fell further behind reloads in full."""
+
+    __tablename__ = "subscription_changes"
+    revision: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    subscription_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    changed_at: Mapped[_dt.datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class Execution(_Common, Base):

@@ -122,11 +122,15 @@ class Repository(Generic[M]):
             raise InvalidFilter(f"filter {name!r} expects {kind}, got {value!r}") from None
         return value
 
+    async def _changed(self, session, ids: Sequence[str]) -> None:
+        """Called inside a write's transaction, before its commit, with the ids it touched."""
+
     async def add(self, **values: Any) -> M:
         row = self.model(**values)
         async with self.db.sessions() as session:
             session.add(row)
             try:
+                await self._changed(session, [row.id])
                 await session.commit()
             except IntegrityError as exc:
                 raise Conflict(f"Duplicate entry for {self.model.__tablename__}: {_constraint(exc)}") from None
@@ -144,6 +148,8 @@ class Repository(Generic[M]):
         async with self.db.sessions() as session:
             try:
                 result = await session.execute(stmt.values(**values))
+                if result.rowcount:
+                    await self._changed(session, [id_])
                 await session.commit()
             except IntegrityError as exc:
                 raise Conflict(f"Duplicate entry for {self.model.__tablename__}: {_constraint(exc)}") from None
@@ -154,6 +160,8 @@ class Repository(Generic[M]):
     async def delete(self, id_: str, *, project_id: str | None = None) -> None:
         async with self.db.sessions() as session:
             result = await session.execute(self._scoped(sa.delete(self.model).where(self.model.id == id_), project_id))
+            if result.rowcount:
+                await self._changed(session, [id_])
             await session.commit()
         if result.rowcount == 0:
             raise NotFound(f"{self.model.__name__} not found [id={id_}]")
@@ -247,6 +255,8 @@ class Functions(Repository[models.Function]):
             if ids:
                 await session.execute(sa.delete(jobs).where(jobs.id.in_(ids)))
             result = await session.execute(sa.delete(models.Function).where(models.Function.id == function_id))
+            if ids and result.rowcount:
+                await record_subscription_change(session, ids)
             await session.commit()
         if result.rowcount == 0:
             raise NotFound(f"Function not found [id={function_id}]")
@@ -316,19 +326,84 @@ class FunctionAliases(Repository[models.FunctionAlias]):
         return row
 
 
+CHANGE_RETENTION = _dt.timedelta(hours=1)  # how long the change log keeps a revision's ids
+PRUNE_EVERY = 256  # revisions between two prunings of the change log
+_IN_CHUNK = 500  # ids per IN (…) list: well under SQLite's limit on bound parameters
+
+
+async def record_subscription_change(session, ids: Sequence[str]) -> int:
+    """Bump the subscriptions' revision and log `ids` under it, in the caller's transaction, as its
+    last statement before the commit: the counter row's lock, held to the commit, makes revisions
+    commit in order (so a reader never sees revision N without N-1)."""
+    if hasattr(session, "flush"):  # an ORM session: the caller's own rows first, the counter always last
+        await session.flush()
+    counter = models.SubscriptionRevision.__table__
+    bumped = await session.execute(sa.update(counter).where(counter.c.id == 1)
+                                   .values(revision=counter.c.revision + 1).returning(counter.c.revision))
+    revision = bumped.scalar_one()
+    changes = models.SubscriptionChange.__table__
+    now = models.utcnow()
+    await session.execute(sa.insert(changes), [{"revision": revision, "subscription_id": i, "changed_at": now}
+                                               for i in dict.fromkeys(ids)])
+    if revision % PRUNE_EVERY == 0:
+        await session.execute(sa.delete(changes).where(changes.c.changed_at < now - CHANGE_RETENTION))
+    return revision
+
+
 class Subscriptions(Repository[models.Subscription]):
+    """Every write also records its ids in the change log (record_subscription_change), which
+    other replicas follow (router.subscription_feed)."""
+
     model = models.Subscription
+
+    async def _changed(self, session, ids: Sequence[str]) -> None:
+        await record_subscription_change(session, ids)
+
+    async def add(self, **values: Any) -> models.Subscription:
+        values.setdefault("id", models.new_id())  # the change log needs it before the flush would set it
+        return await super().add(**values)
 
     async def all(self) -> list[models.Subscription]:
         async with self.db.sessions() as session:
             return list((await session.execute(sa.select(models.Subscription))).scalars())
 
-    async def changed_since(self, since: _dt.datetime) -> list[models.Subscription]:
-        """Rows created or updated at or after `since` (an incremental index refresh)."""
-        stmt = sa.select(models.Subscription).where(sa.or_(models.Subscription.created_at >= since,
-                                                           models.Subscription.updated_at >= since))
+    async def add_many(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[models.Subscription], int]:
+        """Insert all of `rows` in one transaction (all or none); returns them and their revision."""
+        table = models.Subscription.__table__
+        now = models.utcnow()
+        values = [{"id": models.new_id(), "kind": "subscription", "types": [], "filters": {}, "function_version": 0,
+                   "status": "running", "options": {}, **row, "created_at": now, "updated_at": None} for row in rows]
+        try:
+            # A connection, not an ORM session: nothing here needs the unit of work, and it costs.
+            async with self.db.engine.begin() as conn:
+                await conn.execute(sa.insert(table), values if len(values) > 1 else values[0])
+                revision = await record_subscription_change(conn, [v["id"] for v in values])
+        except IntegrityError as exc:
+            raise Conflict(f"Duplicate entry for subscriptions: {_constraint(exc)}") from None
+        return [models.Subscription(**v) for v in values], revision
+
+    async def revision(self) -> int:
+        """The table's revision: every change up to it is committed (0 before the first)."""
+        counter = models.SubscriptionRevision.__table__
         async with self.db.sessions() as session:
-            return list((await session.execute(stmt)).scalars())
+            return (await session.execute(sa.select(counter.c.revision).where(counter.c.id == 1))).scalar_one_or_none() or 0
+
+    async def changes_after(self, revision: int) -> list[tuple[int, str]]:
+        """(revision, subscription id) of every change after `revision`, oldest first."""
+        changes = models.SubscriptionChange.__table__
+        stmt = (sa.select(changes.c.revision, changes.c.subscription_id).where(changes.c.revision > revision)
+                .order_by(changes.c.revision))
+        async with self.db.sessions() as session:
+            return [(r, i) for r, i in (await session.execute(stmt)).all()]
+
+    async def by_ids(self, ids: Sequence[str]) -> list[models.Subscription]:
+        """The rows of these ids that exist (a deleted one is simply absent)."""
+        found: list[models.Subscription] = []
+        async with self.db.sessions() as session:
+            for start in range(0, len(ids), _IN_CHUNK):
+                stmt = sa.select(models.Subscription).where(models.Subscription.id.in_(ids[start:start + _IN_CHUNK]))
+                found += (await session.execute(stmt)).scalars()
+        return found
 
     async def advance_schedule(self, subscription_id: str, scheduled: _dt.datetime, next_time: _dt.datetime | None,
                                *, count_down: bool = True) -> bool:
@@ -349,6 +424,8 @@ class Subscriptions(Repository[models.Subscription]):
                        models.Subscription.next_execution_time == models.UTCDateTime().process_bind_param(scheduled, None),
                        models.Subscription.status == "running")
                 .values(**values))
+            if result.rowcount == 1:
+                await record_subscription_change(session, [subscription_id])
             await session.commit()
             return result.rowcount == 1
 

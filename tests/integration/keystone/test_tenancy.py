@@ -154,6 +154,7 @@ ROWS: dict[tuple[str, str], Row] = {
     ("PUT", "/v1/jobs/{id}"): Row("write", lambda t: _then(t.job(), lambda j: _path(f"/v1/jobs/{j}", {"status": "paused"}))),
     ("DELETE", "/v1/jobs/{id}"): Row("write", lambda t: _then(t.job(), lambda j: _path(f"/v1/jobs/{j}"))),
     ("POST", "/v1/subscriptions"): Row("write", lambda t: _then(_fn(t), lambda f: _path("/v1/subscriptions", {"source": "http", "function_id": f, "types": ["x.y"]}))),
+    ("POST", "/v1/subscriptions/batch"): Row("write", lambda t: _then(_fn(t), lambda f: _path("/v1/subscriptions/batch", {"subscriptions": [{"source": "http", "function_id": f, "types": ["x.y"]}, {"source": "http", "function_id": f}]}))),
     ("POST", "/v1/subscriptions/test"): Row("read", lambda t: _then(t.subscription(), lambda s: _path("/v1/subscriptions/test", {"specversion": "1.0", "id": "1", "source": "/t", "type": "com.example.tenancy"})), cross=False),
     ("GET", "/v1/subscriptions"): Row("list", lambda t: _then(t.subscription(), lambda s: _path("/v1/subscriptions"))),
     ("GET", "/v1/subscriptions/{id}"): Row("read", lambda t: _then(t.subscription(), lambda s: _path(f"/v1/subscriptions/{s}"))),
@@ -402,3 +403,29 @@ async def test_private_runtimes_are_visible_only_to_listed_projects(world, ident
     resp = await hw.client.put(f"/v1/runtimes/{private['id']}", json={"projects": [identities.p1, identities.p2]}, headers=admin)
     assert (await resp.json())["projects"] == sorted([identities.p1, identities.p2])
     assert (await hw.client.get(f"/v1/runtimes/{private['id']}", headers=bob.headers)).status == 200
+
+
+async def test_a_batch_naming_another_projects_function_creates_nothing(world, identities):
+    """alice's batch with one item aimed at bob's function: 404 naming that item, as if the function
+    did not exist, and none of the batch is created (not even her own items). An item that names
+    another project, or a trust, is filed in her project without them."""
+    hw, admin_token, alice, bob, carol_token = world
+    mine, bobs = await alice.function(), await bob.function()
+    before = len(await hw.store.subscriptions.list())
+    resp = await hw.client.post("/v1/subscriptions/batch", headers=alice.headers, json={"subscriptions": [
+        {"source": "http", "function_id": mine}, {"source": "http", "function_id": bobs}]})
+    assert resp.status == 404, await resp.text()
+    assert "subscriptions[1]" in (await resp.json())["faultstring"]
+    assert len(await hw.store.subscriptions.list()) == before
+    resp = await hw.client.post("/v1/subscriptions/batch", headers=alice.headers, json={"subscriptions": [
+        {"source": "http", "function_id": mine, "project_id": identities.p2, "options": {"trust_id": "stolen"}}]})
+    assert resp.status == 201, await resp.text()
+    (created,) = (await resp.json())["subscriptions"]
+    assert created["project_id"] == identities.p1 and "trust_id" not in created["options"]
+    row = await hw.store.subscriptions.get(created["id"])
+    assert row.project_id == identities.p1 and "trust_id" not in (row.options or {})
+    # carol (a reader) may not create in bulk either, and bob cannot see what alice made.
+    resp = await hw.client.post("/v1/subscriptions/batch", headers={"X-Auth-Token": carol_token},
+                                json={"subscriptions": [{"source": "http", "function_id": mine}]})
+    assert resp.status == 403, await resp.text()
+    assert (await hw.client.get(f"/v1/subscriptions/{created['id']}", headers=bob.headers)).status == 404
