@@ -193,39 +193,53 @@ async def backlog_drain(session: aiohttp.ClientSession, server: Server, function
 
 async def measure_headwater(server: Server, ids: dict, floor: Floor, args) -> dict:
     rows: dict[str, dict] = {}
-    sync_body = {"function_id": ids["function_id"], "input": "bench"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await floor.ready(session)
         n = args.requests
-        rows["sync, sequential"] = {
-            "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=1, body=sync_body, expect=201),
-            "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=1, body=sync_body, expect=201)}
-        for c in (16, 64):
-            rows[f"sync, {c} concurrent"] = {
-                "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=c, body=sync_body, expect=201),
-                "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=c, body=sync_body, expect=201)}
-        started = time.perf_counter()
-        webhook = await load(session, "POST", ids["webhook_url"], n=n, concurrency=16, body={"k": "v"}, expect=202)
-        accept_seconds = time.perf_counter() - started
-        rows["webhook backlog drain"] = {"headwater": await backlog_drain(session, server, ids["webhook_function_id"], n,
-                                                                          started, accept_seconds)}
-        # The floor runs after the drain, so it does not compete with the backlog for the CPU.
-        rows["webhook → 202, 16 concurrent"] = {
-            "headwater": webhook,
-            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body={"k": "v"}, expect=202)}
-        rows["webhook → success, one at a time"] = {"headwater": await invoke_to_success(session, server, ids["webhook_url"], args.latency)}
-        event = {"specversion": "1.0", "type": "org.example.bench", "source": "/bench", "id": "x", "data": {"k": "v"}}
-        rows["CloudEvent ingress, 16 concurrent"] = {
-            "headwater": await load_events(session, server, event, n),
-            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
-        for path in ("/v1/functions", "/v1/runtimes"):
-            async with session.get(server.url + path) as resp:
-                size = len(await resp.read())
-            for mode, fresh in (("keep-alive", False), ("new connection", True)):
-                rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = {
-                    "headwater": await load(session, "GET", server.url + path, n=n, concurrency=16, expect=200, new_connection=fresh),
-                    "floor": await load(session, "GET", f"{floor.url}/sized/{size}", n=n, concurrency=16, expect=200, new_connection=fresh)}
+        if "executions" in args.rows:
+            await measure_executions(session, server, ids, floor, n, args, rows)
+        if "lists" in args.rows:
+            await measure_lists(session, server, floor, n, rows)
     return rows
+
+
+async def measure_executions(session: aiohttp.ClientSession, server: Server, ids: dict, floor: Floor, n: int, args,
+                             rows: dict) -> None:
+    """Sync executions, webhook invokes (202s, backlog drain, to success) and CloudEvent ingress."""
+    sync_body = {"function_id": ids["function_id"], "input": "bench"}
+    rows["sync, sequential"] = {
+        "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=1, body=sync_body, expect=201),
+        "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=1, body=sync_body, expect=201)}
+    for c in (16, 64):
+        rows[f"sync, {c} concurrent"] = {
+            "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=c, body=sync_body, expect=201),
+            "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=c, body=sync_body, expect=201)}
+    started = time.perf_counter()
+    webhook = await load(session, "POST", ids["webhook_url"], n=n, concurrency=16, body={"k": "v"}, expect=202)
+    accept_seconds = time.perf_counter() - started
+    rows["webhook backlog drain"] = {"headwater": await backlog_drain(session, server, ids["webhook_function_id"], n,
+                                                                      started, accept_seconds)}
+    # The floor runs after the drain, so it does not compete with the backlog for the CPU.
+    rows["webhook → 202, 16 concurrent"] = {
+        "headwater": webhook,
+        "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body={"k": "v"}, expect=202)}
+    rows["webhook → success, one at a time"] = {"headwater": await invoke_to_success(session, server, ids["webhook_url"], args.latency)}
+    event = {"specversion": "1.0", "type": "org.example.bench", "source": "/bench", "id": "x", "data": {"k": "v"}}
+    rows["CloudEvent ingress, 16 concurrent"] = {
+        "headwater": await load_events(session, server, event, n),
+        "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
+
+
+async def measure_lists(session: aiohttp.ClientSession, server: Server, floor: Floor, n: int, rows: dict) -> None:
+    """GET list endpoints against the floor answering a precomputed body of the same size; keep-alive
+    and a new connection per request (the floor's body is built once, then served as is)."""
+    for path in ("/v1/functions", "/v1/runtimes"):
+        async with session.get(server.url + path) as resp:
+            size = len(await resp.read())
+        for mode, fresh in (("keep-alive", False), ("new connection", True)):
+            rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = {
+                "headwater": await load(session, "GET", server.url + path, n=n, concurrency=16, expect=200, new_connection=fresh),
+                "floor": await load(session, "GET", f"{floor.url}/sized/{size}", n=n, concurrency=16, expect=200, new_connection=fresh)}
 
 
 async def load_events(session: aiohttp.ClientSession, server: Server, event: dict, n: int) -> dict:
@@ -284,6 +298,8 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=200, help="webhooks timed one at a time to success")
     parser.add_argument("--functions", type=int, default=50, help="functions listed by GET /v1/functions")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--rows", default="executions,lists",
+                        help="which groups of rows: executions (sync, webhooks, events) and/or lists (GET list endpoints)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "front_door.json"))
     args = parser.parse_args()
     floor = Floor()
