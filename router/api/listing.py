@@ -33,6 +33,9 @@ class RowBodies:
         self.serialize = serialize
         self.max_rows = max_rows  # then the table starts afresh: old rows' fragments are not kept forever
         self._fragments: dict[tuple, bytes] = {}
+        # The last rows answered and their body: requests that shared one read (router.store.reader
+        # joins identical concurrent reads) share the same list object, and then the same body.
+        self._last: tuple[list[tuple], str, bytes] | None = None
 
     def fragment(self, raw: tuple) -> bytes:
         fragment = self._fragments.get(raw)
@@ -45,5 +48,10 @@ class RowBodies:
 
     def response(self, name: str, rows: list[tuple]) -> web.Response:
         """`{"<name>": [row, ...]}` as a JSON response."""
-        body = b'{"' + name.encode() + b'":[' + b",".join([self.fragment(raw) for raw in rows]) + b"]}"
+        last = self._last
+        if last is not None and last[0] is rows and last[1] == name:
+            body = last[2]
+        else:
+            body = b'{"' + name.encode() + b'":[' + b",".join([self.fragment(raw) for raw in rows]) + b"]}"
+            self._last = (rows, name, body)
         return web.Response(body=body, content_type="application/json", charset="utf-8")

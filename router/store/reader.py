@@ -4,9 +4,15 @@
 # pooled aiosqlite connection (a thread hop per statement, and a rollback hop when it goes back to
 # the pool), then an ORM object per row. Here each statement is compiled once per shape, and runs
 # on a connection of the reader's own: on SQLite a sqlite3 connection in one thread (one hop per
-# read, rows built by SQLite's C loop), on PostgreSQL one asyncpg connection held from the engine's
-# pool (its prepared-statement cache does the rest). Anything else (an in-memory SQLite database,
+# read, rows built by SQLite's C loop), on PostgreSQL a few asyncpg connections held from the
+# engine's pool (their prepared-statement caches do the rest; more than one, so that concurrent
+# reads do not queue behind one round trip). Anything else (an in-memory SQLite database,
 # which no second connection can see) goes through the engine.
+#
+# Identical reads that wait together share one statement: a read joins another only while that
+# one has not started (it is still queued for the thread or a connection), so whatever a joining
+# request's result misses was committed after that request arrived, exactly as if it had run its
+# own statement. 16 clients listing the same functions cost one round trip per batch, not 16.
 
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ def record(convert: Sequence[tuple[str, Callable[[Any], Any]]], raw: Sequence[An
 
 
 class RowReader:
+    POSTGRES_CONNECTIONS = 3
+
     def __init__(self, db) -> None:
         self.db = db
         self._statements: dict[Hashable, tuple[str, tuple[str, ...]]] = {}
@@ -78,9 +86,14 @@ class RowReader:
         self._executor: ThreadPoolExecutor | None = None
         self._sqlite: sqlite3.Connection | None = None
         self._postgres = db.engine.dialect.driver == "asyncpg"
-        self._conn = None  # the engine connection that keeps the asyncpg connection checked out
-        self._driver = None
-        self._lock = asyncio.Lock()  # one statement at a time on the asyncpg connection
+        # (engine connection that keeps it checked out, asyncpg connection), idle ones; at most
+        # POSTGRES_CONNECTIONS in use, each running one statement at a time.
+        self._idle: list[tuple[Any, Any]] = []
+        self._held: set[Any] = set()
+        self._slots = asyncio.Semaphore(self.POSTGRES_CONNECTIONS)
+        # (sql, args) → the result of that read, while it has not started: later identical reads join it.
+        self._waiting: dict[tuple, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     def _statement(self, key: Hashable, build: Callable[[], sa.Select]) -> tuple[str, tuple[str, ...]]:
         statement = self._statements.get(key)
@@ -93,46 +106,82 @@ class RowReader:
         """The rows of the statement `build()` makes (compiled once per `key`, its bound
         parameters named as in `params`), as tuples of driver values."""
         sql, names = self._statement(key, build)
-        args = [params[name] for name in names]
-        if self._sqlite_path is not None:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="row-reader")
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._sqlite_rows, sql, args)
-        if self._postgres:
-            return await self._postgres_rows(sql, args)
-        async with self.db.engine.connect() as conn:
-            return [tuple(r) for r in await conn.exec_driver_sql(sql, tuple(args))]
+        read = (sql, tuple(params[name] for name in names))
+        result = self._waiting.get(read)
+        if result is None:
+            loop = asyncio.get_running_loop()
+            result = self._waiting[read] = loop.create_future()
+            # Nobody may be left to look at a failure (every request gone): it is retrieved here.
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())
+            task = loop.create_task(self._read(read, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # A request that goes away (its client hung up) does not cancel the others' read.
+        return await asyncio.shield(result)
 
-    def _sqlite_rows(self, sql: str, args: list[Any]) -> list[tuple]:
+    def _started(self, read: tuple, result: asyncio.Future) -> None:
+        """The read begins: later identical reads start another. (Called from the reader's thread
+        on SQLite: one dict operation, atomic under the GIL.)"""
+        if self._waiting.get(read) is result:
+            del self._waiting[read]
+
+    async def _read(self, read: tuple, result: asyncio.Future) -> None:
+        try:
+            sql, args = read
+            if self._sqlite_path is not None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="row-reader")
+                rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._sqlite_rows, read, result)
+            elif self._postgres:
+                rows = await self._postgres_rows(read, result)
+            else:
+                self._started(read, result)
+                async with self.db.engine.connect() as conn:
+                    rows = [tuple(r) for r in await conn.exec_driver_sql(sql, args)]
+        except BaseException as exc:
+            self._started(read, result)
+            if not result.done():
+                result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            result.set_result(rows)
+
+    def _sqlite_rows(self, read: tuple, result: asyncio.Future) -> list[tuple]:
+        self._started(read, result)
+        sql, args = read
         if self._sqlite is None:
             self._sqlite = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
             sqlite_pragmas(self._sqlite, None)
         return self._sqlite.execute(sql, args).fetchall()
 
-    async def _postgres_rows(self, sql: str, args: list[Any]) -> list[tuple]:
-        async with self._lock:
-            if self._driver is None:
-                self._conn = await self.db.engine.connect()
-                self._driver = (await self._conn.get_raw_connection()).driver_connection
+    async def _postgres_rows(self, read: tuple, result: asyncio.Future) -> list[tuple]:
+        sql, args = read
+        async with self._slots:
+            self._started(read, result)
+            if self._idle:
+                held = self._idle.pop()
+            else:
+                conn = await self.db.engine.connect()
+                held = (conn, (await conn.get_raw_connection()).driver_connection)
+                self._held.add(held)
             try:
-                return [tuple(r) for r in await self._driver.fetch(sql, *args)]
+                rows = [tuple(r) for r in await held[1].fetch(sql, *args)]
             except BaseException:
-                await self._reset()  # a broken connection: the next read takes a fresh one
+                # A broken (or interrupted) connection is not reused: the next read takes a fresh one.
+                self._held.discard(held)
+                try:
+                    await held[0].invalidate()
+                except Exception:
+                    pass
                 raise
-
-    async def _reset(self) -> None:
-        conn, self._conn, self._driver = self._conn, None, None
-        if conn is not None:
-            try:
-                await conn.invalidate()
-            except Exception:
-                pass
+            self._idle.append(held)
+            return rows
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._conn is not None:
-                conn, self._conn, self._driver = self._conn, None, None
-                await conn.close()
+        held, self._held, self._idle = self._held, set(), []
+        for conn, _driver in held:
+            await conn.close()
         if self._executor is not None:
             executor, self._executor = self._executor, None
             if self._sqlite is not None:
