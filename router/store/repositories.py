@@ -111,8 +111,15 @@ class Repository(Generic[M]):
             return None
 
     async def list(self, *, project_id: str | None = None, filters: Mapping[str, Any] | None = None,
-                   order_by: str = "created_at", limit: int | None = None) -> list[M]:
+                   order_by: str = "created_at", limit: int | None = None, after: M | None = None) -> list[M]:
+        """Rows ordered by `order_by` then id; with `after` (a row of this table), only those that
+        come after it in that order (keyset pagination: a page never repeats or skips a row because
+        rows were added or removed before it)."""
         stmt = self._scoped(sa.select(self.model), project_id)
+        if after is not None:
+            key = getattr(self.model, order_by)
+            stmt = stmt.where(sa.or_(key > getattr(after, order_by),
+                                     sa.and_(key == getattr(after, order_by), self.model.id > after.id)))
         for name, raw in (filters or {}).items():
             column = getattr(self.model, name, None)
             if column is None:

@@ -402,3 +402,23 @@ async def test_private_runtimes_are_visible_only_to_listed_projects(world, ident
     resp = await hw.client.put(f"/v1/runtimes/{private['id']}", json={"projects": [identities.p1, identities.p2]}, headers=admin)
     assert (await resp.json())["projects"] == sorted([identities.p1, identities.p2])
     assert (await hw.client.get(f"/v1/runtimes/{private['id']}", headers=bob.headers)).status == 200
+
+
+async def test_execution_pages_stay_in_the_callers_project(world, identities):
+    """A marker names an execution of the caller's own list: another project's id is refused as if
+    it did not exist, and every page holds the caller's rows only."""
+    hw, admin_token, alice, bob, carol_token = world
+    mine = [await alice.execution() for _ in range(3)]
+    theirs = await bob.execution()
+    resp = await hw.client.get(f"/v1/executions?marker={theirs}", headers=alice.headers)
+    unknown = await hw.client.get(f"/v1/executions?marker={uuid.uuid4()}", headers=alice.headers)
+    assert resp.status == unknown.status == 400
+    assert "marker" in (await resp.json())["faultstring"] and "marker" in (await unknown.json())["faultstring"]
+    seen, url = [], "/v1/executions?limit=1&all_projects=true"
+    while url:
+        page = await (await hw.client.get(url, headers=alice.headers)).json()
+        seen += [(e["id"], e["project_id"]) for e in page["executions"]]
+        url = page.get("next")
+    assert [i for i, _ in seen] == mine and {p for _, p in seen} == {identities.p1}
+    resp = await hw.client.get(f"/v1/executions?marker={mine[0]}&all_projects=true", headers={"X-Auth-Token": admin_token})
+    assert resp.status == 200 and theirs in {e["id"] for e in (await resp.json())["executions"]}
