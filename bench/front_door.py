@@ -66,9 +66,11 @@ def summary(latencies_ms: list[float], elapsed: float) -> dict:
 
 
 async def load(session: aiohttp.ClientSession, method: str, url: str, *, n: int, concurrency: int,
-               body=None, expect: int, new_connection: bool = False) -> dict:
-    """`n` requests from `concurrency` clients; latency per request, throughput over the whole run."""
-    latencies: list[float] = []
+               body=None, expect: int, new_connection: bool = False, latencies: list[float] | None = None):
+    """`n` requests from `concurrency` clients; latency per request, throughput over the whole run.
+    With `latencies`, the latencies are appended there and the elapsed seconds returned instead."""
+    sink = latencies
+    latencies = [] if sink is None else sink
     remaining = iter(range(n))
     failures: list[str] = []
 
@@ -91,7 +93,7 @@ async def load(session: aiohttp.ClientSession, method: str, url: str, *, n: int,
     elapsed = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} of {n} requests to {url} failed, e.g. {failures[0]}")
-    return summary(latencies, elapsed)
+    return elapsed if sink is not None else summary(latencies, elapsed)
 
 
 class Floor:
@@ -241,16 +243,50 @@ async def measure_executions(session: aiohttp.ClientSession, server: Server, ids
         "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
 
 
-async def measure_lists(session: aiohttp.ClientSession, server: Server, floor: Floor, n: int, rows: dict) -> None:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def paired(session: aiohttp.ClientSession, sides: dict[str, tuple[str, int]], *, n: int, rounds: int,
+                 new_connection: bool) -> dict[str, dict]:
+    """GET `n` requests from 16 clients on each side, in `rounds` alternating slices (a load spike on a
+    shared machine then hits both sides of the ratio alike); per side the combined throughput and
+    latencies, and the CPU its server process spent per request (the database server's own is not in it)."""
+    latencies: dict[str, list[float]] = {name: [] for name in sides}
+    elapsed = dict.fromkeys(sides, 0.0)
+    cpu: dict[str, float | None] = dict.fromkeys(sides, 0.0)
+    for _ in range(rounds):
+        for name, (url, pid) in sides.items():
+            before = cpu_seconds(pid)
+            result = await load(session, "GET", url, n=n // rounds, concurrency=16, expect=200, new_connection=new_connection,
+                                latencies=latencies[name])
+            after = cpu_seconds(pid)
+            elapsed[name] += result
+            cpu[name] = None if before is None or after is None or cpu[name] is None else cpu[name] + after - before
+    out = {}
+    for name in sides:
+        out[name] = summary(latencies[name], elapsed[name])
+        if cpu[name] is not None:
+            out[name]["server_cpu_ms_per_req"] = round(cpu[name] * 1000 / len(latencies[name]), 3)
+    return out
+
+
+async def measure_lists(session: aiohttp.ClientSession, server: Server, floor: Floor, n: int, rows: dict,
+                        rounds: int = 4) -> None:
     """GET list endpoints against the floor answering a precomputed body of the same size; keep-alive
     and a new connection per request (the floor's body is built once, then served as is)."""
     for path in ("/v1/functions", "/v1/runtimes"):
         async with session.get(server.url + path) as resp:
             size = len(await resp.read())
         for mode, fresh in (("keep-alive", False), ("new connection", True)):
-            rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = {
-                "headwater": await load(session, "GET", server.url + path, n=n, concurrency=16, expect=200, new_connection=fresh),
-                "floor": await load(session, "GET", f"{floor.url}/sized/{size}", n=n, concurrency=16, expect=200, new_connection=fresh)}
+            rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = await paired(
+                session, {"headwater": (server.url + path, server.proc.pid), "floor": (f"{floor.url}/sized/{size}", floor.proc.pid)},
+                n=n, rounds=rounds, new_connection=fresh)
 
 
 async def load_events(session: aiohttp.ClientSession, server: Server, event: dict, n: int) -> dict:
@@ -301,6 +337,9 @@ def print_table(results: dict) -> None:
             print(f"{database:<11}{name:<56}{hw_text:>22}{fl_text:>22}{ratio:>8}")
             if "p99_ms" in hw:
                 print(f"{'':<11}{'':<56}{'p99 %.2f ms' % hw['p99_ms']:>22}{('p99 %.2f ms' % fl['p99_ms']) if fl else '':>22}")
+            if "server_cpu_ms_per_req" in hw and fl and "server_cpu_ms_per_req" in fl:
+                print(f"{'':<11}{'server CPU per request':<56}{'%.3f ms' % hw['server_cpu_ms_per_req']:>22}"
+                      f"{'%.3f ms' % fl['server_cpu_ms_per_req']:>22}")
 
 
 def main() -> None:

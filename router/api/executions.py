@@ -11,6 +11,7 @@ from router.api.common import ctx, format_time, format_time_ms, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.executions import FINISHED, render_input
 from router.mapping import parse_qinling_input
+from router.store import NotFound
 
 
 def serialize(row) -> dict:
@@ -62,7 +63,8 @@ async def _marker(request: web.Request, value: str | None):
         raise BadRequest(f"Invalid value for marker: {value[:40]!r} is not an execution id.") from None
     row = await store(request).executions.find(value)  # only the caller's own: another project's id is unknown
     if row is None:
-        raise BadRequest(f"Invalid value for marker: no execution {value} (a marker is the last id of the previous page).")
+        # Well-formed but unknown (or another project's): as GET /v1/executions/{id} answers, 404.
+        raise NotFound(f"Invalid value for marker: no execution {value} (a marker is the last id of the previous page).")
     return row
 
 

@@ -95,10 +95,13 @@ async def test_bad_page_parameters_are_a_400_naming_them(make_headwater):
     hw = await make_headwater("null")
     other = await _executions(hw, 1, project="someone-else")
     for query, name in (("limit=0", "limit"), ("limit=-1", "limit"), ("limit=ten", "limit"), ("limit=1.5", "limit"),
-                        (f"limit={2 ** 70}", "limit"), ("marker=nope", "marker"), ("marker=" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, "marker")):
+                        (f"limit={2 ** 70}", "limit"), ("marker=nope", "marker")):
         resp = await hw.client.get(f"/v1/executions?{query}")
         assert resp.status == 400, (query, resp.status)
         assert name in (await resp.json())["faultstring"], query
+    # A well-formed id of no execution: 404, as GET /v1/executions/{id} answers.
+    resp = await hw.client.get("/v1/executions?marker=" + "0" * 8 + "-0000-0000-0000-" + "0" * 12)
+    assert resp.status == 404 and "marker" in (await resp.json())["faultstring"]
     # Under noauth every request is the admin of project `default`: another project's id is a
     # marker only with all_projects (the scope of the list it pages).
     resp = await hw.client.get(f"/v1/executions?marker={other[0]}&all_projects=true")

@@ -412,7 +412,7 @@ async def test_execution_pages_stay_in_the_callers_project(world, identities):
     theirs = await bob.execution()
     resp = await hw.client.get(f"/v1/executions?marker={theirs}", headers=alice.headers)
     unknown = await hw.client.get(f"/v1/executions?marker={uuid.uuid4()}", headers=alice.headers)
-    assert resp.status == unknown.status == 400
+    assert resp.status == unknown.status == 404
     assert "marker" in (await resp.json())["faultstring"] and "marker" in (await unknown.json())["faultstring"]
     seen, url = [], "/v1/executions?limit=1&all_projects=true"
     while url:
