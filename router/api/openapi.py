@@ -344,8 +344,8 @@ PATHS: dict[str, Any] = {
         "get": _op("List executions, oldest first, a page at a time", 200, "ExecutionList", errors=(400, 404),
                    params=_filters("function_id", "function_alias", "function_version", "status", "description",
                                    "subscription_id", "event_id", "created_at", "updated_at") + [
-                       _query("limit", {"type": "string", "pattern": r"^0*[1-9]\d{0,17}$"},
-                              "Executions per page: 1 to 1000 (more is taken as 1000); 100 when not given."),
+                       _query("limit", {"type": "string", "pattern": r"^(0*[1-9]\d{0,17})?$"},
+                              "Executions per page: 1 to 1000 (more is taken as 1000); 100 when not given or empty."),
                        _query("marker", UUID, "The last execution id of the previous page (its `next` link); 404 if there is no such execution.")]),
         "post": _op("Run a function (sync by default)", 201, "Execution", errors=(400, 404, 409),
                     request=_body("ExecutionCreate")),
