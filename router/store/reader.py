@@ -12,7 +12,8 @@
 # Identical reads that wait together share one statement: a read joins another only while that
 # one has not started (it is still queued for the thread or a connection), so whatever a joining
 # request's result misses was committed after that request arrived, exactly as if it had run its
-# own statement. 16 clients listing the same functions cost one round trip per batch, not 16.
+# own statement. Of each kind one read runs at a time; the next gathers whoever arrives meanwhile.
+# 16 clients listing the same functions cost one round trip per batch, not 16.
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class RowReader:
         # (sql, args) → the result of that read, while it has not started: later identical reads join it.
         self._waiting: dict[tuple, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[tuple, asyncio.Task] = {}  # the latest read of each kind, started or not
 
     def _statement(self, key: Hashable, build: Callable[[], sa.Select]) -> tuple[str, tuple[str, ...]]:
         statement = self._statements.get(key)
@@ -113,9 +115,13 @@ class RowReader:
             result = self._waiting[read] = loop.create_future()
             # Nobody may be left to look at a failure (every request gone): it is retrieved here.
             result.add_done_callback(lambda f: f.cancelled() or f.exception())
-            task = loop.create_task(self._read(read, result))
+            # One read of a kind at a time: the next waits for the one under way, gathering the
+            # requests that arrive meanwhile (fewer round trips; it starts after all of them arrived).
+            task = loop.create_task(self._read(read, result, self._running.get(read)))
+            self._running[read] = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda t: self._running.get(read) is t and self._running.pop(read))
         # A request that goes away (its client hung up) does not cancel the others' read.
         return await asyncio.shield(result)
 
@@ -125,8 +131,10 @@ class RowReader:
         if self._waiting.get(read) is result:
             del self._waiting[read]
 
-    async def _read(self, read: tuple, result: asyncio.Future) -> None:
+    async def _read(self, read: tuple, result: asyncio.Future, previous: asyncio.Task | None) -> None:
         try:
+            if previous is not None:
+                await asyncio.wait([previous])
             sql, args = read
             if self._sqlite_path is not None:
                 if self._executor is None:
