@@ -66,9 +66,11 @@ def summary(latencies_ms: list[float], elapsed: float) -> dict:
 
 
 async def load(session: aiohttp.ClientSession, method: str, url: str, *, n: int, concurrency: int,
-               body=None, expect: int, new_connection: bool = False) -> dict:
-    """`n` requests from `concurrency` clients; latency per request, throughput over the whole run."""
-    latencies: list[float] = []
+               body=None, expect: int, new_connection: bool = False, latencies: list[float] | None = None):
+    """`n` requests from `concurrency` clients; latency per request, throughput over the whole run.
+    With `latencies`, the latencies are appended there and the elapsed seconds returned instead."""
+    sink = latencies
+    latencies = [] if sink is None else sink
     remaining = iter(range(n))
     failures: list[str] = []
 
@@ -91,7 +93,7 @@ async def load(session: aiohttp.ClientSession, method: str, url: str, *, n: int,
     elapsed = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} of {n} requests to {url} failed, e.g. {failures[0]}")
-    return summary(latencies, elapsed)
+    return elapsed if sink is not None else summary(latencies, elapsed)
 
 
 class Floor:
@@ -181,8 +183,7 @@ async def backlog_drain(session: aiohttp.ClientSession, server: Server, function
     start to the last success), against the rate the 202s arrived at."""
     deadline = time.perf_counter() + 120
     while True:
-        async with session.get(f"{server.url}/v1/executions", params={"function_id": function_id, "status": "success"}) as resp:
-            done = len((await resp.json())["executions"]) - 1  # less the warm-up run
+        done = await count_executions(session, server, {"function_id": function_id, "status": "success"}) - 1  # less the warm-up run
         if done >= accepted or time.perf_counter() > deadline:
             break
         await asyncio.sleep(0.02)
@@ -191,41 +192,101 @@ async def backlog_drain(session: aiohttp.ClientSession, server: Server, function
             "accepted_per_s": round(accepted / accept_seconds, 1)}
 
 
+async def count_executions(session: aiohttp.ClientSession, server: Server, params: dict) -> int:
+    """How many executions match, page by page (GET /v1/executions answers at most 1000 at a time)."""
+    count, url, query = 0, f"{server.url}/v1/executions", {**params, "limit": "1000"}
+    while True:
+        async with session.get(url, params=query) as resp:
+            page = await resp.json()
+        count += len(page["executions"])
+        if "next" not in page:
+            return count
+        url, query = server.url + page["next"], None
+
+
 async def measure_headwater(server: Server, ids: dict, floor: Floor, args) -> dict:
     rows: dict[str, dict] = {}
-    sync_body = {"function_id": ids["function_id"], "input": "bench"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await floor.ready(session)
         n = args.requests
-        rows["sync, sequential"] = {
-            "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=1, body=sync_body, expect=201),
-            "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=1, body=sync_body, expect=201)}
-        for c in (16, 64):
-            rows[f"sync, {c} concurrent"] = {
-                "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=c, body=sync_body, expect=201),
-                "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=c, body=sync_body, expect=201)}
-        started = time.perf_counter()
-        webhook = await load(session, "POST", ids["webhook_url"], n=n, concurrency=16, body={"k": "v"}, expect=202)
-        accept_seconds = time.perf_counter() - started
-        rows["webhook backlog drain"] = {"headwater": await backlog_drain(session, server, ids["webhook_function_id"], n,
-                                                                          started, accept_seconds)}
-        # The floor runs after the drain, so it does not compete with the backlog for the CPU.
-        rows["webhook → 202, 16 concurrent"] = {
-            "headwater": webhook,
-            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body={"k": "v"}, expect=202)}
-        rows["webhook → success, one at a time"] = {"headwater": await invoke_to_success(session, server, ids["webhook_url"], args.latency)}
-        event = {"specversion": "1.0", "type": "org.example.bench", "source": "/bench", "id": "x", "data": {"k": "v"}}
-        rows["CloudEvent ingress, 16 concurrent"] = {
-            "headwater": await load_events(session, server, event, n),
-            "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
-        for path in ("/v1/functions", "/v1/runtimes"):
-            async with session.get(server.url + path) as resp:
-                size = len(await resp.read())
-            for mode, fresh in (("keep-alive", False), ("new connection", True)):
-                rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = {
-                    "headwater": await load(session, "GET", server.url + path, n=n, concurrency=16, expect=200, new_connection=fresh),
-                    "floor": await load(session, "GET", f"{floor.url}/sized/{size}", n=n, concurrency=16, expect=200, new_connection=fresh)}
+        if "executions" in args.rows:
+            await measure_executions(session, server, ids, floor, n, args, rows)
+        if "lists" in args.rows:
+            await measure_lists(session, server, floor, n, rows)
     return rows
+
+
+async def measure_executions(session: aiohttp.ClientSession, server: Server, ids: dict, floor: Floor, n: int, args,
+                             rows: dict) -> None:
+    """Sync executions, webhook invokes (202s, backlog drain, to success) and CloudEvent ingress."""
+    sync_body = {"function_id": ids["function_id"], "input": "bench"}
+    rows["sync, sequential"] = {
+        "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=1, body=sync_body, expect=201),
+        "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=1, body=sync_body, expect=201)}
+    for c in (16, 64):
+        rows[f"sync, {c} concurrent"] = {
+            "headwater": await load(session, "POST", f"{server.url}/v1/executions", n=n, concurrency=c, body=sync_body, expect=201),
+            "floor": await load(session, "POST", f"{floor.url}/sync", n=n, concurrency=c, body=sync_body, expect=201)}
+    started = time.perf_counter()
+    webhook = await load(session, "POST", ids["webhook_url"], n=n, concurrency=16, body={"k": "v"}, expect=202)
+    accept_seconds = time.perf_counter() - started
+    rows["webhook backlog drain"] = {"headwater": await backlog_drain(session, server, ids["webhook_function_id"], n,
+                                                                      started, accept_seconds)}
+    # The floor runs after the drain, so it does not compete with the backlog for the CPU.
+    rows["webhook → 202, 16 concurrent"] = {
+        "headwater": webhook,
+        "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body={"k": "v"}, expect=202)}
+    rows["webhook → success, one at a time"] = {"headwater": await invoke_to_success(session, server, ids["webhook_url"], args.latency)}
+    event = {"specversion": "1.0", "type": "org.example.bench", "source": "/bench", "id": "x", "data": {"k": "v"}}
+    rows["CloudEvent ingress, 16 concurrent"] = {
+        "headwater": await load_events(session, server, event, n),
+        "floor": await load(session, "POST", f"{floor.url}/accepted", n=n, concurrency=16, body=event, expect=202)}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def paired(session: aiohttp.ClientSession, sides: dict[str, tuple[str, int]], *, n: int, rounds: int,
+                 new_connection: bool) -> dict[str, dict]:
+    """GET `n` requests from 16 clients on each side, in `rounds` alternating slices (a load spike on a
+    shared machine then hits both sides of the ratio alike); per side the combined throughput and
+    latencies, and the CPU its server process spent per request (the database server's own is not in it)."""
+    latencies: dict[str, list[float]] = {name: [] for name in sides}
+    elapsed = dict.fromkeys(sides, 0.0)
+    cpu: dict[str, float | None] = dict.fromkeys(sides, 0.0)
+    for _ in range(rounds):
+        for name, (url, pid) in sides.items():
+            before = cpu_seconds(pid)
+            result = await load(session, "GET", url, n=n // rounds, concurrency=16, expect=200, new_connection=new_connection,
+                                latencies=latencies[name])
+            after = cpu_seconds(pid)
+            elapsed[name] += result
+            cpu[name] = None if before is None or after is None or cpu[name] is None else cpu[name] + after - before
+    out = {}
+    for name in sides:
+        out[name] = summary(latencies[name], elapsed[name])
+        if cpu[name] is not None:
+            out[name]["server_cpu_ms_per_req"] = round(cpu[name] * 1000 / len(latencies[name]), 3)
+    return out
+
+
+async def measure_lists(session: aiohttp.ClientSession, server: Server, floor: Floor, n: int, rows: dict,
+                        rounds: int = 4) -> None:
+    """GET list endpoints against the floor answering a precomputed body of the same size; keep-alive
+    and a new connection per request (the floor's body is built once, then served as is)."""
+    for path in ("/v1/functions", "/v1/runtimes"):
+        async with session.get(server.url + path) as resp:
+            size = len(await resp.read())
+        for mode, fresh in (("keep-alive", False), ("new connection", True)):
+            rows[f"GET {path} ({size} B), {mode}, 16 concurrent"] = await paired(
+                session, {"headwater": (server.url + path, server.proc.pid), "floor": (f"{floor.url}/sized/{size}", floor.proc.pid)},
+                n=n, rounds=rounds, new_connection=fresh)
 
 
 async def load_events(session: aiohttp.ClientSession, server: Server, event: dict, n: int) -> dict:
@@ -276,6 +337,9 @@ def print_table(results: dict) -> None:
             print(f"{database:<11}{name:<56}{hw_text:>22}{fl_text:>22}{ratio:>8}")
             if "p99_ms" in hw:
                 print(f"{'':<11}{'':<56}{'p99 %.2f ms' % hw['p99_ms']:>22}{('p99 %.2f ms' % fl['p99_ms']) if fl else '':>22}")
+            if "server_cpu_ms_per_req" in hw and fl and "server_cpu_ms_per_req" in fl:
+                print(f"{'':<11}{'server CPU per request':<56}{'%.3f ms' % hw['server_cpu_ms_per_req']:>22}"
+                      f"{'%.3f ms' % fl['server_cpu_ms_per_req']:>22}")
 
 
 def main() -> None:
@@ -284,6 +348,8 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=200, help="webhooks timed one at a time to success")
     parser.add_argument("--functions", type=int, default=50, help="functions listed by GET /v1/functions")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--rows", default="executions,lists",
+                        help="which groups of rows: executions (sync, webhooks, events) and/or lists (GET list endpoints)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "front_door.json"))
     args = parser.parse_args()
     floor = Floor()

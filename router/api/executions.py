@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from router.api.common import ctx, format_time, format_time_ms, hw, list_filters
 from router.api.errors import BadRequest, json_body
 from router.executions import FINISHED, render_input
 from router.mapping import parse_qinling_input
+from router.store import NotFound
 
 
 def serialize(row) -> dict:
@@ -46,11 +48,40 @@ async def create(request: web.Request) -> web.Response:
     return web.json_response(serialize(row), status=201)
 
 
+# A page of GET /v1/executions: `limit` rows (at most MAX_PAGE; DEFAULT_PAGE when not given), oldest
+# first, the next page from `marker` (the last id of this one), as OpenStack APIs page.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+async def _marker(request: web.Request, value: str | None):
+    if value is None:
+        return None
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise BadRequest(f"Invalid value for marker: {value[:40]!r} is not an execution id.") from None
+    row = await store(request).executions.find(value)  # only the caller's own: another project's id is unknown
+    if row is None:
+        # Well-formed but unknown (or another project's): as GET /v1/executions/{id} answers, 404.
+        raise NotFound(f"Invalid value for marker: no execution {value} (a marker is the last id of the previous page).")
+    return row
+
+
 async def index(request: web.Request) -> web.Response:
     filters = list_filters(request, ("function_id", "function_alias", "function_version", "status", "description",
-                                     "subscription_id", "event_id", "created_at", "updated_at"))
-    rows = await store(request).executions.list(project_id=ctx(request).list_scope(request), filters=filters)
-    return web.json_response({"executions": [serialize(r) for r in rows]})
+                                     "subscription_id", "event_id", "created_at", "updated_at", "limit", "marker"))
+    limit = parse_int(filters.pop("limit", None), "limit", DEFAULT_PAGE)
+    if limit < 1:
+        raise BadRequest(f"Invalid value for limit: {limit} (a page holds 1 to {MAX_PAGE} executions).")
+    limit = min(limit, MAX_PAGE)
+    marker = await _marker(request, filters.pop("marker", None))
+    rows = await store(request).executions.list(project_id=ctx(request).list_scope(request), filters=filters,
+                                                limit=limit, after=marker)
+    body: dict = {"executions": [serialize(r) for r in rows]}
+    if len(rows) == limit:  # maybe more: where the next page starts
+        body["next"] = str(request.rel_url.update_query(limit=str(limit), marker=rows[-1].id))
+    return web.json_response(body)
 
 
 async def show(request: web.Request) -> web.Response:

@@ -9,9 +9,11 @@ from aiohttp import web
 
 from router import builds
 from router.api.common import ctx, format_time, hw, list_filters, parse_bool, parse_int, require_uuid, store
+from router.api import listing
 from router.api.errors import BadRequest, NotAllowed, json_body
 from router import safejson
 from router.plugins import PackageRef
+from router.store import models
 from router.store.models import new_id
 
 log = logging.getLogger(__name__)
@@ -154,9 +156,14 @@ async def create(request: web.Request) -> web.Response:
     return web.json_response(serialize(row), status=201)
 
 
+_BODIES = listing.RowBodies(models.Function.__table__, serialize)
+
+
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
     filters = list_filters(request, ("name", "runtime_id", "description", "entry"))
+    if not filters:  # the common read: raw rows, each serialised once (router.api.listing)
+        return _BODIES.response("functions", await store(request).functions.rows(project_id=c.list_scope(request)))
     rows = await store(request).functions.list(project_id=c.list_scope(request), filters=filters)
     return web.json_response({"functions": [serialize(r) for r in rows]})
 

@@ -122,6 +122,8 @@ for _name, _item in (("runtimes", "Runtime"), ("functions", "Function"), ("worke
                      ("subscriptions", "Subscription"), ("deadletters", "DeadLetter"),
                      ("events", "EventRecord")):
     SCHEMAS[f"{_item}List"] = _list_of(_name, _item)
+# A full page of executions says where the next one starts (the same query with marker and limit).
+SCHEMAS["ExecutionList"]["properties"]["next"] = STR
 
 # Request bodies. Properties are listed with their types; clients may send more (ignored, as Qinling).
 TARGET = [{"required": ["function_id"]}, {"required": ["function_alias"]}]  # what runs: a function or an alias
@@ -346,9 +348,12 @@ PATHS: dict[str, Any] = {
         "delete": _op("Delete an alias", 204, errors=(404,), params=ALIAS),
     },
     "/v1/executions": {
-        "get": _op("List executions", 200, "ExecutionList", errors=(400,),
+        "get": _op("List executions, oldest first, a page at a time", 200, "ExecutionList", errors=(400, 404),
                    params=_filters("function_id", "function_alias", "function_version", "status", "description",
-                                   "subscription_id", "event_id", "created_at", "updated_at")),
+                                   "subscription_id", "event_id", "created_at", "updated_at") + [
+                       _query("limit", {"type": "string", "pattern": r"^(0*[1-9]\d{0,17})?$"},
+                              "Executions per page: 1 to 1000 (more is taken as 1000); 100 when not given or empty."),
+                       _query("marker", UUID, "The last execution id of the previous page (its `next` link); 404 if there is no such execution.")]),
         "post": _op("Run a function (sync by default)", 201, "Execution", errors=(400, 404, 409),
                     request=_body("ExecutionCreate")),
     },

@@ -7,7 +7,9 @@ import logging
 from aiohttp import web
 
 from router.api.common import ctx, format_time, hw, list_filters, parse_bool, require_uuid, store
+from router.api import listing
 from router.api.errors import BadRequest, ConflictError, NotAllowed, json_body
+from router.store import models
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +100,15 @@ async def _rebuild_pool(app, update_pool, runtime_id: str, image: str, previous:
     app.executions.targets.clear()
 
 
+_BODIES = listing.RowBodies(models.Runtime.__table__, serialize)
+
+
 async def index(request: web.Request) -> web.Response:
     c = ctx(request)
     list_filters(request, ())  # no filters: unknown parameters are refused, as WSME does
-    rows = await store(request).runtimes.visible(None if c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects") else c.project_id)
-    return web.json_response({"runtimes": [serialize(r) for r in rows]})
+    every = c.is_admin and parse_bool(request.query.get("all_projects"), "all_projects")
+    # Raw rows, each serialised once (router.api.listing).
+    return _BODIES.response("runtimes", await store(request).runtimes.rows(project_id=None if every else c.project_id))
 
 
 async def show(request: web.Request) -> web.Response:

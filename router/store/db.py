@@ -67,6 +67,16 @@ class Database:
         if self.is_sqlite:
             sa.event.listen(self.engine.sync_engine, "connect", sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
+        self._reader = None
+
+    @property
+    def reader(self):
+        """The RowReader of the hot list reads (router.store.reader), made on first use."""
+        if self._reader is None:
+            from router.store.reader import RowReader  # it builds on this module: import late
+
+            self._reader = RowReader(self)
+        return self._reader
 
     async def pending_migrations(self) -> tuple[str, list[tuple[str, str]]]:
         """(revision in force or "base", [(revision, description)] not yet applied, oldest first)."""
@@ -101,4 +111,6 @@ class Database:
         return revision
 
     async def dispose(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
         await self.engine.dispose()

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from router.store import models
+from router.store import models, reader
 from router.store.db import Conflict, Database, NotFound
 
 M = TypeVar("M", bound=models.Base)
@@ -67,14 +67,35 @@ class Repository(Generic[M]):
         # Every query below applies it, whatever project_id its caller passes.
         self.scope = scope
 
-    def _visible(self):
-        """The condition that limits rows to the scope (runtimes widen it to public ones)."""
-        return self.model.project_id == self.scope
+    def _visible(self, project=None):
+        """The condition that limits rows to the scope, or to `project` (a value or a bound
+        parameter); runtimes widen it to public and shared ones."""
+        return self.model.project_id == (self.scope if project is None else project)
 
     def _scoped(self, stmt, project_id: str | None = None):
         if self.scope is not None:
             stmt = stmt.where(self._visible())
         return stmt if project_id is None else stmt.where(self.model.project_id == project_id)
+
+    def _listed(self, project):
+        """What `rows(project_id=…)` limits to (the list endpoint's project)."""
+        return self.model.project_id == project
+
+    async def rows(self, *, project_id: str | None = None) -> list[tuple]:
+        """The unfiltered list read without the ORM: every column in table order (JSON as its text,
+        see router.store.reader), ordered by created_at and id, within the scope and `project_id`."""
+        params = {"scope": self.scope, "project": project_id}
+        params = {k: v for k, v in params.items() if v is not None}
+
+        def build() -> sa.Select:
+            stmt = sa.select(*reader.columns(self.model.__table__))
+            if "scope" in params:
+                stmt = stmt.where(self._visible(sa.bindparam("scope", type_=sa.String)))
+            if "project" in params:
+                stmt = stmt.where(self._listed(sa.bindparam("project", type_=sa.String)))
+            return stmt.order_by(self.model.created_at, self.model.id)
+
+        return await self.db.reader.rows((type(self).__name__, tuple(params)), build, params)
 
     async def get(self, id_: str, *, project_id: str | None = None) -> M:
         async with self.db.sessions() as session:
@@ -90,8 +111,15 @@ class Repository(Generic[M]):
             return None
 
     async def list(self, *, project_id: str | None = None, filters: Mapping[str, Any] | None = None,
-                   order_by: str = "created_at", limit: int | None = None) -> list[M]:
+                   order_by: str = "created_at", limit: int | None = None, after: M | None = None) -> list[M]:
+        """Rows ordered by `order_by` then id; with `after` (a row of this table), only those that
+        come after it in that order (keyset pagination: a page never repeats or skips a row because
+        rows were added or removed before it)."""
         stmt = self._scoped(sa.select(self.model), project_id)
+        if after is not None:
+            key = getattr(self.model, order_by)
+            stmt = stmt.where(sa.or_(key > getattr(after, order_by),
+                                     sa.and_(key == getattr(after, order_by), self.model.id > after.id)))
         for name, raw in (filters or {}).items():
             column = getattr(self.model, name, None)
             if column is None:
@@ -193,10 +221,13 @@ def _constraint(exc: IntegrityError) -> str:
 class Runtimes(Repository[models.Runtime]):
     model = models.Runtime
 
-    def _visible(self):
+    def _visible(self, project=None):
         # A project sees public runtimes, its own and private ones shared with it; writes are the
         # admins' (policy).
-        return _runtime_visible_to(self.scope)
+        return _runtime_visible_to(self.scope if project is None else project)
+
+    def _listed(self, project):
+        return _runtime_visible_to(project)  # as visible(): a project's list shows what it may use
 
     async def visible(self, project_id: str | None) -> list[models.Runtime]:
         """Public runtimes plus the project's own and those shared with it (all for project_id None)."""

@@ -48,6 +48,54 @@ def test_policy_file_overrides_a_rule(tmp_path):
     assert not policy.allowed("headwater:functions:list", {"roles": ["reader"], "project_id": "p1"}, {"project_id": "p1"})
 
 
+def test_remembered_decisions_follow_a_changed_policy_file(tmp_path):
+    """Decisions are remembered per (rule, credentials, target); an edited policy file, which
+    oslo.policy reloads while the server runs, still takes effect at once."""
+    import os
+
+    path = tmp_path / "policy.yaml"
+    path.write_text('"headwater:functions:list": "role:admin"\n')
+    policy = Policy(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "oslo_policy": {"policy_file": str(path)}}))
+    reader = {"roles": ["reader"], "project_id": "p1", "user_id": "carol"}
+    assert not policy.allowed("headwater:functions:list", reader, {"project_id": "p1"})
+    assert not policy.allowed("headwater:functions:list", reader, {"project_id": "p1"})  # remembered
+    path.write_text('"headwater:functions:list": "role:reader or role:admin"\n')
+    stamp = path.stat().st_mtime_ns + 5_000_000_000
+    os.utime(path, ns=(stamp, stamp))
+    assert policy.allowed("headwater:functions:list", reader, {"project_id": "p1"})
+    # Each caller and target is its own decision.
+    assert not policy.allowed("headwater:functions:create", reader, {"project_id": "p1"})
+    member = {"roles": ["member"], "project_id": "p1", "user_id": "alice"}
+    assert policy.allowed("headwater:functions:create", member, {"project_id": "p1"})
+    assert not policy.allowed("headwater:functions:create", member, {"project_id": "p2"})
+
+
+def test_a_check_that_may_change_its_answer_is_asked_every_time(tmp_path):
+    """Only checks of credentials and target are remembered: an external check (http:, a
+    plugin's) is asked on every request."""
+    from oslo_policy import _checks
+    from oslo_policy import policy as oslo_policy
+
+    asked = []
+
+    class Counting(_checks.Check):
+        def __call__(self, target, creds, enforcer, current_rule=None):
+            asked.append(creds["user_id"])
+            return True
+
+    path = tmp_path / "policy.yaml"
+    path.write_text('"headwater:functions:list": "counting:x"\n')
+    oslo_policy.register("counting", Counting)
+    try:
+        policy = Policy(Config.load(overrides={"DEFAULT": {"data_dir": str(tmp_path)}, "oslo_policy": {"policy_file": str(path)}}))
+        reader = {"roles": ["reader"], "project_id": "p1", "user_id": "carol"}
+        for _ in range(3):
+            assert policy.allowed("headwater:functions:list", reader, {"project_id": "p1"})
+    finally:
+        _checks.registered_checks.pop("counting", None)
+    assert asked == ["carol"] * 3
+
+
 @pytest.mark.parametrize("text", ['"headwater:functions:list": "role:admin\n  - [', "{not: [valid"])
 def test_a_policy_file_with_a_syntax_error_stops_start_up_naming_the_file(tmp_path, text):
     path = tmp_path / "broken-policy.yaml"

@@ -429,3 +429,22 @@ async def test_a_batch_naming_another_projects_function_creates_nothing(world, i
                                 json={"subscriptions": [{"source": "http", "function_id": mine}]})
     assert resp.status == 403, await resp.text()
     assert (await hw.client.get(f"/v1/subscriptions/{created['id']}", headers=bob.headers)).status == 404
+
+async def test_execution_pages_stay_in_the_callers_project(world, identities):
+    """A marker names an execution of the caller's own list: another project's id is refused as if
+    it did not exist, and every page holds the caller's rows only."""
+    hw, admin_token, alice, bob, carol_token = world
+    mine = [await alice.execution() for _ in range(3)]
+    theirs = await bob.execution()
+    resp = await hw.client.get(f"/v1/executions?marker={theirs}", headers=alice.headers)
+    unknown = await hw.client.get(f"/v1/executions?marker={uuid.uuid4()}", headers=alice.headers)
+    assert resp.status == unknown.status == 404
+    assert "marker" in (await resp.json())["faultstring"] and "marker" in (await unknown.json())["faultstring"]
+    seen, url = [], "/v1/executions?limit=1&all_projects=true"
+    while url:
+        page = await (await hw.client.get(url, headers=alice.headers)).json()
+        seen += [(e["id"], e["project_id"]) for e in page["executions"]]
+        url = page.get("next")
+    assert [i for i, _ in seen] == mine and {p for _, p in seen} == {identities.p1}
+    resp = await hw.client.get(f"/v1/executions?marker={mine[0]}&all_projects=true", headers={"X-Auth-Token": admin_token})
+    assert resp.status == 200 and theirs in {e["id"] for e in (await resp.json())["executions"]}
