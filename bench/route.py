@@ -129,7 +129,7 @@ def routed_rows_floor(n: int, data_dir: Path, wave: int = 100) -> dict:
         conn.execute("COMMIT")
         return out
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for first in range(0, n, wave):
         last = min(n, first + wave)
         visible = time.time()
@@ -151,10 +151,11 @@ def routed_rows_floor(n: int, data_dir: Path, wave: int = 100) -> dict:
             [v for row in chunk for v in row]).fetchall())
         transaction(store, False, lambda: store.executemany(finish, finishes[first:last]))
         transaction(bus, False, lambda: bus.executemany("DELETE FROM bus_messages WHERE id = ?", [(i,) for i in claimed]))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     bus.close()
     store.close()
-    return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "p50_ms": float("nan"), "p99_ms": float("nan"),
+            "cpu_us_per_event": cpu / n * 1e6}
 
 
 class Rig:
@@ -193,17 +194,29 @@ class Rig:
         self.subscription_id = sub.id
         self.index.put(Subscription(id=sub.id, project_id="bench", source="bench", filters={"subject": "bench"},
                                     function_id=function_id, function_version=0))
-        # Note each execution's finish time: the benchmark's only hook into the router.
-        original = self.executions.record
+        # Note each execution's finish time: the benchmark's only hook into the router (outcomes
+        # are recorded one by one, or a batch's together).
+        self.on_recorded = None
+        original, original_many = self.executions.record, self.executions.record_many
 
-        async def record(row, result):
-            await original(row, result)
+        def recorded(row) -> None:
             self.done[row.id] = time.perf_counter()
             waiter = self.waiters.pop(row.id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+            if self.on_recorded is not None:
+                self.on_recorded(row)
 
-        self.executions.record = record
+        async def record(row, result, **kw):
+            await original(row, result, **kw)
+            recorded(row)
+
+        async def record_many(finished):
+            await original_many(finished)
+            for row, _ in finished:
+                recorded(row)
+
+        self.executions.record, self.executions.record_many = record, record_many
         await self.bus.start()
         await self.dispatcher.start()
 
@@ -227,16 +240,13 @@ class Rig:
         sent: dict[str, float] = {}
         all_done = asyncio.get_running_loop().create_future()
         expected = {execution_id_for("/bench", f"bench-{i}", self.subscription_id) for i in range(offset, offset + n)}
-        original = self.executions.record
-
-        async def record(row, result):
-            await original(row, result)
+        def recorded(row) -> None:
             expected.discard(row.id)
             if not expected and not all_done.done():
                 all_done.set_result(None)
 
-        self.executions.record = record
-        started = time.perf_counter()
+        self.on_recorded = recorded
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def publish(i: int) -> None:
             event = self.event(i)
@@ -248,11 +258,12 @@ class Rig:
         for wave in range(offset, offset + n, concurrency):
             await asyncio.gather(*(publish(i) for i in range(wave, min(wave + concurrency, offset + n))))
         await all_done
-        elapsed = time.perf_counter() - started
-        self.executions.record = original
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        self.on_recorded = None
         latencies = [self.done[k] - v for k, v in sent.items() if k in self.done]
         return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed,
-                "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+                "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+                "cpu_us_per_event": cpu / n * 1e6}
 
     async def sequential_latency(self, n: int, offset: int) -> dict:
         """One event at a time, each waiting for its execution record: the warm end-to-end latency."""
@@ -465,10 +476,12 @@ def main() -> None:
         return
     results = asyncio.run(run(args))
     output["results"] = results
-    print(f"{'scenario':<52} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    # cpu us/ev: this process's CPU (all threads) per event; on a loaded machine it varies less
+    # than events/s, which follows the CPU share each row happens to get.
+    print(f"{'scenario':<52} {'events':>7} {'events/s':>11} {'ratio':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/ev':>10}")
     for name, row in results.items():
         print(f"{name:<52} {row['events']:>7} {row['events_per_s']:>11.0f} {row['ratio_to_baseline']:>8.4f} "
-              f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+              f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {row.get('cpu_us_per_event', float('nan')):>10.1f}")
     floor, durable = results.get(ROWS_FLOOR), results.get("route, null engine, sqlite bus")
     if floor and durable:
         output["sqlite_bus_to_rows_floor"] = durable["events_per_s"] / floor["events_per_s"]
