@@ -151,11 +151,14 @@ class Dispatcher:
         execution is recorded, nack if that failed), as `handle` does for one. First deliveries of
         events that match one subscription without limits go through one journal write; the rest
         (and any one alone: a batch is never a wait) through `handle`."""
+        if len(deliveries) == 1:  # the one-event path, without the batch's gathering
+            await settle_by_handler(self.handle, deliveries[0], log, topic=deliveries[0].topic)
+            return
         plain: list[Delivery] = []
         items: list[tuple[Event, Subscription]] = []
         work = []
         limited = self.executions.limits.limited
-        if len(deliveries) > 1 and not tracing.enabled:
+        if not tracing.enabled:
             match = self.index.match_or_target
             for delivery in deliveries:
                 event = delivery.event
