@@ -55,9 +55,13 @@ def reachable(port: int) -> bool:
         return False
 
 
-def summary(n: int, elapsed: float, latencies: list[float]) -> dict:
+def summary(n: int, elapsed: float, latencies: list[float], cpu: float) -> dict:
+    """`cpu_us_per_event`: this process's CPU (all its threads; not the broker's or the database's)
+    per event. On a shared, loaded machine events/s follows the CPU share each loop happens to get;
+    CPU per event does not, so it says more there about the code's own cost."""
     return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1),
-            "p50_ms": round(percentile(latencies, 50) * 1e3, 2), "p99_ms": round(percentile(latencies, 99) * 1e3, 2)}
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 2), "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
+            "cpu_us_per_event": round(cpu / n * 1e6, 1)}
 
 
 async def windowed(n: int, publish) -> None:
@@ -79,7 +83,7 @@ async def raw_memory(n: int) -> dict:
             latencies.append(time.perf_counter() - sent[i])
 
     consumer = asyncio.get_running_loop().create_task(consume())
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
 
     async def publish(i):
         sent[i] = time.perf_counter()
@@ -87,7 +91,7 @@ async def raw_memory(n: int) -> dict:
 
     await windowed(n, publish)
     await consumer
-    return summary(n, time.perf_counter() - started, latencies)
+    return summary(n, time.perf_counter() - started, latencies, time.process_time() - cpu)
 
 
 async def raw_rabbitmq(n: int) -> dict:
@@ -114,7 +118,7 @@ async def raw_rabbitmq(n: int) -> dict:
                 done.set_result(None)
 
         tag = await queue.consume(on_message)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def publish(i):
             sent[str(i)] = time.perf_counter()
@@ -123,7 +127,7 @@ async def raw_rabbitmq(n: int) -> dict:
 
         await windowed(n, publish)
         await done
-        result = summary(n, time.perf_counter() - started, latencies)
+        result = summary(n, time.perf_counter() - started, latencies, time.process_time() - cpu)
         await queue.cancel(tag)  # before the delete, which would cancel it from the broker's side (logged)
         await queue.delete(if_unused=False, if_empty=False)
         return result
@@ -161,7 +165,7 @@ async def raw_nats(n: int, *, publish_async: bool = False) -> dict:
                 await asyncio.gather(*(m.ack() for m in msgs))
 
         consumer = asyncio.get_running_loop().create_task(consume())
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def publish(i):
             sent[str(i)] = time.perf_counter()
@@ -177,7 +181,7 @@ async def raw_nats(n: int, *, publish_async: bool = False) -> dict:
         else:
             await windowed(n, publish)
         await consumer
-        return summary(n, time.perf_counter() - started, latencies)
+        return summary(n, time.perf_counter() - started, latencies, time.process_time() - cpu)
     finally:
         try:
             await js.delete_stream(stream)
@@ -240,16 +244,25 @@ class RoutedRig:
         self.subscription_id = sub.id
         self.index.put(Subscription(id=sub.id, project_id="bench", source="bench", filters={"subject": "bench"},
                                     function_id=function.id, function_version=0))
-        original = self.executions.record
+        # Outcomes are recorded one by one, or a batch's together: both are noted.
+        original, original_many = self.executions.record, self.executions.record_many
 
-        async def record(row, result, **kw):
-            await original(row, result, **kw)
+        def recorded(row) -> None:
             self.done[row.id] = time.perf_counter()
             self.expected.discard(row.id)
             if not self.expected and self.all_done is not None and not self.all_done.done():
                 self.all_done.set_result(None)
 
-        self.executions.record = record
+        async def record(row, result, **kw):
+            await original(row, result, **kw)
+            recorded(row)
+
+        async def record_many(finished):
+            await original_many(finished)
+            for row, _ in finished:
+                recorded(row)
+
+        self.executions.record, self.executions.record_many = record, record_many
         await self.dispatcher.start()
 
     async def stop(self) -> None:
@@ -291,7 +304,7 @@ class RoutedRig:
         self.expected = set(ids)
         self.all_done = asyncio.get_running_loop().create_future()
         sent: dict[str, float] = {}
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def publish(i):
             sent[ids[i]] = time.perf_counter()
@@ -300,7 +313,7 @@ class RoutedRig:
         await windowed(n, publish)
         await self.all_done
         elapsed = time.perf_counter() - started
-        return summary(n, elapsed, [self.done[k] - v for k, v in sent.items()])
+        return summary(n, elapsed, [self.done[k] - v for k, v in sent.items()], time.process_time() - cpu)
 
 
 async def routed(backend: str, n: int, database: str) -> dict:
@@ -352,12 +365,13 @@ def main() -> None:
     print(f"\nbus benchmark: {args.events} events, window {WINDOW}, prefetch {PREFETCH}, records in {args.database}, "
           "null engine, garbage collector tuned as `headwater serve` does (both loops)")
     print("ratio: routed events/s over the raw client loop's (in brackets: over the stronger baseline)")
-    print(f"{'backend':<10} {'loop':<18} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'ratio':>13}")
+    print(f"{'backend':<10} {'loop':<18} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'ratio':>13} {'cpu us/ev':>10}")
     for backend, rows in results.items():
         for loop, row in rows.items():
             ratio = f"{row['ratio_to_raw']:.2f}" if "ratio_to_raw" in row else ""
             ratio += "".join(f" [{v:.2f}]" for k, v in row.items() if k.startswith("ratio_to_") and k != "ratio_to_raw")
-            print(f"{backend:<10} {loop:<18} {row['events_per_s']:>10.0f} {row['p50_ms']:>9.2f} {row['p99_ms']:>9.2f} {ratio:>13}")
+            print(f"{backend:<10} {loop:<18} {row['events_per_s']:>10.0f} {row['p50_ms']:>9.2f} {row['p99_ms']:>9.2f} {ratio:>13} "
+                  f"{row['cpu_us_per_event']:>10.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"events": args.events, "window": WINDOW, "prefetch": PREFETCH, "database": args.database,
                                        "python": platform.python_version(), "machine": platform.machine(), "gc": "router.gctuning.tune_for_server",

@@ -1,5 +1,6 @@
 """Dispatcher: consume events from the bus, match them to subscriptions, execute each match, ack.
-Events for a subscription with limits are parked on that subscription's own topic instead, so that
+The bus hands over whatever is ready as one batch: its executions are recorded by one journal write,
+and each event is acked as soon as its own execution is recorded. Events for a subscription with limits are parked on that subscription's own topic instead, so that
 its backlog never holds the slots other subscriptions' events need (no head-of-line blocking)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import asyncio
 import logging
 
 from router import tracing
-from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery, dead_letter_topic
+from router.bus import EVENTS_TOPIC, Bus, Consumer, Delivery, dead_letter_topic, settle_by_handler
 from router.delivery import RETRY_TOPIC, clean, retry_copy, retry_marks
 from router.events import Event, derived_id, execution_id_for
 from router.executions import ExecutionService
@@ -73,7 +74,8 @@ class Dispatcher:
             if self.executions.limits.limited(sub):
                 await self._parking_consumer(sub.id)
         self._retry_consumer = await self.bus.consume(RETRY_TOPIC, self.group, self.handle_retry, prefetch=self.prefetch)
-        self._consumer = await self.bus.consume(EVENTS_TOPIC, self.group, self.handle, prefetch=self.prefetch)
+        self._consumer = await self.bus.consume(EVENTS_TOPIC, self.group, self.handle, prefetch=self.prefetch,
+                                                batch=self.handle_batch)
 
     async def stop(self) -> None:
         parked = [f for f in self._parked_consumers.values() if f.done() and f.exception() is None]
@@ -150,6 +152,62 @@ class Dispatcher:
             current_event_id.reset(token)
         if self._settle_waiters:
             self._settle(event.id)
+
+    async def handle_batch(self, deliveries: list[Delivery]) -> None:
+        """Handle what the bus had ready, settling each delivery as soon as it is done (ack once its
+        execution is recorded, nack if that failed), as `handle` does for one. First deliveries of
+        events that match one subscription without limits go through one journal write; the rest
+        (and any one alone: a batch is never a wait) through `handle`."""
+        if len(deliveries) == 1:  # the one-event path, without the batch's gathering
+            await settle_by_handler(self.handle, deliveries[0], log, topic=deliveries[0].topic)
+            return
+        plain: list[Delivery] = []
+        items: list[tuple[Event, Subscription]] = []
+        work = []
+        limited = self.executions.limits.limited
+        if not tracing.enabled:
+            match = self.index.match_or_target
+            for delivery in deliveries:
+                event = delivery.event
+                matches = match(event) if delivery.attempt == 1 else ()
+                if len(matches) == 1 and not limited(matches[0]):
+                    plain.append(delivery)
+                    items.append((event, matches[0]))
+                else:
+                    work.append(settle_by_handler(self.handle, delivery, log, topic=delivery.topic))
+        else:
+            work = [settle_by_handler(self.handle, delivery, log, topic=delivery.topic) for delivery in deliveries]
+        if items:
+            metrics = self.metrics
+            for event, _ in items:
+                metrics.child(metrics.events_routed, source_kind(event) or "unknown").inc()
+
+            async def settle(i: int, error: BaseException | None) -> None:
+                delivery = plain[i]
+                try:
+                    if error is None:
+                        await delivery.ack()
+                    else:
+                        log.warning("handler failed; event will be redelivered", exc_info=error,
+                                    extra={"event_id": delivery.event.id, "attempt": delivery.attempt,
+                                           "topic": delivery.topic})
+                        await delivery.nack(requeue=True, reason=f"{type(error).__name__}: {error}")
+                except Exception:
+                    # An ack lost with the connection: the bus hands the event out again, and the
+                    # others of the batch are not held back by it.
+                    log.warning("could not settle a delivery; the bus will deliver it again", exc_info=True,
+                                extra={"event_id": delivery.event.id, "topic": delivery.topic})
+                if self._settle_waiters:
+                    self._settle(delivery.event.id)
+
+            work.append(self.executions.run_for_events(items, settle))
+        for failure in await asyncio.gather(*work, return_exceptions=True):
+            # Only settling itself can fail here (an ack lost with the connection): the bus hands
+            # the event out again, and the others of the batch are not held back by it.
+            if isinstance(failure, Exception):
+                log.warning("could not settle a delivery; the bus will deliver it again", exc_info=failure)
+            elif isinstance(failure, BaseException):
+                raise failure
 
     async def handle_retry(self, delivery: Delivery) -> None:
         """A retry the delivery policy scheduled: it goes to the one subscription that failed."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import datetime as _dt
 import json
 import logging
 import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ from router.config import Config
 from router.delivery import DeliveryPolicy, DeliveryService
 from router.batching import Batcher, batch_of
 from router.events import Event, derived_id, execution_id_for
-from router.log import current_execution_id
+from router.log import current_event_id, current_execution_id
 from router.metrics import Metrics
 from router.plugins import Engine, ExecutionRequest, ExecutionResult, FunctionSpec, PackageRef, Subscription
 from router.store import NotFound, Store
@@ -30,6 +32,41 @@ from router.targets import TargetCache
 from router.store import models
 
 log = logging.getLogger(__name__)
+
+
+def _eager(coro, context: contextvars.Context) -> tuple[bool, Any]:
+    """Run a coroutine in `context` up to its first wait: (True, its result) if it finished
+    without waiting, else (False, a task, in that context, running the rest)."""
+    try:
+        waiting_on = context.run(coro.send, None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, asyncio.get_running_loop().create_task(_resume(coro, waiting_on), context=context)
+
+
+async def _resume(coro, waiting_on) -> Any:
+    return await _rest(coro, waiting_on)
+
+
+@types.coroutine
+def _rest(coro, waiting_on):
+    """The rest of a coroutine `_eager` started: the future it waits on first, then itself."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 FINISHED = ("success", "failed", "error")
 # An event execution that failed and waits on the bus for its next attempt: not finished, not owned.
@@ -247,6 +284,21 @@ class ExecutionService:
             self._running -= 1
             current_execution_id.reset(token)
 
+    async def record_many(self, finished: list[tuple[ExecutionRecord, ExecutionResult]]) -> None:
+        """`record` for many finished executions (none retrying): one journal write."""
+        finished_at = models.utcnow()
+        writes = [{"id": row.id, "status": result.status, "result": {"duration": round(result.duration, 3),
+                                                                      "output": result.output},
+                   "logs": result.logs, "reason": result.reason, "updated_at": finished_at} for row, result in finished]
+        await self.journal.finish_executions(writes)
+        metrics = self.metrics
+        for (row, result), write in zip(finished, writes):
+            row.status, row.result, row.logs, row.reason = result.status, write["result"], result.logs, result.reason
+            row.updated_at = finished_at
+            metrics.child(metrics.executions, result.status, result.reason).inc()
+            if result.status != "success":
+                metrics.child(metrics.executions_failed, result.reason).inc()
+
     async def record(self, row: models.Execution, result: ExecutionResult, *, status: str | None = None) -> None:
         """Record an outcome; `status` RETRYING keeps the execution open for its next attempt."""
         status = status or result.status
@@ -336,6 +388,159 @@ class ExecutionService:
             waiting = in_flight.pop(execution_id)
             if waiting is not None:
                 waiting.set_result(None)
+
+    async def run_for_events(self, items: list[tuple[Event, Subscription]],
+                             settle: Callable[[int, BaseException | None], Awaitable[None]]) -> None:
+        """run_for_event for a batch of first deliveries (item i: an event and its one matching
+        subscription): the executions of the plain ones (no limits, batching, overlap rule, trust
+        or duplicate here, the target cached) are recorded by one journal write; the others take
+        the one-event path. `settle(i, error)` is called as soon as item i is done, so that a
+        slow execution holds back no other item's acknowledgement."""
+        in_flight = self._in_flight
+        now = models.utcnow()
+        plain: list[tuple[int, Event, Subscription, str, models.Function, int]] = []
+        rows: list[dict[str, Any]] = []
+        work: list[Awaitable[None]] = []
+        running: list[asyncio.Task] = []  # engine calls that did not answer at once
+        unstarted: set[str] = set()  # plain items' executions held in _in_flight whose run has not begun
+        # What is the same for every event of a subscription, worked out once per batch.
+        shared: dict[str, tuple | None] = {}
+        for _, sub in items:
+            if sub.id in shared:
+                continue
+            options = sub.options
+            if self.limits.limited(sub) or (options and (
+                    options.get("batch") or options.get("overlap") == "replace" or options.get("trust_id"))):
+                shared[sub.id] = None  # one event at a time: its run needs more than a start
+                continue
+            key = ("target", sub.project_id, sub.function_id, sub.function_version, sub.function_alias)
+            target = self.targets.peek(key)
+            if target is None:
+                try:  # the cache ran out: resolved once for the batch
+                    target = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                                version=sub.function_version, alias=sub.function_alias)
+                except Exception:  # the one-event path reports why (a dead letter)
+                    shared[sub.id] = None
+                    continue
+            function, version = target
+            shared[sub.id] = (function, version, self.delivery.policy(sub), self._description(sub),
+                              now + _dt.timedelta(seconds=self._lease(function)))
+        for i, (event, sub) in enumerate(items):
+            execution_id = execution_id_for(event.source, event.id, sub.id)
+            common = shared[sub.id]
+            if common is None or execution_id in in_flight or common[2].expired(event, now):
+                work.append(self._settled(i, self.run_for_event(event, sub), settle))
+                continue
+            function, version, _, description, lease_until = common
+            in_flight[execution_id] = None
+            unstarted.add(execution_id)
+            plain.append((i, event, sub, execution_id, function, version))
+            rows.append({"id": execution_id, "function_id": function.id, "function_version": version,
+                         "function_alias": sub.function_alias, "status": "running", "sync": False,
+                         "input": mapping.event_input(event, sub), "description": description,
+                         "project_id": sub.project_id, "event_id": event.id, "subscription_id": sub.id,
+                         "lease_until": lease_until, "attempts": 1, "created_at": now})
+        try:
+            if plain:
+                try:
+                    started = await self.journal.start_executions(rows)
+                except Exception as exc:
+                    started = [exc] * len(plain)
+                finished: list[tuple[int, Event, str, ExecutionRecord, ExecutionResult]] = []
+                for (i, event, sub, execution_id, function, version), outcome in zip(plain, started):
+                    if not isinstance(outcome, tuple) or not outcome[1]:
+                        run = self._run_started(event, sub, execution_id, outcome, unstarted)
+                        work.append(self._settled(i, run, settle))
+                        continue
+                    row = outcome[0]
+                    self._count(function.id, version)
+                    # Started at once, not as a task: an engine that answers without waiting (the
+                    # null engine; a result at hand) costs no task, and its outcome joins the
+                    # batch's one journal write below. One that waits goes on as a task.
+                    context = contextvars.copy_context()
+                    context.run(current_event_id.set, event.id)
+                    done, value = _eager(self.execute(row, function, version, event_id=event.id), context)
+                    if not done:
+                        running.append(value)
+                    elif not (sub.options and sub.options.get("sinks")) and (
+                            value.status == "success" or not shared[sub.id][2].retries(value)):
+                        unstarted.discard(execution_id)
+                        finished.append((i, event, execution_id, row, value))
+                        continue
+                    work.append(self._settled(i, self._run_executed(event, sub, execution_id, row, value, unstarted),
+                                              settle))
+                if finished:
+                    work.append(self._record_finished(finished, settle))
+            for failure in await asyncio.gather(*work, return_exceptions=True):
+                if isinstance(failure, BaseException):
+                    raise failure  # only a cancellation: each item's own errors went to settle
+        finally:
+            for task in running:
+                if not task.done():
+                    task.cancel()  # the batch was cancelled (the consumer is going away)
+            # Each run releases its own; these are the ones cancelled before they began.
+            for execution_id in unstarted:
+                waiting = in_flight.pop(execution_id)
+                if waiting is not None:
+                    waiting.set_result(None)
+
+    async def _record_finished(self, finished: list[tuple[int, Event, str, ExecutionRecord, ExecutionResult]],
+                               settle: Callable[[int, BaseException | None], Awaitable[None]]) -> None:
+        """Record the outcomes a batch's engine calls gave at once: one journal write for all."""
+        error: Exception | None = None
+        try:
+            await self.record_many([(row, result) for _, _, _, row, result in finished])
+        except Exception as exc:
+            error = exc
+        now = time.time()
+        for _, event, execution_id, _, _ in finished:
+            self._release(execution_id)
+            if error is None and event.time is not None:
+                self.metrics.route_seconds.observe(max(0.0, now - event.time.timestamp()))
+        for i, *_ in finished:
+            await settle(i, error)
+
+    async def _run_executed(self, event: Event, sub: Subscription, execution_id: str, row: ExecutionRecord,
+                            executed: ExecutionResult | asyncio.Task, unstarted: set[str]) -> None:
+        """The rest of a batched first delivery whose engine call was started (a task still running,
+        or a result that needs more than recording: a retry, a dead letter)."""
+        unstarted.discard(execution_id)
+        current_event_id.set(event.id)
+        try:
+            result = await executed if isinstance(executed, asyncio.Task) else executed
+            await self._settle(event, sub, self.delivery.policy(sub), row, result, 1)
+            if event.time is not None:
+                self.metrics.route_seconds.observe(max(0.0, time.time() - event.time.timestamp()))
+        finally:
+            self._release(execution_id)
+
+    def _release(self, execution_id: str) -> None:
+        """This process is done with the execution: a duplicate delivery waiting for it goes on."""
+        waiting = self._in_flight.pop(execution_id, None)
+        if waiting is not None:
+            waiting.set_result(None)
+
+    @staticmethod
+    async def _settled(i: int, run: Awaitable[None], settle: Callable[[int, BaseException | None], Awaitable[None]]) -> None:
+        error: Exception | None = None
+        try:
+            await run
+        except Exception as exc:
+            error = exc
+        await settle(i, error)
+
+    async def _run_started(self, event: Event, sub: Subscription, execution_id: str,
+                           started: tuple[ExecutionRecord, bool] | Exception, unstarted: set[str]) -> None:
+        """A batched first delivery whose execution the journal found recorded before (a
+        redelivery, another replica), or could not write: the one-event path decides."""
+        unstarted.discard(execution_id)
+        current_event_id.set(event.id)  # this run's own task: its log lines name the event
+        try:
+            if isinstance(started, Exception):
+                raise started
+            await self._run_for_event(event, sub, execution_id, 1, None)
+        finally:
+            self._release(execution_id)
 
     async def _run_for_event(self, event: Event, sub: Subscription, execution_id: str, attempt: int,
                              last_status: str | None) -> None:

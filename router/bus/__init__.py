@@ -37,6 +37,8 @@ class Delivery(Protocol):
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+# Takes whatever deliveries the bus had ready at once, and settles each as soon as it is done.
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
 
 
 class SettledOnce:
@@ -98,6 +100,22 @@ async def settle_by_handler(handler: DeliveryHandler, delivery: SettledOnce, log
         await delivery.ack()
 
 
+async def settle_batch(handler: BatchHandler, deliveries: list, log: logging.Logger, **context) -> None:
+    """Run a batch handler: what it left unsettled is acked if it returned, nacked if it raised."""
+    try:
+        await handler(deliveries)
+    except Exception as exc:
+        log.warning("batch handler failed; its unsettled events will be redelivered", exc_info=True,
+                    extra={"events": len(deliveries), **context})
+        for delivery in deliveries:
+            if not delivery._settled:
+                await delivery.nack(requeue=True, reason=f"{type(exc).__name__}: {exc}")
+    else:
+        for delivery in deliveries:
+            if not delivery._settled:
+                await delivery.ack()
+
+
 class Consumer(Protocol):
     async def cancel(self) -> None:
         """Stop taking new deliveries; unacknowledged ones go back to the bus."""
@@ -119,6 +137,10 @@ class Bus(Protocol):
       ahead of its first consumer (so nothing published meanwhile is missed).
     * `publish(..., delay=s)` makes the event visible to consumers only after s seconds, durably on
       a durable backend (the router's retries use it, so a waiting retry holds no consumer slot).
+    * `consume(..., batch=h)`: the deliveries ready at once (what one claim, fetch or socket read
+      brought) go to `h` as one list instead of one by one to the handler; a lone one goes at once,
+      never held back to make a batch. `h` settles each as soon as it is done (a delivery's slot is
+      free once it is settled), and the rules above hold for each delivery.
       `key` names the publish for de-duplication (default: the event id); a retry of the same
       event needs its own key.
     """
@@ -135,4 +157,5 @@ class Bus(Protocol):
 
     async def ensure_group(self, topic: str, group: str) -> None: ...
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> Consumer: ...
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None,
+                      batch: BatchHandler | None = None) -> Consumer: ...

@@ -9,7 +9,8 @@ import collections
 import logging
 from typing import ClassVar
 
-from router.bus import EVENTS_TOPIC, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
+from router.bus import (EVENTS_TOPIC, BatchHandler, DeliveryHandler, SettledOnce, dead_letter_topic, settle_batch,
+                        settle_by_handler)
 from router.config import Config
 from router.events import Event
 
@@ -17,12 +18,27 @@ log = logging.getLogger(__name__)
 
 
 class _MemoryDelivery(SettledOnce):
-    __slots__ = ("_reason", "_group")
+    __slots__ = ("_reason", "_group", "_slot")
 
-    def __init__(self, event: Event, topic: str, attempt: int, group: _Group, dead_letter_reason: str | None = None):
+    def __init__(self, event: Event, topic: str, attempt: int, group: _Group, dead_letter_reason: str | None = None,
+                 slot: asyncio.Semaphore | None = None):
         super().__init__(event, topic, attempt)
         self._reason = dead_letter_reason
         self._group = group
+        self._slot = slot  # handed over in a batch: its consumer slot, given back once it is settled
+
+    def _free(self) -> None:
+        if self._slot is not None and not self._settled:
+            self._slot.release()
+            self._slot = None
+
+    async def ack(self) -> None:
+        self._free()
+        await super().ack()
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        self._free()
+        await super().nack(requeue=requeue, reason=reason)
 
     @property
     def dead_letter_reason(self) -> str | None:
@@ -61,9 +77,10 @@ class _Group:
 
 
 class _MemoryConsumer:
-    def __init__(self, group: _Group, handler: DeliveryHandler, prefetch: int):
+    def __init__(self, group: _Group, handler: DeliveryHandler, prefetch: int, batch: BatchHandler | None = None):
         self._group = group
         self._handler = handler
+        self._batch = batch
         self._slots = asyncio.Semaphore(prefetch)
         self._inflight: set[asyncio.Task] = set()
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"memory-consumer-{group.name}")
@@ -77,10 +94,33 @@ class _MemoryConsumer:
             except asyncio.CancelledError:
                 self._slots.release()
                 raise
-            delivery = _MemoryDelivery(event, self._group.topic, attempt, self._group, reason)
-            task = asyncio.get_running_loop().create_task(self._handle(delivery))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            if self._batch is None:
+                delivery = _MemoryDelivery(event, self._group.topic, attempt, self._group, reason)
+                self._spawn(self._handle(delivery))
+                continue
+            # The batch handler gets this event and what else is queued now, as far as slots allow.
+            deliveries = [_MemoryDelivery(event, self._group.topic, attempt, self._group, reason, self._slots)]
+            while not queue.empty() and not self._slots.locked():
+                await self._slots.acquire()  # free: returns at once
+                event, attempt, reason = queue.get_nowait()
+                deliveries.append(_MemoryDelivery(event, self._group.topic, attempt, self._group, reason, self._slots))
+            self._spawn(self._handle_batch(deliveries))
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle_batch(self, deliveries: list[_MemoryDelivery]) -> None:
+        try:
+            await settle_batch(self._batch, deliveries, log, topic=self._group.topic, group=self._group.name)
+        except asyncio.CancelledError:
+            for delivery in deliveries:  # going away without an answer: as in _handle
+                if not delivery._settled:
+                    delivery._free()
+                    delivery._settled = True
+                    self._group.put(delivery.event, delivery.attempt + 1, delivery.dead_letter_reason)
+            raise
 
     async def _handle(self, delivery: _MemoryDelivery) -> None:
         try:
@@ -152,9 +192,10 @@ class MemoryBus:
             for event, reason in self._backlog.pop(topic, ()):
                 groups[group].put(event, 1, reason)
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _MemoryConsumer:
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None,
+                      batch: BatchHandler | None = None) -> _MemoryConsumer:
         await self.ensure_group(topic, group)
-        return _MemoryConsumer(self._groups[topic][group], handler, prefetch or self.default_prefetch)
+        return _MemoryConsumer(self._groups[topic][group], handler, prefetch or self.default_prefetch, batch)
 
     def depth(self, topic: str, group: str) -> int:
         """Events waiting for a group (for tests and metrics)."""

@@ -21,7 +21,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
+from router.bus import (EVENTS_TOPIC, BatchHandler, BusError, DeliveryHandler, SettledOnce, dead_letter_topic,
+                        settle_batch, settle_by_handler)
 from router.config import Config
 from router.events import Event, InvalidEvent, derived_id
 
@@ -170,7 +171,10 @@ class _PullConsumer:
         # without one. One sweep over all of them, not a timer per message.
         self._beat_after = max(bus.ack_wait / 4, 0.05)
         self._sweep_every = min(self._beat_after, bus.fetch_timeout)
-        self._running: dict[asyncio.Task, _Held] = {}  # handler task → its message
+        # Messages in hand: by their handler task, or (handed over in a batch) by their delivery.
+        self._running: dict[object, _Held] = {}
+        self._batch_tasks: set[asyncio.Task] = set()
+        self._ready: list[_Held] = []  # delivered this turn, for the batch handler
         # Delivered beyond prefetch: a pull request sent before a reconnect may still be served after
         # the next one was sent. These wait their turn rather than exceed the bound.
         self._queued: collections.deque[_Held] = collections.deque()
@@ -269,8 +273,10 @@ class _PullConsumer:
         self._running[task] = held
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task) -> None:
-        del self._running[task]
+    def _done(self, key: object) -> None:
+        """A message is out of hand (its task ended, or its batched delivery was settled)."""
+        if self._running.pop(key, None) is None:
+            return
         if self._cancelled:
             return
         if self._queued:
@@ -296,7 +302,7 @@ class _PullConsumer:
                 await self._sub.unsubscribe()
         queued = [held.msg for held in self._queued]
         self._queued.clear()
-        tasks = list(self._running)
+        tasks = [key for key in self._running if isinstance(key, asyncio.Task)] + list(self._batch_tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*(t for t in [self._task, *tasks] if t is not None), *map(self._give_back, queued),
@@ -311,12 +317,24 @@ class _PullConsumer:
 
 
 class _NatsDelivery(SettledOnce):
-    __slots__ = ("_consumer", "_msg")
+    __slots__ = ("_consumer", "_msg", "_batched")
 
-    def __init__(self, event: Event, topic: str, attempt: int, consumer: _NatsConsumer, msg: Msg):
+    def __init__(self, event: Event, topic: str, attempt: int, consumer: _NatsConsumer, msg: Msg,
+                 batched: bool = False):
         super().__init__(event, topic, attempt)
         self._consumer = consumer
         self._msg = msg
+        self._batched = batched  # handed over in a batch: its slot is free once it is settled
+
+    async def ack(self) -> None:
+        if self._batched and not self._settled:
+            self._consumer._done(self)
+        await super().ack()
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        if self._batched and not self._settled:
+            self._consumer._done(self)
+        await super().nack(requeue=requeue, reason=reason)
 
     @property
     def dead_letter_reason(self) -> str | None:
@@ -349,6 +367,60 @@ class _NatsConsumer(_PullConsumer):
         self.topic = topic
         self.group = group
         self._handler = handler
+        self._batch: BatchHandler | None = None
+
+    def _start(self, held: _Held) -> None:
+        if self._batch is None:
+            super()._start(held)
+            return
+        # What arrives in one turn (one socket read's messages) goes to the batch handler together,
+        # at the end of that turn (never later: a batch is not a wait).
+        if not self._ready:
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self._ready.append(held)
+        self._running[held] = held  # in hand from now on (re-keyed by its delivery below)
+
+    def _hand_over(self) -> None:
+        ready, self._ready = self._ready, []
+        deliveries = []
+        for held in ready:
+            del self._running[held]
+            if self._cancelled:
+                continue  # not ours any more: AckWait hands it out again
+            msg = held.msg
+            attempt = _num_delivered(msg.reply)
+            try:
+                event = Event.from_json(msg.data)
+            except InvalidEvent:
+                event = None
+            if event is None or attempt > self.bus.max_deliveries:
+                super()._start(held)  # dead-lettered there, with the reason
+                continue
+            delivery = _NatsDelivery(event, self.topic, attempt, self, msg, batched=True)
+            self._running[delivery] = held
+            deliveries.append(delivery)
+        if deliveries:
+            task = asyncio.get_running_loop().create_task(self._handle_batch(deliveries))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _handle_batch(self, deliveries: list[_NatsDelivery]) -> None:
+        try:
+            await settle_batch(self._batch, deliveries, log, topic=self.topic, group=self.group)
+        except asyncio.CancelledError:
+            # Going away without an answer: hand back what was not settled.
+            unsettled = [d for d in deliveries if not d._settled]
+            for delivery in unsettled:
+                delivery._settled = True
+                self._done(delivery)
+            await asyncio.gather(*(self._give_back(d._msg) for d in unsettled), return_exceptions=True)
+            raise
+        except Exception:
+            log.exception("could not settle a batch of deliveries; JetStream will redeliver them",
+                          extra={"topic": self.topic, "group": self.group})
+        finally:
+            for delivery in deliveries:  # settling failed half-way: JetStream redelivers after AckWait
+                self._done(delivery)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -623,10 +695,12 @@ class NatsBus:
         """Publish bytes as they are (for tests: a message that is not a valid event)."""
         await self._send(topic, body, f"{topic}:{message_id or hashlib.sha1(body).hexdigest()}")
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _NatsConsumer:
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None,
+                      batch: BatchHandler | None = None) -> _NatsConsumer:
         if self._js is None:
             raise BusError("the nats bus is not started")
         consumer = _NatsConsumer(self, topic, group, handler, prefetch or self.default_prefetch)
+        consumer._batch = batch
         try:
             if topic not in self._movers:
                 # Whoever consumes a topic also moves its delayed events on when they are due.

@@ -16,7 +16,8 @@ import aiormq
 import aiormq.abc
 from yarl import URL
 
-from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
+from router.bus import (EVENTS_TOPIC, BatchHandler, BusError, DeliveryHandler, SettledOnce, dead_letter_topic,
+                        settle_batch, settle_by_handler)
 from router.config import Config
 from router.events import Event, InvalidEvent
 
@@ -42,13 +43,22 @@ _URL_OPTIONS = ("prefix", "queue_type", "publish_timeout")
 
 
 class _RabbitDelivery(SettledOnce):
-    __slots__ = ("_consumer", "_message")
+    __slots__ = ("_consumer", "_message", "_batched")
 
     def __init__(self, event: Event, topic: str, attempt: int, consumer: _RabbitConsumer,
-                 message: aiormq.abc.DeliveredMessage):
+                 message: aiormq.abc.DeliveredMessage, batched: bool = False):
         super().__init__(event, topic, attempt)
         self._consumer = consumer
         self._message = message
+        self._batched = batched  # handed over in a batch: a failed nack gives the message back itself
+
+    async def nack(self, *, requeue: bool = True, reason: str = "") -> None:
+        try:
+            await super().nack(requeue=requeue, reason=reason)
+        except Exception:
+            if self._batched:  # one at a time, _handle does this
+                await self._consumer._give_back(self._message)
+            raise
 
     @property
     def dead_letter_reason(self) -> str | None:
@@ -145,6 +155,8 @@ class _RabbitConsumer:
         self.topic = topic
         self.group = group
         self._handler = handler
+        self._batch: BatchHandler | None = None
+        self._ready: list[aiormq.abc.DeliveredMessage] = []  # delivered this turn, for the batch handler
         self._prefetch = prefetch
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
@@ -215,7 +227,32 @@ class _RabbitConsumer:
         self._acks.delivered(message)
         if self._cancelled:
             return  # left unacked: it goes back to the queue when our channel closes
-        self._spawn(self._handle(message))
+        if self._batch is None:
+            self._spawn(self._handle(message))
+            return
+        # aiormq starts the tasks of what one read brought in the same turn: gather them, and hand
+        # them over together at the end of the turn (never later: a batch is not a wait).
+        if not self._ready:
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self._ready.append(message)
+
+    def _hand_over(self) -> None:
+        ready, self._ready = self._ready, []
+        if self._cancelled:
+            return
+        deliveries = []
+        for message in ready:
+            attempt = self._attempt_of(message)
+            try:
+                event = Event.from_json(message.body)
+            except InvalidEvent:
+                event = None
+            if event is None or attempt > self.bus.max_deliveries:
+                self._spawn(self._handle(message))  # dead-lettered there, with the reason
+            else:
+                deliveries.append(_RabbitDelivery(event, self.topic, attempt, self, message, batched=True))
+        if deliveries:
+            self._spawn(settle_batch(self._batch, deliveries, log, topic=self.topic, group=self.group))
 
     @staticmethod
     def _attempt_of(message: aiormq.abc.DeliveredMessage) -> int:
@@ -236,11 +273,16 @@ class _RabbitConsumer:
             # not stuck unacked on a live channel; if the channel is dead the broker does it anyway.
             log.exception("could not settle a delivery; returning it to the queue",
                           extra={"event_id": message.header.properties.message_id, "topic": self.topic, "group": self.group})
-            try:
-                await message.channel.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
-            except Exception:
-                log.debug("nack failed too", exc_info=True)
-            self._acks.nacked(message)
+            await self._give_back(message)
+
+    async def _give_back(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """Return a message whose settling failed, so it is not stuck unacked on a live channel (if
+        the channel is dead, the broker does it anyway)."""
+        try:
+            await message.channel.basic_nack(message.delivery.delivery_tag, requeue=True, wait=False)
+        except Exception:
+            log.debug("nack failed too", exc_info=True)
+        self._acks.nacked(message)
 
     async def _process(self, message: aiormq.abc.DeliveredMessage) -> None:
         attempt = self._attempt_of(message)
@@ -495,8 +537,10 @@ class RabbitMQBus:
         """Publish bytes as they are (for tests: a message that is not a valid event)."""
         await self._send(self.exchange_name, topic, body, self._properties(message_id))
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _RabbitConsumer:
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None,
+                      batch: BatchHandler | None = None) -> _RabbitConsumer:
         consumer = _RabbitConsumer(self, topic, group, handler, prefetch or self.default_prefetch)
+        consumer._batch = batch
         try:
             await consumer.start()
         except Exception as exc:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
-from router.bus import EVENTS_TOPIC, BusError, DeliveryHandler, SettledOnce, dead_letter_topic, settle_by_handler
+from router.bus import (EVENTS_TOPIC, BatchHandler, BusError, DeliveryHandler, SettledOnce, dead_letter_topic,
+                        settle_batch, settle_by_handler)
 from router.config import Config, ConfigError
 from router.events import Event, InvalidEvent
 
@@ -83,6 +84,8 @@ class _Writer:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-bus")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, bool]] = []
+        # Operations of the next transaction that gather many callers' items (see gather).
+        self._gathered: dict[Any, tuple[list, asyncio.Future]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._durable = True  # the connection's synchronous setting: FULL (True) or NORMAL
@@ -132,12 +135,25 @@ class _Writer:
         self._wake.set()
         return future
 
+    def gather(self, key: Any, item: Any, operation: Callable[[sqlite3.Connection, list], Any], *,
+               durable: bool = True) -> asyncio.Future:
+        """Add `item` to the next transaction's operation under `key`: the items gathered until the
+        writer takes its next batch run as one `operation(connection, items)` (one statement for
+        a wave of publishes or acks instead of one each, with its savepoint), sharing its future."""
+        gathered = self._gathered.get(key)
+        if gathered is None:
+            items: list = []
+            gathered = self._gathered[key] = (items, self.submit(lambda c: operation(c, items), durable=durable))
+        gathered[0].append(item)
+        return gathered[1]
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
+            self._gathered = {}  # what is gathered from now on goes into the next transaction
             if not batch:
                 continue
             try:
@@ -186,6 +202,18 @@ class _Writer:
         return results
 
 
+def _insert_many(conn: sqlite3.Connection, topic: str, messages: list[tuple[bytes, float]]) -> None:
+    """Publishes to one topic in one statement: a copy of each per group of the topic (or one for
+    the first group to come), in publish order."""
+    groups = [row[0] for row in conn.execute("SELECT grp FROM bus_groups WHERE topic = ?", (topic,))] or [BACKLOG_GROUP]
+    conn.executemany("INSERT INTO bus_messages (topic, grp, body, visible_at) VALUES (?, ?, ?, ?)",
+                     [(topic, group, body, visible_at) for body, visible_at in messages for group in groups])
+
+
+def _delete_many(conn: sqlite3.Connection, row_ids: list[int]) -> None:
+    conn.executemany("DELETE FROM bus_messages WHERE id = ?", [(row_id,) for row_id in row_ids])
+
+
 def _insert(conn: sqlite3.Connection, topic: str, body: bytes, visible_at: float, reason: str | None = None) -> None:
     """One copy of the message per group of the topic (or one for the first group to come)."""
     cursor = conn.execute(
@@ -214,34 +242,41 @@ class _SqliteDelivery(SettledOnce):
         return self._consumer.bus.max_deliveries
 
     async def _ack(self) -> None:
+        self._consumer._settled_one(self._row_id)
         await self._consumer.bus.ack(self._row_id)
 
     async def _requeue(self) -> None:
+        self._consumer._settled_one(self._row_id)
         await self._consumer.bus.release(self._row_id, self.topic)
 
     async def _dead_letter(self, reason: str) -> None:
+        self._consumer._settled_one(self._row_id)
         log.warning("event dead-lettered", extra={"event_id": self.event.id, "topic": self.topic,
                                                  "group": self._consumer.group, "attempts": self.attempt, "reason": reason})
         await self._consumer.bus.dead_letter(self._row_id, self.topic, reason)
 
 
 class _SqliteConsumer:
-    """Claims up to `prefetch` visible messages of its group at a time and hands each to the handler."""
+    """Claims up to `prefetch` visible messages of its group at a time and hands each to the handler
+    (or all it claimed at once to the batch handler). A message holds its slot until it is settled."""
 
-    def __init__(self, bus: SqliteBus, topic: str, group: str, handler: DeliveryHandler, prefetch: int):
+    def __init__(self, bus: SqliteBus, topic: str, group: str, handler: DeliveryHandler, prefetch: int,
+                 batch: BatchHandler | None = None):
         self.bus = bus
         self.topic = topic
         self.group = group
         self._handler = handler
+        self._batch = batch
         self._prefetch = prefetch
-        self._inflight: dict[asyncio.Task, _SqliteDelivery] = {}
+        self._held: dict[int, _SqliteDelivery] = {}  # by row id: claimed, not settled yet
+        self._tasks: set[asyncio.Task] = set()
         self._slot_freed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sqlite-consumer-{topic}-{group}")
 
     async def _run(self) -> None:
         signal = self.bus._signal(self.topic)
         while True:
-            free = self._prefetch - len(self._inflight)
+            free = self._prefetch - len(self._held)
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -253,8 +288,12 @@ class _SqliteConsumer:
                 log.warning("sqlite bus claim failed; trying again", exc_info=True,
                             extra={"topic": self.topic, "group": self.group})
                 rows, next_visible = [], None
-            for row_id, body, deliveries, reason in rows:
-                self._deliver(row_id, body, deliveries, reason)
+            claimed = [d for d in (self._delivery(*row) for row in rows) if d is not None]
+            if self._batch is not None and claimed:
+                self._spawn(settle_batch(self._batch, claimed, log, topic=self.topic, group=self.group))
+            else:
+                for delivery in claimed:
+                    self._spawn(settle_by_handler(self._handler, delivery, log, topic=self.topic, group=self.group))
             if len(rows) == free:
                 continue
             wait = self.bus.poll
@@ -264,36 +303,37 @@ class _SqliteConsumer:
                 await asyncio.wait_for(signal.wait(), wait)
             await asyncio.sleep(0)  # let a batch of publishes land before claiming
 
-    def _deliver(self, row_id: int, body: bytes, deliveries: int, reason: str | None) -> None:
+    def _delivery(self, row_id: int, body: bytes, deliveries: int, reason: str | None) -> _SqliteDelivery | None:
         try:
             event = Event.from_json(body)
         except InvalidEvent as exc:
             log.error("message is not a valid event; dead-lettering it",
                       extra={"topic": self.topic, "group": self.group, "reason": str(exc)})
             self.bus._background(self.bus.dead_letter(row_id, self.topic, f"invalid event: {exc}"))
-            return
-        delivery = _SqliteDelivery(event, self, row_id, deliveries, reason)
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
-        self._inflight[task] = delivery
-        task.add_done_callback(self._done)
+            return None
+        delivery = self._held[row_id] = _SqliteDelivery(event, self, row_id, deliveries, reason)
+        return delivery
 
-    def _done(self, task: asyncio.Task) -> None:
-        self._inflight.pop(task, None)
-        self._slot_freed.set()
+    def _spawn(self, handling) -> None:
+        task = asyncio.get_running_loop().create_task(handling)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, delivery: _SqliteDelivery) -> None:
-        await settle_by_handler(self._handler, delivery, log, topic=self.topic, group=self.group)
+    def _settled_one(self, row_id: int) -> None:
+        if self._held.pop(row_id, None) is not None:
+            self._slot_freed.set()
 
     async def cancel(self) -> None:
         self._task.cancel()
-        held = dict(self._inflight)
-        for task in held:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(self._task, *held, return_exceptions=True)
+        await asyncio.gather(self._task, *tasks, return_exceptions=True)
         if self in self.bus._consumers:
             self.bus._consumers.remove(self)
         # What the handler never settled goes back at once, as a broker does for a closed channel.
-        unsettled = [d._row_id for d in held.values() if not d._settled]
+        unsettled = list(self._held)
+        self._held.clear()
         if unsettled:
             with contextlib.suppress(BusError):
                 await self.bus.release_many(unsettled, self.topic)
@@ -427,7 +467,8 @@ class SqliteBus:
                            message_id: str | None = None) -> None:
         """Store the bytes as they are (the tests use it for a message that is not a valid event)."""
         visible_at = time.time() + max(delay, 0.0)
-        await self._writer.submit(lambda c: _insert(c, topic, body, visible_at))
+        # The publishes of a wave share one statement and the commit's one fsync.
+        await self._writer.gather(("publish", topic), (body, visible_at), lambda c, items: _insert_many(c, topic, items))
         # Delayed too: a consumer sleeping until a later due time must learn of this earlier one.
         self._notify(topic)
 
@@ -442,9 +483,10 @@ class SqliteBus:
 
     # -- consuming ---------------------------------------------------------------------------
 
-    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None) -> _SqliteConsumer:
+    async def consume(self, topic: str, group: str, handler: DeliveryHandler, *, prefetch: int | None = None,
+                      batch: BatchHandler | None = None) -> _SqliteConsumer:
         await self.ensure_group(topic, group)
-        consumer = _SqliteConsumer(self, topic, group, handler, prefetch or self.default_prefetch)
+        consumer = _SqliteConsumer(self, topic, group, handler, prefetch or self.default_prefetch, batch)
         self._consumers.append(consumer)
         return consumer
 
@@ -480,9 +522,9 @@ class SqliteBus:
         # Not waited for: the consumer's slot is free at once, and the delete rides the next
         # commit. An ack lost to a crash means a redelivery, which the router recognises by the
         # execution record (at-least-once, as on every bus).
-        future = self._writer.submit(lambda c: c.execute("DELETE FROM bus_messages WHERE id = ?", (row_id,)),
-                                     durable=False)
-        future.add_done_callback(_log_failed_ack)
+        future = self._writer.gather("ack", row_id, _delete_many, durable=False)
+        if len(self._writer._gathered["ack"][0]) == 1:  # one callback for the whole group
+            future.add_done_callback(_log_failed_ack)
 
     async def release(self, row_id: int, topic: str) -> None:
         await self.release_many([row_id], topic)

@@ -40,7 +40,7 @@ class _Write:
     __slots__ = ("kind", "values", "future")
 
     def __init__(self, kind: str, values: dict[str, Any]):
-        self.kind = kind  # "start" | "finish"
+        self.kind = kind  # "start" | "finish", or "starts" | "finishes" (values: a list of rows)
         self.values = values
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -241,6 +241,15 @@ class ExecutionJournal:
         """Insert the execution unless one with its id exists: (row, created)."""
         return self._submit(_Write("start", values))
 
+    def start_executions(self, rows: list[dict[str, Any]]) -> asyncio.Future[list[tuple[ExecutionRecord, bool] | Exception]]:
+        """start_execution for many rows (a batch of routed events): one write, one future, and per
+        row (row, created), or the error that row alone met."""
+        return self._submit(_Write("starts", rows))
+
+    def finish_executions(self, finishes: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """finish for many executions (each: id, status, result, logs, reason, updated_at): one write."""
+        return self._submit(_Write("finishes", finishes))
+
     def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
                updated_at=None) -> asyncio.Future[None]:
         return self._submit(_Write("finish", {"id": execution_id, "status": status, "result": result, "logs": logs,
@@ -293,8 +302,11 @@ class ExecutionJournal:
         and the finishes. Raises only if the transaction failed; a start whose row existed already
         and could not be read back gets that error as its result (the batch is committed, and must
         not be written again: its new rows would then look like someone else's)."""
-        rows = [self._full_row(w.values) for w in batch if w.kind == "start"]
-        finishes = [w.values for w in batch if w.kind == "finish"]
+        full_row = self._full_row
+        rows = [full_row(values) for w in batch if w.kind == "start" or w.kind == "starts"
+                for values in (w.values if w.kind == "starts" else (w.values,))]
+        finishes = [values for w in batch if w.kind == "finish" or w.kind == "finishes"
+                    for values in (w.values if w.kind == "finishes" else (w.values,))]
         created = await self._writer.write(rows, finishes)
         self.batches += 1
         others = {r["id"] for r in rows if r["id"] not in created}
@@ -304,25 +316,23 @@ class ExecutionJournal:
         except Exception as exc:
             log.warning("could not read back %d existing execution(s) after a journal batch (%s)", len(others), exc)
             existing, unread = {}, exc
-        results: list[Any] = []
         seen: set[str] = set()
         starts = iter(rows)
-        for write in batch:
-            if write.kind == "finish":
-                results.append(None)
-                continue
+
+        def started() -> Any:
             row = next(starts)
             id_ = row["id"]
             if id_ in created and id_ not in seen:
                 seen.add(id_)  # the same id twice in one batch: only the first created it
-                results.append((ExecutionRecord(**row), True))
-            elif id_ in existing:
-                results.append((existing[id_], False))
-            elif unread is not None and id_ in others:
-                results.append(unread)
-            else:  # created by an earlier write of this batch
-                results.append((ExecutionRecord(**row), False))
-        return results
+                return ExecutionRecord(**row), True
+            if id_ in existing:
+                return existing[id_], False
+            if unread is not None and id_ in others:
+                return unread
+            return ExecutionRecord(**row), False  # created by an earlier write of this batch
+
+        return [started() if write.kind == "start" else [started() for _ in write.values] if write.kind == "starts"
+                else None for write in batch]
 
     async def _existing(self, ids: set[str]) -> dict[str, ExecutionRecord]:
         """Rows that were there already (redeliveries, replicas racing): read after the commit."""

@@ -404,3 +404,110 @@ async def test_publish_and_consume_resume_after_connection_loss(harness: Harness
     await wait_all([recorder], {e.id for e in before + after}, timeout=20)
     # At-least-once: a delivery in flight at the break may come again, but none is missing.
     assert {e.id for e in before + after} == set(recorder.ids)
+
+
+# -- batch consumers (consume(..., batch=h)): what is ready goes over as one list ----------------
+
+
+class Batches:
+    """A batch handler: records each batch's size and settles each delivery as soon as its own
+    behaviour ends (ack; nack if it raised), as the dispatcher does."""
+
+    def __init__(self, behaviour: Callable | None = None):
+        self.sizes: list[int] = []
+        self.recorder = Recorder(behaviour)
+
+    async def __call__(self, deliveries: list[Delivery]) -> None:
+        self.sizes.append(len(deliveries))
+
+        async def one(delivery: Delivery) -> None:
+            try:
+                await self.recorder(delivery)
+            except Exception as exc:
+                await delivery.nack(requeue=True, reason=str(exc))
+            else:
+                await delivery.ack()
+
+        await asyncio.gather(*(one(d) for d in deliveries))
+
+
+async def _one_at_a_time(delivery: Delivery) -> None:
+    raise AssertionError("a batch consumer handed a valid event to the one-at-a-time handler")
+
+
+async def test_batch_consumer_gets_what_is_ready_together_each_event_once(harness: Harness):
+    topic = harness.topic()
+    await harness.bus.ensure_group(topic, "router")
+    events = [make_event(i) for i in range(100)]
+    for start in range(0, len(events), 25):  # waiting before the consumer starts: ready at once
+        await asyncio.gather(*(harness.bus.publish(e, topic=topic) for e in events[start:start + 25]))
+    batches = Batches()
+    await harness.bus.consume(topic, "router", _one_at_a_time, batch=batches)
+    await batches.recorder.wait_count(len(events))
+    assert sorted(batches.recorder.ids) == sorted(e.id for e in events)
+    assert max(batches.sizes) > 1, batches.sizes
+    assert max(batches.sizes) <= 32  # never beyond the prefetch
+    assert {attempt for _, attempt, _ in batches.recorder.deliveries} == {1}
+
+
+async def test_a_settled_delivery_frees_its_slot_while_its_batch_runs(harness: Harness):
+    """A slow execution holds its own slot, never the slots of the others handed over with it."""
+    topic = harness.topic()
+    release = asyncio.Event()
+    slow_id = "slow-" + uuid.uuid4().hex
+
+    async def behaviour(delivery: Delivery) -> None:
+        if delivery.event.id == slow_id:
+            await release.wait()
+
+    batches = Batches(behaviour)
+    await harness.bus.consume(topic, "router", _one_at_a_time, prefetch=2, batch=batches)
+    await harness.bus.publish(Event(id=slow_id, source="/headwater/tests", type="t", data={}), topic=topic)
+    await batches.recorder.wait_count(1)
+    later = [make_event(i) for i in range(5)]
+    for event in later:  # one at a time through the one free slot, while the slow one holds its own
+        await harness.bus.publish(event, topic=topic)
+    try:
+        await batches.recorder.wait_for(lambda: {e.id for e in later} <= set(batches.recorder.ids))
+    finally:
+        release.set()
+    assert batches.recorder.ids[0] == slow_id
+
+
+async def test_batch_nack_and_failure_redeliver(harness: Harness):
+    topic = harness.topic()
+    failing_id = "fail-" + uuid.uuid4().hex
+
+    async def fail_first(delivery: Delivery) -> None:
+        if delivery.event.id == failing_id and delivery.attempt == 1:
+            raise RuntimeError("function runtime unavailable")
+
+    batches = Batches(fail_first)
+    await harness.bus.consume(topic, "router", _one_at_a_time, batch=batches)
+    ok = make_event(1)
+    await harness.bus.publish(Event(id=failing_id, source="/headwater/tests", type="t", data={}), topic=topic)
+    await harness.bus.publish(ok, topic=topic)
+    await batches.recorder.wait_for(lambda: batches.recorder.attempts(failing_id) == [1, 2] and ok.id in batches.recorder.ids)
+    assert batches.recorder.attempts(ok.id) == [1]
+
+    # A batch handler that raises without settling: what it held comes back, next attempt.
+    topic = harness.topic()
+    calls = []
+
+    async def broken(deliveries: list[Delivery]) -> None:
+        calls.append([(d.event.id, d.attempt) for d in deliveries])
+        if len(calls) == 1:
+            raise RuntimeError("router bug")
+        for d in deliveries:
+            await d.ack()
+
+    event = make_event(2)
+    await harness.bus.consume(topic, "router", _one_at_a_time, batch=broken)
+    await harness.bus.publish(event, topic=topic)
+
+    async def redelivered() -> None:
+        while (event.id, 2) not in [item for call in calls for item in call]:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(redelivered(), WAIT)
+    assert calls[0] == [(event.id, 1)]
