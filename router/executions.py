@@ -181,14 +181,31 @@ class ExecutionService:
                      input: Any, sync: bool, description: str | None) -> ExecutionRecord:
         function, version = await self.resolve(project_id=project_id, function_id=function_id, version=version, alias=alias)
         # Through the journal's group commit, as event executions are; the count is summed in memory.
-        row, _ = await self.journal.start_execution(dict(
-            id=models.new_id(), function_id=function.id, function_version=version, function_alias=alias,
-            status="running", sync=sync, input=input, description=description, project_id=project_id, attempts=1,
-            lease_until=models.utcnow() + _dt.timedelta(seconds=self._lease(function))))
-        self._count(function.id, version)
+        values = dict(id=models.new_id(), function_id=function.id, function_version=version, function_alias=alias,
+                      status="running", sync=sync, input=input, description=description, project_id=project_id,
+                      attempts=1, lease_until=models.utcnow() + _dt.timedelta(seconds=self._lease(function)))
+        started = self.journal.start_execution(values)
         if sync:
-            return await self.run(row, function, version)
+            return await self._run_sync(started, values, function, version)
+        row, _ = await started  # an async execution's id is answered only once its record exists
+        self._count(function.id, version)
         self.spawn(self.run(row, function, version))
+        return row
+
+    async def _run_sync(self, started: asyncio.Future, values: dict[str, Any], function: models.Function,
+                        version: int) -> ExecutionRecord:
+        """A sync execution runs while its record is being written: the caller waits for the run,
+        not for a commit and then the run. Its outcome is written once the start has committed (the
+        journal never sends a finish before its start); a start that fails stops the run."""
+        run = asyncio.ensure_future(self.execute(ExecutionRecord(**values), function, version))
+        try:
+            row, _ = await started
+            self._count(function.id, version)
+            result = await run
+        finally:
+            if not run.done():
+                run.cancel()  # the record could not be written, or the caller went away: the engine stops it
+        await self.record(row, result)
         return row
 
     def spawn(self, coro) -> None:
