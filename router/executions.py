@@ -301,6 +301,21 @@ class ExecutionService:
             self._count(function.id, version)
         return row, function, version, created
 
+    async def record_for_event(self, event: Event, sub: Subscription) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
+        """Resolve the target now (raising as prepare_for_event does) and submit the execution's
+        record to the journal without waiting for its commit: a webhook writes its record while
+        the event goes onto the bus, and awaits both before it answers."""
+        function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                               version=sub.function_version, alias=sub.function_alias)
+        started = self.journal.start_execution(self._event_row(event, sub, function, version, None, {}))
+
+        def count(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None and future.result()[1]:
+                self._count(function.id, version)
+
+        started.add_done_callback(count)
+        return started
+
     async def claim_for_event(self, event: Event, sub: Subscription, *, execution_id: str | None = None
                               ) -> tuple[ExecutionRecord, models.Function, int, bool]:
         """Record the execution of (event, subscription) claimed by the caller, or claim the one
