@@ -196,3 +196,24 @@ async def test_claims_starts_and_finishes_in_one_batch(store, journal):
     assert journal.batches == batches + 1
     assert finish is None and start[1] is True and claim[1:] == (True, True)
     assert (await store.executions.get("mix-old")).status == "success"
+
+
+async def test_a_small_batch_waits_for_a_write_lock_held_elsewhere(store, journal):
+    """SQLite: a small batch is written on the event loop, but when another connection holds the
+    write lock it goes to the writer's thread and commits once the lock is released."""
+    if not store.db.is_sqlite:
+        pytest.skip("SQLite's write lock")
+    import sqlite3
+
+    function = await _function(store)
+    holder = sqlite3.connect(store.db.url.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        pending = journal.start_execution(dict(id="locked", function_id=function.id, status="running", project_id="p"))
+        done, _ = await asyncio.wait({pending}, timeout=0.2)
+        assert not done  # waiting for the lock, the event loop still free to run this test
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    row, created = await pending
+    assert created and (await store.executions.get("locked")).status == "running"
