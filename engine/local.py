@@ -94,6 +94,7 @@ class LocalEngine:
         self.concurrency = config.engine.function_concurrency
         self.expiration = config.engine.function_service_expiration
         self.work_root = Path(config.data_dir) / "runtimes"
+        self._server_commands: dict[str, list[str]] = {}  # runtime → how its server starts (found once)
         self._pools: dict[tuple[str, int, str], list[Worker]] = {}
         self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -358,14 +359,23 @@ class LocalEngine:
         return None
 
     def _server_command(self, runtime: str) -> list[str] | None:
-        """How to start a runtime's server: server.py with this interpreter, or server.js with node."""
+        """How to start a runtime's server: server.py with this interpreter, or server.js with node.
+        Every execution asks: a server found is remembered (no stat() per execution); a missing
+        one is looked for again next time, so installing it needs no restart."""
+        known = self._server_commands.get(runtime)
+        if known is not None:
+            return known
         folder = self.runtimes_dir / runtime
+        command = None
         if (folder / "server.py").is_file():
-            return [sys.executable, str(folder / "server.py")]
-        node = os.environ.get("HEADWATER_NODE") or shutil.which("node")
-        if (folder / "server.js").is_file() and node:
-            return [node, str(folder / "server.js")]
-        return None
+            command = [sys.executable, str(folder / "server.py")]
+        else:
+            node = os.environ.get("HEADWATER_NODE") or shutil.which("node")
+            if (folder / "server.js").is_file() and node:
+                command = [node, str(folder / "server.js")]
+        if command is not None:
+            self._server_commands[runtime] = command
+        return command
 
     async def _start_worker(self, key: tuple[str, int, str], runtime: str) -> Worker:
         if self._stopping:

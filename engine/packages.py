@@ -35,6 +35,9 @@ class FilesystemPackageStore:
         self.max_files = config.resource_limits.max_package_files
         url = config.storage.swift_url
         self.swift = SwiftObjects(url, config.storage.swift_token) if url else None
+        # Package files seen on disk, by ref: a file is named by its content's md5 and never
+        # changed in place, so an execution need not stat() it again (delete() forgets it).
+        self._present: dict[tuple[str, str, int, str | None], str] = {}
         # (project, function, container, object) → (etag, md5 of the stored copy)
         self._swift_copies: dict[tuple[str, str, str, str], tuple[str, str]] = {}
 
@@ -129,8 +132,15 @@ class FilesystemPackageStore:
             raise FileNotFoundError(f"package of function {ref.function_id} version {ref.version} not found") from None
 
     def path(self, ref: PackageRef) -> str | None:
+        key = (ref.project_id, ref.function_id, ref.version, ref.md5sum)
+        known = self._present.get(key)
+        if known is not None:
+            return known
         path = self._file(ref.project_id, ref.function_id, ref.version, ref.md5sum)
-        return str(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        self._present[key] = str(path)
+        return str(path)
 
     async def copy(self, ref: PackageRef, version: int) -> PackageRef:
         src = self._file(ref.project_id, ref.function_id, ref.version, ref.md5sum)
@@ -139,6 +149,7 @@ class FilesystemPackageStore:
         return PackageRef(project_id=ref.project_id, function_id=ref.function_id, version=version, md5sum=ref.md5sum)
 
     async def delete(self, ref: PackageRef) -> None:
+        self._present.pop((ref.project_id, ref.function_id, ref.version, ref.md5sum), None)
         path = self._file(ref.project_id, ref.function_id, ref.version, ref.md5sum)
         await asyncio.to_thread(_unlink, path)
 

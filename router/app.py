@@ -88,28 +88,41 @@ class _SourceContext:
         event.extensions[SOURCE_KIND_EXTENSION] = self._kind
         if event.time is None:
             event.time = utcnow()
-        execution_ids: dict[str, str] = {}
-        for subscription_id in expect:
-            sub = self._app.index.get(subscription_id)
-            if sub is None:
-                raise plugins.PublishRefused(404, f"Subscription not found [id={subscription_id}]")
-            try:
-                row, *_ = await self._app.executions.prepare_for_event(event, sub)
-            except NotFound as exc:
-                raise plugins.PublishRefused(404, str(exc)) from None
-            except TargetUnavailable as exc:
-                raise plugins.PublishRefused(409, str(exc)) from None
-            except InvalidTarget as exc:
-                raise plugins.PublishRefused(400, str(exc)) from None
-            execution_ids[subscription_id] = row.id
-        settled = self._app.dispatcher.settled(event.id) if settle else None
-        if tracing.enabled:  # tested first: with tracing off, publishing pays one flag test
-            with tracing.span(f"publish {event.type}", event=event, kind="producer",
-                              attributes={"cloudevents.event_id": event.id, "headwater.source": self._kind}):
-                tracing.stamp(event)  # the router's span is this one's child
+        # The expected executions' records are written while the event goes onto the bus, and both
+        # are awaited before publish returns: either may land first, as an execution's id comes
+        # from the event (the router's claim inserts a record that the event outran). The targets
+        # are resolved first, so an event for one that cannot run is never published.
+        records: dict[str, asyncio.Future] = {}
+        try:
+            for subscription_id in expect:
+                sub = self._app.index.get(subscription_id)
+                if sub is None:
+                    raise plugins.PublishRefused(404, f"Subscription not found [id={subscription_id}]")
+                try:
+                    records[subscription_id] = await self._app.executions.record_for_event(event, sub)
+                except NotFound as exc:
+                    raise plugins.PublishRefused(404, str(exc)) from None
+                except TargetUnavailable as exc:
+                    raise plugins.PublishRefused(409, str(exc)) from None
+                except InvalidTarget as exc:
+                    raise plugins.PublishRefused(400, str(exc)) from None
+            settled = self._app.dispatcher.settled(event.id) if settle else None
+            if tracing.enabled:  # tested first: with tracing off, publishing pays one flag test
+                with tracing.span(f"publish {event.type}", event=event, kind="producer",
+                                  attributes={"cloudevents.event_id": event.id, "headwater.source": self._kind}):
+                    tracing.stamp(event)  # the router's span is this one's child
+                    await self._app.bus.publish(event)
+            else:
                 await self._app.bus.publish(event)
-        else:
-            await self._app.bus.publish(event)
+        except BaseException:
+            # Not published: the records written stay (running, unclaimed), as when the record
+            # was written first; their outcome is not waited for.
+            for record in records.values():
+                record.add_done_callback(_retrieved)
+            raise
+        # A record that failed after the event is on the bus: the caller hears the error, and the
+        # router records the run when it claims it.
+        execution_ids = {subscription_id: (await record)[0].id for subscription_id, record in records.items()}
         self._app.history.record(event)
         self._app.feed.offer(event)
         self._app.metrics.child(self._app.metrics.events_in, self._kind).inc()
@@ -166,6 +179,12 @@ class _SourceContext:
                           project_id: str = "default") -> None:
         await self._app.executions.delivery.record_dead_letter(source=source, reason=reason, payload=payload,
                                                                event_id=event_id, project_id=project_id)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a future's outcome as seen (nobody waits for it any more)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def private_data_dir(path: Path) -> None:

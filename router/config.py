@@ -74,7 +74,7 @@ SCHEMA: dict[str, list[Option]] = {
     ],
     "database": [
         _opt("connection", "str", None, "SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/headwater.db. Production: postgresql+asyncpg://user:pass@host/db."),
-        _opt("pool_size", "int", 10, "Connection pool size (PostgreSQL).", minimum=1),
+        _opt("pool_size", "int", 10, "Connection pool size: on PostgreSQL this many kept plus as many more under load; on SQLite at most this many connections (callers wait for one).", minimum=1),
     ],
     "bus": [
         _opt("backend", "str", "sqlite", "Event bus backend, by plugin name: sqlite (embedded and durable: events and scheduled retries in <data_dir>/bus.db), rabbitmq, nats, or memory (tests and benchmarks only: a crash loses every event not yet handled and every retry waiting)."),

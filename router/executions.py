@@ -215,16 +215,34 @@ class ExecutionService:
     # -- API executions -----------------------------------------------------------------------
 
     async def create(self, *, project_id: str, function_id: str | None, version: int | None, alias: str | None,
-                     input: Any, sync: bool, description: str | None) -> models.Execution:
+                     input: Any, sync: bool, description: str | None) -> ExecutionRecord:
         function, version = await self.resolve(project_id=project_id, function_id=function_id, version=version, alias=alias)
-        row = await self.store.executions.add(function_id=function.id, function_version=version, function_alias=alias,
-                                              status="running", sync=sync, input=input, description=description,
-                                              project_id=project_id, attempts=1,
-                                              lease_until=models.utcnow() + _dt.timedelta(seconds=self._lease(function)))
-        await self.store.functions.bump_count(function.id, version)
+        # Through the journal's group commit, as event executions are; the count is summed in memory.
+        values = dict(id=models.new_id(), function_id=function.id, function_version=version, function_alias=alias,
+                      status="running", sync=sync, input=input, description=description, project_id=project_id,
+                      attempts=1, lease_until=models.utcnow() + _dt.timedelta(seconds=self._lease(function)))
+        started = self.journal.start_execution(values)
         if sync:
-            return await self.run(row, function, version)
+            return await self._run_sync(started, values, function, version)
+        row, _ = await started  # an async execution's id is answered only once its record exists
+        self._count(function.id, version)
         self.spawn(self.run(row, function, version))
+        return row
+
+    async def _run_sync(self, started: asyncio.Future, values: dict[str, Any], function: models.Function,
+                        version: int) -> ExecutionRecord:
+        """A sync execution runs while its record is being written: the caller waits for the run,
+        not for a commit and then the run. Its outcome is written once the start has committed (the
+        journal never sends a finish before its start); a start that fails stops the run."""
+        run = asyncio.ensure_future(self.execute(ExecutionRecord(**values), function, version))
+        try:
+            row, _ = await started
+            self._count(function.id, version)
+            result = await run
+        finally:
+            if not run.done():
+                run.cancel()  # the record could not be written, or the caller went away: the engine stops it
+        await self.record(row, result)
         return row
 
     def spawn(self, coro) -> None:
@@ -330,14 +348,47 @@ class ExecutionService:
                                                version=sub.function_version, alias=sub.function_alias)
         # Created already claimed (lease and first attempt) when `claim` is set: one transaction, not two.
         lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1} if claim else {}
-        row, created = await self.journal.start_execution(dict(
-            id=execution_id or execution_id_for(event.source, event.id, sub.id), function_id=function.id, function_version=version,
-            function_alias=sub.function_alias, status="running", sync=False, input=mapping.event_input(event, sub),
-            description=self._description(sub), project_id=sub.project_id, event_id=event.id, subscription_id=sub.id,
-            **lease))
+        row, created = await self.journal.start_execution(self._event_row(event, sub, function, version, execution_id, lease))
         if created:
             self._count(function.id, version)
         return row, function, version, created
+
+    async def record_for_event(self, event: Event, sub: Subscription) -> asyncio.Future[tuple[ExecutionRecord, bool]]:
+        """Resolve the target now (raising as prepare_for_event does) and submit the execution's
+        record to the journal without waiting for its commit: a webhook writes its record while
+        the event goes onto the bus, and awaits both before it answers."""
+        function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                               version=sub.function_version, alias=sub.function_alias)
+        started = self.journal.start_execution(self._event_row(event, sub, function, version, None, {}))
+
+        def count(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None and future.result()[1]:
+                self._count(function.id, version)
+
+        started.add_done_callback(count)
+        return started
+
+    async def claim_for_event(self, event: Event, sub: Subscription, *, execution_id: str | None = None
+                              ) -> tuple[ExecutionRecord, models.Function, int, bool]:
+        """Record the execution of (event, subscription) claimed by the caller, or claim the one
+        recorded already that nobody runs (a webhook's, recorded at publish): one batched write,
+        no read-back. Returns it with its target and whether the caller now owns it (if not: the
+        row as stored, finished or held by another worker)."""
+        function, version = await self.resolve(project_id=sub.project_id, function_id=sub.function_id,
+                                               version=sub.function_version, alias=sub.function_alias)
+        lease = {"lease_until": models.utcnow() + _dt.timedelta(seconds=self._lease(function)), "attempts": 1}
+        row, created, claimed = await self.journal.claim_execution(
+            self._event_row(event, sub, function, version, execution_id, lease))
+        if created:
+            self._count(function.id, version)
+        return row, function, version, claimed
+
+    def _event_row(self, event: Event, sub: Subscription, function: models.Function, version: int,
+                   execution_id: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+        return dict(id=execution_id or execution_id_for(event.source, event.id, sub.id), function_id=function.id,
+                    function_version=version, function_alias=sub.function_alias, status="running", sync=False,
+                    input=mapping.event_input(event, sub), description=self._description(sub),
+                    project_id=sub.project_id, event_id=event.id, subscription_id=sub.id, **extra)
 
     def _count(self, function_id: str, version: int) -> None:
         self._pending_counts[(function_id, version)] += 1
@@ -550,16 +601,18 @@ class ExecutionService:
             await self._expire(event, sub, policy, execution_id, last_status)
             return
         try:
-            # A retry's record exists already (status retrying): it is claimed below, not created.
-            row, function, version, created = await self.prepare_for_event(event, sub, claim=not retry,
-                                                                           execution_id=execution_id)
+            if retry:
+                # A retry's record exists already (status retrying): it is claimed below, not created.
+                row, function, version, _ = await self.prepare_for_event(event, sub, execution_id=execution_id)
+                claimed = False
+            else:
+                row, function, version, claimed = await self.claim_for_event(event, sub, execution_id=execution_id)
         except (NotFound, TargetUnavailable, InvalidTarget) as exc:
             # The subscription points at something that cannot run: no retry will help.
             await self.delivery.dead_letter(event, sub, str(exc), policy=policy)
             await self._close_open(execution_id, last_status or "error", "platform")
             return
-        number = 1  # which attempt this run is
-        claimed = created and not retry
+        number = row.attempts if claimed else 1  # which attempt this run is
         while not claimed:
             if row.status in FINISHED:
                 self.metrics.duplicates.inc()

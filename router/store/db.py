@@ -56,6 +56,10 @@ class Database:
                         os.chmod(path, 0o600)
                     except OSError:
                         pass
+                # A bounded pool without overflow: each overflow connection would start an aiosqlite
+                # thread and rerun the PRAGMAs, only to be closed again; SQLite writes one at a time
+                # anyway, so a caller waits for a pooled connection instead.
+                kwargs.update(pool_size=pool_size, max_overflow=0)
 
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

@@ -40,7 +40,7 @@ class _Write:
     __slots__ = ("kind", "values", "future")
 
     def __init__(self, kind: str, values: dict[str, Any]):
-        self.kind = kind  # "start" | "finish", or "starts" | "finishes" (values: a list of rows)
+        self.kind = kind  # "start" | "finish" | "claim", or "starts" | "finishes" (values: a list of rows)
         self.values = values
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -53,9 +53,18 @@ def _json(value: Any) -> str:
         return json.dumps(value, default=str)
 
 
+# Writes per batch that the SQLite journal commits on the event loop itself (see _SqliteWriter.write).
+INLINE_WRITES = 32
+
+
+class _Busy(Exception):
+    """Another connection holds SQLite's write lock: the batch goes to the writer's thread."""
+
+
 class _SqliteWriter:
     """Writes on a connection of its own in a thread of its own: one hop per batch, and SQLite's
-    C loop does the rows (the same file, WAL and pragmas as the engine's connections)."""
+    C loop does the rows (the same file, WAL and pragmas as the engine's connections). Small
+    batches are written on the event loop, unless the write lock is taken."""
 
     # SQLite allows 32766 bound parameters per statement: rows per multi-row insert.
     ROWS_PER_INSERT = 32766 // len(_COLUMNS)
@@ -67,8 +76,15 @@ class _SqliteWriter:
         self.path = path
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="execution-journal")
         self._conn: sqlite3.Connection | None = None
+        self._inline: sqlite3.Connection | None = None  # the event loop's own (see write)
         self._finish_sql = ("UPDATE executions SET status = ?, result = ?, logs = ?, reason = ?, updated_at = ?, "
                             "lease_until = NULL WHERE id = ?")
+        # A claim inserts the row already leased, or takes over a running row nobody holds (one a
+        # webhook recorded at publish, or one whose worker's lease ran out), counting the attempt.
+        self._claim_tail = ("ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until, "
+                            "attempts = executions.attempts + 1 WHERE executions.status = 'running' AND "
+                            "(executions.lease_until IS NULL OR executions.lease_until < ?) "
+                            "RETURNING id, attempts, created_at")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -88,12 +104,21 @@ class _SqliteWriter:
         return [_json(row[name]) if name in _JSON_COLUMNS else cls._time(row[name]) if name in _TIME_COLUMNS
                 else row[name] for name in _COLUMNS]
 
-    def _write_sync(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
+    def _write_sync(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]],
+                    claims: list[dict[str, Any]], claimed: dict[str, tuple[int, bool]]) -> set[str]:
         if self._conn is None:
             self._conn = self._connect()
-        conn = self._conn
+        return self._write_on(self._conn, rows, finishes, claims, claimed)
+
+    def _write_on(self, conn: sqlite3.Connection, rows: list[dict[str, Any]], finishes: list[dict[str, Any]],
+                  claims: list[dict[str, Any]], claimed: dict[str, tuple[int, bool]]) -> set[str]:
         created: set[str] = set()
-        conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+        except sqlite3.OperationalError as exc:
+            if conn is self._inline and "locked" in str(exc):
+                raise _Busy() from None
+            raise
         try:
             for start in range(0, len(rows), self.ROWS_PER_INSERT):
                 chunk = rows[start:start + self.ROWS_PER_INSERT]
@@ -102,6 +127,18 @@ class _SqliteWriter:
                 sql = (f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES {placeholders} "
                        "ON CONFLICT (id) DO NOTHING RETURNING id")
                 created.update(r[0] for r in conn.execute(sql, params))
+            if claims:
+                now = self._time(models.utcnow())
+                for start in range(0, len(claims), self.ROWS_PER_INSERT - 1):
+                    chunk = claims[start:start + self.ROWS_PER_INSERT - 1]
+                    params = [value for row in chunk for value in self._params(row)]
+                    params.append(now)
+                    placeholders = ",".join(["(" + ",".join("?" * len(_COLUMNS)) + ")"] * len(chunk))
+                    sql = f"INSERT INTO executions ({','.join(_COLUMNS)}) VALUES {placeholders} {self._claim_tail}"
+                    sent = {row["id"]: self._time(row["created_at"]) for row in chunk}
+                    for id_, attempts, created_at in conn.execute(sql, params):
+                        # The row this statement inserted carries the creation time sent with it.
+                        claimed[id_] = (attempts, created_at == sent[id_])
             if finishes:
                 conn.executemany(self._finish_sql, [
                     (f["status"], _json(f["result"]), f["logs"], f["reason"], self._time(f["updated_at"]), f["id"])
@@ -113,13 +150,32 @@ class _SqliteWriter:
             raise
         return created
 
-    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, rows, finishes)
+    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]],
+                    claims: list[dict[str, Any]] = (), claimed: dict[str, tuple[int, bool]] | None = None) -> set[str]:
+        """Insert `rows` (the ids created), record `finishes`, and for `claims` fill `claimed` with
+        {id: (attempts, inserted)} of those claimed, all in one transaction."""
+        claims, claimed = list(claims), claimed if claimed is not None else {}
+        if len(rows) + len(finishes) + len(claims) <= INLINE_WRITES:
+            # A small batch is written here, on the event loop: SQLite commits it (WAL, no fsync)
+            # in less time than the hop to the writer's thread and back costs. Only if another
+            # connection holds the write lock does it go to the thread, which may wait for it.
+            if self._inline is None:
+                self._inline = self._connect()
+                self._inline.execute("PRAGMA busy_timeout=0")
+            try:
+                return self._write_on(self._inline, rows, finishes, claims, claimed)
+            except _Busy:
+                pass
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._write_sync, rows, finishes, claims, claimed)
 
     def _close_sync(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
 
     async def reset(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
@@ -161,6 +217,13 @@ class _PostgresWriter:
         # never touch the same row's columns: a finish is sent only once its start has committed,
         # and a repeated start of a row is an insert that does nothing.
         self._both_sql = f"WITH finished AS ({self._finish_statement('$2')}) {self._insert_sql}"
+        # A claim: inserted leased, or takes over a running row nobody holds (see _SqliteWriter).
+        self._claim_sql = (f"INSERT INTO executions ({', '.join(_COLUMNS)}) SELECT {picks} "
+                           f"FROM json_to_recordset($1::json) AS u({', '.join(fields)}) "
+                           "ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until, "
+                           "attempts = executions.attempts + 1 WHERE executions.status = 'running' AND "
+                           "(executions.lease_until IS NULL OR executions.lease_until < ($2::timestamptz AT TIME ZONE 'UTC')) "
+                           "RETURNING id, attempts, (xmax = 0) AS inserted")
 
     @staticmethod
     def _finish_statement(parameter: str) -> str:
@@ -188,8 +251,26 @@ class _PostgresWriter:
             encoded.append(row)
         return orjson.dumps(encoded, option=orjson.OPT_NAIVE_UTC).decode()
 
-    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
+    async def write(self, rows: list[dict[str, Any]], finishes: list[dict[str, Any]],
+                    claims: list[dict[str, Any]] = (), claimed: dict[str, tuple[int, bool]] | None = None) -> set[str]:
         conn = await self._driver_connection()
+        if claims:
+            if not rows and not finishes:
+                await self._claim(conn, claims, claimed)
+                return set()
+            # Claims are a statement of their own; with other writes in the batch, one transaction
+            # holds them all, so that a failed batch retried write by write claims nothing twice.
+            async with conn.transaction():
+                await self._claim(conn, claims, claimed)
+                return await self._write_rows(conn, rows, finishes)
+        return await self._write_rows(conn, rows, finishes)
+
+    async def _claim(self, conn, claims: list[dict[str, Any]], claimed: dict[str, tuple[int, bool]] | None) -> None:
+        for r in await conn.fetch(self._claim_sql, self._document(list(claims), _JSON_COLUMNS), models.utcnow()):
+            if claimed is not None:
+                claimed[r[0]] = (r[1], r[2])
+
+    async def _write_rows(self, conn, rows: list[dict[str, Any]], finishes: list[dict[str, Any]]) -> set[str]:
         # Each batch is one statement, which commits on its own.
         if finishes:
             # The last finish of an execution wins (an UPDATE … FROM joins each row once).
@@ -250,6 +331,12 @@ class ExecutionJournal:
         """finish for many executions (each: id, status, result, logs, reason, updated_at): one write."""
         return self._submit(_Write("finishes", finishes))
 
+    def claim_execution(self, values: dict[str, Any]) -> asyncio.Future[tuple[ExecutionRecord, bool, bool]]:
+        """Insert the execution claimed (`values` carry its lease and first attempt), or claim the
+        running row with its id that nobody holds (counting an attempt): (row, created, claimed).
+        Neither: the row as it is, read back (finished, or another worker's lease is live)."""
+        return self._submit(_Write("claim", values))
+
     def finish(self, execution_id: str, *, status: str, result: Any, logs: str, reason: str,
                updated_at=None) -> asyncio.Future[None]:
         return self._submit(_Write("finish", {"id": execution_id, "status": status, "result": result, "logs": logs,
@@ -307,9 +394,22 @@ class ExecutionJournal:
                 for values in (w.values if w.kind == "starts" else (w.values,))]
         finishes = [values for w in batch if w.kind == "finish" or w.kind == "finishes"
                     for values in (w.values if w.kind == "finishes" else (w.values,))]
-        created = await self._writer.write(rows, finishes)
+        claim_rows: dict[int, dict[str, Any]] = {}
+        claim_ids: set[str] = set()
+        for i, w in enumerate(batch):
+            # One claim per id per statement: a second claim of the same id in this batch loses.
+            if w.kind == "claim" and w.values["id"] not in claim_ids:
+                claim_ids.add(w.values["id"])
+                claim_rows[i] = full_row(w.values)
+        claimed: dict[str, tuple[int, bool]] = {}
+        if claim_rows:
+            created = await self._writer.write(rows, finishes, list(claim_rows.values()), claimed)
+        else:
+            created = await self._writer.write(rows, finishes)
         self.batches += 1
         others = {r["id"] for r in rows if r["id"] not in created}
+        others.update(w.values["id"] for i, w in enumerate(batch)
+                      if w.kind == "claim" and (i not in claim_rows or w.values["id"] not in claimed))
         unread: Exception | None = None
         try:
             existing = await self._existing(others) if others else {}
@@ -331,8 +431,31 @@ class ExecutionJournal:
                 return unread
             return ExecutionRecord(**row), False  # created by an earlier write of this batch
 
-        return [started() if write.kind == "start" else [started() for _ in write.values] if write.kind == "starts"
-                else None for write in batch]
+        def result(i: int, write: _Write) -> Any:
+            if write.kind == "start":
+                return started()
+            if write.kind == "starts":
+                return [started() for _ in write.values]
+            if write.kind == "claim":
+                return self._claim_result(write, claim_rows.get(i), claimed, existing, unread)
+            return None  # a finish
+
+        return [result(i, write) for i, write in enumerate(batch)]
+
+    @staticmethod
+    def _claim_result(write: _Write, row: dict[str, Any] | None, claimed: dict[str, tuple[int, bool]],
+                      existing: dict[str, ExecutionRecord], unread: Exception | None) -> Any:
+        id_ = write.values["id"]
+        if row is not None and id_ in claimed:
+            attempts, inserted = claimed[id_]
+            # A row taken over keeps what was recorded at its start; what it runs now is this
+            # claim's (the same event and subscription give the same input).
+            return ExecutionRecord(**dict(row, attempts=attempts)), inserted, True
+        if id_ in existing:
+            return existing[id_], False, False
+        if unread is not None:
+            return unread
+        return RuntimeError(f"execution {id_} was neither claimed nor found")
 
     async def _existing(self, ids: set[str]) -> dict[str, ExecutionRecord]:
         """Rows that were there already (redeliveries, replicas racing): read after the commit."""

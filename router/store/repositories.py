@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from router.store import models, reader
 from router.store.db import Conflict, Database, NotFound
+from router.store.journal import ExecutionRecord
 
 M = TypeVar("M", bound=models.Base)
 
@@ -475,6 +476,18 @@ class Subscriptions(Repository[models.Subscription]):
 
 class Executions(Repository[models.Execution]):
     model = models.Execution
+
+    async def get(self, id_: str, *, project_id: str | None = None) -> ExecutionRecord:
+        """One execution as plain attributes, read with a Core statement on a pooled connection:
+        every poll of a running execution comes here, and an ORM session per read cost more than
+        the query."""
+        table = models.Execution.__table__
+        stmt = self._scoped(sa.select(table).where(table.c.id == id_), project_id)
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFound(f"Execution not found [id={id_}]")
+        return ExecutionRecord(**row._mapping)
 
     async def start(self, **values: Any) -> tuple[models.Execution, bool]:
         """Insert a running execution unless one with this id exists. Returns (row, created):

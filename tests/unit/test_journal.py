@@ -123,3 +123,97 @@ async def test_a_failed_read_back_fails_only_the_starts_that_needed_it(store, jo
 def test_in_memory_sqlite_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="in-memory SQLite"):
         ExecutionJournal(Database("sqlite+aiosqlite:///:memory:"))
+
+
+def _lease(seconds: float) -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=seconds)
+
+
+async def test_a_claim_inserts_the_row_leased(store, journal):
+    function = await _function(store)
+    lease = _lease(60)
+    row, created, claimed = await journal.claim_execution(dict(
+        id="c1", function_id=function.id, status="running", sync=False, project_id="p", input={"k": 1},
+        lease_until=lease, attempts=1))
+    assert (created, claimed, row.attempts, row.input) == (True, True, 1, {"k": 1})
+    stored = await store.executions.get("c1")
+    assert stored.attempts == 1 and stored.lease_until == lease
+
+
+async def test_a_claim_takes_over_a_row_nobody_holds(store, journal):
+    """A webhook records its execution at publish (no lease, no attempt); the router's claim takes
+    that row over in its one write, counting the attempt, and says it did not create it."""
+    function = await _function(store)
+    values = dict(id="c2", function_id=function.id, status="running", sync=False, project_id="p", input={"k": 2})
+    await journal.start_execution(dict(values))
+    row, created, claimed = await journal.claim_execution(dict(values, lease_until=_lease(60), attempts=1))
+    assert (created, claimed, row.attempts) == (False, True, 1)
+    assert (await store.executions.get("c2")).attempts == 1
+
+
+async def test_a_claim_does_not_take_a_live_lease_or_a_finished_row(store, journal):
+    function = await _function(store)
+    values = dict(function_id=function.id, status="running", sync=False, project_id="p")
+    held_until = _lease(60)
+    await journal.claim_execution(dict(values, id="held", lease_until=held_until, attempts=1))
+    await journal.start_execution(dict(values, id="done"))
+    await journal.finish("done", status="success", result={"output": 1}, logs="", reason=None)
+    held, done = await asyncio.gather(journal.claim_execution(dict(values, id="held", lease_until=_lease(90), attempts=1)),
+                                      journal.claim_execution(dict(values, id="done", lease_until=_lease(90), attempts=1)))
+    assert held[1:] == (False, False) and held[0].attempts == 1 and held[0].lease_until == held_until
+    assert done[1:] == (False, False) and done[0].status == "success"
+    assert (await store.executions.get("held")).lease_until == held_until
+
+
+async def test_a_claim_takes_over_a_row_whose_lease_ran_out(store, journal):
+    """A worker died holding it: its lease ran out, the next claim owns it and counts attempt 2."""
+    function = await _function(store)
+    values = dict(id="expired", function_id=function.id, status="running", sync=False, project_id="p")
+    await journal.claim_execution(dict(values, lease_until=_lease(-5), attempts=1))
+    row, created, claimed = await journal.claim_execution(dict(values, lease_until=_lease(60), attempts=1))
+    assert (created, claimed, row.attempts) == (False, True, 2)
+
+
+async def test_two_claims_of_one_row_in_a_batch_one_wins(store, journal):
+    function = await _function(store)
+    values = dict(id="twice", function_id=function.id, status="running", sync=False, project_id="p",
+                  lease_until=_lease(60), attempts=1)
+    batches = journal.batches
+    first, second = await asyncio.gather(journal.claim_execution(dict(values)), journal.claim_execution(dict(values)))
+    assert journal.batches == batches + 1
+    assert first[1:] == (True, True) and second[1:] == (False, False) and second[0].attempts == 1
+
+
+async def test_claims_starts_and_finishes_in_one_batch(store, journal):
+    function = await _function(store)
+    values = dict(function_id=function.id, status="running", sync=False, project_id="p")
+    await journal.start_execution(dict(values, id="mix-old"))
+    batches = journal.batches
+    finish, start, claim = await asyncio.gather(
+        journal.finish("mix-old", status="success", result={"output": 1}, logs="", reason=None),
+        journal.start_execution(dict(values, id="mix-new")),
+        journal.claim_execution(dict(values, id="mix-claim", lease_until=_lease(60), attempts=1)))
+    assert journal.batches == batches + 1
+    assert finish is None and start[1] is True and claim[1:] == (True, True)
+    assert (await store.executions.get("mix-old")).status == "success"
+
+
+async def test_a_small_batch_waits_for_a_write_lock_held_elsewhere(store, journal):
+    """SQLite: a small batch is written on the event loop, but when another connection holds the
+    write lock it goes to the writer's thread and commits once the lock is released."""
+    if not store.db.is_sqlite:
+        pytest.skip("SQLite's write lock")
+    import sqlite3
+
+    function = await _function(store)
+    holder = sqlite3.connect(store.db.url.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        pending = journal.start_execution(dict(id="locked", function_id=function.id, status="running", project_id="p"))
+        done, _ = await asyncio.wait({pending}, timeout=0.2)
+        assert not done  # waiting for the lock, the event loop still free to run this test
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    row, created = await pending
+    assert created and (await store.executions.get("locked")).status == "running"

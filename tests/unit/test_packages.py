@@ -62,3 +62,18 @@ async def test_round_trip(store, tmp_path):
         await store.get(ref)
     await store.delete(ref)  # deleting twice is fine
     assert await store.get(copied) == data
+
+
+async def test_a_known_package_path_is_not_looked_up_again(store, monkeypatch):
+    """An execution asks for its package's path every time: once seen on disk, the answer comes
+    from memory (no stat per execution), until the package is deleted."""
+    data = make_zip({"main.py": "def main():\n    return 1\n"})
+    ref = PackageRef("proj", "fn", 0, await store.put("proj", "fn", 0, data))
+    first = store.path(ref)
+    looked = []
+    real_is_file = type(store.root).is_file
+    monkeypatch.setattr(type(store.root), "is_file", lambda self: looked.append(self) or real_is_file(self))
+    assert store.path(ref) == first and looked == []
+    await store.delete(ref)
+    assert store.path(ref) is None and looked  # after a delete it is looked up, and is gone
+    assert store.path(PackageRef("proj", "other", 0, "0" * 32)) is None
