@@ -347,9 +347,8 @@ class LocalEngine:
                 return worker
             worker = self.warm.claim(runtime)
             if worker is not None:
-                worker.key = key
-                worker.name = self._worker_name(key, runtime)
-                LOG.info("runtime worker %s claimed from the warm pool", worker.name)
+                pool_name, worker.key, worker.name = worker.name, key, self._worker_name(key, runtime)
+                LOG.info("runtime worker %s (pid %d) claimed from the warm pool as %s", pool_name, worker.process.pid, worker.name)
             else:
                 worker = await self._start_worker(key, runtime)
             self._pools.setdefault(key, []).append(worker)
