@@ -5,6 +5,7 @@ server killed from outside, and its servers end with the engine."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import uuid
@@ -16,7 +17,24 @@ from router.config import Config
 from router.plugins import ExecutionRequest, FunctionSpec, PackageRef, load
 from tests.processes import gone
 
-MAIN_PY = "import os\n\ndef main(**kwargs):\n    return os.getppid()\n"
+MAIN_PY = """import os
+
+def main(**kwargs):
+    return os.getppid()
+
+def where(**kwargs):
+    # What a function sees of its containment: identical whether its child was the server's spare
+    # (forked and given its network namespace before the package was known) or forked for it.
+    with open("main.py") as fh:
+        relative = fh.read(9)
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        cwd = type(exc).__name__
+    return {"server": os.getppid(), "cwd": cwd, "relative": relative,
+            "uid": os.getuid(), "net": os.readlink("/proc/self/ns/net"), "mnt": os.readlink("/proc/self/ns/mnt"),
+            "tmp": sorted(os.listdir("/tmp")), "env": sorted(os.environ), "pid": os.getpid()}
+"""
 
 
 @pytest.fixture
@@ -127,3 +145,24 @@ async def test_pool_runtimes_are_the_configured_ones_with_a_server(tmp_path, mon
     engine = load("engine", "local")(config, load("storage", "filesystem")(config))
     # python3 once though two images map to it; nodejs without node and a missing folder are left out.
     assert engine.pool_runtimes() == ["python3", "php"]
+
+
+async def test_the_spare_child_is_contained_like_a_forked_one(engine_for, tmp_path):
+    """A pre-started server's first function loads into its spare child; another child of the same
+    server (other limits) is forked for it. Both see the same containment."""
+    engine = await engine_for(1)
+    fn = await new_function(engine, tmp_path)
+    fn = dataclasses.replace(fn, entry="main.where")
+    spare = await engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn))
+    other_limits = dataclasses.replace(fn, memory_size=fn.memory_size * 2)
+    forked = await engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=other_limits))
+    assert spare.status == forked.status == "success", (spare, forked)
+    a, b = spare.output, forked.output
+    assert a["server"] == b["server"] and a["pid"] != b["pid"]  # two children of one server
+    assert a["cwd"] == b["cwd"] and a["cwd"].endswith(fn.package.md5sum), (a, b)  # its package, by the same path
+    assert a["relative"] == b["relative"] == "import os"
+    assert a["env"] == b["env"] and a["tmp"] == b["tmp"] == []
+    if os.geteuid() == 0:
+        host_net, host_mnt = os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt")
+        assert a["uid"] != 0 and b["uid"] != 0 and a["uid"] != b["uid"]
+        assert len({host_net, a["net"], b["net"]}) == 3 and len({host_mnt, a["mnt"], b["mnt"]}) == 3
