@@ -1,6 +1,7 @@
 """Engine benchmark: cold start (a new function: worker handoff → package fetch → first result) and warm
 execution latency, for the local engine and the kubernetes engine on the fake cluster (or a real cluster
-when HEADWATER_TEST_KUBECONFIG is set). Prints a table, writes JSON."""
+when HEADWATER_TEST_KUBECONFIG is set). The local engine also reports cold start after its idle worker
+was reaped, with its warm pool and, as the same-run baseline, without it. Prints tables, writes JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -41,14 +43,19 @@ async def new_function(engine, tmp: Path) -> FunctionSpec:
                         package=PackageRef("bench", function_id, 0, md5), project_id="bench")
 
 
+async def execute_ms(engine, fn) -> float:
+    """One successful execution's latency, in milliseconds."""
+    started = time.perf_counter()
+    result = await engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input="bench"))
+    elapsed = time.perf_counter() - started
+    if result.status != "success":
+        raise RuntimeError(f"execution failed: {result}")
+    return elapsed * 1000
+
+
 async def measure(engine, tmp: Path, cold: int, warm: int, between=None) -> dict:
     async def run(fn) -> float:
-        started = time.perf_counter()
-        result = await engine.execute(ExecutionRequest(execution_id=str(uuid.uuid4()), function=fn, input="bench"))
-        elapsed = time.perf_counter() - started
-        if result.status != "success":
-            raise RuntimeError(f"execution failed: {result}")
-        return elapsed * 1000
+        return await execute_ms(engine, fn)
 
     cold_ms, warm_ms = [], []
     warm_fn = None
@@ -68,18 +75,50 @@ async def measure(engine, tmp: Path, cold: int, warm: int, between=None) -> dict
     }
 
 
+async def measure_local(engine, tmp: Path, cold: int, warm: int) -> dict:
+    """Per sample: a new function's first result, then (its worker reaped) its next first result;
+    the warm pool, if any, is refilled before each (as between cold starts spread out in time)."""
+    async def settled() -> None:
+        if engine.warm.size and not await engine.warm.wait_full(60):
+            raise RuntimeError("the warm pool did not refill within 60 s")
+
+    cold_ms, reaped_ms, warm_ms = [], [], []
+    fn = None
+    for _ in range(cold):
+        fn = await new_function(engine, tmp)
+        await settled()
+        cold_ms.append(await execute_ms(engine, fn))
+        if not await engine.reap_idle(0):
+            raise RuntimeError("no idle worker was reaped")
+        await settled()
+        reaped_ms.append(await execute_ms(engine, fn))
+    for _ in range(warm):
+        warm_ms.append(await execute_ms(engine, fn))
+
+    def summary(values: list[float], digits: int) -> dict:
+        return {"n": len(values), "p50": round(percentile(values, 50), digits), "p95": round(percentile(values, 95), digits),
+                "p99": round(percentile(values, 99), digits), "max": round(max(values), digits)}
+
+    return {"cold_ms": summary(cold_ms, 1), "cold_after_reap_ms": summary(reaped_ms, 1), "warm_ms": summary(warm_ms, 2),
+            "pool_size": engine.warm.size}
+
+
 async def run(args) -> dict:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         if "local" in args.engines:
-            config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp / "local")}})
-            engine = load("engine", "local")(config, load("storage", "filesystem")(config))
-            await engine.start()
-            try:
-                results["local"] = await measure(engine, tmp, args.cold, args.warm)
-            finally:
-                await engine.stop()
+            # With the warm pool, then without it (every new function starts its own runtime server:
+            # the same-run baseline).
+            for name, pool_size in (("local", args.pool_size), ("local (no pool)", 0)):
+                config = Config.load(overrides={"DEFAULT": {"data_dir": str(tmp / name.replace(" ", "_"))},
+                                                "engine": {"local_pool_size": str(pool_size)}})
+                engine = load("engine", "local")(config, load("storage", "filesystem")(config))
+                await engine.start()
+                try:
+                    results[name] = await measure_local(engine, tmp, args.cold, args.warm)
+                finally:
+                    await engine.stop()
         if "kubernetes" in args.engines:
             from engine.kubernetes import KubernetesEngine
             from engine.packages import FilesystemPackageStore
@@ -137,6 +176,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=10, help="cold starts (a new function each)")
     parser.add_argument("--warm", type=int, default=300, help="warm executions of one function, one at a time")
     parser.add_argument("--replicas", type=int, default=3, help="kubernetes pool size")
+    parser.add_argument("--pool-size", type=int, default=1, help="local engine warm pool size ([engine] local_pool_size)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "engine.json"))
     args = parser.parse_args()
     results = asyncio.run(run(args))
@@ -144,11 +184,17 @@ def main() -> None:
     for name, row in results.items():
         c, w = row["cold_ms"], row["warm_ms"]
         print(f"{name:28} {c['p50']:9.1f} {c['p95']:9.1f} {c['max']:9.1f} {w['p50']:9.2f} {w['p95']:9.2f} {w['p99']:9.2f}")
+    local = {name: row for name, row in results.items() if "cold_after_reap_ms" in row}
+    if local:
+        print(f"\n{'local engine':28} {'cold p50':>9} {'cold p95':>9} {'reaped p50':>11} {'reaped p95':>11} {'warm p50':>9}  (ms)")
+        for name, row in local.items():
+            c, r, w = row["cold_ms"], row["cold_after_reap_ms"], row["warm_ms"]
+            print(f"{name:28} {c['p50']:9.1f} {c['p95']:9.1f} {r['p50']:11.1f} {r['p95']:11.1f} {w['p50']:9.2f}")
     targets = kubernetes_targets(results)
     for line in targets["checks"]:
         print(line)
     output = {"benchmark": "engine", "targets": targets, "python": platform.python_version(), "machine": platform.machine(),
-              "cold": args.cold, "warm": args.warm, "results": results}
+              "cold": args.cold, "warm": args.warm, "loadavg_after": os.getloadavg(), "results": results}
     with contextlib.suppress(OSError):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(output, indent=2))

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
+from engine.local_pool import WarmPool
 from engine.packages import write_atomic
 from engine.runtime_client import CANCEL_TIMEOUT, post_build, post_cancel, runtime_headers
 from router.config import Config
@@ -49,10 +50,10 @@ def _default_runtimes_dir() -> Path:
 
 @dataclasses.dataclass(eq=False)
 class Worker:
-    """One runtime server process serving one function version."""
+    """One runtime server process serving one function version (key None: idle in the warm pool)."""
 
     name: str
-    key: tuple[str, int, str]
+    key: tuple[str, int, str] | None
     runtime: str
     process: asyncio.subprocess.Process
     url: str
@@ -102,6 +103,8 @@ class LocalEngine:
         self._seq = itertools.count(1)
         self._stopping = False
         self._cancels: set[asyncio.Task] = set()  # POST /cancel requests on their way to runtimes
+        # Pre-started servers a new function claims instead of waiting for one to start.
+        self.warm = WarmPool(config.engine.local_pool_size, self._start_pool_worker, self._stop_worker)
 
     # -----------------------------------------------------------------------------------------
     # Lifecycle
@@ -111,6 +114,12 @@ class LocalEngine:
         self._ensure_session()
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle(), name="local-engine-reaper")
+        self.warm.start(self.pool_runtimes())
+
+    def pool_runtimes(self) -> list[str]:
+        """The runtimes the warm pool keeps servers for: each configured one that has a server here."""
+        runtimes = dict.fromkeys(runtime_dir for _, runtime_dir in self.runtime_map)
+        return [runtime for runtime in runtimes if self._server_command(runtime) is not None]
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -127,6 +136,7 @@ class LocalEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+        await self.warm.stop()
         if self._cancels:
             await asyncio.wait(list(self._cancels), timeout=CANCEL_TIMEOUT)
         workers = [w for pool in self._pools.values() for w in pool]
@@ -336,7 +346,12 @@ class LocalEngine:
             worker = self._pick(key)  # another execution may have started one meanwhile
             if worker is not None:
                 return worker
-            worker = await self._start_worker(key, runtime)
+            worker = self.warm.claim(runtime)
+            if worker is not None:
+                pool_name, worker.key, worker.name = worker.name, key, self._worker_name(key, runtime)
+                LOG.info("runtime worker %s (pid %d) claimed from the warm pool as %s", pool_name, worker.process.pid, worker.name)
+            else:
+                worker = await self._start_worker(key, runtime)
             self._pools.setdefault(key, []).append(worker)
             return worker
 
@@ -377,11 +392,17 @@ class LocalEngine:
             self._server_commands[runtime] = command
         return command
 
-    async def _start_worker(self, key: tuple[str, int, str], runtime: str) -> Worker:
+    def _worker_name(self, key: tuple[str, int, str], runtime: str) -> str:
+        function_id, version, _ = key
+        return f"{runtime}-{function_id[:12]}-v{version}-{next(self._seq)}"
+
+    async def _start_pool_worker(self, runtime: str) -> Worker:
+        return await self._start_worker(None, runtime)
+
+    async def _start_worker(self, key: tuple[str, int, str] | None, runtime: str) -> Worker:
         if self._stopping:
             raise RuntimeError("the engine is stopping")
-        function_id, version, _ = key
-        name = f"{runtime}-{function_id[:12]}-v{version}-{next(self._seq)}"
+        name = self._worker_name(key, runtime) if key is not None else f"{runtime}-pool-{next(self._seq)}"
         work_dir = self.work_root / runtime
         work_dir.mkdir(parents=True, exist_ok=True)
         command = self._server_command(runtime)
@@ -430,8 +451,8 @@ class LocalEngine:
         worker = Worker(name=name, key=key, runtime=runtime, process=process, url=f"http://{address}", token=token)
         # Keep reading the runtime's output so its pipes never fill up and block it.
         worker.log_tasks = [
-            asyncio.create_task(_forward(process.stdout, name, logging.DEBUG)),
-            asyncio.create_task(_forward(process.stderr, name, logging.INFO)),
+            asyncio.create_task(_forward(process.stdout, worker, logging.DEBUG)),
+            asyncio.create_task(_forward(process.stderr, worker, logging.INFO)),
         ]
         LOG.info("started runtime worker %s (pid %d) at %s", name, process.pid, worker.url)
         return worker
@@ -462,15 +483,22 @@ class LocalEngine:
         period = max(1.0, min(60.0, self.expiration / 4))
         while True:
             await asyncio.sleep(period)
-            cutoff = time.monotonic() - self.expiration
-            for key, pool in list(self._pools.items()):
-                idle = [w for w in pool if w.inflight == 0 and w.last_used < cutoff]
-                for w in idle:
-                    pool.remove(w)
-                    LOG.info("runtime worker %s idle for %d s; stopping it", w.name, self.expiration)
-                    await self._stop_worker(w)
-                if not pool:
-                    self._pools.pop(key, None)
+            await self.reap_idle(self.expiration)
+
+    async def reap_idle(self, idle_for: float) -> int:
+        """Stop every function's worker that has run nothing for idle_for seconds; how many went."""
+        cutoff = time.monotonic() - idle_for
+        reaped = 0
+        for key, pool in list(self._pools.items()):
+            idle = [w for w in pool if w.inflight == 0 and w.last_used <= cutoff]
+            for w in idle:
+                pool.remove(w)
+                LOG.info("runtime worker %s idle for %d s; stopping it", w.name, idle_for)
+                await self._stop_worker(w)
+                reaped += 1
+            if not pool:
+                self._pools.pop(key, None)
+        return reaped
 
 
 def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
@@ -478,12 +506,13 @@ def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
-async def _forward(stream: asyncio.StreamReader | None, name: str, level: int) -> None:
+async def _forward(stream: asyncio.StreamReader | None, worker: Worker, level: int) -> None:
     if stream is None:
         return
     with contextlib.suppress(asyncio.CancelledError, ConnectionError):
         async for line in stream:
-            LOG.log(level, "[%s] %s", name, line.decode("utf-8", "replace").rstrip())
+            # The worker's current name: a pool server takes its function's name when claimed.
+            LOG.log(level, "[%s] %s", worker.name, line.decode("utf-8", "replace").rstrip())
 
 
 def _remove_unpacked(work_root: Path, prefix: str) -> None:

@@ -100,6 +100,7 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("compiled_runtimes", "list", ["go"], "Runtimes (as named by local_runtimes) whose packages are compiled once on upload (the build step: the function shows building, then available or error), and whose executions run the built artifact."),
         _opt("build_timeout", "int", 300, "Seconds a function's build may take (a Go package's `go build`) before it ends in error.", minimum=1, maximum=3600),
         _opt("local_workers_per_function", "int", 1, "Warm runtime processes the local engine keeps per function version.", minimum=1, maximum=64),
+        _opt("local_pool_size", "int", 1, "Runtime servers the local engine keeps started per runtime (python3, nodejs, go, php) before any function needs them, so a new function (or one whose idle worker was released) claims one instead of waiting for a server to start; refilled in the background. A claimed server serves that function only and is never given back. 0 disables the pool.", minimum=0, maximum=16),
         _opt("function_concurrency", "int", 3, "Running executions per worker before another worker is added.", minimum=1),
         _opt("function_service_expiration", "int", 3600, "Idle seconds before a function's warm workers are released.", minimum=1),
         _opt("coordination", "str", "memory", "How engine processes coordinate workers, locks and leaders: in-process (one engine process) or etcd (several; see [etcd]).", choices=("memory", "etcd")),

@@ -54,6 +54,7 @@ async def serve(host: str, port: int, work_dir: str, parent_pid: int | None, *, 
         # container's PID 1 would otherwise collect zombies).
         sandbox.prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1)
     reaper = asyncio.ensure_future(_reap_orphans())
+    children.start_spare()  # before LISTENING: a server announced ready has it
     bound = srv.sockets[0].getsockname()
     # A credential the server made itself goes to its parent only, on this pipe; one it was given
     # (a pod's environment) the engine already knows and is never printed (pod logs are not secret).

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import re
 import shutil
 import signal
 import sqlite3
@@ -188,6 +189,9 @@ def test_a_killed_server_takes_its_runtimes_and_their_runs_along(tmp_path, share
         threading.Thread(target=run, daemon=True).start()
         wait_until(lambda: started.exists() and started.read_text(), "the run to start")
         function_pid = int(started.read_text())
+        # Every runtime server it started, the warm pool's idle ones too.
+        runtimes = [int(pid) for pid in re.findall(r"started runtime worker \S+ \(pid (\d+)\)", server.log())]
+        assert any(not gone(pid) for pid in runtimes), "no live runtime server in the log"
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
         # Linux sent the runtime its parent-death SIGKILL before the server was reaped: the run
@@ -195,6 +199,8 @@ def test_a_killed_server_takes_its_runtimes_and_their_runs_along(tmp_path, share
         # finished meanwhile, unrecorded, to be run again after the restart.)
         go.touch()
         wait_until(lambda: gone(function_pid), "the function's process to die with the server")
+        for pid in runtimes:
+            wait_until(lambda: gone(pid), f"runtime server {pid} to die with the server")
         assert not finished.exists(), "the run went on after its server died"
     finally:
         server.stop()

@@ -67,6 +67,43 @@ def fill_shm(mib, context=None):
         return "denied: %s after %d MiB" % (os.strerror(exc.errno), written)
     return "wrote %d MiB" % written
 
+def signal_pid(pid, sig, context=None):
+    import signal
+    try:
+        os.kill(pid, getattr(signal, sig))
+        return "signalled"
+    except OSError as exc:
+        return "denied: " + type(exc).__name__
+
+def mkdir(path, context=None):
+    try:
+        os.mkdir(path)
+        return "made"
+    except OSError as exc:
+        return "denied: " + type(exc).__name__
+
+def find(needle, roots, context=None):
+    """Every readable place holding needle: each process's command line and environment, and the files under roots."""
+    hits = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for part in ("cmdline", "environ"):
+            try:
+                with open("/proc/%s/%s" % (pid, part), "rb") as fh:
+                    if needle.encode() in fh.read():
+                        hits.append("/proc/%s/%s" % (pid, part))
+            except OSError:
+                pass
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                try:
+                    with open(os.path.join(folder, name), "rb") as fh:
+                        if needle.encode() in fh.read(1 << 20):
+                            hits.append(os.path.join(folder, name))
+                except OSError:
+                    pass
+    return hits
+
 def threads(n, context=None):
     done = []
     workers = [threading.Thread(target=lambda: done.append(1)) for _ in range(n)]
@@ -105,7 +142,7 @@ def run(server, function_id, entry, input=None) -> str:
     resp = server.request("POST", "/v1/executions", body, timeout=60)
     assert resp.status == 201, resp.text
     execution = resp.json()
-    assert execution["status"] == "success", execution
+    assert execution["status"] == "success", json.dumps(execution)
     return json.loads(execution["result"])["output"]
 
 
@@ -153,6 +190,54 @@ def test_cannot_read_another_functions_package_or_the_database(server, runtime, 
                  str(data / "download-token.key")]:
         assert run(server, dispatcher, "read", {"path": path}).startswith("denied"), path
     assert run(server, dispatcher, "listdir", {"path": str(data)}).startswith("denied")
+    then_normal(server, dispatcher)
+
+
+def idle_pool_servers(server, runtime: str = r"\S+") -> dict[int, str]:
+    """The warm pool's pre-started runtime servers no function has claimed, pid -> url, from the log."""
+    log = server.log()
+    started = {int(pid): url for pid, url in re.findall(
+        rf"started runtime worker {runtime}-pool-\d+ \(pid (\d+)\) at (http://127\.0\.0\.1:\d+)", log)}
+    claimed = {int(pid) for pid in re.findall(r"runtime worker \S+ \(pid (\d+)\) claimed from the warm pool", log)}
+    return {pid: url for pid, url in started.items() if pid not in claimed and os.path.exists(f"/proc/{pid}")}
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_cannot_touch_the_idle_pre_started_servers_or_learn_the_next_functions_package(server, runtime, dispatcher):
+    run(server, dispatcher, "normal")
+    deadline = time.monotonic() + 120
+    while not idle_pool_servers(server, "python3") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the pool refills in the background (an earlier test's function claimed one)
+    idle = idle_pool_servers(server)
+    assert idle_pool_servers(server, "python3"), "no idle pre-started python3 runtime server in the server log"
+    for pid, url in idle.items():
+        for sig in ("SIGKILL", "SIGSTOP", "SIGTERM"):
+            assert run(server, dispatcher, "signal_pid", {"pid": pid, "sig": sig}).startswith("denied"), (pid, sig)
+        for part in ("environ", "mem", "maps", "fd", "cwd", "root"):
+            what = "listdir" if part in ("fd", "cwd", "root") else "read"
+            assert run(server, dispatcher, what, {"path": f"/proc/{pid}/{part}"}).startswith("denied"), (pid, part)
+        assert run(server, dispatcher, "drive_runtime", {"url": url}).startswith("denied"), url
+    # Nor can it plant a tree where the next function's package will be unpacked.
+    packages = server.data_dir / "runtimes" / "python3" / "packages"
+    assert run(server, dispatcher, "listdir", {"path": str(packages)}).startswith("denied")
+    assert run(server, dispatcher, "mkdir", {"path": str(packages / "planted")}).startswith("denied")
+    assert not (packages / "planted").exists()
+    for pid in idle:
+        assert process_state(pid) not in ("T", "Z", "X"), f"idle server {pid} was stopped or killed"
+
+    # The next function claims one of those servers and runs its own package, unseen by the first.
+    marker = f"next-function-secret-{os.getpid()}-{time.monotonic_ns()}"
+    other = function(server, runtime, {"nextfn.py": f"SECRET = {marker!r}\ndef main(context=None):\n    return SECRET\n"},
+                     entry="nextfn.main")
+    assert run(server, other, None) == marker
+    claimed = {int(pid) for pid in re.findall(r"runtime worker \S+ \(pid (\d+)\) claimed from the warm pool", server.log())}
+    assert claimed & set(idle), "the next function did not run in a server pre-started before the attack"
+    roots = [str(server.data_dir), "/tmp", "/var/tmp", "/dev/shm"]
+    assert run(server, dispatcher, "find", {"needle": marker, "roots": roots}) == []
     then_normal(server, dispatcher)
 
 

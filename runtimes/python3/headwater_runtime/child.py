@@ -12,20 +12,25 @@ import os
 import re
 import resource
 import signal
+import socket
 import sys
 import traceback
 
-from headwater_runtime import language, limits as limits_mod, pipes, sandbox
+from headwater_runtime import language, limits as limits_mod, namespaces, pipes, sandbox
 
-def main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int,
-                uid: int = 0) -> None:
-    """Runs in the forked child; never returns."""
+def main(pkg_dir: str | None, entry: str, limits: dict, req_r: int, result_w: int, log_w: int, server_pid: int,
+                uid: int = 0, ctl: int | None = None) -> None:
+    """Runs in the forked child; never returns. A spare (pkg_dir None) gets its package, entry and
+    limits on the socket ctl once the server has a request for it (Child.assign)."""
     code = 0
     me = sandbox.CHILD_PID = os.getpid()
     try:
         os.setsid()  # own process group: the server kills the whole tree with one killpg
-        # A language's worker opens its package by absolute path: keep it visible under private /tmp.
-        path_entry = sandbox.enter(pkg_dir, uid, keep=(pkg_dir,) if language.LANGUAGE is not None else ())
+        if ctl is not None:
+            pkg_dir, entry, limits, path_entry = _await_package(ctl, uid, server_pid)
+        else:
+            # A language's worker opens its package by absolute path: keep it visible under private /tmp.
+            path_entry = sandbox.enter(pkg_dir, uid, keep=(pkg_dir,) if language.LANGUAGE is not None else ())
         sandbox.die_with_parent(server_pid)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -72,6 +77,33 @@ def main(pkg_dir: str, entry: str, limits: dict, req_r: int, result_w: int, log_
             sys.stderr.flush()
         code = 70
     os._exit(code)
+
+
+def _await_package(ctl: int, uid: int, server_pid: int) -> tuple[str, str, dict, str]:
+    """A spare child: make its network namespace now, as root and before any package is known (the
+    costly part of a new child, which a server's first new function would otherwise wait for), then
+    wait for the package and contain itself as enter() does. Until then it runs no user code and
+    holds nothing of any function."""
+    sandbox.die_with_parent(server_pid)  # while it waits; set again after the uid switch clears it
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    namespaces.isolate_network()
+    sock = socket.socket(fileno=ctl)
+    try:
+        message, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+    finally:
+        sock.close()
+    pipes.SERVER_FDS.discard(ctl)
+    if not message or not fds:
+        os._exit(0)  # retired unused
+    assignment = json.loads(message)
+    # The package's directory, opened in the server's mount namespace (this one, still): the current
+    # directory before the private mounts, exactly as enter() has it.
+    os.fchdir(fds[0])
+    namespaces.isolate_mounts()
+    path_entry = sandbox.enter_package(fds[0], assignment["pkg_dir"], uid)
+    return assignment["pkg_dir"], assignment["entry"], assignment["limits"], path_entry
 
 
 def _has_leftovers() -> bool:

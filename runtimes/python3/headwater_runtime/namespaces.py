@@ -34,12 +34,25 @@ def available() -> bool:
 def isolate(keep: tuple[str, ...] = ()) -> None:
     """In a forked child, before any user code and before the uid switch: apply SETTINGS. The
     directories in `keep` stay reachable at their paths even if a scratch mount covers them."""
+    isolate_network()
+    isolate_mounts(keep)
+
+
+def isolate_network() -> None:
+    """The network part of isolate(): a namespace of its own with its loopback up (--network none).
+    The costly part, and independent of the package: a spare child does it before it has one."""
+    if available() and SETTINGS["network"] == "none":
+        _check(sandbox.LIBC.unshare(CLONE_NEWNET), "unshare")
+        _loopback_up()
+
+
+def isolate_mounts(keep: tuple[str, ...] = ()) -> None:
+    """The mount part of isolate(): private, size-limited /tmp, /var/tmp and /dev/shm. After the
+    current directory is the package (a directory opened in the old namespace is then reachable
+    from the new one only as the current directory, and through its descriptor)."""
     if not available():
         return
-    flags = CLONE_NEWNS | (CLONE_NEWNET if SETTINGS["network"] == "none" else 0)
-    _check(sandbox.LIBC.unshare(flags), "unshare")
-    if flags & CLONE_NEWNET:
-        _loopback_up()
+    _check(sandbox.LIBC.unshare(CLONE_NEWNS), "unshare")
     # Mounts made below must not propagate back to the host's namespace.
     _check(sandbox.LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     # Opened in the new namespace (a bind mount's source must be in it), before anything is covered:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 
 from headwater_runtime import child as child_mod, language, packages as packages_mod, pipes, sandbox, tracing
@@ -25,26 +26,30 @@ CANCELLED_OUTPUT = "Function execution cancelled."
 
 
 class Child:
-    """One warm child process serving one (package, entry, limits), one execution at a time."""
+    """One warm child process serving one (package, entry, limits), one execution at a time. Made
+    with pkg_dir None it is a spare: forked and put in its namespaces ahead of need, it gets its
+    package from assign()."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pkg_dir: str, entry: str, limits: dict):
+    def __init__(self, loop: asyncio.AbstractEventLoop, pkg_dir: str | None, entry: str, limits: dict):
         self.loop = loop
         self.uid = sandbox.allocate_uid()
         req_r, self.req_w = pipes.pipe()
         self.result_r, result_w = pipes.pipe()
         self.log_r, log_w = pipes.pipe()
+        self.ctl, ctl_child = _socketpair() if pkg_dir is None else (None, None)
         server_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError:
-            for fd in (req_r, self.req_w, self.result_r, result_w, self.log_r, log_w):
+            for fd in (req_r, self.req_w, self.result_r, result_w, self.log_r, log_w, self.ctl, ctl_child):
                 pipes.close(fd)
             sandbox.release_uid(self.uid)
             raise
         if pid == 0:
-            child_mod.main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid, self.uid)
+            pipes.close(self.ctl)
+            child_mod.main(pkg_dir, entry, limits, req_r, result_w, log_w, server_pid, self.uid, ctl=ctl_child)
         self.pid = pid
-        for fd in (req_r, result_w, log_w):
+        for fd in (req_r, result_w, log_w, ctl_child):
             pipes.close(fd)
         for fd in (self.req_w, self.result_r, self.log_r):
             os.set_blocking(fd, False)
@@ -70,6 +75,22 @@ class Child:
     @property
     def alive(self) -> bool:
         return not self.exited.done()
+
+    def assign(self, pkg_dir: str, entry: str, limits: dict) -> None:
+        """Give a spare its package, as a descriptor (its private /tmp may hide the path), and its
+        entry and limits; from here on it is a child of that (package, entry, limits) only."""
+        fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sock = socket.socket(fileno=self.ctl)
+            try:
+                message = json.dumps({"pkg_dir": pkg_dir, "entry": entry, "limits": limits}).encode()
+                socket.send_fds(sock, [message], [fd])
+            finally:
+                sock.detach()
+        finally:
+            os.close(fd)
+            pipes.close(self.ctl)
+            self.ctl = None
 
     def _read_result(self) -> None:
         while self.result_r is not None:
@@ -137,6 +158,8 @@ class Child:
             await asyncio.sleep(0.002)
 
     def _shut(self) -> None:
+        pipes.close(self.ctl)
+        self.ctl = None
         for fd in (self.result_r, self.log_r, self.pidfd):
             if fd is not None:
                 with contextlib.suppress(Exception):
@@ -180,6 +203,14 @@ class Child:
 
 
 CHILDREN: dict[int, Child] = {}  # pid -> child, until reaped
+
+
+def _socketpair() -> tuple[int, int]:
+    """A connected pair of Unix socket descriptors (a spare's control channel), owned like pipes."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = a.detach(), b.detach()
+    pipes.SERVER_FDS.update(fds)
+    return fds
 
 
 class Execution:
@@ -299,6 +330,31 @@ class Pool:
         self.idle: dict[tuple[str, str, str], list[Child]] = {}  # (package dir, entry, limits) -> warm children
         self.slots: dict[tuple[str, str, str], asyncio.Semaphore] = {}
         self.stopping = False
+        # One child forked and contained before any request (python3 only: a language's worker
+        # execs with its package's path, known only at the request): the server's first new
+        # (package, entry, limits) loads into it instead of waiting for a fork and its namespaces.
+        self.spare: Child | None = None
+
+    def start_spare(self) -> None:
+        """Fork the spare child (the server does this once, at start-up)."""
+        if language.LANGUAGE is not None or self.stopping:
+            return
+        try:
+            self.spare = Child(asyncio.get_running_loop(), None, "", {})
+        except OSError as exc:
+            LOG.warning("cannot start a spare child: %s", exc)
+
+    def _take_spare(self, key: tuple[str, str, str], limits: dict) -> Child | None:
+        spare, self.spare = self.spare, None
+        if spare is None or not spare.alive:
+            return None
+        try:
+            spare.assign(key[0], key[1], limits)
+        except OSError as exc:  # it died meanwhile: a fresh child instead
+            LOG.warning("spare child unusable (%s); forking a new one", exc)
+            spare.kill()
+            return None
+        return spare
 
     async def execute(self, req: dict) -> dict:
         span = tracing.start_span(req)
@@ -336,7 +392,7 @@ class Pool:
                 child = candidate
         try:
             if child is None:
-                child = Child(loop, key[0], key[1], limits)
+                child = self._take_spare(key, limits) or Child(loop, key[0], key[1], limits)
         except OSError as exc:
             # fork/pipe failures are the runtime's trouble, not the function's
             LOG.error("execution %s: cannot start a child: %s", execution_id, exc)
@@ -380,6 +436,9 @@ class Pool:
 
     def close(self) -> None:
         self.stopping = True
+        if self.spare is not None:
+            self.spare.kill()
+            self.spare = None
         for children in self.idle.values():
             for child in children:
                 child.retire()

@@ -57,15 +57,22 @@ def enter(pkg_dir: str, uid: int, keep: tuple[str, ...] = ()) -> str:
     """Drop to the sandbox uid (when given) and return the sys.path entry for the package. `keep`:
     directories the process reaches by absolute path (a PHP package, a build's tree) that stay
     visible at that path when private scratch space is mounted over their parent."""
-    global SANDBOX_UID
-    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env["HOME"] = tempfile.gettempdir() if uid else os.environ.get("HOME", tempfile.gettempdir())
     with contextlib.suppress(OSError):
         os.chdir(pkg_dir)
     dir_fd = os.open(pkg_dir, os.O_RDONLY | os.O_DIRECTORY)  # opened before /tmp is replaced below
-    pipes.SERVER_FDS.discard(dir_fd)
     namespaces.isolate(keep)
+    return enter_package(dir_fd, pkg_dir, uid)
+
+
+def enter_package(dir_fd: int, pkg_dir: str, uid: int) -> str:
+    """The rest of enter() for a child already in its namespaces and its package's directory, given
+    the package as a descriptor opened before them (a spare child receives it from the server):
+    clean environment, subreaper, the uid switch. Returns the sys.path entry for the package."""
+    global SANDBOX_UID
+    pipes.SERVER_FDS.discard(dir_fd)  # the package's descriptor stays open: own_stdio must not close it
+    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["HOME"] = tempfile.gettempdir() if uid else os.environ.get("HOME", tempfile.gettempdir())
     if namespaces.available():
         env["TMPDIR"] = env["HOME"] = "/tmp"  # the private scratch space
     os.environ.clear()
