@@ -34,19 +34,19 @@ def test_upgrade_check_fails_while_migrations_are_pending_and_db_upgrade_applies
     data = str(tmp_path / "fresh")
     check = headwater("upgrade-check", "--data-dir", data)
     assert check.returncode == 2, check.stdout + check.stderr
-    assert "Database migrations  Failure  schema at base; 4 pending: 0001 (initial schema)" in check.stdout
+    assert "Database migrations  Failure  schema at base; 5 pending: 0001 (initial schema)" in check.stdout
     assert "Run `headwater db-upgrade`." in check.stdout
 
     upgrade = headwater("db-upgrade", "--data-dir", data)
     assert upgrade.returncode == 0, upgrade.stderr
     lines = upgrade.stdout.splitlines()
-    assert lines[0].startswith("[1/4] 0001 initial schema ... done (") and lines[3].startswith("[4/4] 0004 ")
-    assert lines[-1] == "database schema at 0004"
-    assert headwater("db-upgrade", "--data-dir", data).stdout == "database schema at 0004: nothing to do\n"
+    assert lines[0].startswith("[1/5] 0001 initial schema ... done (") and lines[4].startswith("[5/5] 0005 ")
+    assert lines[-1] == "database schema at 0005"
+    assert headwater("db-upgrade", "--data-dir", data).stdout == "database schema at 0005: nothing to do\n"
 
     # Migrated; the default (durable sqlite) bus passes, the memory bus is worth a warning (exit 1).
     check = headwater("upgrade-check", "--data-dir", data)
-    assert check.returncode == 0 and "Database migrations  Success  schema at 0004, the newest" in check.stdout
+    assert check.returncode == 0 and "Database migrations  Success  schema at 0005, the newest" in check.stdout
     assert "Event bus            Success  [bus] backend = sqlite" in check.stdout
     conf = tmp_path / "memory.conf"
     conf.write_text(f"[DEFAULT]\ndata_dir = {data}\n[bus]\nbackend = memory\n")
@@ -65,7 +65,7 @@ def test_status_names_each_part_and_fails_when_one_does_not_answer(server, tmp_p
     assert ok.returncode == 0, ok.stdout + ok.stderr
     rows = {line.split()[0]: line for line in ok.stdout.splitlines()[3:]}
     assert set(rows) == {"config", "database", "bus", "engine", "sources", "api", "lag"}
-    assert "schema at 0004, up to date" in rows["database"]
+    assert "schema at 0005, up to date" in rows["database"]
     assert rows["bus"].split()[1:3] == ["ok", "sqlite:"] and str(server.data_dir / "bus.db") in rows["bus"]
     assert rows["engine"].split()[-1] == "local" and "http, cron" in rows["sources"]
     assert f"{server.url}: ok, version" in rows["api"] and "running now" in rows["lag"]

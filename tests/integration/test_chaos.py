@@ -399,7 +399,7 @@ async def test_a_package_uploaded_through_one_replica_runs_on_the_others(engine,
             pytest.skip("three replicas on the fake cluster; a real one is covered by the engine suite")
         extra = (f"[kubernetes]\nkube_host = {cluster.fake.url}\nnamespace = {cluster.namespace}\nreplicas = 2\n"
                  "worker_wait = 60\nrollout_timeout = 60\n")
-        image = "headwater/python3-runtime:1"
+        image = "headwater/runtime-python3:0.1.0"
     config = replica_config(pg_url, "rabbitmq", place.url(), etcd, packages, engine=engine, extra=extra)
     replicas = [Replica(name, tmp_path / name, config) for name in ("r1", "r2", "r3")]
     # One public URL in front of all three (as the layout in docs/ha.md has it): pods fetch packages
