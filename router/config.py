@@ -66,7 +66,8 @@ SCHEMA: dict[str, list[Option]] = {
         _opt("project_domain_name", "str", "Default", "Domain of project_name."),
         _opt("region_name", "str", None, "Region of the endpoints Headwater looks up in the catalog."),
         _opt("token_cache_time", "int", 300, "Seconds a validated token is remembered before Keystone is asked again (never beyond the token's expiry; 0 turns the cache off).", minimum=0),
-        _opt("http_connect_timeout", "float", 5.0, "Seconds to wait for Keystone before a request is answered 503.", minimum=0.1),
+        _opt("http_connect_timeout", "float", 10.0, "Seconds to wait for Keystone to connect and to answer, per attempt (a busy Keystone can take seconds; keystonemiddleware waits without a limit).", minimum=0.1),
+        _opt("http_request_max_retries", "int", 2, "How often a token validation is retried after Keystone could not be reached or timed out (0.5 s, 1 s, ... apart) before the request is answered 503.", minimum=0),
         _opt("service_token_roles", "list", ["service"], "Roles that make a token a service's (the `service` persona of the policy)."),
     ],
     "oslo_policy": [

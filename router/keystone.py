@@ -91,6 +91,9 @@ class Keystone:
     def _request(self, method: str, path: str, **kwargs: Any):
         from keystoneauth1 import exceptions
 
+        if method == "GET":
+            # Only reads are retried: a POST that timed out may have been carried out (a second trust).
+            kwargs.setdefault("connect_retries", self.config.keystone_authtoken.http_request_max_retries)
         try:
             return self._service.request(self.url + path, method, raise_exc=False, **kwargs)
         except exceptions.Unauthorized as exc:  # Headwater's own service credentials

@@ -18,6 +18,7 @@ class TcpProxy:
         self.cut_active = False
         self.connections = 0  # accepted and forwarded, over the proxy's life
         self.refused = 0  # turned away while cut
+        self.refuse_budget = 0  # this many more new connections are turned away, then forwarding resumes
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -41,6 +42,11 @@ class TcpProxy:
     def restore(self) -> None:
         self.cut_active = False
 
+    async def blip(self, refuse: int = 1) -> None:
+        """A short outage: close every open connection and refuse the next `refuse` new ones."""
+        self.refuse_budget = refuse
+        await self._drop_all()
+
     async def _drop_all(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()  # an RST, not a polite FIN: the peer sees the link die
@@ -51,7 +57,8 @@ class TcpProxy:
         self._writers.clear()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        if self.cut_active:
+        if self.cut_active or self.refuse_budget > 0:
+            self.refuse_budget = max(0, self.refuse_budget - 1)
             self.refused += 1
             client_writer.transport.abort()
             return

@@ -5,6 +5,7 @@ Headwater service user. Skips when Keystone is absent (fails under HEADWATER_REQ
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
 import uuid
 from pathlib import Path
@@ -62,6 +63,12 @@ class User:
 
 
 def issue_token(username: str, password: str, project_id: str, url: str) -> str:
+    return issue_token_expiring(username, password, project_id, url)[0]
+
+
+def issue_token_expiring(username: str, password: str, project_id: str, url: str) -> tuple[str, _dt.datetime]:
+    """A token and its expiry as Keystone stated it when issuing it (asking again later may be too
+    late for the short-lived Keystone's tokens)."""
     import requests
 
     body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
@@ -69,7 +76,8 @@ def issue_token(username: str, password: str, project_id: str, url: str) -> str:
         "scope": {"project": {"id": project_id}}}}
     resp = requests.post(f"{url}/auth/tokens", json=body, timeout=30)
     resp.raise_for_status()
-    return resp.headers["X-Subject-Token"]
+    expires = _dt.datetime.fromisoformat(resp.json()["token"]["expires_at"].replace("Z", "+00:00"))
+    return resp.headers["X-Subject-Token"], expires
 
 
 class Admin:

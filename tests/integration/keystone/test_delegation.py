@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.e2e.server import make_zip
-from tests.integration.keystone.conftest import KEYSTONE_URL, SHORT_URL, issue_token, keystone_sections
+from tests.integration.keystone.conftest import KEYSTONE_URL, SHORT_URL, issue_token, issue_token_expiring, keystone_sections
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +40,25 @@ async def test_cron_job_runs_as_its_creator_after_her_token_expired(make_headwat
     hw = await make_headwater("local", **keystone_sections(identities))
     admin = {"X-Auth-Token": identities.admin_user.token()}
     runtime = await (await hw.client.post("/v1/runtimes", json={"image": "python3"}, headers=admin)).json()
-    # alice's token comes from the Keystone whose tokens live seconds.
-    alice_token = issue_token(identities.alice.name, identities.alice.password, identities.p1, SHORT_URL)
-    alice = {"X-Auth-Token": alice_token}
     form = aiohttp.FormData()
     form.add_field("code", json.dumps({"source": "package"}))
     form.add_field("runtime_id", runtime["id"])
     form.add_field("entry", "main.main")
     form.add_field("package", make_zip({"main.py": REPORTER}), filename="p.zip")
-    resp = await hw.client.post("/v1/functions", data=form, headers=alice)
+    # The slow steps (a package upload) use a token that lives an hour ...
+    resp = await hw.client.post("/v1/functions", data=form, headers={"X-Auth-Token": identities.alice.token()})
     assert resp.status == 201, await resp.text()
     function_id = (await resp.json())["id"]
+    # ... the job is made with one from the Keystone whose tokens live seconds: taken just before,
+    # and its expiry as Keystone stated it on issue (asking later may already be too late).
+    alice_token, expires = issue_token_expiring(identities.alice.name, identities.alice.password, identities.p1,
+                                                SHORT_URL)
+    alice = {"X-Auth-Token": alice_token}
     resp = await hw.client.post("/v1/jobs", json={"function_id": function_id, "pattern": "*/1 * * * * *",
                                                   "keystone_token": True}, headers=alice)
     assert resp.status == 201, await resp.text()
     job = await resp.json()
     assert "trust_id" not in json.dumps(job)
-    expires = (await hw.keystone.validate(alice_token)).expires_at
     # Her token is now past its expiry: Keystone refuses it, the job goes on.
     await _wait(lambda: _async(_dt.datetime.now(_dt.timezone.utc) > expires + _dt.timedelta(seconds=1)), "expiry")
     assert (await hw.client.get("/v1/functions", headers=alice)).status == 401

@@ -107,3 +107,33 @@ async def test_keystone_unreachable_is_503_and_recovers(make_headwater, identiti
         assert (await hw.client.get("/v1/functions", headers={"X-Auth-Token": token})).status == 200
     finally:
         await proxy.close()
+
+
+async def test_a_keystone_connection_that_fails_once_is_retried_not_503(make_headwater, identities):
+    """A Keystone that drops a connection (a restart, a full accept queue under load) is asked again
+    (http_request_max_retries) before the caller is told it is unavailable."""
+    from urllib.parse import urlsplit
+
+    from tests.integration.keystone.conftest import KEYSTONE_URL
+
+    target = urlsplit(KEYSTONE_URL)
+    proxy = TcpProxy(target.hostname, target.port)
+    await proxy.start()
+    try:
+        sections = keystone_sections(identities, url=f"http://127.0.0.1:{proxy.port}/v3")
+        hw = await make_headwater("null", **sections)
+        token = identities.alice.token()
+        assert (await hw.client.get("/v1/functions", headers={"X-Auth-Token": token})).status == 200
+        await proxy.blip(refuse=2)
+        assert (await hw.client.get("/v1/functions", headers={"X-Auth-Token": token})).status == 200
+        assert proxy.refused == 2
+        # With no retries the same outage is a 503.
+        sections["keystone_authtoken"]["http_request_max_retries"] = "0"
+        hw = await make_headwater("null", **sections)
+        assert (await hw.client.get("/v1/functions", headers={"X-Auth-Token": token})).status == 200
+        await proxy.blip(refuse=1)
+        resp = await hw.client.get("/v1/functions", headers={"X-Auth-Token": token})
+        assert resp.status == 503
+        assert "Identity service unavailable" in (await resp.json())["faultstring"]
+    finally:
+        await proxy.close()

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
+from tests.conditions import eventually
 from tests.e2e.server import make_zip
 from tests.integration.keystone.conftest import keystone_sections
 
@@ -336,9 +337,13 @@ async def test_posted_events_belong_to_the_callers_project(world, identities):
                                                     "type": "com.example.spoof", "projectid": identities.p2},
                                 headers=alice.headers)
     assert resp.status == 202
-    resp = await hw.client.get(f"/v1/events/{event_id}", headers=alice.headers)
-    assert resp.status == 200
-    assert (await resp.json())["project_id"] == identities.p1
+
+    # 202: the history is written in batches off the hot path, so wait until the event is there.
+    async def recorded():
+        resp = await hw.client.get(f"/v1/events/{event_id}", headers=alice.headers)
+        assert resp.status in (200, 404), await resp.text()
+        return await resp.json() if resp.status == 200 else None
+    assert (await eventually(recorded))["project_id"] == identities.p1
     assert (await hw.client.get(f"/v1/events/{event_id}", headers=bob.headers)).status == 404
 
 

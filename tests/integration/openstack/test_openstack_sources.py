@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from router.events import derived_id
 from sources.aodh import action_url, aodh_client, build_alarm
 from tests.conditions import eventually
 
-from .conftest import AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, unique, zaqar
+from .conftest import AODH_PORT, AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, unique, zaqar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -415,11 +416,17 @@ async def test_real_aodh_event_alarm_runs_the_function_with_the_alarm_payload(ro
                         query=["traits.colour=string::red"], severity="critical")
     client = aodh_client(endpoint=AODH_URL, user_id="u1", project_id=PROJECT)
     created = await asyncio.to_thread(client.alarm.create, alarm)
+    topic = f"alarm.all.{AODH_PORT}"  # this run's listener topic (harness/openstack.sh)
+    # A notification sent before aodh-listener has its queue is dropped by RabbitMQ, and the harness
+    # waits only for aodh-api (a loaded machine starts the listener much later): wait for its consumer.
+    await eventually(lambda: _consumers(f"{topic}.sample"), timeout=180)
     try:
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             str(DIR / "venv-aodh/bin/python"), str(FEED_EVENT), PROJECT, event_type, "colour=red",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            # RabbitMQ is shared by every run here: another run's listener must not take this event
+            env={**os.environ, "HEADWATER_AODH_EVENT_TOPIC": topic})
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         ceilometer_event_id = out.decode().strip()
@@ -433,6 +440,20 @@ async def test_real_aodh_event_alarm_runs_the_function_with_the_alarm_payload(ro
         print(f"aodh: event → alarm action → execution recorded in {took:.2f}s")
     finally:
         await asyncio.to_thread(client.alarm.delete, created["alarm_id"])
+
+
+async def _consumers(queue: str) -> int:
+    """How many consumers the queue has (0 while it does not exist yet)."""
+    connection = await aio_pika.connect(RABBIT)
+    try:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # not declared yet
+            return 0
+        return declared.declaration_result.consumer_count
+    finally:
+        await connection.close()
 
 
 # -- 4. Zaqar sink ----------------------------------------------------------------------------

@@ -325,6 +325,9 @@ transport_url = $RABBIT_URL
 # a new alarm is otherwise invisible to aodh-listener for up to 60 s (per-project cache)
 event_alarm_cache_ttl = 0
 rest_notifier_max_retries = 0
+# RabbitMQ is shared by every run on the machine: topics named after this run's Aodh port, or a
+# second run's listener takes this run's events off the shared queue (and its notifier the alarms)
+notifier_topic = alarming.$AODH_PORT
 
 [api]
 auth_mode = $2
@@ -333,7 +336,7 @@ auth_mode = $2
 connection = sqlite:///$RUN/aodh/aodh.db
 
 [listener]
-event_alarm_topic = alarm.all
+event_alarm_topic = alarm.all.$AODH_PORT
 batch_size = 1
 
 [notifier]
