@@ -22,10 +22,15 @@ def free_port() -> int:
 
 
 def make_zip(files: dict[str, str | bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    """The same files make the same bytes (and md5): a fixed timestamp, not the clock's, which
+    would change the checksum whenever a test's two zips straddle a 2-second tick."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, text in files.items():
-            zf.writestr(name, text)
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            # The attributes writestr gives a name of its own: a directory, or a file readable by its owner.
+            info.external_attr = (0o40775 << 16 | 0x10) if name.endswith("/") else 0o600 << 16
+            zf.writestr(info, text, compress_type=compression)
     return buf.getvalue()
 
 
