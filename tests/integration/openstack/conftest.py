@@ -55,6 +55,26 @@ def _harness_ports() -> dict[str, int]:
 
 PORTS = _harness_ports()
 ZAQAR_PORT, SWIFT_PORT, AODH_PORT = (PORTS[n] for n in ("HEADWATER_ZAQAR_PORT", "HEADWATER_SWIFT_PORT", "HEADWATER_AODH_PORT"))
+# This run's aodh-listener topic (harness/openstack.sh names it after the Aodh port: runs share RabbitMQ).
+AODH_EVENT_TOPIC = f"alarm.all.{AODH_PORT}"
+
+
+async def aodh_listener_consumers() -> int:
+    """Consumers on this run's aodh-listener queue (0 while it does not exist yet). A notification
+    sent before the listener has its queue is dropped by RabbitMQ, and the harness waits only for
+    aodh-api (a loaded machine starts the listener much later): tests wait for this first."""
+    import aio_pika
+
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(f"{AODH_EVENT_TOPIC}.sample", passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # not declared yet
+            return 0
+        return declared.declaration_result.consumer_count
+    finally:
+        await connection.close()
 ZAQAR_URL = f"http://127.0.0.1:{ZAQAR_PORT}"
 SWIFT_URL = f"http://127.0.0.1:{SWIFT_PORT}"
 AODH_URL = f"http://127.0.0.1:{AODH_PORT}"

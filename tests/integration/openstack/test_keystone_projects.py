@@ -22,7 +22,7 @@ from tests.e2e.server import make_zip
 from tests.integration.keystone.conftest import Identities, keystone_sections, make_identities, require_keystone
 from tests.services import REQUIRE
 
-from .conftest import AODH_KS_URL, DIR, KEYSTONE_PORTS, SWIFT_KS_URL, ZAQAR_KS_URL, unique
+from .conftest import AODH_EVENT_TOPIC, AODH_KS_URL, DIR, KEYSTONE_PORTS, SWIFT_KS_URL, ZAQAR_KS_URL, aodh_listener_consumers, unique
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 FEED_EVENT = Path(__file__).parent / "harness" / "feed_event.py"
@@ -194,9 +194,11 @@ async def test_an_alarm_of_p2_runs_only_p2s_function_and_a_forged_project_is_ref
         assert resp.status == 403, await resp.text()
         assert "not an alarm of project" in (await resp.json())["error"]
 
+        await eventually(aodh_listener_consumers, timeout=180)
         proc = await asyncio.create_subprocess_exec(
             str(DIR / "venv-aodh/bin/python"), str(FEED_EVENT), ids.p2, event_type,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HEADWATER_AODH_EVENT_TOPIC": AODH_EVENT_TOPIC})
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         (run,) = await eventually(lambda: t.finished(t.bob, p2))

@@ -20,7 +20,7 @@ from router.events import derived_id
 from sources.aodh import action_url, aodh_client, build_alarm
 from tests.conditions import eventually
 
-from .conftest import AODH_PORT, AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, unique, zaqar
+from .conftest import AODH_EVENT_TOPIC, AODH_URL, DIR, PROJECT, SWIFT_URL, ZAQAR_HEADERS, ZAQAR_URL, aodh_listener_consumers, unique, zaqar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
@@ -416,10 +416,8 @@ async def test_real_aodh_event_alarm_runs_the_function_with_the_alarm_payload(ro
                         query=["traits.colour=string::red"], severity="critical")
     client = aodh_client(endpoint=AODH_URL, user_id="u1", project_id=PROJECT)
     created = await asyncio.to_thread(client.alarm.create, alarm)
-    topic = f"alarm.all.{AODH_PORT}"  # this run's listener topic (harness/openstack.sh)
-    # A notification sent before aodh-listener has its queue is dropped by RabbitMQ, and the harness
-    # waits only for aodh-api (a loaded machine starts the listener much later): wait for its consumer.
-    await eventually(lambda: _consumers(f"{topic}.sample"), timeout=180)
+    topic = AODH_EVENT_TOPIC
+    await eventually(aodh_listener_consumers, timeout=180)
     try:
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
@@ -440,20 +438,6 @@ async def test_real_aodh_event_alarm_runs_the_function_with_the_alarm_payload(ro
         print(f"aodh: event → alarm action → execution recorded in {took:.2f}s")
     finally:
         await asyncio.to_thread(client.alarm.delete, created["alarm_id"])
-
-
-async def _consumers(queue: str) -> int:
-    """How many consumers the queue has (0 while it does not exist yet)."""
-    connection = await aio_pika.connect(RABBIT)
-    try:
-        channel = await connection.channel()
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-        except aio_pika.exceptions.ChannelClosed:  # not declared yet
-            return 0
-        return declared.declaration_result.consumer_count
-    finally:
-        await connection.close()
 
 
 # -- 4. Zaqar sink ----------------------------------------------------------------------------
