@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 
 async def eventually(probe, timeout: float = 60.0, interval: float = 0.02):
@@ -20,6 +21,16 @@ async def eventually(probe, timeout: float = 60.0, interval: float = 0.02):
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"{getattr(probe, '__name__', probe)} never became true within {timeout:g}s")
         await asyncio.sleep(interval)
+
+
+def wait_until(probe, timeout: float = 60.0, interval: float = 0.1):
+    """eventually() for synchronous tests: call probe() until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{getattr(probe, '__name__', probe)} never became true within {timeout:g}s")
+        time.sleep(interval)
+    return value
 
 
 def counter_total(counter) -> float:

@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+from tests.conditions import wait_until
 from tests.e2e.server import Server, make_zip
 from tests.services import require_program
 
@@ -209,11 +210,10 @@ def process_state(pid: int) -> str:
 
 def test_cannot_touch_the_idle_pre_started_servers_or_learn_the_next_functions_package(server, runtime, dispatcher):
     run(server, dispatcher, "normal")
-    deadline = time.monotonic() + 120
-    while not idle_pool_servers(server, "python3") and time.monotonic() < deadline:
-        time.sleep(0.1)  # the pool refills in the background (an earlier test's function claimed one)
+    # The pool refills in the background (an earlier test's function claimed one); TimeoutError if
+    # no idle pre-started python3 runtime server shows up in the server log.
+    wait_until(lambda: idle_pool_servers(server, "python3"), timeout=120)
     idle = idle_pool_servers(server)
-    assert idle_pool_servers(server, "python3"), "no idle pre-started python3 runtime server in the server log"
     for pid, url in idle.items():
         for sig in ("SIGKILL", "SIGSTOP", "SIGTERM"):
             assert run(server, dispatcher, "signal_pid", {"pid": pid, "sig": sig}).startswith("denied"), (pid, sig)
@@ -303,11 +303,9 @@ def language_function(server, image: str, entry: str, files: dict[str, str]) -> 
     resp = server.request("POST", "/v1/runtimes", {"image": image, "name": image.split("/")[-1]})
     assert resp.status == 201, resp.text
     function_id = function(server, resp.json()["id"], files, entry=entry)
-    deadline = time.monotonic() + 240
-    while server.request("GET", f"/v1/functions/{function_id}").json()["status"] == "building":
-        assert time.monotonic() < deadline, f"function {function_id} still building"
-        time.sleep(0.1)
-    assert server.request("GET", f"/v1/functions/{function_id}").json()["status"] == "available"
+    status = wait_until(lambda: (s := server.request("GET", f"/v1/functions/{function_id}").json()["status"]) != "building" and s,
+                        timeout=240)
+    assert status == "available", f"function {function_id} ended {status}"
     return function_id
 
 
